@@ -1,0 +1,167 @@
+"""The meta-training recipe shared by the single-process loop and the Ray learner (spec §3).
+
+Schedule: a meta-batch of B *slots*, each running its own chain of trajectories. At meta-step s,
+slot b is in trajectory ``s // K`` at truncation ``s % K`` (K = horizon / truncation = 5). The
+task of a trajectory is ``family.sample(task_seed(run_seed, b, trajectory))``, so the work of
+every meta-step is a pure function of (run seed, step, slot): the final θ does not depend on how
+many processes computed it, or on work being redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .optimizers.base import LearnedOptimizer
+from .seeding import derive_seed, generator
+from .tasks.base import TaskFamily
+from .unroll import Trajectory, UnrollConfig, UnrollResult, start_trajectory, unroll_truncation
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaOptimConfig:
+    """Adam on θ (spec §3: lr 1e-4, TF defaults, no decay, no clipping)."""
+
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = None  # global-norm clip of the averaged meta-gradient; None = off
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"meta lr must be > 0, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"meta Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
+
+
+def task_seed(run_seed: int, slot: int, trajectory: int) -> int:
+    """Seed of the task (tricks, init, minibatches) of one trajectory of one slot."""
+    return derive_seed(run_seed, 7, slot, trajectory)
+
+
+def theta_init_seed(run_seed: int) -> int:
+    """Seed of θ's initialisation."""
+    return derive_seed(run_seed, 11)
+
+
+def init_theta_flat(optimizer: LearnedOptimizer, run_seed: int) -> Tensor:
+    return optimizer.flatten(optimizer.init_theta(generator(theta_init_seed(run_seed))))
+
+
+def position(step: int, unroll: UnrollConfig) -> tuple[int, int]:
+    """(trajectory index, truncation index) of every slot at meta-step ``step``."""
+    k = unroll.truncations_per_trajectory
+    return step // k, step % k
+
+
+def make_meta_optimizer(theta: Tensor, config: MetaOptimConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(
+        [theta], lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+    )
+
+
+def average_gradients(grads: list[Tensor], clip_norm: float | None) -> tuple[Tensor, float]:
+    """Mean of the accepted meta-gradients, clipped by global norm; returns (grad, norm)."""
+    mean = torch.stack(grads).mean(dim=0)
+    norm = float(mean.norm())
+    if clip_norm is not None and norm > clip_norm:
+        mean = mean * (clip_norm / norm)
+    return mean, norm
+
+
+def apply_meta_gradient(theta: Tensor, meta_opt: torch.optim.Adam, grad: Tensor) -> None:
+    """One Adam step on θ (in place)."""
+    theta.grad = grad.clone()
+    meta_opt.step()
+    theta.grad = None
+
+
+def slot_work(
+    optimizer: LearnedOptimizer,
+    family: TaskFamily,
+    unroll: UnrollConfig,
+    theta_flat: Tensor,
+    run_seed: int,
+    slot: int,
+    step: int,
+    trajectory: Trajectory | None,
+) -> UnrollResult:
+    """The work of one slot at one meta-step: build its task, run one truncation.
+
+    ``trajectory`` is the slot's carried inner state. It may be None only at the first truncation
+    of a trajectory: rebuilding a mid-trajectory state by replaying earlier truncations with the
+    current θ would not be the same state, so callers that lose it (a dead worker) must pass the
+    state from their own records (the learner keeps the last trajectory of every slot).
+    """
+    traj_index, trunc_index = position(step, unroll)
+    seed = task_seed(run_seed, slot, traj_index)
+    task = family.build(family.sample(seed))
+    if trunc_index == 0:
+        trajectory = start_trajectory(optimizer, task, seed)
+    elif trajectory is None:
+        raise ValueError(
+            f"slot {slot} at step {step} is mid-trajectory (truncation {trunc_index}) "
+            "but no trajectory state was given"
+        )
+    elif trajectory.seed != seed:
+        raise ValueError(
+            f"slot {slot} at step {step} expects trajectory seed {seed}, got {trajectory.seed}"
+        )
+    return unroll_truncation(optimizer, theta_flat, task, trajectory, unroll)
+
+
+def train_local(
+    optimizer: LearnedOptimizer,
+    family: TaskFamily,
+    *,
+    steps: int,
+    run_seed: int,
+    unroll: UnrollConfig | None = None,
+    meta_optim: MetaOptimConfig | None = None,
+    meta_batch: int = 1,
+    theta_flat: Tensor | None = None,
+) -> tuple[Tensor, list[dict[str, Any]]]:
+    """The plain single-process meta-training loop (tests, small experiments, benchmarks).
+
+    Returns the final flat θ and one metrics dict per meta-step.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if meta_batch < 1:
+        raise ValueError(f"meta_batch must be >= 1, got {meta_batch}")
+    unroll = unroll or UnrollConfig()
+    meta_optim = meta_optim or MetaOptimConfig()
+    theta = (init_theta_flat(optimizer, run_seed) if theta_flat is None else theta_flat).clone()
+    theta.requires_grad_(True)
+    meta_opt = make_meta_optimizer(theta, meta_optim)
+    trajectories: list[Trajectory | None] = [None] * meta_batch
+    history = []
+    for step in range(steps):
+        results = []
+        for slot in range(meta_batch):
+            result = slot_work(
+                optimizer, family, unroll, theta.detach(), run_seed, slot, step, trajectories[slot]
+            )
+            trajectories[slot] = result.trajectory
+            results.append(result)
+        grads = [r.meta_grad for r in results if torch.isfinite(r.meta_grad).all()]
+        rejected = len(results) - len(grads)
+        norm = float("nan")
+        if grads:
+            grad, norm = average_gradients(grads, meta_optim.clip_norm)
+            apply_meta_gradient(theta, meta_opt, grad)
+        history.append(
+            {
+                "step": step,
+                "meta_loss": sum(r.meta_loss for r in results) / len(results),
+                "grad_norm": norm,
+                "rejected": rejected,
+            }
+        )
+    return theta.detach(), history
