@@ -1,0 +1,53 @@
+"""The ``hyperadam`` command line: one subcommand per job, each in ``meta_train/commands/``.
+
+Subcommand modules are imported only when chosen, so ``hyperadam evaluate`` does not pay for Ray
+or MLflow imports. A ``UsageError`` (bad configuration, unknown names, missing data) prints one
+line ``hyperadam: error: …`` and exits with status 2 — no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .errors import UsageError
+
+# subcommand → (module in meta_train.commands, one-line help)
+SUBCOMMANDS = {
+    "meta-train": ("meta_train_cmd", "meta-train a learned optimizer (Ray workers, MLflow run)"),
+    "evaluate": ("evaluate_cmd", "evaluate an optimizer on a named test task"),
+    "export": ("export_cmd", "export a trained optimizer to ONNX (and register it)"),
+    "registry": ("registry_cmd", "list and promote registered optimizers"),
+    "reproduce": ("reproduce_cmd", "run the paper's evaluation grid and write docs/results.md"),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperadam", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if name == chosen:
+            importlib.import_module(f"meta_train.commands.{module}").register(
+                sub.add_parser(name, help=help_text, description=help_text)
+            )
+        else:
+            sub.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as error:
+        print(f"hyperadam: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

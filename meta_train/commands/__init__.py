@@ -1,0 +1,1 @@
+"""Subcommands of the ``hyperadam`` CLI; each module exposes ``register(parser)``."""

@@ -1,0 +1,158 @@
+"""The paper's evaluation protocol (spec §4): identical inits and minibatches for every optimizer.
+
+Run r of an evaluation with seed S draws its initial parameters and its T minibatches from seeds
+derived from (S, r) alone, so every optimizer sees exactly the same problem. The "final loss" of
+a run is the loss of the final parameters w_T averaged over the same T minibatches used during
+the run (spec §8 #11); the curve is the loss of w_t on batch t, before the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from .optimizers.base import UpdateRule
+from .seeding import derive_seed, generator
+from .tasks.base import Task
+from .unroll import batch_generator
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """One run of one optimizer on one task."""
+
+    curve: list[float]  # L(w_t; batch_t) for t = 0..T-1
+    final_loss: float  # mean over t of L(w_T; batch_t)
+    diverged: bool  # a non-finite loss or update appeared (the run stops there)
+    test_metrics: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationResult:
+    """Mean and spread over runs; ``to_json`` is the CLI's ``--json`` object."""
+
+    task: str
+    optimizer: str
+    runs: int
+    steps: int
+    seed: int
+    lr: float | None
+    final_losses: list[float]
+    curve_mean: list[float]
+    test_metrics: dict[str, list[float]]
+    diverged_runs: int
+
+    @property
+    def final_loss_mean(self) -> float:
+        return _mean(self.final_losses)
+
+    @property
+    def final_loss_std(self) -> float:
+        return _std(self.final_losses)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "task": self.task,
+            "optimizer": self.optimizer,
+            "runs": self.runs,
+            "steps": self.steps,
+            "seed": self.seed,
+            "lr": self.lr,
+            "final_loss_mean": self.final_loss_mean,
+            "final_loss_std": self.final_loss_std,
+            "final_losses": self.final_losses,
+            "diverged_runs": self.diverged_runs,
+            "curve_mean": self.curve_mean,
+        }
+        for name, values in self.test_metrics.items():
+            out[f"test_{name}_mean"] = _mean(values)
+            out[f"test_{name}_std"] = _std(values)
+        return out
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    mu = _mean(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
+
+
+def run_seed(seed: int, run_index: int) -> int:
+    """The seed of run ``run_index`` of an evaluation with seed ``seed``."""
+    return derive_seed(seed, 3, run_index)
+
+
+@torch.no_grad()
+def run_once(
+    task: Task, rule: UpdateRule, *, steps: int, seed: int, with_test_metrics: bool = False
+) -> RunResult:
+    """Runs ``rule`` for ``steps`` steps on ``task`` from the init and batches of ``seed``."""
+    w = task.init_params(generator(seed, 0))
+    state = rule.init(w.numel())
+    curve: list[float] = []
+    diverged = False
+    for t in range(steps):
+        loss, grad = task.loss_and_grad(w, task.sample_batch(batch_generator(seed, t)))
+        curve.append(float(loss))
+        delta, state = rule.update(grad, state)
+        if not (math.isfinite(curve[-1]) and torch.isfinite(delta).all()):
+            diverged = True
+            break
+        w = w + delta
+    if diverged:
+        final = math.inf
+    else:
+        final = sum(
+            float(task.loss(w, task.sample_batch(batch_generator(seed, t)))) for t in range(steps)
+        ) / max(steps, 1)
+        diverged = not math.isfinite(final)
+    metrics = task.test_metrics(w) if with_test_metrics and not diverged else {}
+    return RunResult(curve, final, diverged, metrics)
+
+
+def evaluate(
+    task: Task,
+    rule: UpdateRule,
+    *,
+    task_name: str,
+    steps: int,
+    runs: int,
+    seed: int = 0,
+    lr: float | None = None,
+    with_test_metrics: bool = False,
+) -> EvaluationResult:
+    """Evaluates ``rule`` over ``runs`` seeded runs (the same runs for every optimizer)."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    results = [
+        run_once(
+            task, rule, steps=steps, seed=run_seed(seed, r), with_test_metrics=with_test_metrics
+        )
+        for r in range(runs)
+    ]
+    curve_mean = [_mean([r.curve[t] for r in results if t < len(r.curve)]) for t in range(steps)]
+    test_metrics: dict[str, list[float]] = {}
+    for r in results:
+        for name, value in r.test_metrics.items():
+            test_metrics.setdefault(name, []).append(value)
+    return EvaluationResult(
+        task=task_name,
+        optimizer=rule.name,
+        runs=runs,
+        steps=steps,
+        seed=seed,
+        lr=lr,
+        final_losses=[r.final_loss for r in results],
+        curve_mean=curve_mean,
+        test_metrics=test_metrics,
+        diverged_runs=sum(r.diverged for r in results),
+    )
