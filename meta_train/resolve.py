@@ -41,8 +41,6 @@ def resolve_optimizer(
             else (task_spec.adam_lr if name == "adam" else DEFAULT_BASELINE_LR[name])
         )
         return make_baseline(name, chosen), chosen
-    from export.theta_io import load_theta_source
-
     source: str | Path = name
     if name not in LEARNED:
         source = Path(name)
@@ -51,6 +49,8 @@ def resolve_optimizer(
                 f"unknown optimizer {name!r}: not one of {', '.join(BASELINES + LEARNED)} "
                 "and no such file or folder"
             )
+    from export.theta_io import load_theta_source
+
     try:
         optimizer, theta = load_theta_source(source)
     except (FileNotFoundError, ValueError) as error:
