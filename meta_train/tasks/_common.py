@@ -39,13 +39,31 @@ class ParamLayout:
         self.num_params = sum(self.sizes)
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"duplicate parameter names in {self.names}")
+        # (shape, contiguous strides, offset) of every piece, for the one-op views of ``views``.
+        offsets = [0]
+        for size in self.sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        self._strided = tuple(
+            (shape, tuple(math.prod(shape[i + 1 :]) for i in range(len(shape))), offset)
+            for shape, offset in zip(self.shapes, offsets, strict=True)
+        )
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
-        """Views of ``flat`` ([p]) with the layout's shapes (no copies)."""
-        return [
-            piece.view(shape)
-            for piece, shape in zip(flat.split(self.sizes), self.shapes, strict=True)
-        ]
+        """Views of ``flat`` ([p]) with the layout's shapes (no copies; autograd-friendly)."""
+        pieces = flat.split(self.sizes)
+        return [piece.view(shape) for piece, shape in zip(pieces, self.shapes, strict=True)]
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Like ``unflatten`` but one ``as_strided`` per piece: for no-grad hot paths only.
+
+        ``flat`` must be contiguous (checked); the storage offset of a sliced vector is honoured.
+        """
+        if not flat.is_contiguous() or flat.shape != (self.num_params,):
+            raise ValueError(
+                f"views needs a contiguous [{self.num_params}] vector, got {tuple(flat.shape)}"
+            )
+        base = flat.storage_offset()
+        return [flat.as_strided(shape, stride, base + off) for shape, stride, off in self._strided]
 
     def __repr__(self) -> str:
         body = ", ".join(f"{n}{list(s)}" for n, s in zip(self.names, self.shapes, strict=True))

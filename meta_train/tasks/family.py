@@ -36,16 +36,16 @@ INIT_STREAM, BATCH_STREAM, TRICK_STREAM = 0, 1, 2
 class MetaTaskFamilyConfig:
     """Settings of the meta-training task distribution (defaults: HyperAdam, spec §3)."""
 
-    dataset: str = "mnist"
-    hidden: int = 20
-    depth: int = 1
-    activation: str = "sigmoid"
-    batch_size: int = 128
-    random_scaling: bool = True
-    convex: bool = True
-    num_convex: int = 20
-    log_scale_w: float = 3.0
-    log_scale_z: float = 1.0
+    dataset: str = "mnist"  # the learner's data; only MNIST (the paper trains on nothing else)
+    hidden: int = 20  # units per hidden layer of the MLP learner
+    depth: int = 1  # hidden layers, 1..10
+    activation: str = "sigmoid"  # hidden activation: sigmoid, relu, elu or tanh
+    batch_size: int = 128  # minibatch size
+    random_scaling: bool = True  # RS trick: c1 = exp(U(±log_scale_w)), c2 = exp(U(±log_scale_z))
+    convex: bool = True  # CC trick: append num_convex coordinates with a clipped quadratic
+    num_convex: int = 20  # k, coordinates of the convex problem
+    log_scale_w: float = 3.0  # r of the random scaling of the learner's coordinates
+    log_scale_z: float = 1.0  # r of the random scaling of the convex coordinates
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -5,9 +5,12 @@ cross-entropy averaged over the minibatch. Flat layout: per layer the weight ``[
 (applied as ``x @ W``, as in [TF]) then the bias ``[out]``. With hidden = 20 that is
 p = 15,910 for one hidden layer and 420 more per extra layer (19,690 for ten).
 
-Meta-training evaluates ``loss_and_grad`` of the 784-20-10 network millions of times on a few
-CPU cores, so this task overrides it with a hand-written backward pass: it skips autograd's
-graph bookkeeping and writes the gradient straight into one preallocated flat vector.
+Meta-training and the baselines' evaluation call ``loss_and_grad`` of the 784-20-10 network
+millions of times on a few CPU cores, so this task overrides it with a hand-written backward
+pass: no autograd graph, fused activation-backward kernels, one-op ``as_strided`` views of the
+flat vectors, and the gradient written in place into one flat vector allocated per call. On
+one thread of this machine that is ≈ 300 µs per call against ≈ 500 µs for autograd; the two
+big 128×784×20 matmuls (≈ 60 µs each) are the floor, the rest is per-op dispatch.
 """
 
 from __future__ import annotations
@@ -96,10 +99,10 @@ class MLPTask(ImageClassificationTask):
         """
         images, labels = batch[0], batch[1]
         with torch.no_grad():
-            params = params.detach()
-            weights = self.layout.unflatten(params)
-            grad = torch.empty_like(params)
-            grads = self.layout.unflatten(grad)
+            params = params.contiguous()
+            weights = self.layout.views(params)
+            grad = torch.empty(params.shape, dtype=params.dtype)
+            grads = self.layout.views(grad)
             outs = [images.reshape(images.shape[0], -1)]  # outs[l] is the input of layer l
             for i in range(self.depth):
                 outs.append(self._act(torch.addmm(weights[2 * i + 1], outs[-1], weights[2 * i])))

@@ -130,6 +130,24 @@ def test_mlp_gradient_is_a_fresh_tensor_each_call():
     assert torch.equal(first, kept)
 
 
+def test_mlp_gradient_of_a_sliced_or_strided_parameter_vector():
+    task = MLPTask(MNIST, depth=2)
+    g = seeded(19)
+    params, batch = task.init_params(g), task.sample_batch(g)
+    loss, grad = task.loss_and_grad(params, batch)
+    sliced = torch.cat([torch.ones(7), params])[7:]  # storage offset 7
+    strided = torch.stack([params, params], dim=1)[:, 0]  # stride 2
+    for other in (sliced, strided):
+        other_loss, other_grad = task.loss_and_grad(other, batch)
+        assert torch.equal(other_loss, loss) and torch.equal(other_grad, grad)
+
+
+def test_layout_views_refuse_wrong_vectors():
+    layout = MLPTask(MNIST).layout
+    with pytest.raises(ValueError, match=r"views needs a contiguous \[15910\] vector, got \(3,\)"):
+        layout.views(torch.zeros(3))
+
+
 # --- forwards against torch.nn references -------------------------------------------------------
 
 
