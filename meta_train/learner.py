@@ -1,0 +1,401 @@
+"""The learner: a plain driver loop over Ray gradient workers (design §3.3, style §6.13).
+
+Schedule (shared with ``training.train_local``): the meta-batch has B *slots*; update k averages
+the meta-gradients of every slot at meta-step k, in slot order, then applies clip → Adam to θ.
+Slot b is owned by worker ``b % W``, which keeps the slot's trajectory between calls.
+
+Staleness: a worker may start meta-step k with θ of version v only if k − v ≤ S (stale-synchronous
+parallel). S = 0 is the synchronous barrier: every gradient of update k is computed with θ_k, so
+the final θ is bitwise the one ``train_local`` gives, whatever W is. With S > 0, fast workers run
+up to S steps ahead; each update still averages exactly the B gradients of its meta-step, whose
+staleness is at most S by construction (logged per update).
+
+Faults are data: a call that raises ``RayActorError`` or outlives ``call_timeout_s`` means a dead
+worker, which is killed, replaced and sent its slots again with the trajectories the learner
+kept (the state at the start of the current step, or the buffered result of the step before), so
+redone work is exactly the lost work. An exception raised by the computation itself is a bug,
+not a fault: it stops the run. Non-finite meta-gradients are rejected and counted, never zeroed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from .run_config import RunConfig
+from .training import (
+    apply_meta_gradient,
+    average_gradients,
+    init_theta_flat,
+    make_meta_optimizer,
+)
+from .worker import FaultInjection, GradientWorker, SlotResult, SlotWork, TrajectoryArrays
+
+# Metric keys of one meta-update (flat constants, style §6.11).
+META_LOSS = "meta/loss"
+META_GRAD_NORM = "meta/grad_norm"
+ACCEPTED = "learner/accepted_grads"
+REJECTED = "learner/rejected_grads"
+REJECTED_TOTAL = "learner/rejected_grads_total"
+STALENESS_MEAN = "learner/staleness_mean"
+STALENESS_MAX = "learner/staleness_max"
+STALE = "learner/stale_grads"
+WORKER_RESTARTS = "learner/worker_restarts"
+INNER_STEPS_PER_S = "throughput/inner_steps_per_s"
+STEP_SECONDS = "time/step_s"
+WORKER_COMPUTE_SECONDS = "time/worker_compute_s"
+
+
+class WorkerError(RuntimeError):
+    """The workers cannot go on: start failure, a bug in the computation, too many restarts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """What one meta-update did; ``metrics()`` gives the MLflow metrics."""
+
+    step: int  # the meta-step k whose gradients were applied (θ_k → θ_{k+1})
+    meta_loss: float  # mean over the B slots (as train_local)
+    grad_norm: float  # norm of the averaged gradient before clipping; nan if none accepted
+    accepted: int
+    rejected: int
+    rejected_total: int
+    staleness: tuple[int, ...]  # per accepted-or-not gradient: k − version it used
+    inner_steps: int  # optimizee steps this update consumed (B × truncation)
+    wall_s: float  # wall time since the previous update
+    worker_compute_s: float  # sum of the slots' compute time
+    worker_restarts: int  # cumulative
+
+    @property
+    def inner_steps_per_s(self) -> float:
+        return self.inner_steps / self.wall_s if self.wall_s > 0 else math.nan
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            META_LOSS: self.meta_loss,
+            META_GRAD_NORM: self.grad_norm,
+            ACCEPTED: float(self.accepted),
+            REJECTED: float(self.rejected),
+            REJECTED_TOTAL: float(self.rejected_total),
+            STALENESS_MEAN: float(np.mean(self.staleness)),
+            STALENESS_MAX: float(max(self.staleness)),
+            STALE: float(sum(s > 0 for s in self.staleness)),
+            WORKER_RESTARTS: float(self.worker_restarts),
+            INNER_STEPS_PER_S: self.inner_steps_per_s,
+            STEP_SECONDS: self.wall_s,
+            WORKER_COMPUTE_SECONDS: self.worker_compute_s,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerState:
+    """Everything exact resume needs from the learner (see ``checkpoint.py``)."""
+
+    step: int  # meta-updates applied: θ is θ_step
+    theta: np.ndarray  # flat float32
+    adam: dict[str, np.ndarray]  # torch Adam's per-parameter state (step, exp_avg, exp_avg_sq)
+    trajectories: tuple[TrajectoryArrays | None, ...]  # each slot at the start of ``step``
+    rejected_total: int = 0
+    worker_restarts: int = 0
+
+
+def adam_state_arrays(meta_opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    state = meta_opt.state_dict()["state"]
+    if not state:
+        return {}
+    return {k: np.array(torch.as_tensor(v).detach().numpy()) for k, v in state[0].items()}
+
+
+def load_adam_state(meta_opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
+    if not arrays:
+        return
+    state_dict = meta_opt.state_dict()
+    state_dict["state"] = {0: {k: torch.tensor(v) for k, v in arrays.items()}}
+    meta_opt.load_state_dict(state_dict)
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    slots: tuple[int, ...]
+    actor: Any
+    next_step: int
+    held: dict[int, int] = dataclasses.field(default_factory=dict)  # slot → step it holds
+    inflight: Any = None  # ObjectRef of the running call
+    submitted_at: float = 0.0
+    pid: int | None = None
+
+
+class Learner:
+    """Drives the workers and owns θ and its Adam state.
+
+    Args:
+      config: a resolved ``RunConfig`` (``workers`` and ``meta_batch`` set).
+      state: where to continue from (a checkpoint); None starts from θ_0.
+      data_dir: dataset folder given to the workers.
+      faults: test-only fault injection for the workers.
+      poll_s: ``ray.wait`` timeout of one loop turn (how often call deadlines are checked).
+      start_timeout_s: how long the workers may take to start.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        state: LearnerState | None = None,
+        data_dir: str | Path | None = None,
+        faults: FaultInjection | None = None,
+        poll_s: float = 0.5,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        if not config.resolved:
+            raise ValueError("the learner needs a resolved config (workers and meta_batch set)")
+        self.config = config
+        self.data_dir = None if data_dir is None else str(data_dir)
+        self.faults = faults
+        self.poll_s = poll_s
+        self.start_timeout_s = start_timeout_s
+        self.meta_batch: int = config.meta_batch  # type: ignore[assignment]
+        self.num_workers: int = config.workers  # type: ignore[assignment]
+        self.truncations = config.unroll.truncations_per_trajectory
+        optimizer = config.make_optimizer()
+        if state is None:
+            theta = init_theta_flat(optimizer, config.seed)
+            state = LearnerState(0, theta.numpy(), {}, (None,) * self.meta_batch)
+        if len(state.trajectories) != self.meta_batch:
+            raise ValueError(
+                f"state has {len(state.trajectories)} slots, the config {self.meta_batch}"
+            )
+        if state.theta.shape != (optimizer.num_meta_parameters(),):
+            raise ValueError(
+                f"state θ has shape {state.theta.shape}, {optimizer.name} needs "
+                f"({optimizer.num_meta_parameters()},)"
+            )
+        self.step = state.step
+        self.theta = torch.tensor(state.theta).requires_grad_(True)
+        self.meta_opt = make_meta_optimizer(self.theta, config.meta_optim)
+        load_adam_state(self.meta_opt, state.adam)
+        self._committed: list[TrajectoryArrays | None] = list(state.trajectories)
+        self.rejected_total = state.rejected_total
+        self.worker_restarts = state.worker_restarts
+        self._results: dict[tuple[int, int], SlotResult] = {}
+        self._workers: list[_Worker] = []
+        self._theta_ref: Any = None
+        self._last_update = time.perf_counter()
+
+    # -- public surface ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Creates the workers and waits until each has built its task family."""
+        remote_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(GradientWorker)
+        self._remote_cls = remote_cls
+        for i in range(self.num_workers):
+            slots = tuple(range(i, self.meta_batch, self.num_workers))
+            self._workers.append(_Worker(i, slots, self._new_actor(i), self.step))
+        pings = [w.actor.ping.remote() for w in self._workers]
+        try:
+            pids = ray.get(pings, timeout=self.start_timeout_s)
+        except GetTimeoutError:
+            cpus = ray.cluster_resources().get("CPU", 0)
+            raise WorkerError(
+                f"{self.num_workers} workers did not start within {self.start_timeout_s:.0f} s; "
+                f"each needs 1 CPU and the Ray cluster has {cpus:g}"
+            ) from None
+        except RayActorError as error:
+            raise WorkerError(f"a worker failed to start: {_cause(error)}") from None
+        for w, pid in zip(self._workers, pids, strict=True):
+            w.pid = pid
+        self._put_theta()
+        self._last_update = time.perf_counter()
+
+    def run(
+        self,
+        until: int,
+        on_step: Callable[[StepReport], None] | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        """Runs meta-updates until ``self.step == until`` or ``should_stop()`` turns true.
+
+        ``on_step`` runs after each update. The next meta-step is already submitted then, so
+        slow callbacks (validation, checkpoints) overlap with the workers' computation. A stop
+        leaves the committed state (``state()``) consistent: in-flight work is abandoned.
+        """
+        if not self._workers:
+            self.start()
+        while self.step < until and not (should_stop is not None and should_stop()):
+            self._submit_ready(until)
+            inflight = [w.inflight for w in self._workers if w.inflight is not None]
+            if not inflight:
+                raise RuntimeError(f"learner stalled at step {self.step}: no work in flight")
+            ready, _ = ray.wait(inflight, num_returns=1, timeout=self.poll_s)
+            for ref in ready:
+                self._collect(ref)
+            self._check_deadlines()
+            while self.step < until and self._step_complete():
+                if should_stop is not None and should_stop():
+                    return
+                report = self._apply_update()
+                self._submit_ready(until)
+                if on_step is not None:
+                    on_step(report)
+
+    def state(self) -> LearnerState:
+        """The committed state: θ_step, Adam, and every slot at the start of ``step``."""
+        return LearnerState(
+            step=self.step,
+            theta=self.theta_numpy(),
+            adam=adam_state_arrays(self.meta_opt),
+            trajectories=tuple(self._committed),
+            rejected_total=self.rejected_total,
+            worker_restarts=self.worker_restarts,
+        )
+
+    def theta_numpy(self) -> np.ndarray:
+        return self.theta.detach().numpy().copy()
+
+    def worker_pids(self) -> list[int | None]:
+        """Process ids of the workers (as last reported; None for a fresh replacement)."""
+        return [w.pid for w in self._workers]
+
+    def close(self) -> None:
+        """Kills the workers (their CPUs return to the cluster)."""
+        for w in self._workers:
+            _kill(w.actor)
+        self._workers.clear()
+        self._results.clear()
+        self._theta_ref = None
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def _new_actor(self, index: int) -> Any:
+        return self._remote_cls.remote(index, self.config, self.data_dir, self.faults)
+
+    def _put_theta(self) -> None:
+        # θ is sent once per version; every call of that version passes the same reference.
+        self._theta_ref = ray.put(self.theta_numpy())
+
+    def _submit_ready(self, until: int) -> None:
+        for w in self._workers:
+            k = w.next_step
+            if w.inflight is None and k < until and k - self.step <= self.config.staleness:
+                self._submit(w)
+
+    def _submit(self, w: _Worker) -> None:
+        k = w.next_step
+        items = []
+        for slot in w.slots:
+            trajectory = None
+            if k % self.truncations and w.held.get(slot) != k - 1:
+                # The worker lacks the slot's state (it is new): send the learner's copy.
+                if k == self.step:
+                    trajectory = self._committed[slot]
+                else:
+                    trajectory = self._results[(k - 1, slot)].trajectory
+            items.append(SlotWork(slot, k, trajectory))
+        w.inflight = w.actor.compute.remote(self._theta_ref, self.step, tuple(items))
+        w.submitted_at = time.monotonic()
+
+    def _collect(self, ref: Any) -> None:
+        w = next(w for w in self._workers if w.inflight == ref)
+        try:
+            answer = ray.get(ref, timeout=self.config.call_timeout_s)
+        except RayActorError as error:
+            if getattr(error, "actor_init_failed", False):
+                raise WorkerError(f"worker {w.index} failed to start: {_cause(error)}") from None
+            self._replace(w, f"died ({type(error).__name__})")
+            return
+        except GetTimeoutError:
+            self._replace(w, "timed out fetching its result")
+            return
+        except RayTaskError as error:
+            raise WorkerError(
+                f"worker {w.index} failed at step {w.next_step}: {_cause(error)}"
+            ) from None
+        for result in answer.results:
+            self._results[(result.step, result.slot)] = result
+            w.held[result.slot] = result.step
+        w.pid = answer.pid
+        w.next_step += 1
+        w.inflight = None
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for w in self._workers:
+            if w.inflight is not None and now - w.submitted_at > self.config.call_timeout_s:
+                self._replace(w, f"exceeded the call timeout of {self.config.call_timeout_s} s")
+
+    def _replace(self, w: _Worker, reason: str) -> None:
+        self.worker_restarts += 1
+        if self.worker_restarts > self.config.max_worker_restarts:
+            raise WorkerError(
+                f"worker {w.index} {reason}; {self.worker_restarts} restarts exceed "
+                f"max_worker_restarts = {self.config.max_worker_restarts}"
+            )
+        _kill(w.actor)
+        w.actor = self._new_actor(w.index)
+        w.held.clear()
+        w.inflight = None
+        w.pid = None
+
+    # -- the update -------------------------------------------------------------------------
+
+    def _step_complete(self) -> bool:
+        return all((self.step, b) in self._results for b in range(self.meta_batch))
+
+    def _apply_update(self) -> StepReport:
+        k = self.step
+        results = [self._results.pop((k, b)) for b in range(self.meta_batch)]
+        # Same operations, same order as train_local: the mean over finite gradients in slot
+        # order, clip, one Adam step; nothing at all when every gradient is rejected.
+        grads = [torch.tensor(r.meta_grad) for r in results if r.finite]
+        rejected = len(results) - len(grads)
+        self.rejected_total += rejected
+        norm = math.nan
+        if grads:
+            grad, norm = average_gradients(grads, self.config.meta_optim.clip_norm)
+            apply_meta_gradient(self.theta, self.meta_opt, grad)
+        # The slots' state at the start of step k + 1; none when a new trajectory starts there.
+        continues = (k + 1) % self.truncations != 0
+        self._committed = [r.trajectory if continues else None for r in results]
+        self.step = k + 1
+        self._put_theta()
+        now = time.perf_counter()
+        wall, self._last_update = now - self._last_update, now
+        return StepReport(
+            step=k,
+            meta_loss=sum(r.meta_loss for r in results) / len(results),
+            grad_norm=norm,
+            accepted=len(grads),
+            rejected=rejected,
+            rejected_total=self.rejected_total,
+            staleness=tuple(k - r.version for r in results),
+            inner_steps=self.meta_batch * self.config.unroll.truncation,
+            wall_s=wall,
+            worker_compute_s=sum(r.compute_s for r in results),
+            worker_restarts=self.worker_restarts,
+        )
+
+
+def _kill(actor: Any) -> None:
+    # Already dead, or gone with its node: nothing to do.
+    with contextlib.suppress(Exception):
+        ray.kill(actor, no_restart=True)
+
+
+def _cause(error: Exception) -> str:
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

@@ -1,0 +1,355 @@
+"""The whole configuration of a meta-training run, as frozen dataclasses (house style §6.10).
+
+A run is described by one ``RunConfig``. Its *identity* (everything that changes what θ becomes:
+optimizer, recipe, task family, seed, meta-batch, ...) is logged as MLflow params and hashed into
+the config digest; the *execution* fields (``MUTABLE_ON_RESUME``: step budget, worker count,
+timeouts, checkpoint period, tracking location) may differ when a run is resumed.
+
+The optimizer chooses its recipe (spec §3, §7): HyperAdam averages the meta-loss over the
+truncation and trains with both tricks; RNNprop scores the last step and uses both tricks;
+DMoptimizer averages and uses neither. ``build_config`` starts from that recipe and applies the
+values of a config file and of command-line flags on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import config as config_lib
+from .smoke_family import QuadraticFamily, QuadraticFamilyConfig
+from .tasks.base import TaskFamily
+from .tasks.family import (
+    DM_FAMILY,
+    HYPERADAM_FAMILY,
+    RNNPROP_FAMILY,
+    MetaTaskFamily,
+    MetaTaskFamilyConfig,
+)
+from .training import MetaOptimConfig
+from .unroll import UnrollConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: JSON config files only
+    tomllib = None  # type: ignore[assignment]
+
+OPTIMIZERS = ("hyperadam", "rnnprop", "dm")
+TASKS = ("mnist", "quadratic")  # meta-training task families
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "hyperadam"
+DEFAULT_VALIDATION_TASK = "mnist-nn-sigmoid-100"
+# Fields that may change when a run is resumed: they decide how and where the run executes,
+# never what θ becomes. Everything else must match the run's logged params.
+MUTABLE_ON_RESUME = (
+    "steps",
+    "workers",
+    "checkpoint_every",
+    "call_timeout_s",
+    "max_worker_restarts",
+    "tracking",
+)
+
+_RECIPES = {
+    # optimizer → (meta-loss over a truncation, MNIST family with its tricks)
+    "hyperadam": ("mean", HYPERADAM_FAMILY),
+    "rnnprop": ("last", RNNPROP_FAMILY),
+    "dm": ("mean", DM_FAMILY),
+}
+
+
+def _check_int(name: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """Periodic validation of θ (spec §3: 10 runs on mnist-nn-sigmoid-100, final loss)."""
+
+    task: str = DEFAULT_VALIDATION_TASK  # a key of tasks.suite.TEST_TASKS
+    runs: int = 10
+    every: int = 50  # meta-steps between validations; 0 = never
+    steps: int | None = None  # inner steps per run; None = the task's horizon
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .tasks.suite import TEST_TASKS
+
+        if self.task not in TEST_TASKS:
+            raise ValueError(
+                f"validation.task: unknown task {self.task!r}; known: {', '.join(TEST_TASKS)}"
+            )
+        _check_int("validation.runs", self.runs, 1)
+        _check_int("validation.every", self.every, 0)
+        _check_int("validation.steps", self.steps, 1, allow_none=True)
+        _check_int("validation.seed", self.seed, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Where the run is recorded; only the learner talks to it."""
+
+    uri: str = DEFAULT_TRACKING_URI
+    experiment: str = DEFAULT_EXPERIMENT
+    flush_timeout_s: float = 300.0  # how long the end of a run waits for an absent server
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri:
+            raise ValueError(f"tracking.uri must be a non-empty string, got {self.uri!r}")
+        if not isinstance(self.experiment, str) or not self.experiment:
+            raise ValueError(
+                f"tracking.experiment must be a non-empty string, got {self.experiment!r}"
+            )
+        _check_positive("tracking.flush_timeout_s", self.flush_timeout_s)
+
+
+FamilyConfig = MetaTaskFamilyConfig | QuadraticFamilyConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A meta-training run. ``workers``/``meta_batch`` None are sized to the cluster at start.
+
+    Attributes:
+      optimizer: "hyperadam", "rnnprop" or "dm".
+      task: the meta-training task family: "mnist" (spec §3) or "quadratic" (smoke runs).
+      num_candidates: J of HyperAdam (20); the baselines have no J and require 20.
+      seed: the run seed; every task, initialisation and minibatch derives from it.
+      steps: the number of meta-updates to reach.
+      meta_batch: trajectories (slots) averaged per meta-update.
+      workers: Ray gradient workers (one CPU each).
+      staleness: bound on how many θ versions a gradient may lag; 0 = synchronous.
+      checkpoint_every: meta-steps between checkpoints; 0 = only at the end and on Ctrl-C.
+      unroll: horizon, truncation, meta-loss and inner step size.
+      meta_optim: Adam on θ (lr 1e-4) and optional clipping.
+      family: the task family's config (``MetaTaskFamilyConfig`` or ``QuadraticFamilyConfig``).
+      validation: periodic validation.
+      tracking: MLflow location.
+      call_timeout_s: a worker call running longer is treated as a dead worker.
+      max_worker_restarts: the run fails after this many worker replacements.
+    """
+
+    optimizer: str = "hyperadam"
+    task: str = "mnist"
+    num_candidates: int = 20
+    seed: int = 0
+    steps: int = 100
+    meta_batch: int | None = None
+    workers: int | None = None
+    staleness: int = 0
+    checkpoint_every: int = 25
+    unroll: UnrollConfig = UnrollConfig()
+    meta_optim: MetaOptimConfig = MetaOptimConfig()
+    family: FamilyConfig = HYPERADAM_FAMILY
+    validation: ValidationConfig = ValidationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    call_timeout_s: float = 900.0
+    max_worker_restarts: int = 20
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}"
+            )
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        expected = MetaTaskFamilyConfig if self.task == "mnist" else QuadraticFamilyConfig
+        if not isinstance(self.family, expected):
+            raise ValueError(
+                f"task {self.task!r} needs a {expected.__name__}, got {type(self.family).__name__}"
+            )
+        _check_int("num_candidates", self.num_candidates, 1)
+        if self.optimizer != "hyperadam" and self.num_candidates != 20:
+            raise ValueError(
+                f"num_candidates (J) applies to hyperadam only; {self.optimizer} needs 20, "
+                f"got {self.num_candidates}"
+            )
+        _check_int("seed", self.seed, 0)
+        _check_int("steps", self.steps, 0)
+        _check_int("meta_batch", self.meta_batch, 1, allow_none=True)
+        _check_int("workers", self.workers, 1, allow_none=True)
+        _check_int("staleness", self.staleness, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 0)
+        _check_positive("call_timeout_s", self.call_timeout_s)
+        _check_int("max_worker_restarts", self.max_worker_restarts, 0)
+
+    # -- derived views ----------------------------------------------------------------------
+
+    @property
+    def resolved(self) -> bool:
+        return self.meta_batch is not None and self.workers is not None
+
+    def resolve(self, cpus: int) -> RunConfig:
+        """Fills in ``workers`` (the cluster's CPUs, at most the meta-batch) and ``meta_batch``."""
+        workers = self.workers if self.workers is not None else max(1, int(cpus))
+        meta_batch = self.meta_batch if self.meta_batch is not None else workers
+        # More workers than slots would only hold CPUs: each worker owns at least one slot.
+        return dataclasses.replace(self, workers=min(workers, meta_batch), meta_batch=meta_batch)
+
+    def make_optimizer(self):
+        """The learned optimizer this run trains (fresh, θ not initialised)."""
+        from .optimizers import make_learned_optimizer
+        from .optimizers.hyperadam import HyperAdam
+
+        if self.optimizer == "hyperadam":
+            return HyperAdam(num_candidates=self.num_candidates)
+        return make_learned_optimizer(self.optimizer)
+
+    def make_family(self, data_dir: str | Path | None = None) -> TaskFamily:
+        """The task family (datasets are loaded lazily, once per process)."""
+        if isinstance(self.family, QuadraticFamilyConfig):
+            return QuadraticFamily(self.family)
+        return MetaTaskFamily(self.family, data_dir=data_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_lib.to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Strict inverse of ``to_dict``: unknown keys are refused, missing ones default."""
+        return _from_plain(data)
+
+
+def identity(config: RunConfig) -> dict[str, Any]:
+    """The part of the config that decides θ (logged as params, compared on resume)."""
+    plain = config.to_dict()
+    for name in MUTABLE_ON_RESUME:
+        plain.pop(name)
+    return plain
+
+
+def identity_params(config: RunConfig) -> dict[str, str]:
+    """``identity`` flattened to dotted MLflow params (``unroll.horizon``)."""
+    return config_lib.flatten(identity(config))
+
+
+def config_digest(config: RunConfig) -> str:
+    """sha256 of the canonical JSON of the identity."""
+    return config_lib.digest(identity(config))
+
+
+def identity_mismatches(logged: Mapping[str, str], config: RunConfig) -> list[str]:
+    """Fields whose value differs from the logged params, as ``name (run: a, given: b)``."""
+    given = identity_params(config)
+    out = []
+    for name in sorted(set(logged) | set(given)):
+        if logged.get(name) != given.get(name):
+            out.append(f"{name} (run: {logged.get(name)}, given: {given.get(name)})")
+    return out
+
+
+def recipe(optimizer: str, task: str = "mnist") -> dict[str, Any]:
+    """The paper's recipe for ``optimizer`` as plain config data (spec §3, §7)."""
+    if optimizer not in _RECIPES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    meta_loss, family = _RECIPES[optimizer]
+    family_config = family if task == "mnist" else QuadraticFamilyConfig()
+    return {
+        "optimizer": optimizer,
+        "task": task,
+        "unroll": config_lib.to_plain(UnrollConfig(meta_loss=meta_loss)),
+        "family": config_lib.to_plain(family_config),
+    }
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of plain config data: nested tables are merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(*layers: Mapping[str, Any]) -> RunConfig:
+    """The recipe of the chosen optimizer, then each layer (config file, flags) on top."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = merge(merged, layer)
+    return RunConfig.from_dict(
+        merge(recipe(merged.get("optimizer", "hyperadam"), merged.get("task", "mnist")), merged)
+    )
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Reads a ``--config`` file: JSON (``.json``) or TOML (``.toml``), same nesting as
+    ``RunConfig.to_dict()``; unknown keys are refused later, by ``build_config``."""
+    path = Path(path)
+    name = repr(str(path))
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"config file {name} must end in .json or .toml")
+    if path.suffix == ".toml" and tomllib is None:
+        raise ValueError("TOML config files need Python >= 3.11; use a .json file")
+    if not path.is_file():
+        raise ValueError(f"config file {name} not found")
+    text = path.read_text()
+    try:  # JSONDecodeError and TOMLDecodeError are both ValueErrors
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"config file {name} is not valid: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {name} must hold a table/object at the top")
+    return data
+
+
+def _fields_of(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where or 'config'} must be a table/object, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config field(s): {', '.join(prefix + u for u in unknown)}")
+    return dict(data)
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    fields = _fields_of(cls, data, where)
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as error:  # name the table the bad value came from
+        message = str(error)
+        if message.startswith(f"{where}."):
+            raise ValueError(message) from None
+        raise ValueError(f"{where}: {message}") from None
+
+
+def _from_plain(data: Mapping[str, Any]) -> RunConfig:
+    values = _fields_of(RunConfig, data, "")
+    task = values.get("task", "mnist")
+    nested = {
+        "unroll": UnrollConfig,
+        "meta_optim": MetaOptimConfig,
+        "validation": ValidationConfig,
+        "tracking": TrackingConfig,
+        "family": QuadraticFamilyConfig if task == "quadratic" else MetaTaskFamilyConfig,
+    }
+    for name, cls in nested.items():
+        if name in values:
+            values[name] = _build(cls, values[name], name)
+    if task == "quadratic" and "family" not in values:
+        values["family"] = QuadraticFamilyConfig()
+    try:
+        return RunConfig(**values)
+    except TypeError as error:
+        raise ValueError(f"invalid config: {error}") from None
