@@ -1,0 +1,363 @@
+"""Trainer checkpoints and the inference-only θ artifact: atomic, hashed, pickle-free.
+
+A checkpoint holds everything exact resume needs: the learner state (θ, Adam state, step, every
+slot's trajectory at the start of that step), the full run config, the metric history the plot
+is drawn from, and the best validated θ. All randomness derives from the logged run seed
+(``seeding.derive_seed``: task seeds from (seed, slot, trajectory), minibatches from (task seed,
+step)), so no RNG state exists beyond the seed and the slots' task seeds and positions.
+
+File layout (one file, so a crash can never pair a new header with an old payload)::
+
+    b"HYPERADAM-CKPT\\n"               magic, 15 bytes
+    u64 little-endian                  length H of the header
+    H bytes of JSON                    {"format", "version", "payload_bytes", "payload_sha256"}
+    payload                            an .npz (numpy zip, no pickles) of named arrays; the
+                                       non-array fields travel as the JSON array "meta"
+
+Loading checks the magic, the version, the payload length and its sha256 before reading any
+array, and reads with ``allow_pickle=False``: a truncated or altered file is refused with a
+``CheckpointError`` that says what is wrong, never loaded half-way. Writing goes to a temporary
+file in the same folder, is fsynced, then renamed over the target (atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .learner import LearnerState
+from .worker import TrajectoryArrays
+
+MAGIC = b"HYPERADAM-CKPT\n"
+FORMAT = "hyperadam-checkpoint"
+VERSION = 1
+THETA_FORMAT = "hyperadam-theta"
+THETA_VERSION = 1
+THETA_ARRAYS = "theta.npz"
+THETA_META = "theta.json"
+_HEADER_LEN = struct.Struct("<Q")
+_MAX_HEADER = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or θ artifact that must not be loaded (truncated, altered, unknown)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+    """The per-step meta-loss and the validation curve (what the plot shows)."""
+
+    meta_loss: tuple[float, ...] = ()  # index = meta-step
+    validation_steps: tuple[int, ...] = ()
+    validation_loss: tuple[float, ...] = ()
+
+    def with_step(self, step: int, meta_loss: float) -> History:
+        losses = self.meta_loss[:step] + (float("nan"),) * max(0, step - len(self.meta_loss))
+        return dataclasses.replace(self, meta_loss=losses + (float(meta_loss),))
+
+    def with_validation(self, step: int, loss: float) -> History:
+        keep = [i for i, s in enumerate(self.validation_steps) if s < step]
+        return History(
+            self.meta_loss,
+            tuple(self.validation_steps[i] for i in keep) + (step,),
+            tuple(self.validation_loss[i] for i in keep) + (float(loss),),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BestTheta:
+    step: int
+    loss: float
+    theta: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """The full trainer state at ``learner.step``."""
+
+    config: dict[str, Any]  # RunConfig.to_dict()
+    learner: LearnerState
+    history: History = History()
+    best: BestTheta | None = None
+    run_id: str | None = None
+    family_digest: str = ""
+
+    @property
+    def step(self) -> int:
+        return self.learner.step
+
+
+# -- atomic files -----------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that readers see the old file or the new one, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _json_array(obj: Any) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj, sort_keys=True).encode(), dtype=np.uint8)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def encode(checkpoint: Checkpoint) -> bytes:
+    """The checkpoint as bytes (see the module docstring for the layout)."""
+    state = checkpoint.learner
+    arrays: dict[str, np.ndarray] = {"theta": np.asarray(state.theta, dtype=np.float32)}
+    for name, value in state.adam.items():
+        arrays[f"adam/{name}"] = np.asarray(value)
+    slots = []
+    for b, trajectory in enumerate(state.trajectories):
+        if trajectory is None:
+            slots.append(None)
+            continue
+        slots.append(
+            {"seed": trajectory.seed, "step": trajectory.step, "fields": trajectory.state_fields}
+        )
+        arrays[f"slot/{b}/params"] = np.asarray(trajectory.params)
+        for i, value in enumerate(trajectory.state):
+            arrays[f"slot/{b}/state/{i}"] = np.asarray(value)
+    history = checkpoint.history
+    arrays["history/meta_loss"] = np.asarray(history.meta_loss, dtype=np.float64)
+    arrays["history/validation_steps"] = np.asarray(history.validation_steps, dtype=np.int64)
+    arrays["history/validation_loss"] = np.asarray(history.validation_loss, dtype=np.float64)
+    best = None
+    if checkpoint.best is not None:
+        best = {"step": checkpoint.best.step, "loss": checkpoint.best.loss}
+        arrays["best/theta"] = np.asarray(checkpoint.best.theta, dtype=np.float32)
+    meta = {
+        "step": state.step,
+        "config": checkpoint.config,
+        "run_id": checkpoint.run_id,
+        "family_digest": checkpoint.family_digest,
+        "adam": sorted(state.adam),
+        "slots": slots,
+        "rejected_total": state.rejected_total,
+        "worker_restarts": state.worker_restarts,
+        "best": best,
+        "rng": {
+            "run_seed": checkpoint.config.get("seed"),
+            "scheme": "seeding.derive_seed: task (seed, 7, slot, trajectory), θ_0 (seed, 11)",
+        },
+        "written_at": time.time(),
+    }
+    arrays["meta"] = _json_array(meta)
+    payload = _npz_bytes(arrays)
+    header = json.dumps(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "payload_bytes": len(payload),
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        },
+        sort_keys=True,
+    ).encode()
+    return MAGIC + _HEADER_LEN.pack(len(header)) + header + payload
+
+
+def save(path: str | Path, checkpoint: Checkpoint) -> Path:
+    """Writes the checkpoint atomically; returns the path."""
+    atomic_write_bytes(path, encode(checkpoint))
+    return Path(path)
+
+
+def _verified_payload(data: bytes, name: str, fmt: str, version: int) -> tuple[dict, bytes]:
+    if not data.startswith(MAGIC):
+        raise CheckpointError(f"{name} is not a hyperadam checkpoint (bad magic bytes)")
+    offset = len(MAGIC) + _HEADER_LEN.size
+    if len(data) < offset:
+        raise CheckpointError(f"{name} is truncated: the file ends inside its header")
+    (header_len,) = _HEADER_LEN.unpack_from(data, len(MAGIC))
+    if header_len > _MAX_HEADER or len(data) < offset + header_len:
+        raise CheckpointError(f"{name} is truncated or altered: bad header length {header_len}")
+    try:
+        header = json.loads(data[offset : offset + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{name} is altered: its header is not valid JSON") from None
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise CheckpointError(f"{name} is not a {fmt} file (header format {header!r})")
+    if header.get("version") != version:
+        raise CheckpointError(
+            f"{name} has format version {header.get('version')!r}; this hyperadam reads "
+            f"version {version}"
+        )
+    payload = data[offset + header_len :]
+    expected = header.get("payload_bytes")
+    if len(payload) != expected:
+        raise CheckpointError(
+            f"{name} is truncated or altered: expected {expected} payload bytes, found "
+            f"{len(payload)}"
+        )
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != header.get("payload_sha256"):
+        raise CheckpointError(
+            f"{name} is corrupt: payload sha256 {digest} does not match the header's "
+            f"{header.get('payload_sha256')}"
+        )
+    return header, payload
+
+
+def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
+    """Parses and verifies checkpoint bytes.
+
+    Raises:
+      CheckpointError: bad magic, unknown version, truncated, hash mismatch, malformed arrays.
+    """
+    _, payload = _verified_payload(data, name, FORMAT, VERSION)
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+        slots = []
+        for b, slot in enumerate(meta["slots"]):
+            if slot is None:
+                slots.append(None)
+                continue
+            fields = tuple(slot["fields"])
+            slots.append(
+                TrajectoryArrays(
+                    seed=int(slot["seed"]),
+                    step=int(slot["step"]),
+                    params=arrays[f"slot/{b}/params"],
+                    state=tuple(arrays[f"slot/{b}/state/{i}"] for i in range(len(fields))),
+                    state_fields=fields,
+                )
+            )
+        learner = LearnerState(
+            step=int(meta["step"]),
+            theta=arrays["theta"],
+            adam={name: arrays[f"adam/{name}"] for name in meta["adam"]},
+            trajectories=tuple(slots),
+            rejected_total=int(meta["rejected_total"]),
+            worker_restarts=int(meta["worker_restarts"]),
+        )
+        history = History(
+            tuple(float(x) for x in arrays["history/meta_loss"]),
+            tuple(int(x) for x in arrays["history/validation_steps"]),
+            tuple(float(x) for x in arrays["history/validation_loss"]),
+        )
+        best = None
+        if meta["best"] is not None:
+            best = BestTheta(int(meta["best"]["step"]), float(meta["best"]["loss"]),
+                             arrays["best/theta"])
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, OSError) as error:
+        raise CheckpointError(f"{name} is malformed: {type(error).__name__}: {error}") from None
+    return Checkpoint(
+        config=meta["config"],
+        learner=learner,
+        history=history,
+        best=best,
+        run_id=meta.get("run_id"),
+        family_digest=meta.get("family_digest", ""),
+    )
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Reads and verifies a checkpoint file (see ``decode``)."""
+    path = Path(path)
+    return decode(path.read_bytes(), name=f"checkpoint {str(path)!r}")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.ckpt"
+
+
+def step_of(name: str) -> int | None:
+    """The step in a ``checkpoint_name``; None for other names."""
+    if not (name.startswith("step-") and name.endswith(".ckpt")):
+        return None
+    digits = name[len("step-") : -len(".ckpt")]
+    return int(digits) if digits.isdigit() else None
+
+
+# -- the inference-only θ artifact ------------------------------------------------------------
+
+
+def save_theta(
+    folder: str | Path,
+    *,
+    optimizer: Any,
+    theta: np.ndarray,
+    lr: float | None,
+    lineage: dict[str, Any],
+) -> Path:
+    """Writes θ alone: ``theta.npz`` (one array per meta-parameter name) and ``theta.json``.
+
+    ``theta.json`` holds the format and version, the optimizer name, J, the step size, the
+    sha256 of ``theta.npz`` and the lineage (run id, step, task-family digest, config digest).
+    """
+    import torch
+
+    folder = Path(folder)
+    named = optimizer.unflatten(torch.tensor(np.asarray(theta, dtype=np.float32)))
+    payload = _npz_bytes({name: value.numpy() for name, value in named.items()})
+    meta = {
+        "format": THETA_FORMAT,
+        "version": THETA_VERSION,
+        "optimizer": optimizer.name,
+        "num_candidates": getattr(optimizer, "num_candidates", None),
+        "lr": optimizer.default_lr if lr is None else lr,
+        "num_meta_parameters": int(np.asarray(theta).size),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "lineage": lineage,
+    }
+    atomic_write_bytes(folder / THETA_ARRAYS, payload)
+    atomic_write_bytes(folder / THETA_META, json.dumps(meta, indent=2, sort_keys=True).encode())
+    return folder
+
+
+def load_theta(folder: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Reads a θ artifact folder; returns (meta, {name: array}) after checking the hash."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / THETA_META).read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{folder / THETA_META} is not valid JSON") from None
+    if meta.get("format") != THETA_FORMAT or meta.get("version") != THETA_VERSION:
+        raise CheckpointError(
+            f"{folder} is not a {THETA_FORMAT} v{THETA_VERSION} artifact "
+            f"(format {meta.get('format')!r} v{meta.get('version')!r})"
+        )
+    payload = (folder / THETA_ARRAYS).read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != meta.get("sha256"):
+        raise CheckpointError(
+            f"{folder / THETA_ARRAYS} is corrupt: sha256 {digest} does not match {THETA_META}"
+        )
+    with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+        return meta, {key: npz[key] for key in npz.files}

@@ -1,0 +1,176 @@
+"""Checkpoints and θ artifacts: exact round trip, atomic writes, refusal of damaged files."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from meta_train import checkpoint as ckpt
+from meta_train.checkpoint import BestTheta, Checkpoint, CheckpointError, History
+from meta_train.learner import LearnerState
+from meta_train.optimizers.hyperadam import HyperAdam
+from meta_train.worker import TrajectoryArrays
+
+RNG = np.random.default_rng(0)
+
+
+def sample_checkpoint() -> Checkpoint:
+    fields = ("h", "c", "m", "v", "b", "gamma")
+    trajectory = TrajectoryArrays(
+        seed=123,
+        step=40,
+        params=RNG.standard_normal(7).astype(np.float32),
+        state=tuple(RNG.standard_normal((7, 4)).astype(np.float32) for _ in fields),
+        state_fields=fields,
+    )
+    learner = LearnerState(
+        step=12,
+        theta=RNG.standard_normal(30).astype(np.float32),
+        adam={
+            "step": np.array(12.0, dtype=np.float32),
+            "exp_avg": RNG.standard_normal(30).astype(np.float32),
+            "exp_avg_sq": RNG.random(30).astype(np.float32),
+        },
+        trajectories=(trajectory, None),
+        rejected_total=2,
+        worker_restarts=1,
+    )
+    history = History((0.5, 0.4, float("nan")), (10,), (2.25,))
+    best = BestTheta(10, 2.25, RNG.standard_normal(30).astype(np.float32))
+    return Checkpoint({"seed": 0, "optimizer": "hyperadam"}, learner, history, best, "run1", "d")
+
+
+def assert_same(a: Checkpoint, b: Checkpoint) -> None:
+    assert a.config == b.config and a.run_id == b.run_id and a.family_digest == b.family_digest
+    assert a.step == b.step
+    assert np.array_equal(a.learner.theta, b.learner.theta)
+    assert a.learner.adam.keys() == b.learner.adam.keys()
+    for key in a.learner.adam:
+        assert np.array_equal(a.learner.adam[key], b.learner.adam[key])
+        assert a.learner.adam[key].dtype == b.learner.adam[key].dtype
+    ta, tb = a.learner.trajectories[0], b.learner.trajectories[0]
+    assert (ta.seed, ta.step, ta.state_fields) == (tb.seed, tb.step, tb.state_fields)
+    assert np.array_equal(ta.params, tb.params)
+    assert all(np.array_equal(x, y) for x, y in zip(ta.state, tb.state, strict=True))
+    assert b.learner.trajectories[1] is None
+    assert (a.learner.rejected_total, a.learner.worker_restarts) == (2, 1)
+    np.testing.assert_array_equal(a.history.meta_loss, b.history.meta_loss)
+    assert a.history.validation_steps == b.history.validation_steps
+    assert (a.best.step, a.best.loss) == (b.best.step, b.best.loss)
+    assert np.array_equal(a.best.theta, b.best.theta)
+
+
+def test_round_trip_is_exact(tmp_path):
+    original = sample_checkpoint()
+    path = ckpt.save(tmp_path / ckpt.checkpoint_name(12), original)
+    assert path.name == "step-00000012.ckpt" and ckpt.step_of(path.name) == 12
+    assert_same(original, ckpt.load(path))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def damage_truncate(data: bytes) -> bytes:
+    return data[: len(data) - 100]
+
+
+def damage_flip_payload_byte(data: bytes) -> bytes:
+    i = len(data) - 500
+    return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+
+
+def damage_header_version(data: bytes) -> bytes:
+    return data.replace(b'"version": 1', b'"version": 9', 1)
+
+
+def damage_magic(data: bytes) -> bytes:
+    return b"PK" + data[2:]
+
+
+def damage_header_json(data: bytes) -> bytes:
+    return data.replace(b'"format"', b'"form\x00t"', 1)
+
+
+def damage_header_format(data: bytes) -> bytes:
+    return data.replace(b'"hyperadam-checkpoint"', b'"hyperadam-checkpoinX"', 1)
+
+
+def damage_empty(data: bytes) -> bytes:
+    return data[:10]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (damage_truncate, r"is truncated or altered: expected \d+ payload bytes, found \d+"),
+        (damage_flip_payload_byte, r"is corrupt: payload sha256 [0-9a-f]+ does not match"),
+        (damage_header_version, r"has format version 9; this hyperadam reads version 1"),
+        (damage_magic, r"is not a hyperadam checkpoint \(bad magic bytes\)"),
+        (damage_header_json, r"is altered: its header is not valid JSON"),
+        (damage_header_format, r"is not a hyperadam-checkpoint file"),
+        (damage_empty, r"is not a hyperadam checkpoint"),
+    ],
+    ids=["truncated", "flipped-byte", "version", "magic", "header-json", "format", "empty"],
+)
+def test_damaged_checkpoints_are_refused(tmp_path, damage, message):
+    path = ckpt.save(tmp_path / "c.ckpt", sample_checkpoint())
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.load(path)
+
+
+def test_a_pickled_array_is_refused_even_with_a_matching_hash(tmp_path):
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array([{"evil": 1}], dtype=object))
+    payload = buffer.getvalue()
+    header = json.dumps(
+        {
+            "format": ckpt.FORMAT,
+            "version": ckpt.VERSION,
+            "payload_bytes": len(payload),
+            "payload_sha256": __import__("hashlib").sha256(payload).hexdigest(),
+        }
+    ).encode()
+    data = ckpt.MAGIC + ckpt._HEADER_LEN.pack(len(header)) + header + payload
+    with pytest.raises(CheckpointError, match="is malformed: ValueError: Object arrays"):
+        ckpt.decode(data)
+
+
+def test_a_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = ckpt.save(tmp_path / "c.ckpt", sample_checkpoint())
+    before = path.read_bytes()
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write_bytes(path, b"half a checkpoint")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]
+
+
+def test_theta_artifact_round_trip_and_tamper_check(tmp_path):
+    optimizer = HyperAdam(num_candidates=4)
+    theta = RNG.standard_normal(optimizer.num_meta_parameters()).astype(np.float32)
+    folder = ckpt.save_theta(
+        tmp_path / "theta", optimizer=optimizer, theta=theta, lr=None,
+        lineage={"run_id": "r", "step": 3},
+    )
+    meta, arrays = ckpt.load_theta(folder)
+    assert meta["optimizer"] == "hyperadam" and meta["num_candidates"] == 4
+    assert meta["lr"] == 0.005 and meta["lineage"] == {"run_id": "r", "step": 3}
+    assert list(arrays) == list(optimizer.theta_shapes())
+    flat = np.concatenate([arrays[name].reshape(-1) for name in optimizer.theta_shapes()])
+    assert np.array_equal(flat, theta)
+    data = (folder / ckpt.THETA_ARRAYS).read_bytes()
+    (folder / ckpt.THETA_ARRAYS).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="theta.npz is corrupt: sha256"):
+        ckpt.load_theta(folder)
+
+
+def test_history_keeps_one_value_per_step():
+    history = History().with_step(0, 1.0).with_step(1, 0.9).with_step(1, 0.8)
+    assert history.meta_loss == (1.0, 0.8)
+    history = history.with_validation(5, 2.0).with_validation(10, 1.5).with_validation(5, 1.9)
+    assert history.validation_steps == (5,) and history.validation_loss == (1.9,)

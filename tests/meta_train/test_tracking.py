@@ -1,0 +1,146 @@
+"""The MLflow tracker: batching limits, the spool across outages and restarts, deduplication."""
+
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from meta_train.tracking import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, Tracker, get_run
+
+EXPERIMENT = "hyperadam-tests"  # made by the tracking_uri fixture, artifacts under tmp_path
+
+
+class RecordingClient:
+    """A real client that records batch sizes and can be switched off (server away)."""
+
+    def __init__(self, uri: str) -> None:
+        self.inner = MlflowClient(tracking_uri=uri)
+        self.down = False
+        self.calls: list[tuple[str, int, int]] = []  # (method, metrics, params)
+
+    def __getattr__(self, name):
+        attribute = getattr(self.inner, name)
+        if name not in ("log_batch", "log_artifact", "set_terminated"):
+            return attribute
+
+        def call(*args, **kwargs):
+            if self.down:
+                raise ConnectionError("server unreachable")
+            self.calls.append(
+                (name, len(kwargs.get("metrics", ())), len(kwargs.get("params", ())))
+            )
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def history(uri, run_id, key):
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def new_tracker(uri, tmp_path, client, params=None):
+    return Tracker.start_run(
+        uri, EXPERIMENT, params=params or {"a": "1"}, tags={"t": "x"}, run_name="test",
+        spool_root=tmp_path / "spool", client=client,
+    )
+
+
+def test_params_and_metrics_are_batched_within_mlflow_limits(tracking_uri, tmp_path):
+    client = RecordingClient(tracking_uri)
+    params = {f"group{i // 10}.p{i}": str(i) for i in range(250)}
+    tracker = new_tracker(tracking_uri, tmp_path, client, params)
+    for step in range(300):
+        tracker.log_metrics(step, {f"k{j}": step + j / 10 for j in range(5)})
+    assert tracker.close("FINISHED", timeout=60)
+    run = MlflowClient(tracking_uri).get_run(tracker.run_id)
+    assert run.data.params == params and run.info.status == "FINISHED"
+    assert history(tracking_uri, tracker.run_id, "k3") == [(s, s + 0.3) for s in range(300)]
+    assert all(m <= MAX_METRICS_PER_BATCH and p <= MAX_PARAMS_PER_BATCH for _, m, p in client.calls)
+    assert sum(p for _, _, p in client.calls) == 250
+    assert sum(m for _, m, _ in client.calls) == 1500
+    assert not (tracker.spool / "ops.jsonl").read_text()  # compacted once delivered
+
+
+def test_an_outage_delays_delivery_but_loses_nothing(tracking_uri, tmp_path):
+    client = RecordingClient(tracking_uri)
+    tracker = new_tracker(tracking_uri, tmp_path, client)
+    tracker.max_backoff_s = 0.2
+    tracker.log_metrics(0, {"loss": 1.0})
+    assert tracker.flush(30)
+    client.down = True
+    artifact = tmp_path / "step-00000001.ckpt"
+    artifact.write_bytes(b"checkpoint bytes")
+    for step in range(1, 6):
+        tracker.log_metrics(step, {"loss": 1.0 / (step + 1)})
+    tracker.log_artifact(artifact, "checkpoints")
+    artifact.unlink()  # the spool holds its own link
+    assert not tracker.flush(0.5)
+    assert tracker.last_error is not None and "server unreachable" in tracker.last_error
+    assert history(tracking_uri, tracker.run_id, "loss") == [(0, 1.0)]
+    client.down = False
+    assert tracker.close("FINISHED", timeout=30)
+    assert [s for s, _ in history(tracking_uri, tracker.run_id, "loss")] == list(range(6))
+    listed = MlflowClient(tracking_uri).list_artifacts(tracker.run_id, "checkpoints")
+    files = [f.path for f in listed]
+    assert files == ["checkpoints/step-00000001.ckpt"]
+
+
+def test_a_spool_left_by_a_dead_process_is_delivered_on_reopen(tracking_uri, tmp_path):
+    client = RecordingClient(tracking_uri)
+    tracker = new_tracker(tracking_uri, tmp_path, client)
+    for step in range(3):
+        tracker.log_metrics(step, {"loss": float(step)})
+    assert tracker.flush(30)
+    client.down = True
+    for step in range(3, 6):
+        tracker.log_metrics(step, {"loss": float(step)})
+    assert not tracker.close("KILLED", timeout=0.3)  # the process "dies" with a full spool
+    # Simulate a partial last line from a kill mid-write.
+    with open(tracker.spool / "ops.jsonl", "a") as f:
+        f.write('{"op": "metr')
+
+    reopened = Tracker.open_run(
+        tracking_uri, tracker.run_id, spool_root=tmp_path / "spool",
+        client=RecordingClient(tracking_uri),
+    )
+    assert reopened.last_step("loss") == 5  # from the server (0..2) and the spool (3..5)
+    reopened.log_metrics(4, {"loss": 99.0})  # a recomputed step: skipped
+    reopened.log_metrics(6, {"loss": 6.0})
+    assert reopened.close("FINISHED", timeout=30)
+    assert history(tracking_uri, tracker.run_id, "loss") == [(s, float(s)) for s in range(7)]
+
+
+def test_reopen_skips_steps_the_server_already_holds(tracking_uri, tmp_path):
+    tracker = new_tracker(tracking_uri, tmp_path, RecordingClient(tracking_uri))
+    for step in range(5):
+        tracker.log_metrics(step, {"loss": float(step), "other": 0.0})
+    tracker.log_metrics(2, {"val": 1.0})
+    assert tracker.close("KILLED", timeout=30)
+    elsewhere = tmp_path / "elsewhere"  # another machine: no local spool
+    reopened = Tracker.open_run(tracking_uri, tracker.run_id, spool_root=elsewhere)
+    assert MlflowClient(tracking_uri).get_run(tracker.run_id).info.status == "RUNNING"
+    for step in range(3, 8):
+        reopened.log_metrics(step, {"loss": float(step)})
+    reopened.log_metrics(2, {"val": 5.0})
+    reopened.log_metrics(4, {"val": 2.0})
+    assert reopened.close("FINISHED", timeout=30)
+    assert history(tracking_uri, tracker.run_id, "loss") == [(s, float(s)) for s in range(8)]
+    assert history(tracking_uri, tracker.run_id, "val") == [(2, 1.0), (4, 2.0)]
+
+
+def test_unknown_run_id_is_a_lookup_error(tracking_uri):
+    with pytest.raises(LookupError, match="unknown run id 'nope' in sqlite:///"):
+        get_run(MlflowClient(tracking_uri), tracking_uri, "nope")
+
+
+def test_delivery_does_not_block_logging(tracking_uri, tmp_path):
+    client = RecordingClient(tracking_uri)
+    tracker = new_tracker(tracking_uri, tmp_path, client)
+    client.down = True
+    start = time.perf_counter()
+    for step in range(200):
+        tracker.log_metrics(step, {"loss": 0.5})
+    assert time.perf_counter() - start < 2.0
+    assert tracker.pending() > 0
+    client.down = False
+    assert tracker.close("FINISHED", timeout=60)
