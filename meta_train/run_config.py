@@ -226,15 +226,18 @@ class RunConfig:
         return _from_plain(data)
 
 
-def identity(config: RunConfig) -> dict[str, Any]:
-    """The part of the config that decides θ (logged as params, compared on resume)."""
-    plain = config.to_dict()
+def identity(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the config that decides θ (logged as params, compared on resume).
+
+    Accepts a ``RunConfig`` or its plain data (possibly not yet validated).
+    """
+    plain = dict(config.to_dict() if isinstance(config, RunConfig) else config)
     for name in MUTABLE_ON_RESUME:
-        plain.pop(name)
+        plain.pop(name, None)
     return plain
 
 
-def identity_params(config: RunConfig) -> dict[str, str]:
+def identity_params(config: RunConfig | Mapping[str, Any]) -> dict[str, str]:
     """``identity`` flattened to dotted MLflow params (``unroll.horizon``)."""
     return config_lib.flatten(identity(config))
 
@@ -244,7 +247,9 @@ def config_digest(config: RunConfig) -> str:
     return config_lib.digest(identity(config))
 
 
-def identity_mismatches(logged: Mapping[str, str], config: RunConfig) -> list[str]:
+def identity_mismatches(
+    logged: Mapping[str, str], config: RunConfig | Mapping[str, Any]
+) -> list[str]:
     """Fields whose value differs from the logged params, as ``name (run: a, given: b)``."""
     given = identity_params(config)
     out = []

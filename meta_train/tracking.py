@@ -68,7 +68,7 @@ class Tracker:
         run_id: str,
         spool_root: str | Path,
         *,
-        max_backoff_s: float = 15.0,
+        max_backoff_s: float = 5.0,
         stream: Any = None,
     ) -> None:
         self.client = client

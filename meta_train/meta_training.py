@@ -1,0 +1,532 @@
+"""One meta-training run end to end: Ray learner + MLflow run + checkpoints + validation.
+
+``start_run`` creates an MLflow run and trains; ``resume_run`` continues a run from its newest
+valid checkpoint (local work folder or MLflow artifacts), after checking that the given config
+matches the run's logged identity. Both go through ``_train``, which wires the learner's
+per-step reports to the tracker, the progress bar, periodic validation (best θ kept), periodic
+checkpoints and the plot. Ctrl-C (or SIGTERM) stops after the current step and writes a
+checkpoint; a second Ctrl-C aborts at once.
+
+Work folder layout (``<work_dir>/<run_id>/``): ``run_config.json``, ``checkpoints/``,
+``theta/{best,final}/``, ``plots/``; the tracker's spool lives in ``<work_dir>/spool/<run_id>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import checkpoint as ckpt_lib
+from .checkpoint import BestTheta, Checkpoint, CheckpointError, History
+from .errors import UsageError
+from .learner import Learner, StepReport, WorkerError
+from .plots import save_training_plot
+from .progress import ProgressBar
+from .run_config import (
+    RunConfig,
+    config_digest,
+    identity_mismatches,
+    identity_params,
+    merge,
+)
+from .tracking import Tracker, TrackingError, get_run, make_client
+from .validation import VALIDATION_BEST, Validator
+from .worker import FaultInjection
+
+CHECKPOINT_DIR = "checkpoints"  # local folder and MLflow artifact path
+KEEP_LOCAL_CHECKPOINTS = 2
+DERIVED_PARAMS = ("family_digest", "config_digest")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How and where to execute; none of this changes θ."""
+
+    ray_address: str | None = None
+    data_dir: str | None = None
+    work_dir: Path = Path(".hyperadam")
+    progress: bool = True
+    stream: TextIO | None = None  # progress and notes (default: stderr)
+    faults: FaultInjection | None = None  # test hook
+    announce: Callable[[str], None] | None = None  # told the run id, as one line
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    step: int
+    steps: int
+    interrupted: bool
+    delivered: bool  # everything reached the tracking server
+    best: tuple[int, float] | None
+    run_dir: Path
+    spool: Path
+
+
+# -- entry points -----------------------------------------------------------------------------
+
+
+def start_run(config: RunConfig, options: Options = Options()) -> RunSummary:
+    """Creates an MLflow run for ``config`` and trains it."""
+    family = config.make_family(options.data_dir)
+    _check_family(family)
+    with _ray(options.ray_address) as cpus:
+        config = _resolve(config, cpus, options.ray_address)
+        params = identity_params(config)
+        params.update(family_digest=family.digest(), config_digest=config_digest(config))
+        tracker = Tracker.start_run(
+            config.tracking.uri,
+            config.tracking.experiment,
+            params=params,
+            tags=_tags(config, family.digest()),
+            run_name=f"{config.optimizer}-{config.task}-seed{config.seed}",
+            spool_root=options.work_dir / "spool",
+        )
+        run_dir = options.work_dir / tracker.run_id
+        _write_config(run_dir, config, family, tracker)
+        if options.announce is not None:
+            options.announce(
+                f"MLflow run {tracker.run_id} (experiment {config.tracking.experiment!r}, "
+                f"{config.tracking.uri})"
+            )
+        return _train(config, tracker, None, options, family.digest())
+
+
+def resume_run(
+    run_id: str,
+    overrides: Sequence[Mapping[str, Any]],
+    tracking_uri: str,
+    options: Options = Options(),
+) -> RunSummary:
+    """Continues ``run_id`` from its newest valid checkpoint, with ``overrides`` applied.
+
+    Raises:
+      UsageError: unknown run id, no usable config, or a config that differs from the run's
+        logged identity (the message names the fields).
+    """
+    client = make_client(tracking_uri)
+    try:
+        run = get_run(client, tracking_uri, run_id)
+    except (LookupError, TrackingError) as error:
+        raise UsageError(str(error)) from None
+    run_dir = options.work_dir / run_id
+    checkpoint = _newest_checkpoint(client, run_id, run_dir, options)
+    if checkpoint is not None:
+        logged_config = checkpoint.config
+    else:
+        logged_config = _logged_config(client, run_id, run_dir)
+    # The run's own config, complete: the optimizer's recipe is not applied again.
+    merged = RunConfig.from_dict(logged_config).to_dict()
+    for layer in overrides:
+        merged = merge(merged, layer)
+    logged = {k: v for k, v in run.data.params.items() if k not in DERIVED_PARAMS}
+    mismatches = identity_mismatches(logged, merged)
+    if mismatches:
+        raise UsageError(
+            f"cannot resume run {run_id}: the config differs from the run's in "
+            + "; ".join(mismatches)
+        )
+    try:
+        config = RunConfig.from_dict(merged)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    family = config.make_family(options.data_dir)
+    _check_family(family)
+    with _ray(options.ray_address) as cpus:
+        config = _resolve(dataclasses.replace(config, workers=_given_workers(overrides)), cpus,
+                          options.ray_address)
+        try:
+            tracker = Tracker.open_run(
+                tracking_uri, run_id, spool_root=options.work_dir / "spool", client=client
+            )
+        except (LookupError, TrackingError) as error:
+            raise UsageError(str(error)) from None
+        tracker.set_tags({"hyperadam.steps": config.steps, "hyperadam.workers": config.workers})
+        _write_local_config(run_dir, config)
+        if options.announce is not None:
+            start = checkpoint.step if checkpoint is not None else 0
+            options.announce(f"MLflow run {run_id} resumed at step {start} ({tracking_uri})")
+        return _train(config, tracker, checkpoint, options, family.digest())
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def _train(
+    config: RunConfig,
+    tracker: Tracker,
+    checkpoint: Checkpoint | None,
+    options: Options,
+    family_digest: str,
+) -> RunSummary:
+    stream = options.stream if options.stream is not None else sys.stderr
+    run_dir = options.work_dir / tracker.run_id
+    history = checkpoint.history if checkpoint is not None else History()
+    best = checkpoint.best if checkpoint is not None else None
+    learner = Learner(
+        config,
+        state=checkpoint.learner if checkpoint is not None else None,
+        data_dir=options.data_dir,
+        faults=options.faults,
+    )
+    optimizer = config.make_optimizer()
+    validator = Validator(
+        config.validation, optimizer, lr=config.unroll.lr, data_dir=options.data_dir
+    )
+    progress = ProgressBar(
+        config.steps, start=learner.step, stream=stream, enabled=options.progress
+    )
+    if best is not None:
+        progress.set_validation(history.validation_loss[-1], best.loss)
+    lineage = {
+        "run_id": tracker.run_id,
+        "tracking_uri": config.tracking.uri,
+        "family_digest": family_digest,
+        "config_digest": config_digest(config),
+    }
+    state = {"history": history, "best": best}
+
+    def write_checkpoint() -> None:
+        path = run_dir / CHECKPOINT_DIR / ckpt_lib.checkpoint_name(learner.step)
+        ckpt_lib.save(
+            path,
+            Checkpoint(
+                config=config.to_dict(),
+                learner=learner.state(),
+                history=state["history"],
+                best=state["best"],
+                run_id=tracker.run_id,
+                family_digest=family_digest,
+            ),
+        )
+        tracker.log_artifact(path, CHECKPOINT_DIR)
+        _prune_local_checkpoints(path.parent)
+
+    def write_plot() -> None:
+        path = run_dir / "plots" / "meta_training.png"
+        save_training_plot(path, state["history"], title=f"{config.optimizer} {tracker.run_id}")
+        tracker.log_artifact(path, "plots")
+
+    def validate(step: int) -> None:
+        result = validator(step, learner.theta_numpy())
+        state["history"] = state["history"].with_validation(step, result.final_loss)
+        current = state["best"]
+        if current is None or result.final_loss < current.loss:
+            state["best"] = BestTheta(step, result.final_loss, learner.theta_numpy())
+            folder = ckpt_lib.save_theta(
+                run_dir / "theta" / "best",
+                optimizer=optimizer,
+                theta=state["best"].theta,
+                lr=config.unroll.lr,
+                lineage={**lineage, "step": step, "validation_final_loss": result.final_loss},
+            )
+            tracker.log_artifacts(folder, "theta/best")
+        best_loss = state["best"].loss
+        tracker.log_metrics(step, {**result.metrics(), VALIDATION_BEST: best_loss})
+        progress.set_validation(result.final_loss, best_loss)
+        write_plot()
+
+    def on_step(report: StepReport) -> None:
+        step = report.step + 1  # θ version after this update
+        tracker.log_metrics(report.step, report.metrics())
+        state["history"] = state["history"].with_step(report.step, report.meta_loss)
+        progress.update(step, report.meta_loss, report.inner_steps_per_s)
+        if validator.due(step, config.steps):
+            validate(step)
+        every = config.checkpoint_every
+        if every and step % every == 0 and step < config.steps:
+            write_checkpoint()
+
+    status, interrupted, aborted = "FINISHED", False, False
+    with _stop_on_signals(progress) as stop:
+        try:
+            learner.start()
+            learner.run(config.steps, on_step, should_stop=stop.is_set)
+            interrupted = learner.step < config.steps
+        except WorkerError:
+            status = "FAILED"
+            raise
+        except KeyboardInterrupt:
+            # A second Ctrl-C: the learner may be mid-update, so no checkpoint is written;
+            # the last periodic one stays the resume point.
+            status, aborted = "KILLED", True
+            raise
+        finally:
+            progress.close()
+            if interrupted:
+                status = "KILLED"
+                progress.note(f"interrupted at step {learner.step}: writing a checkpoint")
+            try:
+                if not aborted:
+                    write_checkpoint()
+                if status == "FINISHED":
+                    folder = ckpt_lib.save_theta(
+                        run_dir / "theta" / "final",
+                        optimizer=optimizer,
+                        theta=learner.theta_numpy(),
+                        lr=config.unroll.lr,
+                        lineage={**lineage, "step": learner.step},
+                    )
+                    tracker.log_artifacts(folder, "theta/final")
+                if not aborted:
+                    write_plot()
+                tracker.set_tags({"hyperadam.last_step": learner.step})
+            finally:
+                learner.close()
+                delivered = _close_tracker(tracker, status, config, progress, aborted)
+    best_final = state["best"]
+    return RunSummary(
+        run_id=tracker.run_id,
+        experiment_id=_experiment_id(tracker),
+        tracking_uri=config.tracking.uri,
+        step=learner.step,
+        steps=config.steps,
+        interrupted=interrupted,
+        delivered=delivered,
+        best=None if best_final is None else (best_final.step, best_final.loss),
+        run_dir=run_dir,
+        spool=tracker.spool,
+    )
+
+
+def _close_tracker(
+    tracker: Tracker, status: str, config: RunConfig, progress: Any, aborted: bool = False
+) -> bool:
+    if aborted:  # the spool keeps everything for the next --resume
+        return tracker.close(status, timeout=2.0)
+    pending = tracker.pending()
+    if pending and tracker.last_error:
+        progress.note(
+            f"tracking server unreachable ({tracker.last_error}); waiting up to "
+            f"{config.tracking.flush_timeout_s:.0f} s to deliver {pending} queued operations"
+        )
+    delivered = tracker.close(status, timeout=config.tracking.flush_timeout_s)
+    if not delivered:
+        progress.note(
+            f"hyperadam: warning: {tracker.pending()} operations are still queued in "
+            f"{tracker.spool}; `hyperadam meta-train --resume {tracker.run_id}` delivers them"
+        )
+    return delivered
+
+
+def _experiment_id(tracker: Tracker) -> str:
+    try:
+        return tracker.client.get_run(tracker.run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - only for the summary line
+        return "?"
+
+
+# -- checkpoints and configs ------------------------------------------------------------------
+
+
+def _newest_checkpoint(
+    client: Any, run_id: str, run_dir: Path, options: Options
+) -> Checkpoint | None:
+    """The newest checkpoint that verifies, local copies first; broken ones are reported."""
+    local_dir = run_dir / CHECKPOINT_DIR
+    candidates: dict[int, tuple[str, Any]] = {}
+    try:
+        for info in client.list_artifacts(run_id, CHECKPOINT_DIR):
+            step = ckpt_lib.step_of(Path(info.path).name)
+            if step is not None:
+                candidates[step] = ("mlflow", info.path)
+    except Exception as error:  # noqa: BLE001 - the server may be away; local copies remain
+        _note(options, f"hyperadam: warning: cannot list the run's checkpoints: {error}")
+    if local_dir.is_dir():
+        for path in local_dir.iterdir():
+            step = ckpt_lib.step_of(path.name)
+            if step is not None:
+                candidates[step] = ("local", path)
+    for step in sorted(candidates, reverse=True):
+        where, ref = candidates[step]
+        try:
+            if where == "mlflow":
+                local_dir.mkdir(parents=True, exist_ok=True)
+                ref = client.download_artifacts(run_id, ref, str(local_dir))
+            loaded = ckpt_lib.load(ref)
+        except CheckpointError as error:
+            _note(options, f"hyperadam: warning: skipping a bad checkpoint: {error}")
+            continue
+        if loaded.run_id not in (None, run_id):
+            _note(options, f"hyperadam: warning: {ref} belongs to run {loaded.run_id}; skipped")
+            continue
+        return loaded
+    return None
+
+
+def _logged_config(client: Any, run_id: str, run_dir: Path) -> dict[str, Any]:
+    local = run_dir / "run_config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    try:
+        path = client.download_artifacts(run_id, "config/run_config.json", str(run_dir))
+        return json.loads(Path(path).read_text())
+    except Exception as error:  # noqa: BLE001
+        raise UsageError(
+            f"run {run_id} has neither a checkpoint nor config/run_config.json: {error}"
+        ) from None
+
+
+def _write_local_config(run_dir: Path, config: RunConfig) -> Path:
+    path = run_dir / "run_config.json"
+    ckpt_lib.atomic_write_bytes(path, json.dumps(config.to_dict(), indent=2).encode())
+    return path
+
+
+def _write_config(run_dir: Path, config: RunConfig, family: Any, tracker: Tracker) -> None:
+    tracker.log_artifact(_write_local_config(run_dir, config), "config")
+    family_path = run_dir / "family.json"
+    ckpt_lib.atomic_write_bytes(family_path, json.dumps(family.to_dict(), indent=2).encode())
+    tracker.log_artifact(family_path, "config")
+
+
+def _prune_local_checkpoints(folder: Path) -> None:
+    steps = sorted(
+        (s, p) for p in folder.iterdir() if (s := ckpt_lib.step_of(p.name)) is not None
+    )
+    for _, path in steps[:-KEEP_LOCAL_CHECKPOINTS]:
+        path.unlink(missing_ok=True)
+
+
+def _tags(config: RunConfig, family_digest: str) -> dict[str, str]:
+    return {
+        "hyperadam.optimizer": config.optimizer,
+        "hyperadam.task": config.task,
+        "hyperadam.family_digest": family_digest,
+        "hyperadam.config_digest": config_digest(config),
+        "hyperadam.steps": str(config.steps),
+        "hyperadam.workers": str(config.workers),
+    }
+
+
+def _given_workers(overrides: Sequence[Mapping[str, Any]]) -> int | None:
+    merged: dict[str, Any] = {}
+    for layer in overrides:
+        merged = merge(merged, layer)
+    return merged.get("workers")
+
+
+def _check_family(family: Any) -> None:
+    """Builds one task in the driver, so missing data is a one-line error, not a dead actor."""
+    try:
+        family.build(family.sample(0))
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error).splitlines()[0]) from None
+
+
+def _note(options: Options, message: str) -> None:
+    stream = options.stream if options.stream is not None else sys.stderr
+    print(message, file=stream)
+
+
+# -- Ray --------------------------------------------------------------------------------------
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Refuses an address whose host:port does not accept TCP connections (Ray itself would
+    retry for minutes)."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"Ray address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {error}") from None
+
+
+@contextlib.contextmanager
+def _ray(address: str | None) -> Iterator[int]:
+    """Connects to (or starts) Ray; yields the cluster's CPU count; shuts down what it began."""
+    import ray
+
+    started = False
+    if address is not None:
+        check_ray_address(address)
+    if not ray.is_initialized():  # else: a driver that already joined a cluster (tests, notebooks)
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        try:
+            if address is None:
+                ray.init(
+                    num_cpus=os.cpu_count() or 1,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+            else:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as error:
+            raise UsageError(f"cannot connect to Ray at {address}: {error}") from None
+        started = True
+    try:
+        yield int(ray.cluster_resources().get("CPU", 1))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _resolve(config: RunConfig, cpus: int, address: str | None) -> RunConfig:
+    resolved = config.resolve(cpus)
+    if address is None and resolved.workers > cpus:  # type: ignore[operator]
+        raise UsageError(
+            f"--workers {resolved.workers} exceeds the {cpus} CPUs of the local Ray cluster "
+            "(each worker holds one CPU)"
+        )
+    return resolved
+
+
+@contextlib.contextmanager
+def _stop_on_signals(progress: ProgressBar) -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set an event the learner polls; a second SIGINT raises at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        del frame
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        progress.note("stopping after the current step (Ctrl-C again to abort at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def describe(summary: RunSummary) -> str:
+    """How to look at the run, for the CLI's last lines."""
+    uri = summary.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        where = (
+            f"open {uri.rstrip('/')}/#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
+        )
+    else:
+        where = f"look at it with: mlflow ui --backend-store-uri {uri}"
+    state = "interrupted" if summary.interrupted else "finished"
+    best = ""
+    if summary.best is not None and math.isfinite(summary.best[1]):
+        best = f", best validation final loss {summary.best[1]:.4f} at step {summary.best[0]}"
+    return (
+        f"run {summary.run_id} {state} at step {summary.step}/{summary.steps}{best}\n{where}"
+    )

@@ -1,0 +1,98 @@
+"""Periodic validation of θ during meta-training (spec §3: 10 runs on mnist-nn-sigmoid-100).
+
+The learned optimizer with the current θ runs the paper's evaluation protocol
+(``evaluate.evaluate``: the same seeded inits and minibatches every time) and is scored by the
+mean final loss. The test task is built once per process, on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .evaluate import evaluate
+from .run_config import ValidationConfig
+
+VALIDATION_LOSS = "validation/final_loss"
+VALIDATION_LOSS_STD = "validation/final_loss_std"
+VALIDATION_DIVERGED = "validation/diverged_runs"
+VALIDATION_BEST = "validation/best_final_loss"
+VALIDATION_SECONDS = "time/validation_s"
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationResult:
+    step: int  # θ version validated (meta-updates applied)
+    final_loss: float  # mean over runs (inf if any run diverged)
+    final_loss_std: float
+    diverged_runs: int
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            VALIDATION_LOSS: self.final_loss,
+            VALIDATION_LOSS_STD: self.final_loss_std,
+            VALIDATION_DIVERGED: float(self.diverged_runs),
+            VALIDATION_SECONDS: self.seconds,
+        }
+
+
+class Validator:
+    """Scores θ on the validation task.
+
+    Args:
+      config: which task, how many runs and steps, which evaluation seed.
+      optimizer: the learned optimizer θ belongs to.
+      lr: the inner step size (None: the optimizer's default α).
+      data_dir: dataset folder (None: the packaged MNIST).
+    """
+
+    def __init__(
+        self,
+        config: ValidationConfig,
+        optimizer: Any,
+        *,
+        lr: float | None = None,
+        data_dir: str | Path | None = None,
+    ) -> None:
+        self.config = config
+        self.optimizer = optimizer
+        self.lr = lr
+        self.data_dir = data_dir
+        self._task = None
+
+    def due(self, step: int, final_step: int) -> bool:
+        """Validate every ``every`` steps and at the end (never when ``every`` is 0)."""
+        every = self.config.every
+        return every > 0 and step > 0 and (step % every == 0 or step == final_step)
+
+    def __call__(self, step: int, theta: np.ndarray) -> ValidationResult:
+        from .tasks.suite import TEST_TASKS, build_test_task
+
+        if self._task is None:
+            self._task = build_test_task(self.config.task, data_dir=self.data_dir)
+        start = time.perf_counter()
+        theta_named = self.optimizer.unflatten(torch.tensor(np.asarray(theta, np.float32)))
+        rule = self.optimizer.bind(theta_named, lr=self.lr)
+        result = evaluate(
+            self._task,
+            rule,
+            task_name=self.config.task,
+            steps=self.config.steps or TEST_TASKS[self.config.task].horizon,
+            runs=self.config.runs,
+            seed=self.config.seed,
+        )
+        loss = result.final_loss_mean
+        return ValidationResult(
+            step=step,
+            final_loss=loss if math.isfinite(loss) else math.inf,
+            final_loss_std=result.final_loss_std,
+            diverged_runs=result.diverged_runs,
+            seconds=time.perf_counter() - start,
+        )

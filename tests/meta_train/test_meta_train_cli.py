@@ -1,0 +1,297 @@
+"""``hyperadam meta-train`` end to end: real Ray cluster, real MLflow, killed processes.
+
+The learner runs in-process for the smoke run and in a subprocess (``python -m meta_train.cli``,
+joining the session's Ray cluster) wherever it gets killed: SIGKILL then ``--resume``, SIGINT,
+and a tracking-server outage against a real ``mlflow server``.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from meta_train import checkpoint as ckpt
+from meta_train import cli
+from meta_train.run_config import build_config
+from meta_train.training import train_local
+
+EXPERIMENT = "hyperadam-tests"  # made by the tracking_uri fixture, artifacts under tmp_path
+# Slow enough (≈0.1 s per meta-step with 2 workers) to be killed mid-run, fast enough to finish.
+SLOW_QUADRATIC = {
+    "task": "quadratic",
+    "num_candidates": 8,
+    "family": {"dim": 1000, "rows": 64, "batch_size": 16},
+    "unroll": {"horizon": 40, "truncation": 20},
+    "validation": {"every": 0},
+}
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def common_args(tmp_path, ray_address, uri, config=SLOW_QUADRATIC):
+    return [
+        "--config", str(write_json(tmp_path / "run.json", config)),
+        "--ray-address", ray_address,
+        "--tracking-uri", uri,
+        "--experiment", EXPERIMENT,
+        "--work-dir", str(tmp_path / "work"),
+        "--workers", "2",
+        "--meta-batch", "2",
+        "--no-progress",
+    ]
+
+
+def start_cli(tmp_path, args, name, env=None):
+    out = open(tmp_path / f"{name}.out", "w")  # noqa: SIM115 - closed by the process' end
+    err = open(tmp_path / f"{name}.err", "w")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", *args],
+        cwd=tmp_path,
+        stdout=out,
+        stderr=err,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # signals go to this learner only
+    )
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_id_of(tmp_path, name):
+    text = (tmp_path / f"{name}.out").read_text()
+    for line in text.splitlines():
+        if line.startswith("MLflow run "):
+            return line.split()[2]
+    return None
+
+
+def local_checkpoint_steps(tmp_path, run_id):
+    folder = tmp_path / "work" / run_id / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(s for p in folder.iterdir() if (s := ckpt.step_of(p.name)) is not None)
+
+
+def reference_theta(config_data, steps, seed=0):
+    config = build_config(config_data)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers
+    try:
+        theta, _ = train_local(
+            config.make_optimizer(), config.make_family(), steps=steps, run_seed=seed,
+            unroll=config.unroll, meta_optim=config.meta_optim, meta_batch=2,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    return theta.numpy()
+
+
+def metric_steps(uri, run_id, key="meta/loss"):
+    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+# -- bad configuration: one line, exit 2 ------------------------------------------------------
+
+BAD = [
+    (["--optimizer", "adam"], "unknown optimizer 'adam'; known: hyperadam, rnnprop, dm"),
+    (["--task", "cifar"], "unknown task 'cifar'; known: mnist, quadratic"),
+    (["--steps", "-5"], r"steps must be >= 0, got -5"),
+    (["--workers", "-1"], r"workers must be >= 1, got -1"),
+    (["--meta-batch", "0"], r"meta_batch must be >= 1, got 0"),
+    (["--staleness", "-1"], r"staleness must be >= 0, got -1"),
+    (["--checkpoint-every", "-2"], r"checkpoint_every must be >= 0, got -2"),
+    (["--ray-address", "127.0.0.1:1"], r"cannot reach the Ray cluster at 127.0.0.1:1: "),
+    (["--ray-address", "nowhere"], r"Ray address must be auto, HOST:PORT or ray://HOST:PORT"),
+    (["--resume", "0123456789abcdef"], r"unknown run id '0123456789abcdef' in sqlite:///"),
+    (["--config", "missing.json"], r"config file 'missing.json' not found"),
+    (["--config", "bad.json"], r"unknown config field\(s\): unroll.horizonn"),
+    (["--config", "bad.yaml"], r"config file 'bad.yaml' must end in .json or .toml"),
+    (["--task", "mnist", "--data-dir", "no-such-dir"], r"MNIST IDX files missing in "),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_configuration_is_one_line_and_exit_2(tracking_uri, tmp_path, capsys, args, message):
+    write_json(tmp_path / "bad.json", {"unroll": {"horizonn": 3}})
+    base = ["meta-train", "--task", "quadratic", "--tracking-uri", tracking_uri, "--no-progress"]
+    assert cli.main(base + args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("hyperadam: error: ")
+    assert __import__("re").search(message, err), err
+
+
+# -- a whole run, in-process -------------------------------------------------------------------
+
+
+def test_run_logs_config_metrics_validation_checkpoints_and_theta(
+    ray_address, tracking_uri, tmp_path, capsys
+):
+    config = {
+        "task": "quadratic",
+        "num_candidates": 4,
+        "unroll": {"horizon": 6, "truncation": 2},
+        "validation": {"runs": 1, "steps": 5, "every": 3},
+    }
+    args = common_args(tmp_path, ray_address, tracking_uri, config)
+    rc = cli.main(["meta-train", *args, "--steps", "6", "--checkpoint-every", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    run_id = out.split("MLflow run ")[1].split()[0]
+    assert f"run {run_id} finished at step 6/6" in out
+    assert f"mlflow ui --backend-store-uri {tracking_uri}" in out
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["optimizer"] == "hyperadam" and params["unroll.meta_loss"] == "mean"
+    assert params["family.dim"] == "10" and params["meta_batch"] == "2"
+    assert len(params["family_digest"]) == 64 and len(params["config_digest"]) == 64
+    assert "steps" not in params and "workers" not in params  # may change on resume
+    assert run.data.tags["hyperadam.last_step"] == "6"
+    assert metric_steps(tracking_uri, run_id) == list(range(6))
+    for key in ("learner/rejected_grads", "learner/staleness_max", "throughput/inner_steps_per_s"):
+        assert metric_steps(tracking_uri, run_id, key) == list(range(6))
+    assert metric_steps(tracking_uri, run_id, "validation/final_loss") == [3, 6]
+
+    def files(path=None):
+        out = []
+        for info in client.list_artifacts(run_id, path):
+            out += files(info.path) if info.is_dir else [info.path]
+        return out
+
+    assert set(files()) == {
+        "config/run_config.json", "config/family.json",
+        "checkpoints/step-00000003.ckpt", "checkpoints/step-00000006.ckpt",
+        "theta/final/theta.json", "theta/final/theta.npz",
+        "theta/best/theta.json", "theta/best/theta.npz",
+        "plots/meta_training.png",
+    }
+    final = ckpt.load(client.download_artifacts(run_id, "checkpoints/step-00000006.ckpt",
+                                                 str(tmp_path)))
+    meta, _ = ckpt.load_theta(Path(client.download_artifacts(run_id, "theta/final",
+                                                               str(tmp_path))))
+    assert meta["lineage"]["run_id"] == run_id and meta["lineage"]["step"] == 6
+    assert final.step == 6 and final.best.step in (3, 6)
+    assert np.array_equal(final.learner.theta, reference_theta(config, 6))
+
+
+# -- killed learners ---------------------------------------------------------------------------
+
+
+def test_sigkill_of_the_learner_then_resume_continues_exactly(
+    ray_address, tracking_uri, tmp_path
+):
+    args = common_args(tmp_path, ray_address, tracking_uri)
+    steps = ["--steps", "40", "--checkpoint-every", "5", "--seed", "3"]
+    proc = start_cli(tmp_path, args + steps, "first")
+    try:
+        run_id = wait_for(lambda: run_id_of(tmp_path, "first"), 120, "the run id")
+        wait_for(lambda: any(s >= 10 for s in local_checkpoint_steps(tmp_path, run_id)), 120,
+                 "a checkpoint at step 10")
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Steps after the last checkpoint may be on the server or still in the local spool.
+    assert len(metric_steps(tracking_uri, run_id)) < 40
+
+    # A resume whose config differs names the fields and changes nothing.
+    resume = ["--resume", run_id, "--ray-address", ray_address, "--tracking-uri", tracking_uri,
+              "--work-dir", str(tmp_path / "work"), "--no-progress"]
+    wrong = subprocess.run(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", *resume, "--optimizer", "rnnprop"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert wrong.returncode == 2
+    assert wrong.stderr.count("\n") == 1
+    assert wrong.stderr == (
+        f"hyperadam: error: cannot resume run {run_id}: the config differs from the run's in "
+        "optimizer (run: hyperadam, given: rnnprop)\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", *resume],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"run {run_id} finished at step 40/40" in done.stdout
+    final = ckpt.load(tmp_path / "work" / run_id / "checkpoints" / ckpt.checkpoint_name(40))
+    assert np.array_equal(final.learner.theta, reference_theta(SLOW_QUADRATIC, 40, seed=3))
+    # One continuous history: every step exactly once, across the kill.
+    assert metric_steps(tracking_uri, run_id) == list(range(40))
+    assert len(final.history.meta_loss) == 40
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(ray_address, tracking_uri, tmp_path):
+    args = common_args(tmp_path, ray_address, tracking_uri)
+    proc = start_cli(tmp_path, args + ["--steps", "200", "--checkpoint-every", "0"], "sigint")
+    try:
+        run_id = wait_for(lambda: run_id_of(tmp_path, "sigint"), 120, "the run id")
+        wait_for(lambda: len(metric_steps(tracking_uri, run_id)) >= 3, 120, "three steps")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = local_checkpoint_steps(tmp_path, run_id)
+    assert len(saved) == 1 and 3 <= saved[0] < 200
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["hyperadam.last_step"] == str(saved[0])
+    assert f"interrupted at step {saved[0]}" in (tmp_path / "sigint.err").read_text()
+    listed = MlflowClient(tracking_uri).list_artifacts(run_id, "checkpoints")
+    assert [f.path for f in listed] == [f"checkpoints/{ckpt.checkpoint_name(saved[0])}"]
+
+
+def test_tracking_server_outage_loses_nothing(ray_address, mlflow_server, tmp_path):
+    uri = mlflow_server.url
+    client = MlflowClient(uri)
+    client.create_experiment(EXPERIMENT)
+    args = common_args(tmp_path, ray_address, uri)
+    # Fail fast instead of MLflow's minutes of HTTP retries: the tracker retries on its own.
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    proc = start_cli(tmp_path, args + ["--steps", "40", "--checkpoint-every", "5"], "outage", env)
+    try:
+        run_id = wait_for(lambda: run_id_of(tmp_path, "outage"), 120, "the run id")
+        wait_for(lambda: len(metric_steps(uri, run_id)) >= 3, 120, "metrics on the server")
+        mlflow_server.stop()
+        # Training goes on while the server is away: checkpoints keep coming, locally.
+        wait_for(lambda: any(s >= 20 for s in local_checkpoint_steps(tmp_path, run_id)), 120,
+                 "a checkpoint written during the outage")
+        time.sleep(1.0)
+        mlflow_server.start()
+        assert proc.wait(timeout=300) == 0, (tmp_path / "outage.err").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert metric_steps(uri, run_id) == list(range(40))
+    listed = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
+    assert listed == [f"checkpoints/{ckpt.checkpoint_name(s)}" for s in range(5, 41, 5)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    final = ckpt.load(client.download_artifacts(run_id, "checkpoints/step-00000040.ckpt",
+                                                 str(tmp_path)))
+    assert final.step == 40
+    assert not any((tmp_path / "work" / "spool" / run_id / "files").iterdir())
