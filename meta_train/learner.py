@@ -145,7 +145,6 @@ class Learner:
       data_dir: dataset folder given to the workers.
       faults: test-only fault injection for the workers.
       poll_s: ``ray.wait`` timeout of one loop turn (how often call deadlines are checked).
-      start_timeout_s: how long the workers may take to start.
     """
 
     def __init__(
@@ -156,7 +155,6 @@ class Learner:
         data_dir: str | Path | None = None,
         faults: FaultInjection | None = None,
         poll_s: float = 0.5,
-        start_timeout_s: float = 300.0,
     ) -> None:
         if not config.resolved:
             raise ValueError("the learner needs a resolved config (workers and meta_batch set)")
@@ -164,7 +162,7 @@ class Learner:
         self.data_dir = None if data_dir is None else str(data_dir)
         self.faults = faults
         self.poll_s = poll_s
-        self.start_timeout_s = start_timeout_s
+        self.start_timeout_s = config.worker_start_timeout_s
         self.meta_batch: int = config.meta_batch  # type: ignore[assignment]
         self.num_workers: int = config.workers  # type: ignore[assignment]
         self.truncations = config.unroll.truncations_per_trajectory

@@ -50,6 +50,7 @@ MUTABLE_ON_RESUME = (
     "workers",
     "checkpoint_every",
     "call_timeout_s",
+    "worker_start_timeout_s",
     "max_worker_restarts",
     "tracking",
 )
@@ -142,6 +143,8 @@ class RunConfig:
       validation: periodic validation.
       tracking: MLflow location.
       call_timeout_s: a worker call running longer is treated as a dead worker.
+      worker_start_timeout_s: how long the workers may take to start (an autoscaling cluster
+        may have to launch nodes first).
       max_worker_restarts: the run fails after this many worker replacements.
     """
 
@@ -160,6 +163,7 @@ class RunConfig:
     validation: ValidationConfig = ValidationConfig()
     tracking: TrackingConfig = TrackingConfig()
     call_timeout_s: float = 900.0
+    worker_start_timeout_s: float = 900.0
     max_worker_restarts: int = 20
 
     def __post_init__(self) -> None:
@@ -187,6 +191,7 @@ class RunConfig:
         _check_int("staleness", self.staleness, 0)
         _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_positive("call_timeout_s", self.call_timeout_s)
+        _check_positive("worker_start_timeout_s", self.worker_start_timeout_s)
         _check_int("max_worker_restarts", self.max_worker_restarts, 0)
 
     # -- derived views ----------------------------------------------------------------------

