@@ -40,16 +40,13 @@ from .worker import TrajectoryArrays
 MAGIC = b"HYPERADAM-CKPT\n"
 FORMAT = "hyperadam-checkpoint"
 VERSION = 1
-THETA_FORMAT = "hyperadam-theta"
-THETA_VERSION = 1
-THETA_ARRAYS = "theta.npz"
-THETA_META = "theta.json"
+THETA_FILE = "theta.npz"  # the inference-only θ artifact's file name
 _HEADER_LEN = struct.Struct("<Q")
 _MAX_HEADER = 1 << 20
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or θ artifact that must not be loaded (truncated, altered, unknown)."""
+    """A checkpoint that must not be loaded (truncated, altered, unknown version)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,55 +306,30 @@ def step_of(name: str) -> int | None:
 
 
 def save_theta(
-    folder: str | Path,
+    path: str | Path,
     *,
     optimizer: Any,
     theta: np.ndarray,
     lr: float | None,
     lineage: dict[str, Any],
 ) -> Path:
-    """Writes θ alone: ``theta.npz`` (one array per meta-parameter name) and ``theta.json``.
+    """Writes θ alone, in the export package's format (``export.theta_io``: one ``.npz`` of fp32
+    arrays by meta-parameter name plus a JSON header, read without pickle).
 
-    ``theta.json`` holds the format and version, the optimizer name, J, the step size, the
-    sha256 of ``theta.npz`` and the lineage (run id, step, task-family digest, config digest).
+    The header's meta holds the lineage (``mlflow_run_id``, ``step``, ``task_digest``,
+    ``config_digest``), the step size and, for HyperAdam, J.
     """
     import torch
 
-    folder = Path(folder)
+    # Imported here: export depends on meta_train, so meta_train never imports export at
+    # module level (the θ file format is export's contract with the runtime).
+    from export.theta_io import save_theta as write_theta
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     named = optimizer.unflatten(torch.tensor(np.asarray(theta, dtype=np.float32)))
-    payload = _npz_bytes({name: value.numpy() for name, value in named.items()})
-    meta = {
-        "format": THETA_FORMAT,
-        "version": THETA_VERSION,
-        "optimizer": optimizer.name,
-        "num_candidates": getattr(optimizer, "num_candidates", None),
-        "lr": optimizer.default_lr if lr is None else lr,
-        "num_meta_parameters": int(np.asarray(theta).size),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "lineage": lineage,
-    }
-    atomic_write_bytes(folder / THETA_ARRAYS, payload)
-    atomic_write_bytes(folder / THETA_META, json.dumps(meta, indent=2, sort_keys=True).encode())
-    return folder
-
-
-def load_theta(folder: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Reads a θ artifact folder; returns (meta, {name: array}) after checking the hash."""
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / THETA_META).read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{folder / THETA_META} is not valid JSON") from None
-    if meta.get("format") != THETA_FORMAT or meta.get("version") != THETA_VERSION:
-        raise CheckpointError(
-            f"{folder} is not a {THETA_FORMAT} v{THETA_VERSION} artifact "
-            f"(format {meta.get('format')!r} v{meta.get('version')!r})"
-        )
-    payload = (folder / THETA_ARRAYS).read_bytes()
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != meta.get("sha256"):
-        raise CheckpointError(
-            f"{folder / THETA_ARRAYS} is corrupt: sha256 {digest} does not match {THETA_META}"
-        )
-    with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
-        return meta, {key: npz[key] for key in npz.files}
+    meta = dict(lineage)
+    meta["lr"] = optimizer.default_lr if lr is None else lr
+    if hasattr(optimizer, "num_candidates"):
+        meta["num_candidates"] = optimizer.num_candidates
+    return write_theta(path, optimizer.name, named, **meta)

@@ -8,7 +8,7 @@ checkpoints and the plot. Ctrl-C (or SIGTERM) stops after the current step and w
 checkpoint; a second Ctrl-C aborts at once.
 
 Work folder layout (``<work_dir>/<run_id>/``): ``run_config.json``, ``checkpoints/``,
-``theta/{best,final}/``, ``plots/``; the tracker's spool lives in ``<work_dir>/spool/<run_id>``.
+``theta/{best,final}/theta.npz``, ``plots/``; the tracker's spool is ``<work_dir>/spool/<run_id>``.
 """
 
 from __future__ import annotations
@@ -192,9 +192,9 @@ def _train(
     if best is not None:
         progress.set_validation(history.validation_loss[-1], best.loss)
     lineage = {
-        "run_id": tracker.run_id,
+        "mlflow_run_id": tracker.run_id,
         "tracking_uri": config.tracking.uri,
-        "family_digest": family_digest,
+        "task_digest": family_digest,
         "config_digest": config_digest(config),
     }
     state = {"history": history, "best": best}
@@ -226,14 +226,14 @@ def _train(
         current = state["best"]
         if current is None or result.final_loss < current.loss:
             state["best"] = BestTheta(step, result.final_loss, learner.theta_numpy())
-            folder = ckpt_lib.save_theta(
-                run_dir / "theta" / "best",
+            path = ckpt_lib.save_theta(
+                run_dir / "theta" / "best" / ckpt_lib.THETA_FILE,
                 optimizer=optimizer,
                 theta=state["best"].theta,
                 lr=config.unroll.lr,
                 lineage={**lineage, "step": step, "validation_final_loss": result.final_loss},
             )
-            tracker.log_artifacts(folder, "theta/best")
+            tracker.log_artifact(path, "theta/best")
         best_loss = state["best"].loss
         tracker.log_metrics(step, {**result.metrics(), VALIDATION_BEST: best_loss})
         progress.set_validation(result.final_loss, best_loss)
@@ -273,14 +273,14 @@ def _train(
                 if not aborted:
                     write_checkpoint()
                 if status == "FINISHED":
-                    folder = ckpt_lib.save_theta(
-                        run_dir / "theta" / "final",
+                    path = ckpt_lib.save_theta(
+                        run_dir / "theta" / "final" / ckpt_lib.THETA_FILE,
                         optimizer=optimizer,
                         theta=learner.theta_numpy(),
                         lr=config.unroll.lr,
                         lineage={**lineage, "step": learner.step},
                     )
-                    tracker.log_artifacts(folder, "theta/final")
+                    tracker.log_artifact(path, "theta/final")
                 if not aborted:
                     write_plot()
                 tracker.set_tags({"hyperadam.last_step": learner.step})

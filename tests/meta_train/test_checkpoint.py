@@ -150,23 +150,21 @@ def test_a_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]
 
 
-def test_theta_artifact_round_trip_and_tamper_check(tmp_path):
+def test_theta_artifact_is_written_in_the_export_format(tmp_path):
+    from export.theta_io import load_theta
+
     optimizer = HyperAdam(num_candidates=4)
     theta = RNG.standard_normal(optimizer.num_meta_parameters()).astype(np.float32)
-    folder = ckpt.save_theta(
-        tmp_path / "theta", optimizer=optimizer, theta=theta, lr=None,
-        lineage={"run_id": "r", "step": 3},
+    path = ckpt.save_theta(
+        tmp_path / "theta" / ckpt.THETA_FILE, optimizer=optimizer, theta=theta, lr=None,
+        lineage={"mlflow_run_id": "r", "step": 3},
     )
-    meta, arrays = ckpt.load_theta(folder)
-    assert meta["optimizer"] == "hyperadam" and meta["num_candidates"] == 4
-    assert meta["lr"] == 0.005 and meta["lineage"] == {"run_id": "r", "step": 3}
-    assert list(arrays) == list(optimizer.theta_shapes())
-    flat = np.concatenate([arrays[name].reshape(-1) for name in optimizer.theta_shapes()])
+    artifact = load_theta(path)
+    assert artifact.method == "hyperadam"
+    assert artifact.meta == {"mlflow_run_id": "r", "step": 3, "lr": 0.005, "num_candidates": 4}
+    assert list(artifact.theta) == list(optimizer.theta_shapes())
+    flat = np.concatenate([artifact.theta[name].reshape(-1) for name in optimizer.theta_shapes()])
     assert np.array_equal(flat, theta)
-    data = (folder / ckpt.THETA_ARRAYS).read_bytes()
-    (folder / ckpt.THETA_ARRAYS).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(CheckpointError, match="theta.npz is corrupt: sha256"):
-        ckpt.load_theta(folder)
 
 
 def test_history_keeps_one_value_per_step():

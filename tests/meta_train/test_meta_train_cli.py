@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from export.theta_io import load_theta
 from meta_train import checkpoint as ckpt
 from meta_train import cli
 from meta_train.run_config import build_config
@@ -182,17 +183,21 @@ def test_run_logs_config_metrics_validation_checkpoints_and_theta(
     assert set(files()) == {
         "config/run_config.json", "config/family.json",
         "checkpoints/step-00000003.ckpt", "checkpoints/step-00000006.ckpt",
-        "theta/final/theta.json", "theta/final/theta.npz",
-        "theta/best/theta.json", "theta/best/theta.npz",
+        "theta/final/theta.npz", "theta/best/theta.npz",
         "plots/meta_training.png",
     }
     final = ckpt.load(client.download_artifacts(run_id, "checkpoints/step-00000006.ckpt",
                                                  str(tmp_path)))
-    meta, _ = ckpt.load_theta(Path(client.download_artifacts(run_id, "theta/final",
-                                                               str(tmp_path))))
-    assert meta["lineage"]["run_id"] == run_id and meta["lineage"]["step"] == 6
+    artifact = load_theta(client.download_artifacts(run_id, "theta/final/theta.npz",
+                                                    str(tmp_path)))
+    assert artifact.method == "hyperadam"
+    assert artifact.meta["mlflow_run_id"] == run_id and artifact.meta["step"] == 6
+    assert artifact.meta["task_digest"] == params["family_digest"]
     assert final.step == 6 and final.best.step in (3, 6)
-    assert np.array_equal(final.learner.theta, reference_theta(config, 6))
+    expected = reference_theta(config, 6)
+    assert np.array_equal(final.learner.theta, expected)
+    assert np.array_equal(np.concatenate([a.reshape(-1) for a in artifact.theta.values()]),
+                          expected)
 
 
 # -- killed learners ---------------------------------------------------------------------------
