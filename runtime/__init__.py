@@ -1,0 +1,27 @@
+"""hyperadam runtime: apply an exported learned optimizer to numpy arrays through onnxruntime.
+
+Only numpy and onnxruntime are imported here (style §6.15); framework adapters import their
+framework lazily, and MLflow is imported only to resolve ``models:/`` / ``runs:/`` URIs.
+
+Example::
+
+    opt = runtime.load("path/to/exported")           # manifest and hashes verified
+    stepper = opt.bind([w1, b1, w2, b2])              # float32 arrays, updated in place
+    stepper.step([g_w1, g_b1, g_w2, g_b2])            # one global step over all of them
+"""
+
+from .manifest import Manifest, ManifestError, load_manifest
+from .optimizer import LearnedOptimizer, load
+from .plan import DEFAULT_CHUNK_SIZE
+from .stepper import NonFiniteGradientError, Stepper
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "LearnedOptimizer",
+    "Manifest",
+    "ManifestError",
+    "NonFiniteGradientError",
+    "Stepper",
+    "load",
+    "load_manifest",
+]

@@ -1,0 +1,468 @@
+"""The exported-optimizer folder format: every name, each method's state layout, the manifest.
+
+This module is the single source of names (style §6.5): method names, graph roles and file
+names, the input/output names and shapes of every graph, each method's state layout, how a step
+is split into phases, and the manifest format version. ``export`` writes folders with these names
+and ``runtime`` reads them; neither spells a name itself.
+
+An exported optimizer is a folder (design §3.1)::
+
+    manifest.json       ``Manifest.to_json()``
+    fused.onnx          one whole step of a chunk (HyperAdam: only valid for a one-chunk model)
+    state_stage.onnx    HyperAdam: (g, h, c, Σg²) → (h', c', Σ_rows h'² per column)
+    update_stage.onnx   HyperAdam: (w, g, h', M, V, B, Γ, Σh'², ΣM², lr) → (w', M', …, Σ M'²)
+
+Graph tensors are **feature-major**: a per-coordinate state field with k features per coordinate
+(the reference's ``[p, k]`` tensor) is a ``[k, n]`` graph tensor, so each feature is a contiguous
+row. That makes the Split/Concat/broadcasts of the step contiguous copies and row broadcasts,
+about 2× faster in onnxruntime than the coordinate-major ``[n, k]``. Checkpoints
+(``state_dict``) keep the reference's coordinate-major layout.
+
+``load_manifest`` checks the format version and the sha256 of every listed file before it reads
+anything else. Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "hyperadam.exported-optimizer"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_FILE = "manifest.json"
+
+DTYPE = "float32"  # every tensor; ε = 1e-24 underflows in fp16/bf16 (spec §8 #16)
+COORDS = "n"  # symbolic name of the dynamic coordinate axis in graphs and manifest
+OPSET = 18  # ≥ 18 (design §3.1 traps); Reduce* take their axes as inputs from 18 on
+IR_VERSION = 8  # the IR of opset 18; onnxruntime(-gpu) 1.31 loads IR ≤ 13, onnx 1.23 writes 14
+MAX_IR_VERSION = 13
+
+# -- methods: the names meta_train.optimizers.make_learned_optimizer takes -----------------------
+HYPERADAM = "hyperadam"
+DM = "dm"
+RNNPROP = "rnnprop"
+
+# -- graph roles and their files -------------------------------------------------------------
+FUSED = "fused"
+STATE_STAGE = "state_stage"
+UPDATE_STAGE = "update_stage"
+GRAPH_FILES = {
+    FUSED: "fused.onnx",
+    STATE_STAGE: "state_stage.onnx",
+    UPDATE_STAGE: "update_stage.onnx",
+}
+
+# -- tensor names ------------------------------------------------------------------------------
+PARAM = "w"  # [n] parameters of the chunk, flattened
+GRAD = "grad"  # [n] gradient of the chunk
+LR = "lr"  # [] step size α
+GRAD_SUM_SQ = "grad_sum_sq"  # [] Σ g² over ALL coordinates of the model
+H_COL_SUM_SQ = "h_col_sum_sq"  # [J] Σ_rows h'² per column (a chunk's partial out, global in)
+M_COL_SUM_SQ = "m_col_sum_sq"  # [J] Σ_rows M² per column, carried from the previous step
+STEP = "step"  # [1] RNNprop's step count t (float, as RNNpropState.step)
+
+# The fields of the reference's state NamedTuples, in their order.
+HYPERADAM_FIELDS = ("h", "c", "m", "v", "b", "gamma")  # HyperAdamState, each [p, J]
+DM_FIELDS = ("h1", "c1", "h2", "c2")  # DMState, each [p, H]
+RNNPROP_FIELDS = ("m", "v", "step", "h1", "c1", "h2", "c2")  # RNNpropState
+
+
+def updated(name: str) -> str:
+    """Name of the output that replaces input ``name`` after a step (``h`` → ``h_new``)."""
+    return f"{name}_new"
+
+
+class ManifestError(ValueError):
+    """An exported-optimizer folder that this runtime must not use (named file and reason)."""
+
+
+# -- layouts and graph signatures ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, shape (``"n"`` = coordinate axis), dtype."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = DTYPE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    """The file and the signature of one graph role."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """A per-coordinate state field: ``shape`` features per coordinate (``()`` or ``(k,)``)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def graph_shape(self) -> tuple[int | str, ...]:
+        return (*self.shape, COORDS)  # feature-major
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Carried:
+    """A small global quantity a step hands to the next one.
+
+    ``combine`` says how the values that chunks (or shards) emit become the global one: ``"sum"``
+    adds partial sums (HyperAdam's Σ M'²), ``"same"`` takes the value every chunk emits alike
+    (RNNprop's step count).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    combine: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Optimizer state: per-coordinate fields and carried global quantities, all fp32."""
+
+    fields: tuple[Field, ...]
+    carried: tuple[Carried, ...]
+
+    @property
+    def bytes_per_coordinate(self) -> int:
+        return 4 * sum(f.size for f in self.fields)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "per_coordinate": [{"name": f.name, "shape": list(f.shape)} for f in self.fields],
+            "carried": [
+                {"name": c.name, "shape": list(c.shape), "combine": c.combine} for c in self.carried
+            ],
+            "dtype": DTYPE,
+            "graph_layout": "feature-major: a field of shape [k] is a [k, n] graph tensor",
+            "checkpoint_layout": "coordinate-major: a field of shape [k] is a [p, k] array",
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> StateLayout:
+        return cls(
+            tuple(Field(f["name"], tuple(f["shape"])) for f in raw["per_coordinate"]),
+            tuple(Carried(c["name"], tuple(c["shape"]), c["combine"]) for c in raw["carried"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One pass over all chunks with graph ``role``; ``reductions`` are outputs that are summed
+    over chunks (and all-reduced over shards) and then fed, under the same name, to later phases.
+    """
+
+    role: str
+    reductions: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    """What a method's folder contains and how a runtime runs one step of it."""
+
+    config_keys: tuple[str, ...]
+    layout: Callable[..., StateLayout]  # (**config) -> StateLayout
+    graphs: Callable[..., dict[str, GraphSpec]]  # (**config) -> {role: GraphSpec}
+    phases: tuple[Phase, ...]  # the chunked / sharded step, in order
+    needs_grad_sum_sq: bool  # True: Σg² over all coordinates is an input of the first phase
+
+
+def _spec(name: str, shape: tuple[int | str, ...]) -> TensorSpec:
+    return TensorSpec(name, shape)
+
+
+def _fused(layout: StateLayout) -> GraphSpec:
+    """w, g, every state field, every carried value, lr → their updated versions."""
+    fields = [_spec(f.name, f.graph_shape) for f in layout.fields]
+    carried = [_spec(c.name, c.shape) for c in layout.carried]
+    w, g, lr = _spec(PARAM, (COORDS,)), _spec(GRAD, (COORDS,)), _spec(LR, ())
+    outs = [_spec(updated(t.name), t.shape) for t in (w, *fields, *carried)]
+    return GraphSpec(GRAPH_FILES[FUSED], (w, g, *fields, *carried, lr), tuple(outs))
+
+
+def hyperadam_layout(num_candidates: int) -> StateLayout:
+    j = num_candidates
+    return StateLayout(
+        tuple(Field(name, (j,)) for name in HYPERADAM_FIELDS),
+        (Carried(M_COL_SUM_SQ, (j,), "sum"),),
+    )
+
+
+def hyperadam_graphs(num_candidates: int) -> dict[str, GraphSpec]:
+    """Fused, state-stage and update-stage graphs of design §3.1."""
+    j = num_candidates
+    layout = hyperadam_layout(j)
+    w, g, lr = _spec(PARAM, (COORDS,)), _spec(GRAD, (COORDS,)), _spec(LR, ())
+    per = {f.name: _spec(f.name, f.graph_shape) for f in layout.fields}
+    new = {f.name: _spec(updated(f.name), f.graph_shape) for f in layout.fields}
+    h_cols, m_cols = _spec(H_COL_SUM_SQ, (j,)), _spec(M_COL_SUM_SQ, (j,))
+    moments = HYPERADAM_FIELDS[2:]
+    return {
+        FUSED: _fused(layout),
+        STATE_STAGE: GraphSpec(
+            GRAPH_FILES[STATE_STAGE],
+            (g, per["h"], per["c"], _spec(GRAD_SUM_SQ, ())),
+            (new["h"], new["c"], h_cols),
+        ),
+        UPDATE_STAGE: GraphSpec(
+            GRAPH_FILES[UPDATE_STAGE],
+            (w, g, new["h"], *(per[m] for m in moments), h_cols, m_cols, lr),
+            (
+                _spec(updated(PARAM), (COORDS,)),
+                *(new[m] for m in moments),
+                _spec(updated(M_COL_SUM_SQ), (j,)),
+            ),
+        ),
+    }
+
+
+def dm_layout(hidden_size: int) -> StateLayout:
+    return StateLayout(tuple(Field(name, (hidden_size,)) for name in DM_FIELDS), ())
+
+
+def rnnprop_layout(hidden_size: int) -> StateLayout:
+    fields = tuple(
+        Field(name, () if name in ("m", "v") else (hidden_size,))
+        for name in RNNPROP_FIELDS
+        if name != STEP
+    )
+    return StateLayout(fields, (Carried(STEP, (1,), "same"),))
+
+
+METHODS: dict[str, MethodInfo] = {
+    HYPERADAM: MethodInfo(
+        ("num_candidates",),
+        hyperadam_layout,
+        hyperadam_graphs,
+        (Phase(STATE_STAGE, (H_COL_SUM_SQ,)), Phase(UPDATE_STAGE)),
+        needs_grad_sum_sq=True,
+    ),
+    DM: MethodInfo(
+        ("hidden_size",),
+        dm_layout,
+        lambda hidden_size: {FUSED: _fused(dm_layout(hidden_size))},
+        (Phase(FUSED),),
+        needs_grad_sum_sq=False,
+    ),
+    RNNPROP: MethodInfo(
+        ("hidden_size",),
+        rnnprop_layout,
+        lambda hidden_size: {FUSED: _fused(rnnprop_layout(hidden_size))},
+        (Phase(FUSED),),
+        needs_grad_sum_sq=False,
+    ),
+}
+
+
+def method_info(method: str) -> MethodInfo:
+    if method not in METHODS:
+        raise ManifestError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    return METHODS[method]
+
+
+# -- the manifest ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to know about an exported optimizer (``manifest.json``).
+
+    ``files`` maps every file of the folder except the manifest to its sha256. ``lineage`` holds
+    ``mlflow_run_id``, ``step``, ``task_digest`` (each may be None) and ``theta_sha256``;
+    ``parity`` the export-time parity check (metric, tolerances, per-case errors).
+    """
+
+    method: str
+    config: Mapping[str, int]
+    default_lr: float
+    state: StateLayout
+    graphs: Mapping[str, GraphSpec]
+    files: Mapping[str, str]
+    lineage: Mapping[str, Any]
+    versions: Mapping[str, str]
+    parity: Mapping[str, Any]
+    opset: int = OPSET
+    ir_version: int = IR_VERSION
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def info(self) -> MethodInfo:
+        return method_info(self.method)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "method": self.method,
+            "config": dict(self.config),
+            "default_lr": self.default_lr,
+            "dtype": DTYPE,
+            "coordinate_axis": COORDS,
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "state": self.state.to_json(),
+            "graphs": {role: spec.to_json() for role, spec in self.graphs.items()},
+            "files": dict(self.files),
+            "lineage": dict(self.lineage),
+            "versions": dict(self.versions),
+            "parity": dict(self.parity),
+        }
+
+    def write(self, folder: str | Path) -> Path:
+        """Writes ``manifest.json`` into ``folder`` (sorted keys, stable bytes)."""
+        path = Path(folder) / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    """Reads and verifies ``folder/manifest.json``.
+
+    Order of checks: the manifest exists and is JSON; its format name and version are known; every
+    listed file is present with the listed sha256; only then the rest (method, config, state
+    layout, graph signatures) is parsed and compared with what this runtime expects.
+
+    Raises:
+      ManifestError: naming the file and what is wrong with it.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST_FILE}: not an exported optimizer folder")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ManifestError(f"{path}: format must be {FORMAT_NAME!r}, got {got!r}")
+    version = raw.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ManifestError(
+            f"{path}: format_version {version!r} is not supported by this runtime "
+            f"(supported: {list(SUPPORTED_FORMAT_VERSIONS)}); upgrade hyperadam or re-export"
+        )
+    files = _check_files(folder, raw.get("files"))
+    return _parse(raw, files, path)
+
+
+def _check_files(folder: Path, files: Any) -> dict[str, str]:
+    if not isinstance(files, dict) or not files:
+        raise ManifestError(f"{folder / MANIFEST_FILE}: 'files' must map file names to sha256")
+    for name, expected in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ManifestError(f"{folder / MANIFEST_FILE}: file name {name!r} is not a plain name")
+        path = folder / name
+        if not path.is_file():
+            raise ManifestError(f"{name} is listed in {MANIFEST_FILE} but missing from {folder}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ManifestError(
+                f"{name} does not match its sha256 in {MANIFEST_FILE} (expected {expected}, "
+                f"file has {actual}): the folder was modified after export"
+            )
+    return dict(files)
+
+
+def _tensor(raw: Mapping[str, Any]) -> TensorSpec:
+    return TensorSpec(raw["name"], tuple(raw["shape"]), raw["dtype"])
+
+
+def _parse(raw: dict[str, Any], files: dict[str, str], path: Path) -> Manifest:
+    try:
+        info = method_info(raw["method"])
+        config = raw["config"]
+        if not isinstance(config, dict) or sorted(config) != sorted(info.config_keys):
+            raise ManifestError(f"config must have keys {list(info.config_keys)}, got {config!r}")
+        if not all(type(v) is int and v >= 1 for v in config.values()):
+            raise ManifestError(f"config values must be integers >= 1, got {config!r}")
+        graphs = {
+            role: GraphSpec(
+                g["file"],
+                tuple(_tensor(t) for t in g["inputs"]),
+                tuple(_tensor(t) for t in g["outputs"]),
+            )
+            for role, g in raw["graphs"].items()
+        }
+        manifest = Manifest(
+            method=raw["method"],
+            config=config,
+            default_lr=float(raw["default_lr"]),
+            state=StateLayout.from_json(raw["state"]),
+            graphs=graphs,
+            files=files,
+            lineage=raw["lineage"],
+            versions=raw["versions"],
+            parity=raw["parity"],
+            opset=int(raw["opset"]),
+            ir_version=int(raw["ir_version"]),
+            format_version=raw["format_version"],
+        )
+    except ManifestError as err:
+        raise ManifestError(f"{path}: {err}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ManifestError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
+    _check_contents(manifest, info, path)
+    return manifest
+
+
+def _check_contents(manifest: Manifest, info: MethodInfo, path: Path) -> None:
+    expected_layout = info.layout(**manifest.config)
+    if manifest.state != expected_layout:
+        raise ManifestError(
+            f"{path}: state layout {manifest.state.to_json()} differs from the "
+            f"{manifest.method} layout this runtime expects {expected_layout.to_json()}"
+        )
+    expected_graphs = info.graphs(**manifest.config)
+    if dict(manifest.graphs) != expected_graphs:
+        raise ManifestError(
+            f"{path}: graphs {sorted(manifest.graphs)} do not have the names, files and shapes "
+            f"this runtime expects for {manifest.method} (roles {sorted(expected_graphs)})"
+        )
+    for role, spec in manifest.graphs.items():
+        if spec.file not in manifest.files:
+            raise ManifestError(f"{path}: graph {role!r} file {spec.file} has no sha256 in 'files'")
+    if not (math.isfinite(manifest.default_lr) and manifest.default_lr > 0):
+        raise ManifestError(
+            f"{path}: default_lr must be a finite number > 0, got {manifest.default_lr}"
+        )
+    if manifest.opset < OPSET or not 1 <= manifest.ir_version <= MAX_IR_VERSION:
+        raise ManifestError(
+            f"{path}: need opset >= {OPSET} and IR version <= {MAX_IR_VERSION}, got opset "
+            f"{manifest.opset}, IR {manifest.ir_version}"
+        )

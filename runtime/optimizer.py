@@ -1,0 +1,136 @@
+"""``runtime.load``: an exported optimizer folder → a ``LearnedOptimizer`` that binds arrays."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import manifest as mf
+from .plan import DEFAULT_CHUNK_SIZE
+from .session import DEFAULT_PROVIDERS, open_sessions
+from .sources import resolve_source
+from .stepper import AllReduce, Stepper
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class LearnedOptimizer:
+    """A verified exported optimizer with one onnxruntime session per graph.
+
+    Attributes:
+      folder: the exported folder. manifest: its verified ``Manifest``.
+      providers: the execution providers the sessions really use (read back, not assumed).
+      threads: chunks run in parallel on this many threads.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: mf.Manifest,
+        *,
+        threads: int | None = None,
+        intra_op_threads: int = 1,
+        providers: Sequence[str] = DEFAULT_PROVIDERS,
+    ) -> None:
+        threads = _available_cpus() if threads is None else threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        self.folder = folder
+        self.manifest = manifest
+        self.threads = threads
+        self._sessions, self.providers = open_sessions(
+            folder, manifest, providers=providers, intra_op_threads=intra_op_threads
+        )
+        self._executor = ThreadPoolExecutor(threads, "hyperadam-chunk") if threads > 1 else None
+
+    @property
+    def method(self) -> str:
+        return self.manifest.method
+
+    @property
+    def default_lr(self) -> float:
+        return self.manifest.default_lr
+
+    def __repr__(self) -> str:
+        return (
+            f"LearnedOptimizer(method={self.method!r}, config={dict(self.manifest.config)}, "
+            f"folder={str(self.folder)!r}, providers={list(self.providers)})"
+        )
+
+    def bind(
+        self,
+        params: Sequence[np.ndarray],
+        *,
+        lr: float | None = None,
+        chunk_size: int | None = None,
+        on_nonfinite: str = "raise",
+        all_reduce: AllReduce | None = None,
+    ) -> Stepper:
+        """Creates the state for ``params`` and returns the ``Stepper`` that owns it.
+
+        Args:
+          params: float32, C-contiguous, writeable numpy arrays, updated in place by each
+            ``step``; one step covers all of them together (global normalisations included).
+          lr: step size α (default: the manifest's, 0.005 for HyperAdam); settable later as
+            ``stepper.lr``.
+          chunk_size: coordinates per chunk (default ``runtime.plan.DEFAULT_CHUNK_SIZE``). A
+            model of at most one chunk runs the fused graph; a larger one runs the staged graphs
+            chunk by chunk, so temporary memory scales with ``chunk_size × threads``.
+          on_nonfinite: ``"raise"`` (default) raises ``NonFiniteGradientError`` on a NaN/inf
+            gradient; ``"skip"`` leaves everything unchanged and returns False from ``step``.
+          all_reduce: sharded use. ``params`` are this process's shard of a model; the stepper
+            calls ``all_reduce(partial)`` with each partial sum (a float64 numpy array: Σg²,
+            then each stage's per-column sums) and expects the sum over all shards back, e.g.
+            through ``torch.distributed.all_reduce``. Every shard must call ``step`` together.
+
+        Raises:
+          TypeError / ValueError: on bad arguments, before any state is created.
+        """
+        return Stepper(
+            self.manifest,
+            self._sessions,
+            params,
+            lr=self.default_lr if lr is None else lr,
+            chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+            on_nonfinite=on_nonfinite,
+            all_reduce=all_reduce,
+            executor=self._executor,
+            threads=self.threads,
+        )
+
+
+def load(
+    source: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    intra_op_threads: int = 1,
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
+) -> LearnedOptimizer:
+    """Loads an exported optimizer after verifying its manifest and file hashes.
+
+    Args:
+      source: an exported folder, a built-in name (``"hyperadam"`` once one ships in
+        ``runtime/builtin/``), or an MLflow ``models:/…`` / ``runs:/…`` URI (needs mlflow).
+      threads: threads that run chunks in parallel (default: the CPUs this process may use).
+      intra_op_threads: onnxruntime's threads inside one graph call (default 1; chunks are the
+        better unit of parallelism for these small-matrix graphs).
+      providers: onnxruntime execution providers, in priority order (default CPU).
+
+    Raises:
+      ManifestError: unknown format version, missing or modified file, unexpected layout.
+      FileNotFoundError: if ``source`` names nothing.
+    """
+    folder = resolve_source(source)
+    manifest = mf.load_manifest(folder)
+    return LearnedOptimizer(
+        folder, manifest, threads=threads, intra_op_threads=intra_op_threads, providers=providers
+    )

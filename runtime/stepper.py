@@ -1,0 +1,354 @@
+"""The stateful edge of the runtime: a ``Stepper`` owns the optimizer state of a list of arrays.
+
+One ``step(grads)`` is ONE optimizer step over all arrays together: HyperAdam's global
+normalisations (Σg², per-column Σh'² and ΣM²) run over every coordinate of every array. The
+step runs the manifest's phases over the chunks of ``runtime.plan`` (the fused graph when the
+model is one chunk), adds the chunks' partial sums between phases, and, when sharded, hands each
+partial sum to the caller's ``all_reduce`` first.
+
+Inputs are validated before any buffer changes; a failure after validation (an onnxruntime error,
+a failing ``all_reduce``) marks the stepper unusable until ``load_state_dict`` restores it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, wait
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from . import manifest as mf
+from . import validation
+from .plan import Chunk, plan_chunks
+
+AllReduce = Callable[[np.ndarray], np.ndarray]
+NONFINITE_POLICIES = ("raise", "skip")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_ortvalue = ort.OrtValue.ortvalue_from_numpy
+
+
+def sum_of_squares(arrays: Sequence[np.ndarray], block: int = 8192) -> float:
+    """Σx² over 1-D float32 arrays: fp32 dot products of short blocks, added exactly.
+
+    One fp32 ``dot`` over 10⁶ values is off by ~1e-6 relative; 8192-value blocks summed with
+    ``math.fsum`` stay at ~1e-9, without a float64 copy of the gradient. NaN/inf propagate.
+    """
+    return math.fsum(
+        float(np.dot(a[i : i + block], a[i : i + block]))
+        for a in arrays
+        for i in range(0, a.size, block)
+    )
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient with NaN/inf (or whose Σg² overflows fp32) under ``on_nonfinite="raise"``."""
+
+
+class Stepper:
+    """Applies a learned optimizer, in place, to the float32 numpy arrays it was bound to.
+
+    Made by ``LearnedOptimizer.bind``; see there for the arguments. Not thread-safe: one
+    ``step`` at a time (it parallelises over chunks itself).
+    """
+
+    def __init__(
+        self,
+        manifest: mf.Manifest,
+        sessions: Mapping[str, ort.InferenceSession],
+        params: Sequence[np.ndarray],
+        *,
+        lr: float,
+        chunk_size: int,
+        on_nonfinite: str,
+        all_reduce: AllReduce | None,
+        executor: Executor | None,
+        threads: int,
+    ) -> None:
+        self._params = validation.check_params(params)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
+            )
+        if all_reduce is not None and not callable(all_reduce):
+            raise TypeError(f"all_reduce must be callable, got {type(all_reduce).__name__}")
+        self.manifest = manifest
+        self._sessions = sessions
+        self._on_nonfinite = on_nonfinite
+        self._all_reduce = all_reduce
+        self._executor = executor
+        self._threads = threads
+        self._shapes = [p.shape for p in self._params]
+        self._flat = [p.reshape(-1) for p in self._params]  # views: the arrays are C-contiguous
+        self.num_coords = sum(p.size for p in self._params)
+        self._chunks: list[Chunk] = plan_chunks([p.size for p in self._params], chunk_size)
+        info = manifest.info
+        single = len(self._chunks) == 1 and all_reduce is None
+        self._phases = (mf.Phase(mf.FUSED),) if single else info.phases
+        self._lr = np.zeros((), np.float32)
+        self.lr = lr
+        self._grad_sum_sq = np.zeros((), np.float32)
+        layout = manifest.state
+        self._fields = {
+            f.name: np.zeros(self.num_coords * f.size, np.float32) for f in layout.fields
+        }
+        self._field_specs = {f.name: f for f in layout.fields}
+        self._carried = {c.name: np.zeros(c.shape, np.float32) for c in layout.carried}
+        self._carried_parts = {
+            c.name: np.zeros((len(self._chunks), *c.shape), np.float32) for c in layout.carried
+        }
+        reductions = {name for phase in self._phases for name in phase.reductions}
+        shapes = {t.name: t.shape for g in manifest.graphs.values() for t in g.outputs}
+        self._reduced = {name: np.zeros(shapes[name], np.float32) for name in reductions}
+        self._reduction_parts = {
+            name: np.zeros((len(self._chunks), *shapes[name]), np.float32) for name in reductions
+        }
+        self._gather_size = max((c.size for c in self._chunks if not c.zero_copy), default=0)
+        self._local = threading.local()
+        self._bindings = [
+            [self._bind_static(phase.role, k) for k in range(len(self._chunks))]
+            for phase in self._phases
+        ]
+        self.num_steps = 0
+        self.num_skipped = 0
+        self._broken: str | None = None
+
+    # -- public surface ----------------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        return float(self._lr)
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr[...] = validation.check_lr(value)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def uses_fused_graph(self) -> bool:
+        """True when the step is one call of the fused graph (the model is one chunk)."""
+        return len(self._phases) == 1 and self._phases[0].role == mf.FUSED
+
+    @property
+    def state_nbytes(self) -> int:
+        return sum(a.nbytes for a in self._fields.values())
+
+    def step(self, grads: Sequence[np.ndarray]) -> bool:
+        """One optimizer step over all bound arrays, in place.
+
+        Args:
+          grads: one float32, C-contiguous gradient per parameter, same shapes.
+
+        Returns:
+          True if the step was applied; False if it was skipped under ``on_nonfinite="skip"``.
+
+        Raises:
+          ValueError / TypeError: on a count, type, dtype, shape or layout mismatch (nothing
+            changes).
+          NonFiniteGradientError: NaN/inf gradients under ``on_nonfinite="raise"`` (nothing
+            changes).
+          RuntimeError: if an earlier step failed midway and the state was not restored.
+        """
+        self._check_usable()
+        validation.check_params_unchanged(self._params, self._shapes)
+        flat_grads = validation.check_grads(grads, self._params)
+        sum_sq = sum_of_squares(flat_grads)
+        if self._all_reduce is not None:
+            # Every shard learns the global value, so every shard skips (or raises) alike.
+            sum_sq = float(self._reduce(np.array([sum_sq]))[0])
+        if not (math.isfinite(sum_sq) and sum_sq <= _FLOAT32_MAX):
+            if self._on_nonfinite == "skip":
+                self.num_skipped += 1
+                return False
+            raise NonFiniteGradientError(validation.nonfinite_message(flat_grads, sum_sq))
+        self._grad_sum_sq[...] = sum_sq
+        try:
+            for index, phase in enumerate(self._phases):
+                self._run_phase(index, flat_grads)
+                for name in phase.reductions:
+                    self._reduced[name][...] = self._combine(self._reduction_parts[name], "sum")
+            for carried in self.manifest.state.carried:
+                parts = self._carried_parts[carried.name]
+                self._carried[carried.name][...] = self._combine(parts, carried.combine)
+        except BaseException as err:
+            self._broken = f"{type(err).__name__}: {err}"
+            raise
+        self.num_steps += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the state as plain data (numpy arrays, ints, floats, strings).
+
+        Per-coordinate fields are coordinate-major, as the reference's state NamedTuple:
+        ``[num_coords, k]`` for a field of k features, ``[num_coords]`` for one feature.
+        """
+        self._check_usable()
+        state = {name: self._canonical(name) for name in self._fields}
+        state.update({name: value.copy() for name, value in self._carried.items()})
+        return {
+            "format": validation.STATE_FORMAT,
+            "format_version": validation.STATE_FORMAT_VERSION,
+            "method": self.manifest.method,
+            "config": dict(self.manifest.config),
+            "param_shapes": [list(s) for s in self._shapes],
+            "num_steps": self.num_steps,
+            "num_skipped": self.num_skipped,
+            "lr": self.lr,
+            "state": state,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replaces the state with ``state_dict`` after checking all of it (format version,
+        method, config, parameter shapes, every array's name, shape, dtype and finiteness)."""
+        checked = validation.check_state_dict(state_dict, self.manifest, self._shapes)
+        for name, value in checked["state"].items():
+            if name in self._fields:
+                self._set_canonical(name, value)
+            else:
+                self._carried[name][...] = value
+        self.num_steps = checked["num_steps"]
+        self.num_skipped = checked["num_skipped"]
+        self.lr = checked["lr"]
+        self._broken = None
+
+    # -- execution -------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(
+                f"a previous step failed midway ({self._broken}); the optimizer state is "
+                f"inconsistent: restore it with load_state_dict() before stepping again"
+            )
+
+    def _reduce(self, partial: np.ndarray) -> np.ndarray:
+        total = np.asarray(self._all_reduce(partial.copy()))
+        if total.shape != partial.shape:
+            raise ValueError(
+                f"all_reduce must return an array of shape {partial.shape}, got {total.shape}"
+            )
+        return total
+
+    def _combine(self, parts: np.ndarray, how: str) -> np.ndarray:
+        if how == "same":
+            return parts[0]
+        total = parts.sum(axis=0, dtype=np.float64)  # fixed order: independent of threads
+        return total if self._all_reduce is None else self._reduce(total)
+
+    def _block(self, name: str, chunk: Chunk) -> np.ndarray:
+        """The field's contiguous ``[k, n]`` (or ``[n]``) block of one chunk."""
+        field = self._field_specs[name]
+        flat = self._fields[name][chunk.start * field.size : chunk.stop * field.size]
+        return flat.reshape(*field.shape, chunk.size)
+
+    def _canonical(self, name: str) -> np.ndarray:
+        field = self._field_specs[name]
+        out = np.empty((self.num_coords, *field.shape), np.float32)
+        for chunk in self._chunks:
+            out[chunk.start : chunk.stop] = self._block(name, chunk).T
+        return out
+
+    def _set_canonical(self, name: str, value: np.ndarray) -> None:
+        for chunk in self._chunks:
+            self._block(name, chunk)[...] = value[chunk.start : chunk.stop].T
+
+    def _buffer(self, name: str, chunk: Chunk, k: int, output: bool) -> np.ndarray | None:
+        """The memory bound to graph tensor ``name`` for chunk ``k``; None if bound per run."""
+        if name == mf.GRAD or (name in (mf.PARAM, mf.updated(mf.PARAM)) and not chunk.zero_copy):
+            return None
+        if name in (mf.PARAM, mf.updated(mf.PARAM)):
+            piece = chunk.pieces[0]
+            return self._flat[piece.array][piece.start : piece.stop]
+        base = name[: -len(mf.updated(""))] if name.endswith(mf.updated("")) else name
+        if base in self._fields:  # h and h_new are the same memory: updated in place
+            return self._block(base, chunk)
+        if name == mf.LR:
+            return self._lr
+        if name == mf.GRAD_SUM_SQ:
+            return self._grad_sum_sq
+        if name in self._reduced:
+            return self._reduction_parts[name][k] if output else self._reduced[name]
+        if base in self._carried:
+            return self._carried_parts[base][k] if output else self._carried[base]
+        raise mf.ManifestError(
+            f"graph tensor {name!r} has no buffer in the {self.manifest.method} layout"
+        )
+
+    def _bind_static(self, role: str, k: int) -> ort.IOBinding:
+        """An IOBinding with every buffer that stays put across steps already bound.
+
+        Inputs and outputs that name the same state field share memory: each output is
+        produced by a node downstream of every reader of that input, so the step is in place.
+        """
+        session, spec, chunk = self._sessions[role], self.manifest.graphs[role], self._chunks[k]
+        binding = session.io_binding()
+        for tensor in spec.inputs:
+            buffer = self._buffer(tensor.name, chunk, k, output=False)
+            if buffer is not None:
+                binding.bind_ortvalue_input(tensor.name, _ortvalue(buffer))
+        for tensor in spec.outputs:
+            buffer = self._buffer(tensor.name, chunk, k, output=True)
+            if buffer is not None:
+                binding.bind_ortvalue_output(tensor.name, _ortvalue(buffer))
+        return binding
+
+    def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-thread gather buffers (w, g), each as large as the largest packed chunk."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch[0].size < self._gather_size:
+            scratch = (
+                np.empty(self._gather_size, np.float32),
+                np.empty(self._gather_size, np.float32),
+            )
+            self._local.scratch = scratch
+        return scratch
+
+    def _run_chunk(self, index: int, k: int, flat_grads: list[np.ndarray]) -> None:
+        role = self._phases[index].role
+        spec, chunk, binding = self.manifest.graphs[role], self._chunks[k], self._bindings[index][k]
+        inputs = {t.name for t in spec.inputs}
+        if chunk.zero_copy:
+            piece = chunk.pieces[0]
+            grad = flat_grads[piece.array][piece.start : piece.stop]
+            binding.bind_ortvalue_input(mf.GRAD, _ortvalue(grad))
+            self._sessions[role].run_with_iobinding(binding)
+            return
+        w_buf, g_buf = (b[: chunk.size] for b in self._scratch())
+        for p in chunk.pieces:
+            g_buf[p.offset : p.offset + p.stop - p.start] = flat_grads[p.array][p.start : p.stop]
+        binding.bind_ortvalue_input(mf.GRAD, _ortvalue(g_buf))
+        if mf.PARAM in inputs:
+            for p in chunk.pieces:
+                w_buf[p.offset : p.offset + p.stop - p.start] = self._flat[p.array][
+                    p.start : p.stop
+                ]
+            w_value = _ortvalue(w_buf)
+            binding.bind_ortvalue_input(mf.PARAM, w_value)
+            binding.bind_ortvalue_output(mf.updated(mf.PARAM), w_value)
+        self._sessions[role].run_with_iobinding(binding)
+        if mf.PARAM in inputs:
+            for p in chunk.pieces:
+                self._flat[p.array][p.start : p.stop] = w_buf[
+                    p.offset : p.offset + p.stop - p.start
+                ]
+
+    def _run_phase(self, index: int, flat_grads: list[np.ndarray]) -> None:
+        count = len(self._chunks)
+        if self._executor is None or self._threads == 1 or count == 1:
+            for k in range(count):
+                self._run_chunk(index, k, flat_grads)
+            return
+
+        def run_share(first: int) -> None:
+            for k in range(first, count, self._threads):
+                self._run_chunk(index, k, flat_grads)
+
+        futures = [self._executor.submit(run_share, t) for t in range(min(self._threads, count))]
+        wait(futures)  # all shares finish before an error propagates
+        for future in futures:
+            future.result()
