@@ -1,0 +1,135 @@
+"""HyperAdam's step as ONNX graphs: fused, state stage and update stage (design §3.1, spec §2).
+
+The maths is ``meta_train.optimizers.hyperadam`` (``state_cell``, ``update_stage``,
+``hyperadam_step``), feature-major (``[J, n]``, see ``runtime.manifest``), with rewrites that
+change only fp32 rounding:
+
+* every global normalisation is folded into a weight instead of scaling a [J, n] tensor:
+  ``(g·s)·a = g·(s·a)`` for the gradient norm and ``N(X)ᵀ W = Xᵀ diag(1/‖X_:,k‖) W`` for the
+  columns of h' and M, so the scaling costs O(J²) per call instead of O(nJ);
+* TF's forget-gate offset +1 is folded into the LSTM bias; ELU is ``max(x, exp(min(x,0)) − 1)``;
+* the AdamCell's decay network and the WeightCell share one Gemm:
+  ``[[W_a,hᵀ  W_a,mᵀ], [W_qᵀ  0]] [h'; M]`` gives β, γ and ρ's pre-activations as one [3J, n].
+
+ε = 1e-24 (moments) and 1e-16 (norms) are explicit ``Add`` nodes; no optimizer runs over these
+graphs, and the zero-gradient parity cases check that the ε survive into onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from meta_train.optimizers.hyperadam import FORGET_BIAS, MOMENT_EPS, NORM_EPS
+from runtime import manifest as mf
+
+from .onnx_builder import GraphBuilder, elu, inverse_norm, lstm_cell, sum_of_squares
+
+H_NEW, C_NEW = mf.updated("h"), mf.updated("c")
+
+
+def _state_cell(b: GraphBuilder, theta: dict[str, np.ndarray], grad_sum_sq: str) -> None:
+    """StateCell (spec §2.1): e = ELU(ĝ a + b) → one LSTM step; writes ``h_new``, ``c_new``."""
+    j = theta["pre_bias"].shape[0]
+    scaled_a = b.op(
+        "Mul",
+        b.const(theta["pre_kernel"].reshape(j, 1), "pre_kernel"),
+        inverse_norm(b, grad_sum_sq, NORM_EPS),
+    )
+    pre = b.op("Add", b.op("Mul", scaled_a, mf.GRAD), b.const(theta["pre_bias"].reshape(j, 1)))
+    lstm_cell(
+        b,
+        [elu(b, pre)],
+        "h",
+        "c",
+        theta["lstm_kernel"],
+        theta["lstm_bias"],
+        FORGET_BIAS,
+        h_new=H_NEW,
+        c_new=C_NEW,
+    )
+
+
+def _update(b: GraphBuilder, theta: dict[str, np.ndarray], h_col_sum_sq: str) -> None:
+    """AdamCell + WeightCell + combination (spec §2.2–2.3) for one chunk; writes ``w_new``, the
+    ``*_new`` moments and ``m_col_sum_sq_new`` (this chunk's Σ_rows M'² per column)."""
+    j = theta["weight_bias"].shape[0]
+    one, eps = b.const(1.0, "one"), b.const(MOMENT_EPS, "moment_eps")
+    row = b.const([0], "axis0")
+    decay_t = theta["decay_kernel"].T  # [2J(out: β|γ), 2J(in: h|m)]
+    # Column normalisation of h' and M folded into the columns of W_aᵀ.
+    from_h = b.op(
+        "Mul",
+        b.const(np.ascontiguousarray(decay_t[:, :j]), "decay_kernel_h"),
+        b.op("Unsqueeze", inverse_norm(b, h_col_sum_sq, NORM_EPS), row),
+    )
+    from_m = b.op(
+        "Mul",
+        b.const(np.ascontiguousarray(decay_t[:, j:]), "decay_kernel_m"),
+        b.op("Unsqueeze", inverse_norm(b, mf.M_COL_SUM_SQ, NORM_EPS), row),
+    )
+    weight_rows = np.concatenate([theta["weight_kernel"].T, np.zeros((j, j), np.float32)], axis=1)
+    kernel = b.op(
+        "Concat",
+        b.op("Concat", from_h, from_m, axis=1),
+        b.const(weight_rows, "weight_kernel_t"),
+        axis=0,
+    )  # [3J, 2J]
+    bias = np.concatenate([theta["decay_bias"], theta["weight_bias"]]).reshape(-1, 1)
+    pre = b.op("Gemm", kernel, b.op("Concat", H_NEW, "m", axis=0), b.const(bias, "bias"))
+    beta_pre, gamma_pre, rho_pre = b.op("Split", pre, b.const([j] * 3, "split3"), axis=0, outputs=3)
+    beta, gamma, rho = b.op("Sigmoid", beta_pre), b.op("Sigmoid", gamma_pre), elu(b, rho_pre)
+    one_minus_beta, one_minus_gamma = b.op("Sub", one, beta), b.op("Sub", one, gamma)
+    # Same association as the reference: β⊙M + (1−β)⊙G, and so on; G = g broadcast over rows.
+    m_new = b.op(
+        "Add",
+        b.op("Mul", beta, "m"),
+        b.op("Mul", one_minus_beta, mf.GRAD),
+        outputs=[mf.updated("m")],
+    )
+    v_new = b.op(
+        "Add",
+        b.op("Mul", gamma, "v"),
+        b.op("Mul", one_minus_gamma, b.op("Mul", mf.GRAD, mf.GRAD)),
+        outputs=[mf.updated("v")],
+    )
+    b_new = b.op("Add", b.op("Mul", beta, "b"), one_minus_beta, outputs=[mf.updated("b")])
+    gamma_new = b.op(
+        "Add", b.op("Mul", gamma, "gamma"), one_minus_gamma, outputs=[mf.updated("gamma")]
+    )
+    m_tilde = b.op("Div", m_new, b.op("Add", b_new, eps))
+    v_tilde = b.op("Div", v_new, b.op("Add", gamma_new, eps))
+    m_hat = b.op("Div", m_tilde, b.op("Sqrt", b.op("Add", v_tilde, eps)))
+    direction = b.op("ReduceSum", b.op("Mul", rho, m_hat), row, keepdims=0)
+    b.op("Sub", mf.PARAM, b.op("Mul", mf.LR, direction), outputs=[mf.updated(mf.PARAM)])
+    sum_of_squares(b, m_new, 1, output=mf.updated(mf.M_COL_SUM_SQ))
+
+
+def build_hyperadam_graphs(theta: dict[str, np.ndarray]) -> dict[str, onnx.ModelProto]:
+    """Builds the fused, state-stage and update-stage models for θ (numpy fp32 arrays)."""
+    j = int(theta["pre_bias"].shape[0])
+    specs = mf.hyperadam_graphs(j)
+
+    fused = GraphBuilder("hyperadam_fused")
+    grad_sum_sq = sum_of_squares(fused, mf.GRAD, None)
+    _state_cell(fused, theta, grad_sum_sq)
+    h_col_sum_sq = sum_of_squares(fused, H_NEW, 1)
+    _update(fused, theta, h_col_sum_sq)
+
+    state = GraphBuilder("hyperadam_state_stage")
+    _state_cell(state, theta, mf.GRAD_SUM_SQ)
+    sum_of_squares(state, H_NEW, 1, output=mf.H_COL_SUM_SQ)
+
+    update = GraphBuilder("hyperadam_update_stage")
+    _update(update, theta, mf.H_COL_SUM_SQ)
+
+    docs = {
+        mf.FUSED: "One HyperAdam step (spec §2) of a model that is a single chunk.",
+        mf.STATE_STAGE: "HyperAdam StateCell of one chunk; emits the chunk's Σ_rows h'².",
+        mf.UPDATE_STAGE: "HyperAdam AdamCell+WeightCell of one chunk; emits the chunk's Σ M'².",
+    }
+    builders = {mf.FUSED: fused, mf.STATE_STAGE: state, mf.UPDATE_STAGE: update}
+    return {
+        role: builders[role].model(spec.inputs, spec.outputs, docs[role])
+        for role, spec in specs.items()
+    }

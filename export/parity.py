@@ -1,0 +1,326 @@
+"""The parity check every export runs: the runtime on the exported graphs vs the torch reference.
+
+Both sides start from the same state and gradient; the runtime runs through ``runtime.load`` on
+the folder being exported, so the check covers the graphs, the chunk plan, the in-place buffer
+binding and the reductions between chunks exactly as users run them.
+
+Cases (each through the fused path and through several chunks):
+
+* one step from a random, realistic state with a real-ish gradient (magnitudes spread over
+  1e-6…1e-1, 20 % exact zeros, and coordinates whose whole state is zero as for dead units), and
+  one step with an all-zero gradient, for every size in ``sizes`` (2, 1 000, optionally 10⁶);
+* a trajectory of ``steps`` steps on a small ReLU MLP (several arrays, so packed chunks too),
+  each side following its own parameters and gradients.
+
+Metric: for every tensor, ``max |runtime − reference| / max |reference|`` (∞-norm relative
+error); for the parameters, of the update ``w' − w`` in a step and of the distance travelled
+``w_T − w_0`` in a trajectory. Non-finite output is an infinite error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+import runtime
+from meta_train.optimizers import LearnedOptimizer
+from runtime import manifest as mf
+from runtime.plan import DEFAULT_CHUNK_SIZE
+
+# fp32 round-off scale: one step agrees to ~1e-6 (a few ulp through ~40 dependent ops and
+# 40-term dot products); the tolerances leave 20× headroom.
+STEP_TOLERANCE = 2e-5
+# A trajectory compounds round-off over its steps (each side follows its own iterates); the
+# tolerance grows with the measured fp32-vs-fp64 drift of the trajectory (``trajectory_cases``).
+TRAJECTORY_TOLERANCE = 1e-4
+METRIC = (
+    "max|runtime - torch reference| / max|torch reference| per tensor (inf-norm relative); "
+    "parameters compared through the update w'-w (one step) or w_T-w_0 (trajectory)"
+)
+
+
+class ParityError(RuntimeError):
+    """The exported graphs disagree with the torch reference beyond the stated tolerance."""
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    if not np.isfinite(actual).all():
+        return math.inf
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+    return float(np.abs(actual - expected).max(initial=0.0) / scale)
+
+
+def to_runtime_state(
+    layout: mf.StateLayout, state: Any, *, dtype: type = np.float32
+) -> dict[str, np.ndarray]:
+    """A reference state NamedTuple → the runtime's ``state_dict()["state"]`` entries."""
+    values = {name: t.detach().numpy().astype(dtype) for name, t in state._asdict().items()}
+    out = {f.name: values[f.name] for f in layout.fields}
+    for carried in layout.carried:
+        if carried.name == mf.M_COL_SUM_SQ:  # derived: Σ_rows M² per column, as the reference
+            out[carried.name] = state.m.square().sum(dim=0).numpy().astype(dtype)
+        else:
+            out[carried.name] = values[carried.name].reshape(carried.shape)
+    return out
+
+
+def random_state(reference: LearnedOptimizer, p: int, rng: np.random.Generator) -> Any:
+    """A state a few steps into training: bounded LSTM states, positive second moments,
+    bias accumulators in (0, 1], and ~10 % of coordinates with an all-zero state."""
+    state = reference.init_state(p)
+    fresh = {}
+    for name, zeros in state._asdict().items():
+        shape = tuple(zeros.shape)
+        if name in ("h", "h1", "h2"):
+            value = rng.uniform(-0.95, 0.95, shape)
+        elif name in ("c", "c1", "c2"):
+            value = rng.normal(0.0, 1.0, shape)
+        elif name == "m":
+            value = rng.normal(0.0, 1.0, shape) * 10.0 ** rng.uniform(-5, -1, shape)
+        elif name == "v":
+            value = rng.normal(0.0, 1.0, shape) ** 2 * 10.0 ** rng.uniform(-10, -2, shape)
+        elif name in ("b", "gamma"):
+            value = rng.uniform(0.05, 1.0, shape)
+        elif name == mf.STEP:
+            value = np.full(shape, 7.0)
+        else:
+            raise ValueError(f"no random state rule for field {name!r}")
+        if name != mf.STEP:
+            value[rng.random(p) < 0.1] = 0.0
+        fresh[name] = torch.from_numpy(np.asarray(value, np.float32))
+    return type(state)(**fresh)
+
+
+def real_gradient(p: int, rng: np.random.Generator) -> np.ndarray:
+    g = rng.normal(0.0, 1.0, p) * 10.0 ** rng.uniform(-6, -1, p)
+    g[rng.random(p) < 0.2] = 0.0
+    return g.astype(np.float32)
+
+
+def _runtime_step(
+    opt: runtime.LearnedOptimizer,
+    state: dict[str, np.ndarray],
+    grad: np.ndarray,
+    lr: float,
+    chunk_size: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    w = np.zeros(grad.size, np.float32)  # w' = 0 − update: the update is exact
+    stepper = opt.bind([w], lr=lr, chunk_size=chunk_size)
+    saved = stepper.state_dict()
+    saved["state"] = state
+    stepper.load_state_dict(saved)
+    stepper.step([grad])
+    return w, stepper.state_dict()["state"], stepper.num_chunks
+
+
+def step_cases(
+    opt: runtime.LearnedOptimizer,
+    reference: LearnedOptimizer,
+    theta: dict[str, torch.Tensor],
+    sizes: Sequence[int],
+    seed: int,
+) -> list[dict[str, Any]]:
+    results = []
+    lr = opt.default_lr
+    for p in sizes:
+        rng = np.random.default_rng([seed, p])
+        state = random_state(reference, p, rng)
+        gradients = {"random": real_gradient(p, rng), "zero": np.zeros(p, np.float32)}
+        for kind, grad in gradients.items():
+            with torch.no_grad():
+                delta, expected = reference.step(theta, torch.from_numpy(grad), state, lr=lr)
+            want = to_runtime_state(opt.manifest.state, expected)
+            start = to_runtime_state(opt.manifest.state, state)
+            for path, chunk_size in (
+                ("fused", p),
+                ("chunked", min(DEFAULT_CHUNK_SIZE, -(-p // 3))),
+            ):
+                w, got, chunks = _runtime_step(opt, dict(start), grad, lr, chunk_size)
+                errors = {mf.PARAM: relative_error(w, delta.numpy())}
+                errors.update({k: relative_error(got[k], want[k]) for k in want})
+                worst = max(errors, key=errors.get)
+                results.append(
+                    {
+                        "case": f"p={p} {kind}-gradient {path}",
+                        "chunks": chunks,
+                        "max_error": errors[worst],
+                        "worst_tensor": worst,
+                    }
+                )
+    return results
+
+
+class _TinyMLP:
+    """Softmax regression through one ReLU layer (dead units give zero-gradient coordinates)."""
+
+    shapes = ((16, 10), (16,), (4, 16), (4,))
+
+    def __init__(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(64, 10, generator=g)
+        self.y = torch.randint(0, 4, (64,), generator=g)
+        self.w0 = torch.randn(sum(math.prod(s) for s in self.shapes), generator=g) * 0.3
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        bounds = np.cumsum([math.prod(s) for s in self.shapes])[:-1]
+        return [a.reshape(s) for a, s in zip(np.split(flat, bounds), self.shapes, strict=True)]
+
+    def loss_and_grad(self, flat: torch.Tensor, step: int) -> tuple[float, torch.Tensor]:
+        """Loss and gradient at ``flat``, in ``flat``'s dtype, on minibatch ``step``."""
+        rows = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(step))
+        with torch.enable_grad():
+            w = flat.detach().clone().requires_grad_(True)
+            w1, b1, w2, b2 = (
+                p.reshape(s)
+                for p, s in zip(
+                    w.split([math.prod(s) for s in self.shapes]), self.shapes, strict=True
+                )
+            )
+            hidden = torch.relu(self.x[rows].to(w.dtype) @ w1.T + b1)
+            loss = torch.nn.functional.cross_entropy(hidden @ w2.T + b2, self.y[rows])
+            (grad,) = torch.autograd.grad(loss, w)
+        return float(loss.detach()), grad
+
+
+def _reference_trajectory(
+    reference: LearnedOptimizer,
+    theta: dict[str, torch.Tensor],
+    problem: _TinyMLP,
+    steps: int,
+    lr: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, Any, list[float]]:
+    theta = {k: v.to(dtype) for k, v in theta.items()}
+    w = problem.w0.to(dtype)
+    state = reference.init_state(w.numel())
+    state = type(state)(*(t.to(dtype) for t in state))
+    losses = []
+    with torch.no_grad():
+        for t in range(steps):
+            loss, grad = problem.loss_and_grad(w, t)
+            delta, state = reference.step(theta, grad, state, lr=lr)
+            w, losses = w + delta, [*losses, loss]
+    return w, state, losses
+
+
+def _trajectory_errors(
+    layout: mf.StateLayout,
+    w0: np.ndarray,
+    w: np.ndarray,
+    state: dict[str, np.ndarray],
+    losses: list[float],
+    want: tuple[np.ndarray, dict[str, np.ndarray], list[float]],
+) -> dict[str, float]:
+    want_w, want_state, want_losses = want
+    errors = {mf.PARAM: relative_error(w - w0, want_w - w0)}
+    errors.update({k: relative_error(state[k], want_state[k]) for k in want_state})
+    errors["loss"] = relative_error(np.array(losses), np.array(want_losses))
+    return errors
+
+
+def trajectory_cases(
+    opt: runtime.LearnedOptimizer,
+    reference: LearnedOptimizer,
+    theta: dict[str, torch.Tensor],
+    steps: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The runtime's trajectory vs the fp32 reference's, each on its own iterates.
+
+    A trajectory amplifies round-off by however chaotic the optimizer's dynamics are (a
+    DMoptimizer LSTM state drifts ~1e-3 between fp32 and fp64 in 100 steps). So the tolerance
+    is ``max(TRAJECTORY_TOLERANCE, 10 × floor)``, where the floor is the distance between the
+    fp32 and the fp64 reference on the same trajectory: the runtime may differ from the fp32
+    reference by at most ten times what fp32 itself does.
+    """
+    problem, lr, layout = _TinyMLP(seed), opt.default_lr, opt.manifest.state
+    w0 = problem.w0.numpy()
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        w, state, losses = _reference_trajectory(reference, theta, problem, steps, lr, dtype)
+        runs[dtype] = (w.numpy(), to_runtime_state(layout, state, dtype=np.float64), losses)
+    floor_errors = _trajectory_errors(layout, w0, *runs[torch.float32], runs[torch.float64])
+    floor = max(floor_errors.values())
+    tolerance = max(TRAJECTORY_TOLERANCE, 10 * floor)
+    results = []
+    for path, chunk_size in (("fused", None), ("chunked", 50)):
+        arrays = [a.copy() for a in problem.split(w0.copy())]
+        stepper = opt.bind(arrays, lr=lr, chunk_size=chunk_size)
+        losses = []
+        for t in range(steps):
+            flat = np.concatenate([a.reshape(-1) for a in arrays])
+            loss, grad = problem.loss_and_grad(torch.from_numpy(flat), t)
+            losses.append(loss)
+            stepper.step([g.copy() for g in problem.split(grad.numpy())])
+        final = np.concatenate([a.reshape(-1) for a in arrays])
+        errors = _trajectory_errors(
+            layout, w0, final, stepper.state_dict()["state"], losses, runs[torch.float32]
+        )
+        worst = max(errors, key=errors.get)
+        results.append(
+            {
+                "case": f"{steps}-step ReLU-MLP trajectory {path}",
+                "chunks": stepper.num_chunks,
+                "max_error": errors[worst],
+                "worst_tensor": worst,
+                "fp32_vs_fp64_floor": floor,
+                "tolerance": tolerance,
+            }
+        )
+    return results
+
+
+def check_parity(
+    folder: str,
+    reference: LearnedOptimizer,
+    theta: dict[str, np.ndarray],
+    *,
+    sizes: Sequence[int],
+    trajectory_steps: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Runs every case; returns the manifest's ``parity`` entry.
+
+    Raises:
+      ParityError: naming the worst case, its tensor and error, and the tolerance.
+    """
+    opt = runtime.load(folder)
+    theta_t = {k: torch.from_numpy(v) for k, v in theta.items()}
+    steps = step_cases(opt, reference, theta_t, sizes, seed)
+    trajectory = trajectory_cases(opt, reference, theta_t, trajectory_steps, seed)
+    for case in steps:
+        case["tolerance"] = STEP_TOLERANCE
+    cases = steps + trajectory
+    report = {
+        "metric": METRIC,
+        "reference": f"meta_train.optimizers ({reference.name}) in torch fp32",
+        "tolerance": {
+            "step": STEP_TOLERANCE,
+            "trajectory": f"max({TRAJECTORY_TOLERANCE:g}, 10 x fp32-vs-fp64 drift of the "
+            "reference on the same trajectory); per case under 'tolerance'",
+        },
+        "providers": list(opt.providers),
+        "sizes": list(sizes),
+        "trajectory_steps": trajectory_steps,
+        "seed": seed,
+        "max_error": {
+            "step": max(r["max_error"] for r in steps),
+            "trajectory": max((r["max_error"] for r in trajectory), default=0.0),
+        },
+        "cases": cases,
+    }
+    for case in cases:
+        if not case["max_error"] <= case["tolerance"]:
+            raise ParityError(
+                f"parity check failed: {case['case']}: {case['worst_tensor']} differs from the "
+                f"torch reference by {case['max_error']:.3e} (relative), above the tolerance "
+                f"{case['tolerance']:.3g}"
+            )
+    report["passed"] = True
+    return report
