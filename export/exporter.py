@@ -24,7 +24,7 @@ from runtime import manifest as mf
 
 from .methods import EXPORT_METHODS, check_theta
 from .parity import check_parity
-from .theta_io import as_numpy_theta, load_theta, theta_sha256
+from .theta_io import as_numpy_theta, load_theta, save_theta, theta_sha256
 
 LINEAGE_KEYS = ("mlflow_run_id", "step", "task_digest")
 DEFAULT_PARITY_SIZES = (2, 1000)
@@ -85,7 +85,8 @@ def export_optimizer(
       parity_sizes: coordinate counts of the one-step parity cases; ``FULL_PARITY_SIZES`` adds
         10⁶ (about 10 s more).
       trajectory_steps: length of the parity trajectory (100).
-      default_lr: α written to the manifest (default: the method's, 0.005 for HyperAdam).
+      default_lr: α written to the manifest (default: the θ file's ``lr`` meta, else the
+        method's: 0.005 for HyperAdam, 0.1 for DM and RNNprop).
       overwrite: replace an existing ``out_dir``.
       seed: seed of the parity cases.
 
@@ -108,7 +109,9 @@ def export_optimizer(
         theta, file_meta = artifact.theta, artifact.meta
     arrays = as_numpy_theta(theta)
     config, reference = check_theta(method, arrays)
-    lr = reference.default_lr if default_lr is None else float(default_lr)
+    if default_lr is None:  # the α θ was meta-trained with, else the method's
+        default_lr = file_meta.get("lr", reference.default_lr)
+    lr = float(default_lr)
     full_lineage = {**_lineage(lineage, file_meta), "theta_sha256": theta_sha256(arrays)}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -117,9 +120,9 @@ def export_optimizer(
         models = EXPORT_METHODS[method].build(arrays)
         for role, model in models.items():
             onnx.save_model(model, str(work / mf.GRAPH_FILES[role]))
-        files = {
-            mf.GRAPH_FILES[role]: mf.sha256_file(work / mf.GRAPH_FILES[role]) for role in models
-        }
+        save_theta(work / mf.THETA_FILE, method, arrays, **full_lineage, lr=lr)
+        names = [mf.GRAPH_FILES[role] for role in models] + [mf.THETA_FILE]
+        files = {name: mf.sha256_file(work / name) for name in names}
         info = mf.method_info(method)
         manifest = mf.Manifest(
             method=method,

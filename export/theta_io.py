@@ -126,3 +126,40 @@ def load_theta(path: str | os.PathLike[str]) -> ThetaArtifact:
         if array.dtype != np.float32:
             raise ValueError(f"{path}: theta[{name!r}] has dtype {array.dtype}, expected float32")
     return ThetaArtifact(header["method"], theta, dict(header["meta"]))
+
+
+def load_theta_source(source: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """θ for the torch reference from a file, a folder or a built-in name.
+
+    Args:
+      source: a θ file (``.npz`` of ``save_theta``); a folder holding ``theta.npz`` (a
+        meta-training ``theta/best`` folder or an exported-optimizer folder); or a learned
+        optimizer's name, meaning the θ shipped in ``runtime/builtin/NAME``.
+
+    Returns:
+      ``(optimizer, theta)``: the ``meta_train`` learned optimizer sized from θ, and θ as torch
+      tensors, ready for ``optimizer.bind(theta, lr=...)``.
+
+    Raises:
+      FileNotFoundError: nothing at ``source`` (for a name: no θ shipped under that name).
+      ValueError: a file that is not a θ artifact, or θ that does not fit its method.
+    """
+    import torch  # lazy: reading and writing θ files needs no torch
+
+    from runtime import manifest as mf
+    from runtime.sources import BUILTIN_DIR
+
+    from .methods import check_theta
+
+    path = Path(source)
+    if isinstance(source, str) and source in mf.METHODS and not path.exists():
+        path = BUILTIN_DIR / source
+        if not (path / mf.THETA_FILE).is_file():
+            raise FileNotFoundError(f"no built-in θ for {source!r} is shipped in {BUILTIN_DIR}")
+    if path.is_dir():
+        path = path / mf.THETA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no θ artifact at {path}")
+    artifact = load_theta(path)
+    _, optimizer = check_theta(artifact.method, artifact.theta)
+    return optimizer, {name: torch.from_numpy(a.copy()) for name, a in artifact.theta.items()}
