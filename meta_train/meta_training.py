@@ -243,9 +243,9 @@ def _train(
         step = report.step + 1  # θ version after this update
         tracker.log_metrics(report.step, report.metrics())
         state["history"] = state["history"].with_step(report.step, report.meta_loss)
-        progress.update(step, report.meta_loss, report.inner_steps_per_s)
         if validator.due(step, config.steps):
             validate(step)
+        progress.update(step, report.meta_loss, report.inner_steps)
         every = config.checkpoint_every
         if every and step % every == 0 and step < config.steps:
             write_checkpoint()

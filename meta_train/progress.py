@@ -23,7 +23,7 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """Shows step, meta-loss, validation and inner steps per second."""
+    """Shows step, meta-loss, validation and inner optimizee steps per second (mean)."""
 
     def __init__(
         self,
@@ -45,11 +45,13 @@ class ProgressBar:
         self._started = time.monotonic()
         self._last_draw = -math.inf
         self._line = ""
+        self._inner_steps = 0
 
     def set_validation(self, loss: float, best: float) -> None:
         self.validation = f"{loss:.4f} (best {best:.4f})"
 
     def render(self, step: int, meta_loss: float, inner_steps_per_s: float) -> str:
+        """The bar's text; the rate shown is the mean since this process started."""
         fraction = step / self.total if self.total else 1.0
         filled = int(round(BAR_WIDTH * fraction))
         done = step - self.start_step
@@ -61,14 +63,17 @@ class ProgressBar:
             f"{inner_steps_per_s:,.0f} inner steps/s | eta {_duration(eta)}"
         )
 
-    def update(self, step: int, meta_loss: float, inner_steps_per_s: float) -> None:
+    def update(self, step: int, meta_loss: float, inner_steps: int) -> None:
+        """Records a finished meta-step that consumed ``inner_steps`` optimizee steps."""
+        self._inner_steps += inner_steps
         if not self.enabled:
             return
         now = time.monotonic()
         if now - self._last_draw < self.interval_s and step < self.total:
             return
         self._last_draw = now
-        self._line = self.render(step, meta_loss, inner_steps_per_s)
+        rate = self._inner_steps / max(now - self._started, 1e-9)
+        self._line = self.render(step, meta_loss, rate)
         if self.tty:
             self.stream.write("\r\033[K" + self._line)
         else:

@@ -300,3 +300,20 @@ def test_tracking_server_outage_loses_nothing(ray_address, mlflow_server, tmp_pa
                                                  str(tmp_path)))
     assert final.step == 30
     assert not any((tmp_path / "work" / "spool" / run_id / "files").iterdir())
+
+
+def test_progress_bar_shows_step_loss_validation_and_throughput():
+    import io
+
+    from meta_train.progress import ProgressBar
+
+    stream = io.StringIO()  # not a terminal: one full line per draw
+    bar = ProgressBar(10, stream=stream, log_interval_s=0)
+    bar.update(1, 0.5, 40)
+    bar.set_validation(0.3, 0.25)
+    bar.update(10, 0.4, 40)
+    bar.close()
+    first, last = stream.getvalue().splitlines()
+    assert first.startswith("step 1/10 [##") and "meta-loss 0.5000 | val - |" in first
+    assert last.startswith("step 10/10 [" + "#" * 24 + "]")
+    assert "val 0.3000 (best 0.2500)" in last and "inner steps/s | eta 0:00" in last
