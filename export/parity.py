@@ -19,8 +19,9 @@ error); for the parameters, of the update ``w' − w`` in a step and of the dist
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,18 @@ METRIC = (
     "max|runtime - torch reference| / max|torch reference| per tensor (inf-norm relative); "
     "parameters compared through the update w'-w (one step) or w_T-w_0 (trajectory)"
 )
+
+
+@contextlib.contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    """The reference runs many tiny ops; torch's intra-op threads only add synchronisation
+    (30× slower on a busy 2-core machine). Restores the caller's setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class ParityError(RuntimeError):
@@ -292,8 +305,9 @@ def check_parity(
     """
     opt = runtime.load(folder)
     theta_t = {k: torch.from_numpy(v) for k, v in theta.items()}
-    steps = step_cases(opt, reference, theta_t, sizes, seed)
-    trajectory = trajectory_cases(opt, reference, theta_t, trajectory_steps, seed)
+    with _single_threaded_torch():
+        steps = step_cases(opt, reference, theta_t, sizes, seed)
+        trajectory = trajectory_cases(opt, reference, theta_t, trajectory_steps, seed)
     for case in steps:
         case["tolerance"] = STEP_TOLERANCE
     cases = steps + trajectory

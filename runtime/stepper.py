@@ -35,13 +35,20 @@ def sum_of_squares(arrays: Sequence[np.ndarray], block: int = 8192) -> float:
     """Σx² over 1-D float32 arrays: fp32 dot products of short blocks, added exactly.
 
     One fp32 ``dot`` over 10⁶ values is off by ~1e-6 relative; 8192-value blocks summed with
-    ``math.fsum`` stay at ~1e-9, without a float64 copy of the gradient. NaN/inf propagate.
+    ``math.fsum`` stay at ~1e-9, without a float64 copy of the gradient. A block whose fp32 dot
+    overflows is redone in float64, so only NaN/inf inputs give a non-finite result.
     """
-    return math.fsum(
-        float(np.dot(a[i : i + block], a[i : i + block]))
-        for a in arrays
-        for i in range(0, a.size, block)
-    )
+    total = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for a in arrays:
+            for i in range(0, a.size, block):
+                part = a[i : i + block]
+                value = float(np.dot(part, part))
+                if not math.isfinite(value):
+                    wide = part.astype(np.float64)
+                    value = float(np.dot(wide, wide))
+                total.append(value)
+    return math.fsum(total)
 
 
 class NonFiniteGradientError(ValueError):
@@ -166,7 +173,11 @@ class Stepper:
             if self._on_nonfinite == "skip":
                 self.num_skipped += 1
                 return False
-            raise NonFiniteGradientError(validation.nonfinite_message(flat_grads, sum_sq))
+            raise NonFiniteGradientError(
+                validation.nonfinite_message(
+                    flat_grads, sum_sq, sharded=self._all_reduce is not None
+                )
+            )
         self._grad_sum_sq[...] = sum_sq
         try:
             for index, phase in enumerate(self._phases):

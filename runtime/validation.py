@@ -108,11 +108,11 @@ def check_grads(grads: Any, params: list[np.ndarray]) -> list[np.ndarray]:
     return flat
 
 
-def nonfinite_message(flat_grads: list[np.ndarray], sum_sq: float) -> str:
+def nonfinite_message(flat_grads: list[np.ndarray], sum_sq: float, *, sharded: bool) -> str:
     for i, g in enumerate(flat_grads):
         if not np.isfinite(g).all():
             return f"gradient {i} contains NaN or inf (on_nonfinite='raise'); nothing was changed"
-    if math.isfinite(sum_sq) and sum_sq > float(np.finfo(np.float32).max):
+    if not sharded or (math.isfinite(sum_sq) and sum_sq > float(np.finfo(np.float32).max)):
         return (
             f"the gradients' sum of squares {sum_sq:.3e} overflows float32 "
             f"(on_nonfinite='raise'); nothing was changed"

@@ -1,0 +1,51 @@
+"""The ONNX graphs: valid, standard ops, fp32, opset ≥ 18, IR ≤ 13, dynamic n, ε kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from export.methods import EXPORT_METHODS
+from meta_train.optimizers import make_learned_optimizer
+from meta_train.optimizers.hyperadam import MOMENT_EPS
+from meta_train.seeding import generator
+from runtime import manifest as mf
+
+
+def graphs(method: str) -> dict[str, onnx.ModelProto]:
+    theta = make_learned_optimizer(method).init_theta(generator(0))
+    return EXPORT_METHODS[method].build({k: v.numpy() for k, v in theta.items()})
+
+
+@pytest.mark.parametrize("method", sorted(mf.METHODS))
+def test_graphs_are_valid_standard_fp32_with_a_dynamic_coordinate_axis(method):
+    models = graphs(method)
+    assert set(models) == set(
+        mf.METHODS[method].graphs(**{k: 20 for k in mf.METHODS[method].config_keys})
+    )
+    for role, model in models.items():
+        onnx.checker.check_model(model, full_check=True)
+        assert model.ir_version == mf.IR_VERSION <= mf.MAX_IR_VERSION
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", mf.OPSET)]
+        assert all(node.domain == "" for node in model.graph.node)  # no com.microsoft ops
+        for value in [*model.graph.input, *model.graph.output]:
+            assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        dims = [d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim]
+        assert mf.COORDS in dims, role
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_hyperadam_moment_epsilon_is_an_explicit_add():
+    """dynamo's optimizer would delete x + 1e-24 (design §3.1); the hand-built graph keeps it."""
+    for role in (mf.FUSED, mf.UPDATE_STAGE):
+        model = graphs("hyperadam")[role]
+        consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        eps_names = {n for n, v in consts.items() if v.size == 1 and v == np.float32(MOMENT_EPS)}
+        adds = [n for n in model.graph.node if n.op_type == "Add" and set(n.input) & eps_names]
+        assert len(adds) == 3, role  # B + ε, Γ + ε, Ṽ + ε

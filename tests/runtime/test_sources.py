@@ -1,0 +1,30 @@
+"""runtime.sources: what runtime.load accepts besides a folder."""
+
+from __future__ import annotations
+
+import pytest
+
+import runtime
+from runtime import sources
+
+
+def test_unknown_source_names_the_alternatives(tmp_path):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"is neither an exported optimizer folder, an "
+        r"MLflow URI \(models:/, runs:/\) nor a built-in optimizer",
+    ):
+        runtime.load(str(tmp_path / "nothing"))
+
+
+def test_mlflow_uris_go_through_the_lazy_hook(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sources, "resolve_mlflow_uri", lambda uri: seen.append(uri) or "x")
+    assert sources.resolve_source("models:/hyperadam@champion") == "x"
+    assert seen == ["models:/hyperadam@champion"]
+
+
+def test_builtin_names_resolve_to_the_package_folder(monkeypatch, hyperadam_folder):
+    monkeypatch.setattr(sources, "BUILTIN_DIR", hyperadam_folder.parent)
+    assert sources.resolve_source("hyperadam") == hyperadam_folder
+    assert runtime.load("hyperadam").method == "hyperadam"
