@@ -194,20 +194,15 @@ class MethodInfo:
     config_keys: tuple[str, ...]
     layout: Callable[..., StateLayout]  # (**config) -> StateLayout
     graphs: Callable[..., dict[str, GraphSpec]]  # (**config) -> {role: GraphSpec}
-    phases: tuple[Phase, ...]  # the chunked / sharded step, in order
-    needs_grad_sum_sq: bool  # True: Σg² over all coordinates is an input of the first phase
-
-
-def _spec(name: str, shape: tuple[int | str, ...]) -> TensorSpec:
-    return TensorSpec(name, shape)
+    phases: tuple[Phase, ...]  # the chunked / sharded step, in order (Σg² is computed first)
 
 
 def _fused(layout: StateLayout) -> GraphSpec:
     """w, g, every state field, every carried value, lr → their updated versions."""
-    fields = [_spec(f.name, f.graph_shape) for f in layout.fields]
-    carried = [_spec(c.name, c.shape) for c in layout.carried]
-    w, g, lr = _spec(PARAM, (COORDS,)), _spec(GRAD, (COORDS,)), _spec(LR, ())
-    outs = [_spec(updated(t.name), t.shape) for t in (w, *fields, *carried)]
+    fields = [TensorSpec(f.name, f.graph_shape) for f in layout.fields]
+    carried = [TensorSpec(c.name, c.shape) for c in layout.carried]
+    w, g, lr = TensorSpec(PARAM, (COORDS,)), TensorSpec(GRAD, (COORDS,)), TensorSpec(LR, ())
+    outs = [TensorSpec(updated(t.name), t.shape) for t in (w, *fields, *carried)]
     return GraphSpec(GRAPH_FILES[FUSED], (w, g, *fields, *carried, lr), tuple(outs))
 
 
@@ -223,25 +218,25 @@ def hyperadam_graphs(num_candidates: int) -> dict[str, GraphSpec]:
     """Fused, state-stage and update-stage graphs of design §3.1."""
     j = num_candidates
     layout = hyperadam_layout(j)
-    w, g, lr = _spec(PARAM, (COORDS,)), _spec(GRAD, (COORDS,)), _spec(LR, ())
-    per = {f.name: _spec(f.name, f.graph_shape) for f in layout.fields}
-    new = {f.name: _spec(updated(f.name), f.graph_shape) for f in layout.fields}
-    h_cols, m_cols = _spec(H_COL_SUM_SQ, (j,)), _spec(M_COL_SUM_SQ, (j,))
+    w, g, lr = TensorSpec(PARAM, (COORDS,)), TensorSpec(GRAD, (COORDS,)), TensorSpec(LR, ())
+    per = {f.name: TensorSpec(f.name, f.graph_shape) for f in layout.fields}
+    new = {f.name: TensorSpec(updated(f.name), f.graph_shape) for f in layout.fields}
+    h_cols, m_cols = TensorSpec(H_COL_SUM_SQ, (j,)), TensorSpec(M_COL_SUM_SQ, (j,))
     moments = HYPERADAM_FIELDS[2:]
     return {
         FUSED: _fused(layout),
         STATE_STAGE: GraphSpec(
             GRAPH_FILES[STATE_STAGE],
-            (g, per["h"], per["c"], _spec(GRAD_SUM_SQ, ())),
+            (g, per["h"], per["c"], TensorSpec(GRAD_SUM_SQ, ())),
             (new["h"], new["c"], h_cols),
         ),
         UPDATE_STAGE: GraphSpec(
             GRAPH_FILES[UPDATE_STAGE],
             (w, g, new["h"], *(per[m] for m in moments), h_cols, m_cols, lr),
             (
-                _spec(updated(PARAM), (COORDS,)),
+                TensorSpec(updated(PARAM), (COORDS,)),
                 *(new[m] for m in moments),
-                _spec(updated(M_COL_SUM_SQ), (j,)),
+                TensorSpec(updated(M_COL_SUM_SQ), (j,)),
             ),
         ),
     }
@@ -266,21 +261,18 @@ METHODS: dict[str, MethodInfo] = {
         hyperadam_layout,
         hyperadam_graphs,
         (Phase(STATE_STAGE, (H_COL_SUM_SQ,)), Phase(UPDATE_STAGE)),
-        needs_grad_sum_sq=True,
     ),
     DM: MethodInfo(
         ("hidden_size",),
         dm_layout,
         lambda hidden_size: {FUSED: _fused(dm_layout(hidden_size))},
         (Phase(FUSED),),
-        needs_grad_sum_sq=False,
     ),
     RNNPROP: MethodInfo(
         ("hidden_size",),
         rnnprop_layout,
         lambda hidden_size: {FUSED: _fused(rnnprop_layout(hidden_size))},
         (Phase(FUSED),),
-        needs_grad_sum_sq=False,
     ),
 }
 
