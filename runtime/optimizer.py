@@ -60,6 +60,18 @@ class LearnedOptimizer:
     def default_lr(self) -> float:
         return self.manifest.default_lr
 
+    def close(self) -> None:
+        """Stops the chunk threads (steppers bound earlier then run their chunks inline)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> LearnedOptimizer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return (
             f"LearnedOptimizer(method={self.method!r}, config={dict(self.manifest.config)}, "
@@ -103,7 +115,7 @@ class LearnedOptimizer:
             chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
             on_nonfinite=on_nonfinite,
             all_reduce=all_reduce,
-            executor=self._executor,
+            executor=lambda: self._executor,
             threads=self.threads,
         )
 

@@ -72,7 +72,7 @@ class Stepper:
         chunk_size: int,
         on_nonfinite: str,
         all_reduce: AllReduce | None,
-        executor: Executor | None,
+        executor: Callable[[], Executor | None],
         threads: int,
     ) -> None:
         self._params = validation.check_params(params)
@@ -350,7 +350,8 @@ class Stepper:
 
     def _run_phase(self, index: int, flat_grads: list[np.ndarray]) -> None:
         count = len(self._chunks)
-        if self._executor is None or self._threads == 1 or count == 1:
+        executor = self._executor()  # None once the optimizer is closed
+        if executor is None or self._threads == 1 or count == 1:
             for k in range(count):
                 self._run_chunk(index, k, flat_grads)
             return
@@ -359,7 +360,7 @@ class Stepper:
             for k in range(first, count, self._threads):
                 self._run_chunk(index, k, flat_grads)
 
-        futures = [self._executor.submit(run_share, t) for t in range(min(self._threads, count))]
+        futures = [executor.submit(run_share, t) for t in range(min(self._threads, count))]
         wait(futures)  # all shares finish before an error propagates
         for future in futures:
             future.result()

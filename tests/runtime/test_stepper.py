@@ -201,3 +201,12 @@ def test_sharded_steps_equal_one_unsharded_step(hyperadam_folder):
     for a, b in zip(whole, shards[0] + shards[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert all(s.num_steps == 10 for s in steppers)
+
+
+def test_closing_the_optimizer_keeps_its_steppers_working(hyperadam_folder):
+    with runtime.load(hyperadam_folder, threads=2) as opt:
+        arrays = make_arrays()
+        stepper = opt.bind(arrays, chunk_size=8)
+        run(stepper, arrays, range(2))
+    run(stepper, arrays, range(2, 4))  # chunks now run inline
+    assert stepper.num_steps == 4
