@@ -5,11 +5,14 @@ Part 1, throughput: the same work (the paper's MNIST recipe for HyperAdam, meta-
 
   plain   ``training.train_local`` in this process, one torch thread (a worker's setting);
   ray-1   the Ray learner with one worker (both slots in one actor);
-  ray-2   the Ray learner with two workers (one slot each).
+  ray-2   the Ray learner with two workers (one slot each);
+  plain×2 two independent plain processes with one slot each and no Ray at all: the ceiling
+          the machine itself puts on two workers (memory bandwidth, shared cores).
 
-Startup (actors, MNIST loading) and meta-step 0 are excluded everywhere: each mode is timed over
-meta-steps 1..N. Prints inner optimizee steps per second and the ratios ray-1/plain (target
-≥ 0.9) and ray-2/ray-1 (target ≥ 1.7 on 2 cores).
+Start-up (actors, MNIST loading) is excluded: each mode is timed over meta-steps 0..N-1, in
+``--rounds`` interleaved rounds (plain, ray-1, ray-2, plain, ...) so that a changing background
+load hits every mode alike; the median round counts. Prints inner optimizee steps per second and
+the ratios ray-1/plain (target ≥ 0.9) and ray-2/ray-1 (target ≥ 1.7 on 2 cores).
 
 Part 2, profile: one meta-update (one truncation of 20 inner steps, mid-trajectory, then the Adam
 step) of each learned optimizer, timed plainly (median of ``--repeats``) and once under
@@ -17,8 +20,8 @@ step) of each learned optimizer, timed plainly (median of ``--repeats``) and onc
 minibatch sampling), optimizer-step forward, and meta-backward (the ``autograd.grad`` of the
 surrogate); the rest is "other". Also prints the top ops by self CPU time.
 
-    .venv/bin/python benchmarks/bench_meta_train.py [--steps 6] [--repeats 3] [--task mnist]
-        [--skip-throughput] [--skip-profile] [--json results.json]
+    .venv/bin/python benchmarks/bench_meta_train.py [--steps 3] [--rounds 3] [--repeats 3]
+        [--task mnist] [--skip-throughput] [--skip-profile] [--json results.json]
 """
 
 from __future__ import annotations
@@ -53,60 +56,90 @@ PHASES = ("optimizee fwd/bwd", "optimizer step fwd", "meta-backward")
 # -- part 1: throughput -----------------------------------------------------------------------
 
 
-def time_plain(config: RunConfig, steps: int) -> float:
-    """Seconds of meta-steps 1..steps of train_local (the difference of two identical runs)."""
-    kwargs = dict(
-        run_seed=config.seed, unroll=config.unroll, meta_optim=config.meta_optim,
-        meta_batch=config.meta_batch,
-    )
+def time_plain(config: RunConfig, steps: int, optimizer, family) -> float:
+    """Seconds of meta-steps 0..steps-1 of train_local (one torch thread, like a worker)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        train_local(
+            optimizer, family, steps=steps, run_seed=config.seed, unroll=config.unroll,
+            meta_optim=config.meta_optim, meta_batch=config.meta_batch,
+        )
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _plain_process(config: RunConfig, steps: int, barrier: Any, out: Any) -> None:
     optimizer, family = config.make_optimizer(), config.make_family()
-    train_local(optimizer, family, steps=1, **kwargs)  # warm: dataset, allocator
-    start = time.perf_counter()
-    train_local(optimizer, family, steps=1, **kwargs)
-    one = time.perf_counter() - start
-    start = time.perf_counter()
-    train_local(optimizer, family, steps=steps + 1, **kwargs)
-    return time.perf_counter() - start - one
+    time_plain(config, 1, optimizer, family)  # warm, then start together
+    barrier.wait()
+    out.put(time_plain(config, steps, optimizer, family))
+
+
+def time_two_processes(config: RunConfig, steps: int) -> float:
+    """Two independent plain processes with one slot each, started together (no Ray, no
+    messages): the machine's own ceiling for two workers. Returns the slower one's seconds."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, out = context.Barrier(2), context.Queue()
+    single = dataclasses.replace(config, meta_batch=1)
+    procs = [context.Process(target=_plain_process, args=(single, steps, barrier, out))
+             for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    seconds = [out.get(timeout=3600) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    return max(seconds)
 
 
 def time_ray(config: RunConfig, workers: int, steps: int) -> float:
+    """Seconds of meta-steps 0..steps-1 of the Ray learner (actor start-up excluded)."""
     learner = Learner(dataclasses.replace(config, workers=workers))
     try:
-        learner.start()
-        learner.run(1)  # meta-step 0 (first calls) excluded, as for the plain loop
+        learner.start()  # actors up, task family (MNIST) loaded in each
         start = time.perf_counter()
-        learner.run(steps + 1)
+        learner.run(steps)
         return time.perf_counter() - start
     finally:
         learner.close()
 
 
-def throughput(config: RunConfig, steps: int) -> dict[str, Any]:
+def throughput(config: RunConfig, steps: int, rounds: int) -> dict[str, Any]:
+    """Rounds of plain / ray-1 / ray-2 interleaved, so that a changing background load hits
+    every mode alike; the median round of each mode is reported."""
     import ray
 
     inner = steps * config.meta_batch * config.unroll.truncation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        plain = time_plain(config, steps)
-    finally:
-        torch.set_num_threads(threads)
+    optimizer, family = config.make_optimizer(), config.make_family()
+    time_plain(config, 1, optimizer, family)  # warm: dataset, allocator
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
+    seconds: dict[str, list[float]] = {"plain": [], "ray-1": [], "ray-2": [], "plain×2": []}
     try:
-        ray1 = time_ray(config, 1, steps)
-        ray2 = time_ray(config, 2, steps)
+        for _ in range(rounds):
+            seconds["plain"].append(time_plain(config, steps, optimizer, family))
+            seconds["ray-1"].append(time_ray(config, 1, steps))
+            seconds["ray-2"].append(time_ray(config, 2, steps))
+            seconds["plain×2"].append(time_two_processes(config, steps))
     finally:
         ray.shutdown()
-    rates = {"plain": inner / plain, "ray-1": inner / ray1, "ray-2": inner / ray2}
+    median = {mode: statistics.median(values) for mode, values in seconds.items()}
+    rates = {mode: inner / value for mode, value in median.items()}
     return {
         "meta_steps": steps,
         "meta_batch": config.meta_batch,
         "inner_steps": inner,
-        "seconds": {"plain": plain, "ray-1": ray1, "ray-2": ray2},
+        "rounds": rounds,
+        "seconds": seconds,
         "inner_steps_per_s": rates,
         "ray1_over_plain": rates["ray-1"] / rates["plain"],
         "ray2_over_ray1": rates["ray-2"] / rates["ray-1"],
+        "two_processes_over_plain": rates["plain×2"] / rates["plain"],
+        "load_average": os.getloadavg(),
     }
 
 
@@ -205,7 +238,8 @@ def profile_optimizer(name: str, task: str, repeats: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed meta-steps per mode")
+    parser.add_argument("--steps", type=int, default=3, help="timed meta-steps per mode")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the modes")
     parser.add_argument("--repeats", type=int, default=3, help="plain timings per optimizer")
     parser.add_argument("--task", default="mnist", help="mnist (the paper's) or quadratic")
     parser.add_argument("--skip-throughput", action="store_true")
@@ -216,14 +250,19 @@ def main() -> None:
     results: dict[str, Any] = {"cpus": os.cpu_count(), "torch": torch.__version__}
     if not args.skip_throughput:
         config = build_config({"task": args.task, "meta_batch": 2, "validation": {"every": 0}})
-        t = throughput(config, args.steps)
+        t = throughput(config, args.steps, args.rounds)
         results["throughput"] = t
         print(f"throughput: {t['meta_steps']} meta-steps × meta-batch {t['meta_batch']} × 20 "
               f"inner steps = {t['inner_steps']} inner steps per mode ({args.task})")
         for mode, rate in t["inner_steps_per_s"].items():
-            print(f"  {mode:6s} {rate:8.1f} inner steps/s   ({t['seconds'][mode]:.2f} s)")
+            rounds = ", ".join(f"{x:.2f}" for x in t["seconds"][mode])
+            print(f"  {mode:8s} {rate:8.1f} inner steps/s   (seconds per round: {rounds})")
         print(f"  ray-1 / plain = {t['ray1_over_plain']:.2f}   (target >= 0.9)")
         print(f"  ray-2 / ray-1 = {t['ray2_over_ray1']:.2f}   (target >= 1.7)")
+        print(f"  plain×2 / plain = {t['two_processes_over_plain']:.2f}   (the machine's own "
+              "two-process scaling, no Ray)")
+        print(f"  load average during the run: {t['load_average'][0]:.2f} on {os.cpu_count()} "
+              "CPUs (other processes share this machine)")
     if not args.skip_profile:
         torch.set_num_threads(1)
         results["profile"] = []
