@@ -47,7 +47,12 @@ struct Traits<float> {
   static constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: (x + kRound) - kRound = rint(x)
   static constexpr int kBias = 127;
   static constexpr int kMantissa = 23;
-  static constexpr int kTaylor = 7;  // |r| <= ln2/2: r^8/8! < 6e-9
+  // e^r - 1 = r + r^2/2 + c3 r^3 + ... + c6 r^6 on |r| <= ln2/2, c3..c6 fitted (Lawson-weighted
+  // least squares on the relative error): max relative error 3.6e-9 (Taylor needs degree 7).
+  static constexpr int kPoly = 6;
+  static constexpr float kPolyCoef[kPoly + 1] = {0.0f, 1.0f, 0.5f, 0.16666534059697702f,
+                                                 0.04166723757978179f, 0.008367475811479739f,
+                                                 0.0013863786686610872f};
 };
 
 template <>
@@ -64,7 +69,10 @@ struct Traits<double> {
   static constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
   static constexpr int kBias = 1023;
   static constexpr int kMantissa = 52;
-  static constexpr int kTaylor = 13;  // r^14/14! < 5e-18
+  static constexpr int kPoly = 13;  // Taylor: r^14/14! < 5e-18
+  static constexpr double kPolyCoef[kPoly + 1] = {
+      0.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
+      1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -78,26 +86,34 @@ inline Vec<T> splat(T x) {
   return Vec<T>{} + x;
 }
 
+// Unaligned vector loads/stores through a vector-of-T type (not memcpy): char-typed accesses
+// would alias the plane-pointer arrays and force the compiler to reload every pointer after each
+// store.
+template <typename T>
+struct Unaligned {
+  typedef T V __attribute__((vector_size(64), aligned(alignof(T))));
+};
+
 template <typename T>
 inline Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+  return *reinterpret_cast<const typename Unaligned<T>::V*>(p);
 }
 
 template <typename T>
 inline void store(T* p, Vec<T> v) {
-  std::memcpy(p, &v, sizeof v);
+  *reinterpret_cast<typename Unaligned<T>::V*>(p) = v;
+}
+
+// Clamps. Written as selects they propagate NaN from x; the float specialisations below keep
+// that (vmaxps/vminps return their second operand when either is NaN) in one instruction.
+template <typename T>
+inline Vec<T> vmax(Vec<T> x, Vec<T> lo) {
+  return x < lo ? lo : x;
 }
 
 template <typename T>
-inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
-  return a > b ? a : b;
-}
-
-template <typename T>
-inline Vec<T> vmin(Vec<T> a, Vec<T> b) {
-  return a < b ? a : b;
+inline Vec<T> vmin(Vec<T> x, Vec<T> hi) {
+  return x > hi ? hi : x;
 }
 
 // 1/x and 1/sqrt(x). Division and square root are the slowest vector instructions and the step
@@ -129,6 +145,18 @@ inline Vec<float> rsqrt<float>(Vec<float> x) {
       reinterpret_cast<Vec<float>>(_mm512_rsqrt14_ps(reinterpret_cast<__m512>(x)));
   return r * (1.5f - (0.5f * x) * (r * r));
 }
+
+template <>
+inline Vec<float> vmax<float>(Vec<float> x, Vec<float> lo) {
+  return reinterpret_cast<Vec<float>>(
+      _mm512_max_ps(reinterpret_cast<__m512>(lo), reinterpret_cast<__m512>(x)));
+}
+
+template <>
+inline Vec<float> vmin<float>(Vec<float> x, Vec<float> hi) {
+  return reinterpret_cast<Vec<float>>(
+      _mm512_min_ps(reinterpret_cast<__m512>(hi), reinterpret_cast<__m512>(x)));
+}
 #elif defined(__AVX__)
 template <>
 inline Vec<float> recip<float>(Vec<float> x) {
@@ -155,13 +183,6 @@ inline Vec<float> rsqrt<float>(Vec<float> x) {
 }
 #endif
 
-template <typename T>
-constexpr T inverse_factorial(int k) {
-  T f = 1;
-  for (int i = 2; i <= k; ++i) f *= T(i);
-  return T(1) / f;
-}
-
 // e^x = s + s * q with s = 2^n, q = e^r - 1, x = n ln2 + r, |r| <= ln2 / 2. Writing e^r - 1
 // directly keeps expm1 accurate near 0. NaN propagates through q.
 template <typename T>
@@ -171,8 +192,8 @@ inline void exp_split(Vec<T> x, Vec<T>& s, Vec<T>& q) {
   x = vmin<T>(vmax<T>(x, splat<T>(Tr::kExpLo)), splat<T>(Tr::kExpHi));
   const Vec<T> n = (x * T(1.4426950408889634) + Tr::kRound) - Tr::kRound;
   const Vec<T> r = (x - n * Tr::kLn2Hi) - n * Tr::kLn2Lo;
-  Vec<T> poly = splat<T>(inverse_factorial<T>(Tr::kTaylor));
-  for (int k = Tr::kTaylor - 1; k >= 1; --k) poly = poly * r + inverse_factorial<T>(k);
+  Vec<T> poly = splat<T>(Tr::kPolyCoef[Tr::kPoly]);
+  for (int k = Tr::kPoly - 1; k >= 1; --k) poly = poly * r + Tr::kPolyCoef[k];
   q = poly * r;
   const I bits = (__builtin_convertvector(n, I) + Tr::kBias) << Tr::kMantissa;
   std::memcpy(&s, &bits, sizeof s);
@@ -213,14 +234,22 @@ inline Vec<T> elu(Vec<T> x) {
 // Block matmuls. A "plane pointer" points at the first row of the block in one plane.
 
 // C_n[r] = init_n[r] (or bias[n], or 0) + sum_k A_k[r] * B[k * ldb + n], for n < N, r < kBlock.
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
 template <typename T, int NQ>
-inline void mm_tile(int K, const T* const* A, const T* B, int ldb, int n0, const T* bias,
-                    const T* const* init, T* const* C, int r0) {
+ALWAYS_INLINE void mm_tile(int K, const T* const* A, const T* B, int ldb, int n0, const T* bias,
+                           const T* const* init, T* const* C, int r0) {
   constexpr int L = Traits<T>::kLanes;
   Vec<T> acc[NQ][4];
-  for (int q = 0; q < NQ; ++q)
-    for (int s = 0; s < 4; ++s)
-      acc[q][s] = init ? load(init[n0 + q] + r0 + s * L) : splat<T>(bias ? bias[n0 + q] : T(0));
+  if (init) {
+    for (int q = 0; q < NQ; ++q)
+      for (int s = 0; s < 4; ++s) acc[q][s] = load(init[n0 + q] + r0 + s * L);
+  } else {
+    for (int q = 0; q < NQ; ++q) {
+      const Vec<T> b = splat<T>(bias ? bias[n0 + q] : T(0));
+      for (int s = 0; s < 4; ++s) acc[q][s] = b;
+    }
+  }
   for (int k = 0; k < K; ++k) {
     const T* a = A[k] + r0;
     const Vec<T> a0 = load(a), a1 = load(a + L), a2 = load(a + 2 * L), a3 = load(a + 3 * L);
@@ -264,8 +293,8 @@ inline typename Traits<T>::I lane_mask(int count) {
 // acc[i * K + k] += A_i[r] * B_k[r] over the first `valid` rows of the block, lane by lane
 // (lanes are summed at the end). Rows past `valid` are padding and never read, whatever they hold.
 template <typename T, int IQ, int KQ>
-inline void red_tile(int K, const T* const* A, const T* const* B, int i0, int k0, int valid,
-                     Vec<T>* acc) {
+ALWAYS_INLINE void red_tile(int K, const T* const* A, const T* const* B, int i0, int k0, int valid,
+                            Vec<T>* acc) {
   constexpr int L = Traits<T>::kLanes;
   Vec<T> c[IQ][KQ];
   for (int i = 0; i < IQ; ++i)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -207,12 +208,10 @@ class _Kernels:
         dtype: torch.dtype,
         shape: tuple[int, int, int],
         grad_inv_norm: float,
-        slots: dict[str, Tensor | None],
+        addresses: list[int | None],
     ) -> None:
-        names = FORWARD_SLOTS if kind == "forward" else BACKWARD_SLOTS
-        pointers = (ctypes.c_void_p * len(names))(
-            *(None if slots[n] is None else slots[n].data_ptr() for n in names)
-        )
+        """Runs one entry point on raw addresses (the caller keeps their tensors alive)."""
+        pointers = (ctypes.c_void_p * len(addresses))(*addresses)
         scalars = (ctypes.c_double * 4)(grad_inv_norm, NORM_EPS, MOMENT_EPS, FORGET_BIAS)
         ld, p, j = shape
         self._entry[kind, dtype](ld, p, j, torch.get_num_threads(), scalars, pointers)
@@ -232,17 +231,26 @@ def block_rows() -> int:
     return kernels().block_rows
 
 
+@functools.cache
+def _theta_shapes(j: int) -> dict[str, tuple[int, ...]]:
+    return HyperAdam(j).theta_shapes()
+
+
 # -- layout -----------------------------------------------------------------------------------
 
 
-def _planes(x: Tensor, ld: int) -> Tensor:
-    """``x`` ([p, J]) as a [J, ld] tensor of contiguous planes: a view if it already is one."""
+def _as_planes(x: Tensor, ld: int) -> Tensor:
+    """A tensor whose memory holds ``x`` ([p, J]) as J contiguous planes of ``ld`` rows.
+
+    That is ``x`` itself when it already is such a view (a state this module returned): its
+    ``data_ptr()`` is then the first plane. Otherwise a zero-padded copy.
+    """
     p, j = x.shape
     if (
         x.stride() == (1, ld)
         and x.storage_offset() + j * ld <= x.untyped_storage().nbytes() // x.element_size()
     ):
-        return x.as_strided((j, ld), (ld, 1))
+        return x
     planes = x.new_zeros(j, ld)
     planes[:, :p] = x.t()
     return planes
@@ -254,9 +262,16 @@ def _padded(x: Tensor, ld: int) -> Tensor:
     return out
 
 
-def _rows(planes: Tensor, p: int) -> Tensor:
-    """The [p, J] view of a [J, ld] planes tensor."""
-    return planes[:, :p].t()
+def _rows(buffer: Tensor, first_plane: int, p: int, j: int, ld: int) -> Tensor:
+    """The [p, J] view of planes ``first_plane .. first_plane + J`` of a [*, ld] buffer."""
+    return buffer.as_strided((p, j), (1, ld), buffer.storage_offset() + first_plane * ld)
+
+
+_FORWARD = {name: i for i, name in enumerate(FORWARD_SLOTS)}
+_BACKWARD = {name: i for i, name in enumerate(BACKWARD_SLOTS)}
+_SAVED_THETA = ("pre_kernel", "pre_bias", "lstm_kernel", "decay_kernel", "weight_kernel")
+# Planes of the buffer a forward allocates: the new state (6 x J), then what the backward needs.
+_OUT_PLANES = {"gates": 6, "decays": 10, "rho": 12}  # in units of J; 13 J in all
 
 
 # -- autograd ---------------------------------------------------------------------------------
@@ -273,56 +288,75 @@ class _HyperAdamStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         state, theta = tensors[:6], tensors[6:]
         p, j = state[0].shape
-        dtype = grad.dtype
-        kernel = kernels()
+        dtype, size = grad.dtype, grad.element_size()
         # Exactly the reference's ops, so ĝ is bit-identical.
         grad_inv_norm = float(inverse_norm(grad.square().sum()))
-        slots: dict[str, Tensor | None] = {"grad": _padded(grad, ld)}
-        for name, x in zip(STATE_ORDER, state, strict=True):
-            slots[name] = _planes(x, ld)
+        grad_padded = _padded(grad, ld)
+        prev = [_as_planes(x, ld) for x in state]
+        theta = [x if x.is_contiguous() else x.contiguous() for x in theta]
+        buffer = torch.empty((13 if save else 6) * j, ld, dtype=dtype)
+        direction = torch.empty(ld, dtype=dtype)
+        norms = torch.empty(2 * j, dtype=dtype)
+        base, plane = buffer.data_ptr(), j * ld * size
+        addresses: list[int | None] = [None] * len(FORWARD_SLOTS)
+        addresses[_FORWARD["grad"]] = grad_padded.data_ptr()
+        for i, (name, x) in enumerate(zip(STATE_ORDER, prev, strict=True)):
+            addresses[_FORWARD[name]] = x.data_ptr()
+            addresses[_FORWARD[f"{name}_out"]] = base + i * plane
         for name, x in zip(THETA_ORDER, theta, strict=True):
-            slots[name] = x.detach().contiguous()
-        # One allocation for the new state and what the backward needs (4J + 2J + J planes).
-        planes = torch.empty((6 + (7 if save else 0)) * j, ld, dtype=dtype)
-        for i, name in enumerate(STATE_ORDER):
-            slots[f"{name}_out"] = planes[i * j : (i + 1) * j]
-        slots["gates"] = planes[6 * j : 10 * j] if save else None
-        slots["decays"] = planes[10 * j : 12 * j] if save else None
-        slots["rho"] = planes[12 * j : 13 * j] if save else None
-        slots["direction"] = torch.empty(ld, dtype=dtype)
-        slots["norms"] = torch.empty(2 * j, dtype=dtype)
-        kernel("forward", dtype, (ld, p, j), grad_inv_norm, slots)
+            addresses[_FORWARD[name]] = x.data_ptr()
         if save:
-            ctx.grad_inv_norm = grad_inv_norm
-            ctx.shape = (ld, p, j)
-            ctx.names = [n for n in BACKWARD_SLOTS[:22] if n != "grad"]
-            ctx.save_for_backward(slots["grad"], *(slots[n] for n in ctx.names))
-        new_state = (_rows(slots[f"{name}_out"], p) for name in STATE_ORDER)
-        return (slots["direction"][:p], *new_state)
+            for name, first in _OUT_PLANES.items():
+                addresses[_FORWARD[name]] = base + first * plane
+        addresses[_FORWARD["direction"]] = direction.data_ptr()
+        addresses[_FORWARD["norms"]] = norms.data_ptr()
+        kernels()("forward", dtype, (ld, p, j), grad_inv_norm, addresses)
+        if save:
+            ctx.grad_inv_norm, ctx.shape = grad_inv_norm, (ld, p, j)
+            saved_theta = [theta[THETA_ORDER.index(name)] for name in _SAVED_THETA]
+            ctx.save_for_backward(grad_padded, *prev, *saved_theta, buffer, norms)
+        new_state = (_rows(buffer, i * j, p, j, ld) for i in range(6))
+        return (direction[:p], *new_state)
 
     @staticmethod
     def backward(ctx, d_direction: Tensor | None, *d_state: Tensor | None):
         ld, p, j = ctx.shape
-        grad, *saved = ctx.saved_tensors
-        dtype = grad.dtype
-        slots: dict[str, Tensor | None] = {"grad": grad, **dict(zip(ctx.names, saved, strict=True))}
-        slots["d_direction"] = None if d_direction is None else _padded(d_direction, ld)
+        grad, *rest = ctx.saved_tensors
+        prev, theta, (buffer, norms) = rest[:6], rest[6:11], rest[11:]
+        dtype, size = grad.dtype, grad.element_size()
+        base, plane = buffer.data_ptr(), j * ld * size
+        keep = []  # tensors whose addresses the kernel uses
+        addresses: list[int | None] = [None] * len(BACKWARD_SLOTS)
+        addresses[_BACKWARD["grad"]] = grad.data_ptr()
+        for i, (name, x) in enumerate(zip(STATE_ORDER, prev, strict=True)):
+            addresses[_BACKWARD[name]] = x.data_ptr()
+            addresses[_BACKWARD[f"{name}_out"]] = base + i * plane
+        for name, x in zip(_SAVED_THETA, theta, strict=True):
+            addresses[_BACKWARD[name]] = x.data_ptr()
+        for name, first in _OUT_PLANES.items():
+            addresses[_BACKWARD[name]] = base + first * plane
+        addresses[_BACKWARD["norms"]] = norms.data_ptr()
+        if d_direction is not None:
+            keep.append(_padded(d_direction, ld))
+            addresses[_BACKWARD["d_direction"]] = keep[-1].data_ptr()
         for name, d in zip(STATE_ORDER, d_state, strict=True):
-            slots[f"d_{name}_out"] = None if d is None else _planes(d, ld)
-        wanted = ctx.needs_input_grad[3:9]
-        d_prev = torch.empty(sum(wanted) * j, ld, dtype=dtype)
-        row = 0
-        for name, want in zip(STATE_ORDER, wanted, strict=True):
-            slots[f"d_{name}"] = d_prev[row : row + j] if want else None
-            row += j if want else 0
-        shapes = HyperAdam(j).theta_shapes()
-        d_theta = [torch.empty(shapes[name], dtype=dtype) for name in THETA_ORDER]
-        for name, d in zip(THETA_ORDER, d_theta, strict=True):
-            slots[f"d_{name}"] = d
-        kernels()("backward", dtype, ctx.shape, ctx.grad_inv_norm, slots)
-        d_state_prev = [
-            None if slots[f"d_{n}"] is None else _rows(slots[f"d_{n}"], p) for n in STATE_ORDER
-        ]
+            if d is not None:
+                keep.append(_as_planes(d, ld))
+                addresses[_BACKWARD[f"d_{name}_out"]] = keep[-1].data_ptr()
+        wanted = [i for i, want in enumerate(ctx.needs_input_grad[3:9]) if want]
+        d_prev = torch.empty(len(wanted) * j, ld, dtype=dtype)
+        for k, i in enumerate(wanted):
+            addresses[_BACKWARD[f"d_{STATE_ORDER[i]}"]] = d_prev.data_ptr() + k * plane
+        shapes = _theta_shapes(j)
+        sizes = [math.prod(shapes[name]) for name in THETA_ORDER]
+        d_flat = torch.empty(sum(sizes), dtype=dtype)
+        d_theta = [x.view(shapes[n]) for n, x in zip(THETA_ORDER, d_flat.split(sizes), strict=True)]
+        for name, x in zip(THETA_ORDER, d_theta, strict=True):
+            addresses[_BACKWARD[f"d_{name}"]] = x.data_ptr()
+        kernels()("backward", dtype, ctx.shape, ctx.grad_inv_norm, addresses)
+        d_state_prev: list[Tensor | None] = [None] * 6
+        for k, i in enumerate(wanted):
+            d_state_prev[i] = _rows(d_prev, k * j, p, j, ld)
         return (None, None, None, *d_state_prev, *d_theta)
 
 
@@ -348,7 +382,7 @@ def _validate(theta: Theta, grad: Tensor, state: HyperAdamState) -> None:
                 f"state.{name} must be a [{grad.numel()}, J] {grad.dtype} tensor like state.h, "
                 f"got shape {tuple(x.shape)} and {x.dtype}"
             )
-    for name, shape in HyperAdam(max(j, 1)).theta_shapes().items():
+    for name, shape in _theta_shapes(max(j, 1)).items():
         x = theta[name]
         if tuple(x.shape) != shape or x.dtype != grad.dtype:
             raise ValueError(
