@@ -16,11 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
-import math
-import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +29,7 @@ from .errors import UsageError
 from .learner import Learner, StepReport, WorkerError
 from .plots import save_training_plot
 from .progress import ProgressBar
+from .ray_cluster import connect, resolve_workers
 from .run_config import (
     RunConfig,
     config_digest,
@@ -83,8 +80,8 @@ def start_run(config: RunConfig, options: Options = Options()) -> RunSummary:
     """Creates an MLflow run for ``config`` and trains it."""
     family = config.make_family(options.data_dir)
     _check_family(family)
-    with _ray(options.ray_address) as cpus:
-        config = _resolve(config, cpus, options.ray_address)
+    with connect(options.ray_address) as cpus:
+        config = resolve_workers(config, cpus, options.ray_address)
         params = identity_params(config)
         params.update(family_digest=family.digest(), config_digest=config_digest(config))
         tracker = Tracker.start_run(
@@ -145,9 +142,9 @@ def resume_run(
         raise UsageError(str(error)) from None
     family = config.make_family(options.data_dir)
     _check_family(family)
-    with _ray(options.ray_address) as cpus:
-        config = _resolve(dataclasses.replace(config, workers=_given_workers(overrides)), cpus,
-                          options.ray_address)
+    with connect(options.ray_address) as cpus:
+        given = dataclasses.replace(config, workers=_given_workers(overrides))
+        config = resolve_workers(given, cpus, options.ray_address)
         try:
             tracker = Tracker.open_run(
                 tracking_uri, run_id, spool_root=options.work_dir / "spool", client=client
@@ -432,65 +429,6 @@ def _note(options: Options, message: str) -> None:
     print(message, file=stream)
 
 
-# -- Ray --------------------------------------------------------------------------------------
-
-
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """Refuses an address whose host:port does not accept TCP connections (Ray itself would
-    retry for minutes)."""
-    if address in ("auto", "local"):
-        return
-    target = address.removeprefix("ray://")
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"Ray address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as error:
-        raise UsageError(f"cannot reach the Ray cluster at {address}: {error}") from None
-
-
-@contextlib.contextmanager
-def _ray(address: str | None) -> Iterator[int]:
-    """Connects to (or starts) Ray; yields the cluster's CPU count; shuts down what it began."""
-    import ray
-
-    started = False
-    if address is not None:
-        check_ray_address(address)
-    if not ray.is_initialized():  # else: a driver that already joined a cluster (tests, notebooks)
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        try:
-            if address is None:
-                ray.init(
-                    num_cpus=os.cpu_count() or 1,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
-                )
-            else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        except ConnectionError as error:
-            raise UsageError(f"cannot connect to Ray at {address}: {error}") from None
-        started = True
-    try:
-        yield int(ray.cluster_resources().get("CPU", 1))
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _resolve(config: RunConfig, cpus: int, address: str | None) -> RunConfig:
-    resolved = config.resolve(cpus)
-    if address is None and resolved.workers > cpus:  # type: ignore[operator]
-        raise UsageError(
-            f"--workers {resolved.workers} exceeds the {cpus} CPUs of the local Ray cluster "
-            "(each worker holds one CPU)"
-        )
-    return resolved
-
-
 @contextlib.contextmanager
 def _stop_on_signals(progress: ProgressBar) -> Iterator[threading.Event]:
     """SIGINT/SIGTERM set an event the learner polls; a second SIGINT raises at once."""
@@ -512,21 +450,3 @@ def _stop_on_signals(progress: ProgressBar) -> Iterator[threading.Event]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def describe(summary: RunSummary) -> str:
-    """How to look at the run, for the CLI's last lines."""
-    uri = summary.tracking_uri
-    if uri.startswith(("http://", "https://")):
-        where = (
-            f"open {uri.rstrip('/')}/#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
-        )
-    else:
-        where = f"look at it with: mlflow ui --backend-store-uri {uri}"
-    state = "interrupted" if summary.interrupted else "finished"
-    best = ""
-    if summary.best is not None and math.isfinite(summary.best[1]):
-        best = f", best validation final loss {summary.best[1]:.4f} at step {summary.best[0]}"
-    return (
-        f"run {summary.run_id} {state} at step {summary.step}/{summary.steps}{best}\n{where}"
-    )

@@ -218,7 +218,8 @@ class Tracker:
             self._stop = True
             self._lock.notify_all()
         self._thread.join(timeout=5.0)
-        self._ops_file.close()
+        if not self._thread.is_alive():  # else it is stuck in a request; exit closes the file
+            self._ops_file.close()
         return done
 
     # -- the spool --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ the optimizer's recipe, ``--config FILE`` and the flags.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..learner import WorkerError
-    from ..meta_training import Options, describe, resume_run, start_run
+    from ..meta_training import Options, resume_run, start_run
     from ..run_config import build_config, load_config_file
     from ..tracking import TrackingError
 
@@ -113,3 +114,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(describe(summary), flush=True)
     return EXIT_INTERRUPTED if summary.interrupted else 0
+
+
+def describe(summary: Any) -> str:
+    """The last lines: where the run ended and how to look at it."""
+    uri = summary.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        where = (
+            f"open {uri.rstrip('/')}/#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
+        )
+    else:
+        where = f"look at it with: mlflow ui --backend-store-uri {uri}"
+    state = "interrupted" if summary.interrupted else "finished"
+    best = ""
+    if summary.best is not None and math.isfinite(summary.best[1]):
+        best = f", best validation final loss {summary.best[1]:.4f} at step {summary.best[0]}"
+    return f"run {summary.run_id} {state} at step {summary.step}/{summary.steps}{best}\n{where}"

@@ -271,6 +271,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(ray_address, tracking_uri, tmp
     assert [f.path for f in listed] == [f"checkpoints/{ckpt.checkpoint_name(saved[0])}"]
 
 
+@pytest.mark.slow  # ≈ 40-80 s here, most of it two start-ups of `mlflow server`
 def test_tracking_server_outage_loses_nothing(ray_address, mlflow_server, tmp_path):
     uri = mlflow_server.url
     client = MlflowClient(uri)
