@@ -1,0 +1,98 @@
+"""RunConfig: recipes per optimizer, config files, validation messages, resume identity."""
+
+import dataclasses
+import json
+
+import pytest
+
+from meta_train.run_config import (
+    MUTABLE_ON_RESUME,
+    RunConfig,
+    build_config,
+    config_digest,
+    identity_mismatches,
+    identity_params,
+    load_config_file,
+)
+from meta_train.smoke_family import QuadraticFamilyConfig
+from meta_train.tasks.family import DM_FAMILY, HYPERADAM_FAMILY, RNNPROP_FAMILY
+
+
+@pytest.mark.parametrize(
+    "optimizer, meta_loss, family",
+    [("hyperadam", "mean", HYPERADAM_FAMILY), ("rnnprop", "last", RNNPROP_FAMILY),
+     ("dm", "mean", DM_FAMILY)],
+)
+def test_the_optimizer_chooses_its_recipe(optimizer, meta_loss, family):
+    config = build_config({"optimizer": optimizer})
+    assert config.unroll.meta_loss == meta_loss
+    assert config.family == family
+    assert (config.unroll.horizon, config.unroll.truncation) == (100, 20)
+    assert config.meta_optim.lr == 1e-4 and config.meta_optim.clip_norm is None
+    assert config.make_optimizer().name == optimizer
+
+
+def test_layers_override_the_recipe_field_by_field():
+    config = build_config({"optimizer": "rnnprop"}, {"unroll": {"horizon": 40}}, {"steps": 7})
+    assert config.unroll.horizon == 40 and config.unroll.meta_loss == "last"
+    assert config.steps == 7
+    assert build_config({"task": "quadratic"}).family == QuadraticFamilyConfig()
+
+
+def test_round_trip_and_resolution():
+    config = build_config({"task": "quadratic", "seed": 4})
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    resolved = config.resolve(cpus=3)
+    assert (resolved.workers, resolved.meta_batch) == (3, 3)
+    fixed = dataclasses.replace(config, meta_batch=2, workers=5).resolve(cpus=8)
+    assert (fixed.workers, fixed.meta_batch) == (2, 2)  # never more workers than slots
+
+
+def test_config_files_json_and_toml(tmp_path):
+    (tmp_path / "a.toml").write_text('optimizer = "dm"\nsteps = 3\n[unroll]\nhorizon = 40\n')
+    (tmp_path / "a.json").write_text('{"optimizer": "dm", "steps": 3, "unroll": {"horizon": 40}}')
+    assert load_config_file(tmp_path / "a.toml") == load_config_file(tmp_path / "a.json")
+    assert build_config(load_config_file(tmp_path / "a.toml")).unroll.horizon == 40
+    (tmp_path / "b.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config file '.*b.json' is not valid: "):
+        load_config_file(tmp_path / "b.json")
+
+
+BAD = [
+    ({"optimizer": "adam"}, "unknown optimizer 'adam'; known: hyperadam, rnnprop, dm"),
+    ({"task": "cifar"}, "unknown task 'cifar'; known: mnist, quadratic"),
+    ({"steps": -1}, "steps must be >= 0, got -1"),
+    ({"steps": "ten"}, "steps must be an integer, got 'ten'"),
+    ({"meta_batch": 0}, "meta_batch must be >= 1, got 0"),
+    ({"staleness": -3}, "staleness must be >= 0, got -3"),
+    ({"call_timeout_s": 0}, "call_timeout_s must be a number > 0, got 0"),
+    ({"unroll": {"truncation": 0}}, "unroll: truncation must be >= 1, got 0"),
+    ({"unroll": {"bogus": 1}}, r"unknown config field\(s\): unroll.bogus"),
+    ({"family": {"depth": 0}}, "family: depth must be in 1..10, got 0"),
+    ({"validation": {"task": "x"}}, "validation.task: unknown task 'x'"),
+    ({"validation": {"runs": 0}}, "validation.runs must be >= 1, got 0"),
+    ({"optimizer": "dm", "num_candidates": 5}, r"num_candidates \(J\) applies to hyperadam"),
+    ({"tracking": {"uri": ""}}, "tracking.uri must be a non-empty string"),
+]
+
+
+@pytest.mark.parametrize("data, message", BAD, ids=[m[:30] for _, m in BAD])
+def test_bad_configs_are_refused_with_the_field_and_value(data, message):
+    with pytest.raises(ValueError, match=message):
+        build_config(data)
+
+
+def test_identity_leaves_out_what_may_change_on_resume():
+    config = build_config({"task": "quadratic"}).resolve(cpus=2)
+    params = identity_params(config)
+    for name in MUTABLE_ON_RESUME:
+        assert not any(key == name or key.startswith(name + ".") for key in params)
+    assert all(len(v) <= 500 for v in params.values())  # MLflow's param value limit
+    bigger = dataclasses.replace(config, steps=10_000, workers=1, checkpoint_every=7)
+    assert identity_mismatches(params, bigger) == []
+    assert config_digest(bigger) == config_digest(config)
+    other = dataclasses.replace(config, seed=9, meta_batch=3)
+    assert identity_mismatches(params, other) == [
+        "meta_batch (run: 2, given: 3)",
+        "seed (run: 0, given: 9)",
+    ]
