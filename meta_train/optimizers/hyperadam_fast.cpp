@@ -29,7 +29,7 @@
 
 namespace {
 
-constexpr int kBlock = 256;  // rows per block; ld must be a multiple of it
+constexpr int kBlock = 512;  // rows per block (512 measured faster than 256 or 1024)
 
 template <typename T>
 struct Traits;
