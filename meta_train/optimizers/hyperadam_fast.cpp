@@ -361,7 +361,7 @@ enum ForwardSlot {
   F_DECAY_KERNEL, F_DECAY_BIAS, F_WEIGHT_KERNEL, F_WEIGHT_BIAS,
   F_H_OUT, F_C_OUT, F_M_OUT, F_V_OUT, F_B_OUT, F_GAMMA_OUT,  // [J,ld] new state
   F_DIRECTION,                                  // [ld]   sum_j rho_j m_hat_j
-  F_GATES,                                      // [4J,ld] sigma(i), tanh(u), sigma(f+1), sigma(o), or null
+  F_GATES,  // [4J,ld] sigma(i), tanh(u), sigma(f+1), sigma(o) (or null: nothing saved)
   F_DECAYS,                                     // [2J,ld] beta, gamma, or null
   F_RHO,                                        // [J,ld]  rho, or null
   F_NORMS,                                      // [2J]    column inverse norms of h_t and m_{t-1}
