@@ -1,11 +1,15 @@
 """The fused HyperAdam step against the reference: forward, θ- and state-gradients, edge cases."""
 
+import pickle
+
 import pytest
 import torch
 
 from meta_train.optimizers.hyperadam import HyperAdam, HyperAdamState, hyperadam_step
 from meta_train.optimizers.hyperadam_fast import hyperadam_step_fast
 from meta_train.seeding import generator
+from meta_train.tasks.quadratic import QuadraticTask
+from meta_train.unroll import UnrollConfig, start_trajectory, unroll_truncation
 
 IMPLEMENTATIONS = {"reference": hyperadam_step, "fast": hyperadam_step_fast}
 
@@ -166,6 +170,54 @@ def test_no_grad_forward_and_state_interchange():
         d_fast, _ = hyperadam_step_fast(theta, grads[1], ref_state)  # and row-major into fast
     torch.testing.assert_close(d_fast, d_ref, rtol=1e-4, atol=1e-8)
     assert fast_state.h.contiguous().is_contiguous()
+
+
+class FastHyperAdam(HyperAdam):
+    """HyperAdam stepping with the fused implementation (what ``implementation="fast"`` does)."""
+
+    def step(self, theta, grad, state, *, lr):
+        return hyperadam_step_fast(theta, grad, state, lr=lr)
+
+
+def test_unroll_truncations_match_reference():
+    """Two consecutive truncations of ``unroll_truncation``: meta-gradients, losses, trajectory."""
+    task = QuadraticTask(dim=700, rows=256, batch_size=32, seed=3)
+    config = UnrollConfig(horizon=40, truncation=20)
+    results = {}
+    for opt in (HyperAdam(20), FastHyperAdam(20)):
+        theta = opt.flatten(perturbed_theta(opt, torch.float32))
+        trajectory = start_trajectory(opt, task, seed=5)
+        results[type(opt).__name__] = runs = []
+        for _ in range(2):  # the second starts from the first's (fast-layout) state
+            runs.append(unroll_truncation(opt, theta, task, trajectory, config))
+            trajectory = runs[-1].trajectory
+    for ref, fast in zip(results["HyperAdam"], results["FastHyperAdam"], strict=True):
+        assert_all_close(
+            {"meta_grad": fast.meta_grad, "params": fast.trajectory.params},
+            {"meta_grad": ref.meta_grad, "params": ref.trajectory.params},
+            rtol=2e-4,
+        )
+        assert fast.meta_loss == pytest.approx(ref.meta_loss, rel=1e-5)
+
+
+def test_state_pickles_compactly_and_resumes():
+    """Trajectories cross processes: the fast state pickles as about its own size and resumes."""
+    opt = HyperAdam(20)
+    p = 2000
+    theta = perturbed_theta(opt, torch.float32)
+    grads = gradients(p, 3, torch.float32)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    state = opt.init_state(p)
+    for grad in grads[:2]:  # with grad enabled, as in an unroll
+        _, state = hyperadam_step_fast(leaves, grad, state)
+    state = HyperAdamState(*(x.detach() for x in state))
+    blob = pickle.dumps(state)  # what Ray does to a trajectory
+    assert len(blob) < 1.25 * 6 * p * 20 * 4 + 100_000
+    loaded = pickle.loads(blob)
+    with torch.no_grad():
+        expected, _ = hyperadam_step_fast(theta, grads[2], state)
+        resumed, _ = hyperadam_step_fast(theta, grads[2], loaded)
+    torch.testing.assert_close(resumed, expected, rtol=0, atol=0)
 
 
 def bad_inputs():
