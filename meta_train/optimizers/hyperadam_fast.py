@@ -84,6 +84,7 @@ THETA_ORDER = (
     "weight_bias",
 )
 STATE_ORDER = HyperAdamState._fields  # h, c, m, v, b, gamma
+_PREV_SAVED = ("h", "c", "m")  # what the backward reads of the previous state
 
 # Pointer slots of the C entry points, in the order of ForwardSlot / BackwardSlot in the source.
 FORWARD_SLOTS = (
@@ -99,7 +100,7 @@ FORWARD_SLOTS = (
 )
 BACKWARD_SLOTS = (
     "grad",
-    *STATE_ORDER,
+    *_PREV_SAVED,
     "pre_kernel",
     "pre_bias",
     "lstm_kernel",
@@ -324,7 +325,7 @@ class _HyperAdamStep(torch.autograd.Function):
             ctx.grad_inv_norm, ctx.shape = grad_inv_norm, (ld, p, j)
             saved_theta = [theta[THETA_ORDER.index(name)] for name in _SAVED_THETA]
             ctx.save_for_backward(
-                grad_padded, *prev, *saved_theta, *new_planes, saved_buffer, norms
+                grad_padded, *prev[:3], *saved_theta, *new_planes, saved_buffer, norms
             )
         new_state = (_rows(x, 0, p, j, ld) for x in new_planes)
         return (direction[:p], *new_state)
@@ -333,16 +334,17 @@ class _HyperAdamStep(torch.autograd.Function):
     def backward(ctx, d_direction: Tensor | None, *d_state: Tensor | None):
         ld, p, j = ctx.shape
         grad, *rest = ctx.saved_tensors
-        prev, theta, new_planes = rest[:6], rest[6:11], rest[11:17]
-        saved_buffer, norms = rest[17:]
+        prev, theta, new_planes = rest[:3], rest[3:8], rest[8:14]
+        saved_buffer, norms = rest[14:]
         dtype, size = grad.dtype, grad.element_size()
         plane = j * ld * size
         keep = []  # tensors whose addresses the kernel uses
         addresses: list[int | None] = [None] * len(BACKWARD_SLOTS)
         addresses[_BACKWARD["grad"]] = grad.data_ptr()
-        for i, (name, x) in enumerate(zip(STATE_ORDER, prev, strict=True)):
+        for name, x in zip(_PREV_SAVED, prev, strict=True):
             addresses[_BACKWARD[name]] = x.data_ptr()
-            addresses[_BACKWARD[f"{name}_out"]] = new_planes[i].data_ptr()
+        for name, x in zip(STATE_ORDER, new_planes, strict=True):
+            addresses[_BACKWARD[f"{name}_out"]] = x.data_ptr()
         for name, x in zip(_SAVED_THETA, theta, strict=True):
             addresses[_BACKWARD[name]] = x.data_ptr()
         for name, first in _SAVED_PLANES.items():
