@@ -576,8 +576,21 @@ void forward(const Dims<T>& d, void* const* slot) {
 
 // ---------------------------------------------------------------------------------------------
 // Backward of the step: gradients of theta and of the previous state, given the gradients of the
-// direction and of the new state. The derivation follows the forward line by line; see the
-// module docstring of hyperadam_fast.py.
+// direction d and of the new state (each may be absent = zero). Per coordinate and candidate,
+// with D_B = B + eps, D_G = Gamma + eps, q = (V/D_G + eps)^(-1/2):
+//   d rho   = dd * M~ q          d(rho pre) = d rho * ELU'     d M^ = dd * rho
+//   d M~    = d M^ q             d V~ = -1/2 d M^ M~ q^3
+//   dM     += d M~ / D_B         dB  -= d M~ M~ / D_B          (likewise dV, dGamma with V~)
+//   d beta  = dM (m_{t-1} - g) + dB (b_{t-1} - 1)   -> dz_beta  = d beta * beta (1 - beta)
+//   d gamma = dV (v_{t-1} - g^2) + dGamma (Gamma_{t-1} - 1), with gamma (v_{t-1} - g^2) = V - g^2
+//   d m_{t-1} = dM beta + dz W_a'^T[m rows] + c_m m_{t-1};  d v_{t-1} = dV gamma;  etc.
+//   d h_t = (incoming) + dz W_a'^T[h rows] + d(rho pre) W_q^T + c_h h_t
+// where W_a' = diag(n) W_a folds the column norms n = (sum_rows x^2 + eps)^(-1/2) into the
+// kernel and c = -n^3 sum_k (x^T dz)_ik W_a,ik is their gradient. Then the LSTM: with
+// tc = tanh(c_t), dc_t += dh_t sigma(o) (1 - tc^2), and dG = [dc tanh(u) si', dc si tanh',
+// dc c_{t-1} sf', dh tc so'] for the gates; d[e, h_{t-1}] = dG W_h^T, dW_h = [e, h_{t-1}]^T dG,
+// and de * ELU' gives the preprocessing gradients. Pass 1 does the AdamCell and WeightCell,
+// pass 2 (after the reduction that gives c_h, c_m) the StateCell.
 
 template <typename T>
 void backward(const Dims<T>& d, void* const* slot) {
