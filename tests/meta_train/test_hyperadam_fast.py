@@ -11,8 +11,6 @@ from meta_train.seeding import generator
 from meta_train.tasks.quadratic import QuadraticTask
 from meta_train.unroll import UnrollConfig, start_trajectory, unroll_truncation
 
-IMPLEMENTATIONS = {"reference": hyperadam_step, "fast": hyperadam_step_fast}
-
 
 def perturbed_theta(opt: HyperAdam, dtype: torch.dtype, seed: int = 0) -> dict:
     """The spec's initialisation plus noise, so that no bias or gate sits at a special value."""
