@@ -122,10 +122,18 @@ BACKWARD_SLOTS = (
 
 
 def _cache_dir() -> Path:
+    """$HYPERADAM_KERNEL_CACHE, else ~/.cache/hyperadam/kernels, else a per-user temp folder."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hyperadam" / "kernels"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "hyperadam" / "kernels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"hyperadam-kernels-{os.getuid()}"
 
 
 def _cpu_signature() -> str:
