@@ -26,7 +26,19 @@ from .methods import EXPORT_METHODS, check_theta
 from .parity import check_parity
 from .theta_io import as_numpy_theta, load_theta, save_theta, theta_sha256
 
-LINEAGE_KEYS = ("mlflow_run_id", "step", "task_digest")
+# Where θ came from: the run and its step, the task distribution and run config it was trained
+# on, and what the training cost (meta-updates, wall time, hardware), so that every shipped or
+# registered optimizer says how it was made.
+LINEAGE_KEYS = (
+    "mlflow_run_id",
+    "step",
+    "task_digest",
+    "config_digest",
+    "trainer",
+    "meta_updates",
+    "wall_time_s",
+    "hardware",
+)
 DEFAULT_PARITY_SIZES = (2, 1000)
 FULL_PARITY_SIZES = (2, 1000, 1_000_000)
 
@@ -81,7 +93,7 @@ def export_optimizer(
         artifact written by ``export.save_theta`` (its method must match; its meta supplies
         lineage not given explicitly).
       out_dir: the folder to create.
-      lineage: ``mlflow_run_id``, ``step``, ``task_digest`` (any may be None).
+      lineage: any of ``LINEAGE_KEYS`` (missing ones are None).
       parity_sizes: coordinate counts of the one-step parity cases; ``FULL_PARITY_SIZES`` adds
         10⁶ (about 10 s more).
       trajectory_steps: length of the parity trajectory (100).
