@@ -40,10 +40,10 @@ def describe_optimizers(names: tuple[str, ...]) -> dict[str, str]:
             out[name] = "hand-designed; the paper's tuned learning rate per task (spec §5)"
             continue
         try:
-            from runtime.builtin import builtin_folder
+            from runtime.sources import BUILTIN_DIR
 
-            manifest = json.loads((builtin_folder(name) / "manifest.json").read_text())
-        except (ImportError, FileNotFoundError, ValueError):
+            manifest = json.loads((BUILTIN_DIR / name / "manifest.json").read_text())
+        except (FileNotFoundError, ValueError):
             out[name] = "not shipped yet"
             continue
         lineage = manifest.get("lineage") or {}
