@@ -2,9 +2,10 @@
 
 ``start_run`` creates an MLflow run and trains; ``resume_run`` continues a run from its newest
 valid checkpoint (local work folder or MLflow artifacts), after checking that the given config
-matches the run's logged identity. Both go through ``_train``, which wires the learner's
-per-step reports to the tracker, the progress bar, periodic validation (best θ kept), periodic
-checkpoints and the plot. Ctrl-C (or SIGTERM) stops after the current step and writes a
+matches the run's logged identity; ``continue_from_checkpoint`` continues a checkpoint file in a
+new run (when the original tracking store is gone). All go through ``_train``, which wires the
+learner's per-step reports to the tracker, the progress bar, periodic validation (best θ kept),
+periodic checkpoints and the plot. Ctrl-C (or SIGTERM) stops after the current step and writes a
 checkpoint; a second Ctrl-C aborts at once.
 
 Work folder layout (``<work_dir>/<run_id>/``): ``run_config.json``, ``checkpoints/``,
@@ -76,19 +77,30 @@ class RunSummary:
 # -- entry points -----------------------------------------------------------------------------
 
 
-def start_run(config: RunConfig, options: Options = Options()) -> RunSummary:
-    """Creates an MLflow run for ``config`` and trains it."""
+def start_run(
+    config: RunConfig, options: Options = Options(), checkpoint: Checkpoint | None = None
+) -> RunSummary:
+    """Creates an MLflow run for ``config`` and trains it (from ``checkpoint`` if given)."""
     family = config.make_family(options.data_dir)
     _check_family(family)
+    if checkpoint is not None and checkpoint.family_digest not in ("", family.digest()):
+        raise UsageError(
+            f"the checkpoint was trained on task family {checkpoint.family_digest[:12]}…, "
+            f"this config builds {family.digest()[:12]}…"
+        )
     with connect(options.ray_address) as cpus:
         config = resolve_workers(config, cpus, options.ray_address)
         params = identity_params(config)
         params.update(family_digest=family.digest(), config_digest=config_digest(config))
+        tags = _tags(config, family.digest())
+        if checkpoint is not None:
+            tags["hyperadam.continued_from_run"] = str(checkpoint.run_id)
+            tags["hyperadam.continued_from_step"] = str(checkpoint.step)
         tracker = Tracker.start_run(
             config.tracking.uri,
             config.tracking.experiment,
             params=params,
-            tags=_tags(config, family.digest()),
+            tags=tags,
             run_name=f"{config.optimizer}-{config.task}-seed{config.seed}",
             spool_root=options.work_dir / "spool",
         )
@@ -99,7 +111,43 @@ def start_run(config: RunConfig, options: Options = Options()) -> RunSummary:
                 f"MLflow run {tracker.run_id} (experiment {config.tracking.experiment!r}, "
                 f"{config.tracking.uri})"
             )
-        return _train(config, tracker, None, options, family.digest())
+        return _train(config, tracker, checkpoint, options, family.digest())
+
+
+def continue_from_checkpoint(
+    path: str | Path, overrides: Sequence[Mapping[str, Any]], options: Options = Options()
+) -> RunSummary:
+    """Continues a checkpoint file in a new MLflow run (e.g. one committed to the repository).
+
+    ``--resume`` needs the run's tracking store; this needs only the file, which holds the
+    whole trainer state and config. The new run is tagged with the run and step it continues,
+    and θ evolves exactly as it would have in the original run.
+
+    Raises:
+      UsageError: an unreadable or altered checkpoint, or overrides that change the run's
+        identity (the message names the fields).
+    """
+    try:
+        checkpoint = ckpt_lib.load(path)
+    except (OSError, CheckpointError) as error:
+        raise UsageError(f"cannot continue from the checkpoint: {error}") from None
+    merged = RunConfig.from_dict(checkpoint.config).to_dict()
+    for layer in overrides:
+        merged = merge(merged, layer)
+    mismatches = identity_mismatches(identity_params(checkpoint.config), merged)
+    if mismatches:
+        raise UsageError(
+            f"cannot continue from {path}: the config differs from the checkpoint's in "
+            + "; ".join(mismatches)
+        )
+    try:
+        config = RunConfig.from_dict(merged)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    config = dataclasses.replace(config, workers=_given_workers(overrides))
+    if options.announce is not None:
+        options.announce(f"continuing {path} (run {checkpoint.run_id}, step {checkpoint.step})")
+    return start_run(config, options, checkpoint)
 
 
 def resume_run(

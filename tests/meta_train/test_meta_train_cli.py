@@ -318,3 +318,64 @@ def test_progress_bar_shows_step_loss_validation_and_throughput():
     assert first.startswith("step 1/10 [##") and "meta-loss 0.5000 | val - |" in first
     assert last.startswith("step 10/10 [" + "#" * 24 + "]")
     assert "val 0.3000 (best 0.2500)" in last and "inner steps/s | eta 0:00" in last
+
+
+def test_a_checkpoint_file_continues_exactly_in_a_new_store(ray_address, tracking_uri, tmp_path):
+    """The committed-checkpoint path: the original store is gone, only the file remains."""
+    args = common_args(tmp_path, ray_address, tracking_uri)
+    first = subprocess.run(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", *args,
+         "--steps", "10", "--checkpoint-every", "5", "--seed", "3"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert first.returncode == 0, first.stderr
+    run_id = run_id_of_text(first.stdout)
+    kept = tmp_path / "kept.ckpt"
+    kept.write_bytes(
+        (tmp_path / "work" / run_id / "checkpoints" / ckpt.checkpoint_name(10)).read_bytes()
+    )
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    new_store = f"sqlite:///{elsewhere / 'mlflow.db'}"
+    again = ["--from-checkpoint", str(kept), "--ray-address", ray_address,
+             "--tracking-uri", new_store, "--work-dir", str(elsewhere / "work"), "--no-progress"]
+    wrong = subprocess.run(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", *again, "--seed", "4"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=120,
+    )
+    assert wrong.returncode == 2
+    assert wrong.stderr == (
+        f"hyperadam: error: cannot continue from {kept}: the config differs from the "
+        "checkpoint's in seed (run: 3, given: 4)\n"
+    )
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(kept.read_bytes()[:-10])
+    bad = subprocess.run(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", *again[:1], str(broken),
+         *again[2:]],
+        cwd=elsewhere, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("hyperadam: error: cannot continue from the checkpoint: ")
+    assert "truncated or altered" in bad.stderr and bad.stderr.count("\n") == 1
+
+    done = subprocess.run(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", *again, "--steps", "25",
+         "--workers", "1"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    new_id = run_id_of_text(done.stdout)
+    assert new_id != run_id
+    final = ckpt.load(elsewhere / "work" / new_id / "checkpoints" / ckpt.checkpoint_name(25))
+    assert np.array_equal(final.learner.theta, reference_theta(SLOW_QUADRATIC, 25, seed=3))
+    assert len(final.history.meta_loss) == 25  # the plot keeps the whole history
+    tags = MlflowClient(new_store).get_run(new_id).data.tags
+    assert tags["hyperadam.continued_from_run"] == run_id
+    assert tags["hyperadam.continued_from_step"] == "10"
+    assert metric_steps(new_store, new_id) == list(range(10, 25))
+
+
+def run_id_of_text(stdout: str) -> str:
+    return next(line.split()[2] for line in stdout.splitlines() if line.startswith("MLflow run "))
