@@ -8,6 +8,7 @@ import json
 from ..errors import UsageError
 from ..evaluate import evaluate
 from ..resolve import resolve_optimizer
+from ._threads import add_threads_flag, apply_threads
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +25,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="step size (default: per task)")
     parser.add_argument("--data-dir", default=None, help="folder with MNIST IDX / CIFAR-10 files")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_threads_flag(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..tasks.suite import TEST_TASKS, build_test_task
 
+    apply_threads(args.threads)
     if args.task not in TEST_TASKS:
         raise UsageError(f"unknown task {args.task!r}; known: {', '.join(sorted(TEST_TASKS))}")
     spec = TEST_TASKS[args.task]

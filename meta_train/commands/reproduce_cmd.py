@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..paper import OPTIMIZERS
 from ..reproduce import QUICK_RUNS, ReproduceConfig, run_grid, write_report
+from ._threads import add_threads_flag, apply_threads
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="MLflow store for the report artifacts; 'none' to skip (default sqlite:///mlflow.db)",
     )
     parser.add_argument("--experiment", default="hyperadam-reproduce")
+    add_threads_flag(parser)
     parser.set_defaults(run=run)
 
 
@@ -71,6 +73,7 @@ def log_to_mlflow(uri: str, experiment: str, files: list[Path], report: dict) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     runs = args.runs if args.runs is not None else (QUICK_RUNS if args.quick else 10)

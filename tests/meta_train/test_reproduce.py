@@ -1,0 +1,119 @@
+"""``hyperadam reproduce --quick``: the report's structure, and every number in it from the run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from meta_train import cli
+from meta_train.paper import GRID
+from meta_train.reproduce import (
+    ANALYSIS_BEGIN,
+    ANALYSIS_END,
+    QUICK_TASKS,
+    ReproduceConfig,
+    write_report,
+)
+
+CELL = re.compile(r"(-?\d+\.\d{4}) ± (\d+\.\d{4}) \((\d+)\)")
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    threads = torch.get_num_threads()  # the command sets its own; later tests keep theirs
+    try:
+        code = cli.main(["reproduce", "--quick", "--out", str(out / "docs"), "--tracking-uri", uri])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out / "docs", uri
+
+
+def table_rows(markdown: str, section: str) -> list[list[str]]:
+    block = markdown.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_report_has_every_quick_row_the_optimizers_and_the_figures(quick_report):
+    docs, uri = quick_report
+    markdown = (docs / "results.md").read_text()
+    report = json.loads((docs / "results.json").read_text())
+    assert set(report["results"]) == set(QUICK_TASKS)
+    for name in ("adam", "dm", "rnnprop", "hyperadam"):
+        assert f"- **{name}**: " in markdown  # how each optimizer was trained (or that it was not)
+    sections = {row.section for row in GRID if row.task in QUICK_TASKS}
+    for section in sections:
+        rows = table_rows(markdown, section)
+        expected = [row for row in GRID if row.section == section and row.task in QUICK_TASKS]
+        assert [r[0] for r in rows] == [f"{row.label} (`{row.task}`)" for row in expected]
+        for row, cells in zip(expected, rows, strict=True):
+            # paper columns carry the paper's figures, verbatim
+            assert cells[2] == f"{row.paper['adam']:g}"
+            assert cells[5] == f"{row.paper['hyperadam']:g}"
+    assert ANALYSIS_BEGIN in markdown and ANALYSIS_END in markdown
+    for task in QUICK_TASKS:
+        assert (docs / "figures" / f"{task}.png").stat().st_size > 1000
+    run = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("hyperadam-reproduce").experiment_id]
+    )[0]
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    assert {"results.md", "results.json", "figures"} <= logged
+
+
+def test_every_number_in_the_report_comes_from_results_json(quick_report):
+    docs, _ = quick_report
+    markdown = (docs / "results.md").read_text()
+    report = json.loads((docs / "results.json").read_text())
+    measured = set()
+    for cells in report["results"].values():
+        for entry in cells.values():
+            if "final_loss_mean" in entry:
+                measured.add(
+                    (
+                        f"{entry['final_loss_mean']:.4f}",
+                        f"{entry['final_loss_std']:.4f}",
+                        str(entry["runs"]),
+                    )
+                )
+    found = set(CELL.findall(markdown))
+    assert found, "no measured cell in the report"
+    assert found <= measured
+    assert all(runs == "2" for _, _, runs in found)  # --quick: 2 runs per cell
+    # The ratio table is HyperAdam / Adam of those same numbers.
+    for label, paper_ratio, ours, verdict in table_rows(
+        markdown, "HyperAdam / Adam ratio (lower is better)"
+    ):
+        task = next(r.task for r in GRID if f"{r.section}: {r.label}" == label)
+        cells = report["results"][task]
+        ratio = cells["hyperadam"]["final_loss_mean"] / cells["adam"]["final_loss_mean"]
+        assert ours == f"{ratio:.2f}"
+        assert verdict == ("yes" if ratio <= float(paper_ratio) else "no")
+
+
+def test_regenerating_keeps_the_hand_written_analysis(quick_report, tmp_path):
+    docs, _ = quick_report
+    report = json.loads((docs / "results.json").read_text())
+    first = (docs / "results.md").read_text()
+    (tmp_path / "results.md").write_text(
+        first.replace(
+            first.split(ANALYSIS_BEGIN)[1].split(ANALYSIS_END)[0], "\nOur reading of it.\n"
+        )
+    )
+    write_report(report, ReproduceConfig(quick=True, runs=2), tmp_path)
+    again = (tmp_path / "results.md").read_text()
+    assert f"{ANALYSIS_BEGIN}\nOur reading of it.\n{ANALYSIS_END}" in again
+
+
+def test_unknown_tasks_and_bad_runs_are_one_line_errors(capsys):
+    assert cli.main(["reproduce", "--tasks", "mnist-nn-nope", "--tracking-uri", "none"]) == 2
+    assert cli.main(["reproduce", "--runs", "0", "--tracking-uri", "none"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("hyperadam: error: unknown task(s) ['mnist-nn-nope']")
+    assert err[1] == "hyperadam: error: --runs must be >= 1, got 0"
