@@ -22,7 +22,7 @@ import time
 import torch
 
 from meta_train.optimizers.hyperadam import HyperAdam, HyperAdamState, hyperadam_step
-from meta_train.optimizers.hyperadam_fast import hyperadam_step_fast, kernels
+from meta_train.optimizers.hyperadam_fast import kernels
 from meta_train.run_config import build_config
 from meta_train.training import (
     apply_meta_gradient,
@@ -34,13 +34,16 @@ from meta_train.training import (
 
 
 class Variant(HyperAdam):
-    """HyperAdam whose step is a given implementation (until HyperAdam takes the argument)."""
+    """HyperAdam under a label: one of its own implementations, or a given step function."""
 
-    def __init__(self, label: str, step, num_candidates: int) -> None:
-        super().__init__(num_candidates)
+    def __init__(self, label: str, num_candidates: int, step=None) -> None:
+        implementation = label if label in ("reference", "fast") else "reference"
+        super().__init__(num_candidates, implementation=implementation)
         self.label, self._step = label, step
 
     def step(self, theta, grad, state: HyperAdamState, *, lr: float):
+        if self._step is None:
+            return super().step(theta, grad, state, lr=lr)
         return self._step(theta, grad, state, lr=lr)
 
 
@@ -57,10 +60,9 @@ def main() -> None:
     print(f"fused kernels ready in {time.perf_counter() - start:.1f} s ({kernels().path.name})")
     config = build_config({"optimizer": "hyperadam", "task": args.task, "meta_batch": 1})
     family = config.make_family()
-    steps = {"reference": hyperadam_step, "fast": hyperadam_step_fast}
+    variants = [Variant("reference", config.num_candidates), Variant("fast", config.num_candidates)]
     if args.compile:
-        steps["compile"] = torch.compile(hyperadam_step)
-    variants = [Variant(k, v, config.num_candidates) for k, v in steps.items()]
+        variants.append(Variant("compile", config.num_candidates, torch.compile(hyperadam_step)))
     theta = init_theta_flat(variants[0], config.seed).requires_grad_(True)
     meta_opt = make_meta_optimizer(theta, config.meta_optim)
 
