@@ -19,6 +19,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs", type=int, default=None, help="runs per cell (default 10; quick 2)"
     )
+    parser.add_argument(
+        "--long-runs", type=int, default=None,
+        help="runs per cell for horizons of 2000+ steps (default: --runs)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="cells evaluated in parallel processes (default 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="folder with CIFAR-10 python batches")
     parser.add_argument("--out", default="docs", help="folder for results.md (default docs)")
@@ -84,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_dir=args.data_dir,
         quick=args.quick,
+        long_runs=args.long_runs,
+        jobs=args.jobs,
     )
     report = run_grid(config)
     report["optimizers"] = describe_optimizers(config.optimizers)

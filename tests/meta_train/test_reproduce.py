@@ -16,6 +16,7 @@ from meta_train.reproduce import (
     ANALYSIS_END,
     QUICK_TASKS,
     ReproduceConfig,
+    run_grid,
     write_report,
 )
 
@@ -117,3 +118,16 @@ def test_unknown_tasks_and_bad_runs_are_one_line_errors(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("hyperadam: error: unknown task(s) ['mnist-nn-nope']")
     assert err[1] == "hyperadam: error: --runs must be >= 1, got 0"
+
+
+def test_parallel_cells_give_the_same_numbers_as_one_process():
+    config = dict(tasks=("sin-lstm",), optimizers=("adam", "hyperadam"), runs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = run_grid(ReproduceConfig(**config), log=lambda _: None)["results"]
+        parallel = run_grid(ReproduceConfig(**config, jobs=2), log=lambda _: None)["results"]
+    finally:
+        torch.set_num_threads(threads)
+    assert serial == parallel
+    assert serial["sin-lstm"]["adam"]["runs"] == 2
