@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import runtime
+from export.exporter import LINEAGE_KEYS
 from runtime import manifest as mf
 
 
@@ -33,7 +34,7 @@ def test_manifest_round_trips_and_names_every_file(folder):
     assert set(manifest.graphs) == {mf.FUSED, mf.STATE_STAGE, mf.UPDATE_STAGE}
     assert manifest.state == mf.hyperadam_layout(20)
     assert manifest.state.bytes_per_coordinate == 480  # 6·J floats (design §3.1)
-    assert set(manifest.lineage) == {"mlflow_run_id", "step", "task_digest", "theta_sha256"}
+    assert set(manifest.lineage) == {*LINEAGE_KEYS, "theta_sha256"}
     assert manifest.parity["passed"] is True
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest.versions)
     assert mf.load_manifest(folder) == manifest  # stable
