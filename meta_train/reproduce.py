@@ -60,8 +60,13 @@ class ReproduceConfig:
             raise UsageError(f"unknown task(s) {unknown}; the grid has {sorted(known)}")
 
     def rows(self) -> list[GridRow]:
+        """The rows evaluated in this run."""
         tasks = self.tasks or (QUICK_TASKS if self.quick else ())
         return [row for row in GRID if not tasks or row.task in tasks]
+
+    def report_rows(self) -> list[GridRow]:
+        """The rows the report shows: all of the paper's (unrun ones say so), or the quick ones."""
+        return self.rows() if self.quick else list(GRID)
 
     def runs_for(self, horizon: int) -> int:
         if horizon >= LONG_HORIZON and self.long_runs is not None:
@@ -225,6 +230,12 @@ def render_markdown(report: dict[str, Any], rows: list[GridRow], analysis: str) 
         "(Fig. 5(d) read off the plot, ±0.05). Raw numbers: `results.json` beside this file.",
         "",
     ]
+    if len(report.get("sittings", ())) > 1:
+        lines += [
+            f"Assembled from {len(report['sittings'])} sittings (`--merge`); each cell's runs, "
+            "steps and seed are in `results.json`.",
+            "",
+        ]
     if report.get("optimizers"):
         lines += ["## The optimizers evaluated", ""]
         for name, info in report["optimizers"].items():
@@ -308,6 +319,22 @@ def plot_curves(report: dict[str, Any], figures_dir: Path) -> list[Path]:
     return paths
 
 
+def merge_reports(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` on top of ``previous``, cell by cell: rows run in several sittings make one report.
+
+    Every cell keeps its own runs, steps and seed (``EvaluationResult.to_json``), so cells of
+    different sittings stay self-describing; the sittings' configs are kept in ``sittings``.
+    """
+    results = {task: dict(cells) for task, cells in previous.get("results", {}).items()}
+    for task, cells in new["results"].items():
+        results.setdefault(task, {}).update(cells)
+    sittings = previous.get("sittings") or [
+        {k: previous[k] for k in ("config", "created", "hardware") if k in previous}
+    ]
+    sittings = [*sittings, {k: new[k] for k in ("config", "created", "hardware")}]
+    return {**new, "results": results, "sittings": sittings}
+
+
 def write_report(report: dict[str, Any], config: ReproduceConfig, out_dir: Path) -> list[Path]:
     """Writes results.json, results.md and figures/*.png into ``out_dir``; returns the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -315,5 +342,5 @@ def write_report(report: dict[str, Any], config: ReproduceConfig, out_dir: Path)
     analysis = existing_analysis(md_path)
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    md_path.write_text(render_markdown(report, config.rows(), analysis))
+    md_path.write_text(render_markdown(report, config.report_rows(), analysis))
     return [md_path, json_path, *plot_curves(report, out_dir / "figures")]

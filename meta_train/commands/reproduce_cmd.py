@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..paper import OPTIMIZERS
-from ..reproduce import QUICK_RUNS, ReproduceConfig, run_grid, write_report
+from ..reproduce import QUICK_RUNS, ReproduceConfig, merge_reports, run_grid, write_report
 from ._threads import add_threads_flag, apply_threads
 
 
@@ -25,6 +25,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="cells evaluated in parallel processes (default 1)"
+    )
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="keep the cells of an existing results.json in --out that this run does not redo",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="folder with CIFAR-10 python batches")
@@ -94,7 +98,15 @@ def run(args: argparse.Namespace) -> int:
         long_runs=args.long_runs,
         jobs=args.jobs,
     )
+    previous = None
+    if args.merge and (Path(args.out) / "results.json").is_file():
+        try:
+            previous = json.loads((Path(args.out) / "results.json").read_text())
+        except ValueError as error:
+            raise UsageError(f"cannot merge into {args.out}/results.json: {error}") from None
     report = run_grid(config)
+    if previous is not None:
+        report = merge_reports(previous, report)
     report["optimizers"] = describe_optimizers(config.optimizers)
     files = write_report(report, config, Path(args.out))
     print(f"wrote {files[0]} and {len(files) - 1} more files")

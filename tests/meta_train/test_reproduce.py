@@ -16,6 +16,7 @@ from meta_train.reproduce import (
     ANALYSIS_END,
     QUICK_TASKS,
     ReproduceConfig,
+    merge_reports,
     run_grid,
     write_report,
 )
@@ -131,3 +132,32 @@ def test_parallel_cells_give_the_same_numbers_as_one_process():
         torch.set_num_threads(threads)
     assert serial == parallel
     assert serial["sin-lstm"]["adam"]["runs"] == 2
+
+
+def test_merge_keeps_earlier_cells_and_replaces_redone_ones(quick_report, tmp_path):
+    docs, _ = quick_report
+    first = json.loads((docs / "results.json").read_text())
+    redo = {
+        **first,
+        "created": "later",
+        "results": {"sin-lstm": {"adam": {**first["results"]["sin-lstm"]["adam"], "runs": 7}}},
+    }
+    merged = merge_reports(first, redo)
+    assert merged["results"]["sin-lstm"]["adam"]["runs"] == 7
+    assert merged["results"]["sin-lstm"]["hyperadam"] == first["results"]["sin-lstm"]["hyperadam"]
+    assert merged["results"]["mnist-nn-sigmoid-100"] == first["results"]["mnist-nn-sigmoid-100"]
+    assert [s["created"] for s in merged["sittings"]] == [first["created"], "later"]
+    write_report(merged, ReproduceConfig(quick=True, runs=2), tmp_path)
+    assert "Assembled from 2 sittings" in (tmp_path / "results.md").read_text()
+
+
+def test_the_full_report_shows_every_row_of_the_paper_even_unrun(quick_report, tmp_path):
+    docs, _ = quick_report
+    report = json.loads((docs / "results.json").read_text())
+    report["config"] = {**report["config"], "quick": False}
+    write_report(report, ReproduceConfig(tasks=QUICK_TASKS, runs=2), tmp_path)
+    markdown = (tmp_path / "results.md").read_text()
+    for row in GRID:
+        assert f"| {row.label} (`{row.task}`) | {row.metric} |" in markdown
+    cnn = table_rows(markdown, "Table 3")[0]
+    assert cnn[6:] == ["not run"] * 4
