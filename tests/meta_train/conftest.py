@@ -111,6 +111,7 @@ class MlflowServer:
                 time.sleep(0.3)
             if self.proc.poll() is not None:
                 break
+        self.stop()  # a server that did not come up must not outlive the test
         raise RuntimeError(f"mlflow server did not start; see {self.root / 'server.log'}")
 
     def stop(self) -> None:
