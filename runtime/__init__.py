@@ -8,6 +8,11 @@ Example::
     opt = runtime.load("path/to/exported")           # manifest and hashes verified
     stepper = opt.bind([w1, b1, w2, b2])              # float32 arrays, updated in place
     stepper.step([g_w1, g_b1, g_w2, g_b2])            # one global step over all of them
+
+The arrays may also be torch/CuPy tensors on the CPU (zero-copy views) or on a CUDA device (the
+CUDA provider, through DLPack). Adapters, each importing its framework: ``runtime.torch``
+(``LearnedOptimizer``, a ``torch.optim.Optimizer``) and ``runtime.jax`` (``learned_optimizer``,
+an optax-style ``GradientTransformation``).
 """
 
 from .manifest import Manifest, ManifestError, load_manifest

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+import onnxruntime as ort
 
+from . import arrays
 from . import manifest as mf
 from .plan import DEFAULT_CHUNK_SIZE
-from .session import DEFAULT_PROVIDERS, open_sessions
+from .session import DEFAULT_PROVIDERS, check_signature, open_sessions, session_options
 from .sources import resolve_source
 from .stepper import AllReduce, Stepper
 
@@ -30,6 +34,9 @@ class LearnedOptimizer:
       folder: the exported folder. manifest: its verified ``Manifest``.
       providers: the execution providers the sessions really use (read back, not assumed).
       threads: chunks run in parallel on this many threads.
+
+    Arrays on the host always run on CPU-provider sessions and CUDA arrays on CUDA-provider
+    sessions of their device; those are opened on first use and cached (``providers_for``).
     """
 
     def __init__(
@@ -50,6 +57,11 @@ class LearnedOptimizer:
         self._sessions, self.providers = open_sessions(
             folder, manifest, providers=providers, intra_op_threads=intra_op_threads
         )
+        self._intra_op_threads = intra_op_threads
+        self._by_device: dict[str, tuple[dict[str, ort.InferenceSession], tuple[str, ...]]] = {}
+        if self.providers[0] == "CPUExecutionProvider":
+            self._by_device["cpu"] = (self._sessions, self.providers)
+        self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(threads, "hyperadam-chunk") if threads > 1 else None
 
     @property
@@ -78,9 +90,30 @@ class LearnedOptimizer:
             f"folder={str(self.folder)!r}, providers={list(self.providers)})"
         )
 
+    def providers_for(self, device: str) -> tuple[str, ...]:
+        """The providers the sessions for ``device`` (``"cpu"``, ``"cuda:N"``) really use."""
+        return self._sessions_for(device)[1]
+
+    def _sessions_for(self, device: str) -> tuple[dict[str, ort.InferenceSession], tuple[str, ...]]:
+        with self._lock:
+            if device not in self._by_device:
+                self._by_device[device] = (
+                    open_sessions(
+                        self.folder,
+                        self.manifest,
+                        providers=DEFAULT_PROVIDERS,
+                        intra_op_threads=self._intra_op_threads,
+                    )
+                    if device == "cpu"
+                    else open_cuda_sessions(
+                        self.folder, self.manifest, device, self._intra_op_threads
+                    )
+                )
+            return self._by_device[device]
+
     def bind(
         self,
-        params: Sequence[np.ndarray],
+        params: Sequence[Any],
         *,
         lr: float | None = None,
         chunk_size: int | None = None,
@@ -90,13 +123,18 @@ class LearnedOptimizer:
         """Creates the state for ``params`` and returns the ``Stepper`` that owns it.
 
         Args:
-          params: float32, C-contiguous, writeable numpy arrays, updated in place by each
-            ``step``; one step covers all of them together (global normalisations included).
+          params: float32, C-contiguous, writeable arrays of one framework on one device,
+            updated in place by each ``step``: numpy arrays, or torch/CuPy/other DLPack arrays
+            on the CPU (bound through zero-copy numpy views), or torch/CuPy arrays on a CUDA
+            device (bound through DLPack, run by the CUDA provider). One step covers all of
+            them together (global normalisations included).
           lr: step size α (default: the manifest's, 0.005 for HyperAdam); settable later as
             ``stepper.lr``.
-          chunk_size: coordinates per chunk (default ``runtime.plan.DEFAULT_CHUNK_SIZE``). A
-            model of at most one chunk runs the fused graph; a larger one runs the staged graphs
-            chunk by chunk, so temporary memory scales with ``chunk_size × threads``.
+          chunk_size: coordinates per chunk (default ``runtime.plan.DEFAULT_CHUNK_SIZE`` on the
+            CPU; on CUDA, the largest array, as kernel launches there cost more than cache
+            misses). A model of at most one chunk runs the fused graph; a larger one runs the
+            staged graphs chunk by chunk, so temporary memory scales with ``chunk_size ×
+            threads``.
           on_nonfinite: ``"raise"`` (default) raises ``NonFiniteGradientError`` on a NaN/inf
             gradient; ``"skip"`` leaves everything unchanged and returns False from ``step``.
           all_reduce: sharded use. ``params`` are this process's shard of a model; the stepper
@@ -106,18 +144,65 @@ class LearnedOptimizer:
 
         Raises:
           TypeError / ValueError: on bad arguments, before any state is created.
+          RuntimeError: CUDA arrays, but onnxruntime cannot run the CUDA provider here.
         """
+        adopted = arrays.adopt_params(params)
+        if chunk_size is None:
+            chunk_size = (
+                DEFAULT_CHUNK_SIZE
+                if adopted.device == "cpu"
+                else max(max(1, int(math.prod(s))) for s in adopted.shapes)
+            )
+        sessions, _ = self._sessions_for(adopted.device)
         return Stepper(
             self.manifest,
-            self._sessions,
+            sessions,
             params,
+            adopted=adopted,
             lr=self.default_lr if lr is None else lr,
-            chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+            chunk_size=chunk_size,
             on_nonfinite=on_nonfinite,
             all_reduce=all_reduce,
             executor=lambda: self._executor,
             threads=self.threads,
         )
+
+
+def open_cuda_sessions(
+    folder: Path, manifest: mf.Manifest, device: str, intra_op_threads: int
+) -> tuple[dict[str, ort.InferenceSession], tuple[str, ...]]:
+    """One CUDA-provider session per graph on ``device`` (``"cuda:N"``), checked after creation.
+
+    onnxruntime silently falls back to the CPU when the CUDA provider cannot start (no driver,
+    mismatched CUDA/cuDNN); the provider list is read back and that case raises instead.
+    """
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            f"the arrays live on {device} but this onnxruntime has no CUDAExecutionProvider "
+            f"({available}); install onnxruntime-gpu or move the arrays to the CPU"
+        )
+    device_id = int(device.split(":")[1])
+    providers: list[Any] = [
+        ("CUDAExecutionProvider", {"device_id": device_id}),
+        "CPUExecutionProvider",
+    ]
+    options = session_options(intra_op_threads)
+    sessions: dict[str, ort.InferenceSession] = {}
+    used: tuple[str, ...] = ()
+    for role, spec in manifest.graphs.items():
+        session = ort.InferenceSession(
+            str(folder / spec.file), sess_options=options, providers=providers
+        )
+        check_signature(session, role, spec)
+        used = tuple(session.get_providers())
+        if not used or used[0] != "CUDAExecutionProvider":
+            raise RuntimeError(
+                f"graph {role!r}: the arrays live on {device} but onnxruntime runs {used} "
+                f"(the CUDA provider failed to start; see onnxruntime's log)"
+            )
+        sessions[role] = session
+    return sessions, used
 
 
 def load(

@@ -6,8 +6,11 @@ step runs the manifest's phases over the chunks of ``runtime.plan`` (the fused g
 model is one chunk), adds the chunks' partial sums between phases, and, when sharded, hands each
 partial sum to the caller's ``all_reduce`` first.
 
-Inputs are validated before any buffer changes; a failure after validation (an onnxruntime error,
-a failing ``all_reduce``) marks the stepper unusable until ``load_state_dict`` restores it.
+The arrays may be numpy, torch, CuPy (anything with DLPack) on the CPU, or torch/CuPy on a CUDA
+device; ``runtime.arrays`` adopts them without copies and ``runtime.backends`` says where the
+state lives. Inputs are validated before any buffer changes; a failure after validation (an
+onnxruntime error, a failing ``all_reduce``) marks the stepper unusable until
+``load_state_dict`` restores it.
 """
 
 from __future__ import annotations
@@ -21,34 +24,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from . import arrays, validation
 from . import manifest as mf
-from . import validation
+from .backends import Backend, backend_for, sum_of_squares
 from .plan import Chunk, plan_chunks
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 NONFINITE_POLICIES = ("raise", "skip")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_ortvalue = ort.OrtValue.ortvalue_from_numpy
-
-
-def sum_of_squares(arrays: Sequence[np.ndarray], block: int = 8192) -> float:
-    """Σx² over 1-D float32 arrays: fp32 dot products of short blocks, added exactly.
-
-    One fp32 ``dot`` over 10⁶ values is off by ~1e-6 relative; 8192-value blocks summed with
-    ``math.fsum`` stay at ~1e-9, without a float64 copy of the gradient. A block whose fp32 dot
-    overflows is redone in float64, so only NaN/inf inputs give a non-finite result.
-    """
-    total = []
-    with np.errstate(over="ignore", invalid="ignore"):
-        for a in arrays:
-            for i in range(0, a.size, block):
-                part = a[i : i + block]
-                value = float(np.dot(part, part))
-                if not math.isfinite(value):
-                    wide = part.astype(np.float64)
-                    value = float(np.dot(wide, wide))
-                total.append(value)
-    return math.fsum(total)
+__all__ = ["AllReduce", "NonFiniteGradientError", "Stepper", "sum_of_squares"]
 
 
 class NonFiniteGradientError(ValueError):
@@ -56,7 +40,7 @@ class NonFiniteGradientError(ValueError):
 
 
 class Stepper:
-    """Applies a learned optimizer, in place, to the float32 numpy arrays it was bound to.
+    """Applies a learned optimizer, in place, to the float32 arrays it was bound to.
 
     Made by ``LearnedOptimizer.bind``; see there for the arguments. Not thread-safe: one
     ``step`` at a time (it parallelises over chunks itself).
@@ -66,8 +50,9 @@ class Stepper:
         self,
         manifest: mf.Manifest,
         sessions: Mapping[str, ort.InferenceSession],
-        params: Sequence[np.ndarray],
+        params: Sequence[Any],
         *,
+        adopted: arrays.Adopted | None = None,
         lr: float,
         chunk_size: int,
         on_nonfinite: str,
@@ -75,7 +60,10 @@ class Stepper:
         executor: Callable[[], Executor | None],
         threads: int,
     ) -> None:
-        self._params = validation.check_params(params)
+        self._sources = list(params) if isinstance(params, (list, tuple)) else params
+        self._adopted = arrays.adopt_params(params) if adopted is None else adopted
+        self._params = self._adopted.arrays  # numpy views (host) or CUDA arrays
+        self._backend: Backend = backend_for(self._adopted.kind, self._adopted.device)
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
@@ -88,10 +76,11 @@ class Stepper:
         self._all_reduce = all_reduce
         self._executor = executor
         self._threads = threads
-        self._shapes = [p.shape for p in self._params]
+        self._shapes = [tuple(p.shape) for p in self._params]
         self._flat = [p.reshape(-1) for p in self._params]  # views: the arrays are C-contiguous
-        self.num_coords = sum(p.size for p in self._params)
-        self._chunks: list[Chunk] = plan_chunks([p.size for p in self._params], chunk_size)
+        sizes = [math.prod(s) for s in self._shapes]
+        self.num_coords = sum(sizes)
+        self._chunks: list[Chunk] = plan_chunks(sizes, chunk_size)
         info = manifest.info
         single = len(self._chunks) == 1 and all_reduce is None
         self._phases = (mf.Phase(mf.FUSED),) if single else info.phases
@@ -100,7 +89,7 @@ class Stepper:
         self._grad_sum_sq = np.zeros((), np.float32)
         layout = manifest.state
         self._fields = {
-            f.name: np.zeros(self.num_coords * f.size, np.float32) for f in layout.fields
+            f.name: self._backend.zeros(self.num_coords * f.size) for f in layout.fields
         }
         self._field_specs = {f.name: f for f in layout.fields}
         self._carried = {c.name: np.zeros(c.shape, np.float32) for c in layout.carried}
@@ -115,6 +104,9 @@ class Stepper:
         }
         self._gather_size = max((c.size for c in self._chunks if not c.zero_copy), default=0)
         self._local = threading.local()
+        # onnxruntime copies a host input bound to a CUDA session when it is bound, not when it
+        # runs: on CUDA the small host inputs (lr, Σg², column sums) are bound again each run.
+        self._rebound: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
         self._bindings = [
             [self._bind_static(phase.role, k) for k in range(len(self._chunks))]
             for phase in self._phases
@@ -146,26 +138,38 @@ class Stepper:
     def state_nbytes(self) -> int:
         return sum(a.nbytes for a in self._fields.values())
 
+    @property
+    def device(self) -> str:
+        """Where the parameters and the state live: ``"cpu"`` or ``"cuda:N"``."""
+        return self._adopted.device
+
+    @property
+    def framework(self) -> str:
+        """The framework of the bound arrays (``"numpy"``, ``"torch"``, ``"cupy"``, …)."""
+        return self._adopted.kind
+
     def step(self, grads: Sequence[np.ndarray]) -> bool:
         """One optimizer step over all bound arrays, in place.
 
         Args:
-          grads: one float32, C-contiguous gradient per parameter, same shapes.
+          grads: one float32, C-contiguous gradient per parameter, same shapes, of the
+            parameters' framework and device.
 
         Returns:
           True if the step was applied; False if it was skipped under ``on_nonfinite="skip"``.
 
         Raises:
-          ValueError / TypeError: on a count, type, dtype, shape or layout mismatch (nothing
-            changes).
+          ValueError / TypeError: on a count, framework, device, dtype, shape or layout mismatch
+            (nothing changes).
           NonFiniteGradientError: NaN/inf gradients under ``on_nonfinite="raise"`` (nothing
             changes).
           RuntimeError: if an earlier step failed midway and the state was not restored.
         """
         self._check_usable()
-        validation.check_params_unchanged(self._params, self._shapes)
-        flat_grads = validation.check_grads(grads, self._params)
-        sum_sq = sum_of_squares(flat_grads)
+        arrays.check_unchanged(self._sources, self._adopted)
+        flat_grads = arrays.adopt_grads(grads, self._adopted)
+        self._backend.synchronize()  # the producer's kernels that wrote the arrays are done
+        sum_sq = self._backend.sum_of_squares(flat_grads)
         if self._all_reduce is not None:
             # Every shard learns the global value, so every shard skips (or raises) alike.
             sum_sq = float(self._reduce(np.array([sum_sq]))[0])
@@ -175,7 +179,9 @@ class Stepper:
                 return False
             raise NonFiniteGradientError(
                 validation.nonfinite_message(
-                    flat_grads, sum_sq, sharded=self._all_reduce is not None
+                    [self._backend.to_host(g) for g in flat_grads],
+                    sum_sq,
+                    sharded=self._all_reduce is not None,
                 )
             )
         self._grad_sum_sq[...] = sum_sq
@@ -228,6 +234,43 @@ class Stepper:
         self.lr = checked["lr"]
         self._broken = None
 
+    # -- raw state, for functional adapters (runtime.jax) ---------------------------------------
+
+    def raw_state(self) -> dict[str, np.ndarray]:
+        """Copies of the live buffers in the stepper's own layout: per-coordinate fields flat,
+        chunk by chunk feature-major (see ``_block``), and the carried values. Only meaningful
+        to ``load_raw_state`` of a stepper bound to the same shapes and chunk size."""
+        raw = {name: self._backend.to_host(value).copy() for name, value in self._fields.items()}
+        raw.update({name: value.copy() for name, value in self._carried.items()})
+        return raw
+
+    def raw_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {name: tuple(value.shape) for name, value in self._fields.items()}
+        shapes.update({name: tuple(value.shape) for name, value in self._carried.items()})
+        return shapes
+
+    def load_raw_state(self, raw: Mapping[str, Any]) -> None:
+        """Replaces the state with ``raw_state()``-layout arrays (checked: names and shapes).
+
+        This makes the stepper a pure function of (state, gradients) for functional callers,
+        so a step that failed midway is forgotten (the next load replaces all of it).
+        """
+        shapes = self.raw_state_shapes()
+        if set(raw) != set(shapes):
+            raise ValueError(f"raw state must have entries {sorted(shapes)}, got {sorted(raw)}")
+        for name, shape in shapes.items():
+            if tuple(np.shape(raw[name])) != shape:
+                raise ValueError(
+                    f"raw state entry {name!r} must have shape {shape}, got {np.shape(raw[name])}"
+                )
+        for name, value in raw.items():
+            target = self._fields.get(name)
+            if target is None:
+                self._carried[name][...] = value
+            else:
+                self._backend.from_host(target, np.asarray(value, np.float32))
+        self._broken = None
+
     # -- execution -------------------------------------------------------------------------
 
     def _check_usable(self) -> None:
@@ -251,24 +294,29 @@ class Stepper:
         total = parts.sum(axis=0, dtype=np.float64)  # fixed order: independent of threads
         return total if self._all_reduce is None else self._reduce(total)
 
-    def _block(self, name: str, chunk: Chunk) -> np.ndarray:
-        """The field's contiguous ``[k, n]`` (or ``[n]``) block of one chunk."""
+    def _block(self, name: str, chunk: Chunk, flat: Any = None) -> Any:
+        """The field's contiguous ``[k, n]`` (or ``[n]``) block of one chunk (of ``flat``, a
+        host copy of the field, if given)."""
         field = self._field_specs[name]
-        flat = self._fields[name][chunk.start * field.size : chunk.stop * field.size]
-        return flat.reshape(*field.shape, chunk.size)
+        flat = self._fields[name] if flat is None else flat
+        return flat[chunk.start * field.size : chunk.stop * field.size].reshape(
+            *field.shape, chunk.size
+        )
 
     def _canonical(self, name: str) -> np.ndarray:
-        field = self._field_specs[name]
+        field, host = self._field_specs[name], self._backend.to_host(self._fields[name])
         out = np.empty((self.num_coords, *field.shape), np.float32)
         for chunk in self._chunks:
-            out[chunk.start : chunk.stop] = self._block(name, chunk).T
+            out[chunk.start : chunk.stop] = self._block(name, chunk, host).T
         return out
 
     def _set_canonical(self, name: str, value: np.ndarray) -> None:
+        host = self._backend.to_host(self._fields[name])
         for chunk in self._chunks:
-            self._block(name, chunk)[...] = value[chunk.start : chunk.stop].T
+            self._block(name, chunk, host)[...] = value[chunk.start : chunk.stop].T
+        self._backend.from_host(self._fields[name], host)
 
-    def _buffer(self, name: str, chunk: Chunk, k: int, output: bool) -> np.ndarray | None:
+    def _buffer(self, name: str, chunk: Chunk, k: int, output: bool) -> Any:
         """The memory bound to graph tensor ``name`` for chunk ``k``; None if bound per run."""
         if name == mf.GRAD or (name in (mf.PARAM, mf.updated(mf.PARAM)) and not chunk.zero_copy):
             return None
@@ -297,51 +345,61 @@ class Stepper:
         produced by a node downstream of every reader of that input, so the step is in place.
         """
         session, spec, chunk = self._sessions[role], self.manifest.graphs[role], self._chunks[k]
-        binding = session.io_binding()
+        binding, bind = session.io_binding(), self._backend.bind
+        index = next(i for i, phase in enumerate(self._phases) if phase.role == role)
         for tensor in spec.inputs:
             buffer = self._buffer(tensor.name, chunk, k, output=False)
             if buffer is not None:
-                binding.bind_ortvalue_input(tensor.name, _ortvalue(buffer))
+                bind(binding, tensor.name, buffer, output=False)
+                if not self._backend.is_host and isinstance(buffer, np.ndarray):
+                    self._rebound.setdefault((index, k), []).append((tensor.name, buffer))
         for tensor in spec.outputs:
             buffer = self._buffer(tensor.name, chunk, k, output=True)
             if buffer is not None:
-                binding.bind_ortvalue_output(tensor.name, _ortvalue(buffer))
+                bind(binding, tensor.name, buffer, output=True)
         return binding
 
-    def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
+    def _scratch(self) -> tuple[Any, Any]:
         """Per-thread gather buffers (w, g), each as large as the largest packed chunk."""
         scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch[0].size < self._gather_size:
+        if scratch is None or scratch[0].shape[0] < self._gather_size:
             scratch = (
-                np.empty(self._gather_size, np.float32),
-                np.empty(self._gather_size, np.float32),
+                self._backend.zeros(self._gather_size),
+                self._backend.zeros(self._gather_size),
             )
             self._local.scratch = scratch
         return scratch
+
+    def _run(self, index: int, k: int, binding: ort.IOBinding) -> None:
+        for name, buffer in self._rebound.get((index, k), ()):
+            self._backend.bind(binding, name, buffer, output=False)
+        self._sessions[self._phases[index].role].run_with_iobinding(binding)
+        if not self._backend.is_host:
+            binding.synchronize_outputs()
 
     def _run_chunk(self, index: int, k: int, flat_grads: list[np.ndarray]) -> None:
         role = self._phases[index].role
         spec, chunk, binding = self.manifest.graphs[role], self._chunks[k], self._bindings[index][k]
         inputs = {t.name for t in spec.inputs}
+        bind = self._backend.bind
         if chunk.zero_copy:
             piece = chunk.pieces[0]
             grad = flat_grads[piece.array][piece.start : piece.stop]
-            binding.bind_ortvalue_input(mf.GRAD, _ortvalue(grad))
-            self._sessions[role].run_with_iobinding(binding)
+            bind(binding, mf.GRAD, grad, output=False)
+            self._run(index, k, binding)
             return
         w_buf, g_buf = (b[: chunk.size] for b in self._scratch())
         for p in chunk.pieces:
             g_buf[p.offset : p.offset + p.stop - p.start] = flat_grads[p.array][p.start : p.stop]
-        binding.bind_ortvalue_input(mf.GRAD, _ortvalue(g_buf))
+        bind(binding, mf.GRAD, g_buf, output=False)
         if mf.PARAM in inputs:
             for p in chunk.pieces:
                 w_buf[p.offset : p.offset + p.stop - p.start] = self._flat[p.array][
                     p.start : p.stop
                 ]
-            w_value = _ortvalue(w_buf)
-            binding.bind_ortvalue_input(mf.PARAM, w_value)
-            binding.bind_ortvalue_output(mf.updated(mf.PARAM), w_value)
-        self._sessions[role].run_with_iobinding(binding)
+            bind(binding, mf.PARAM, w_buf, output=False)
+            bind(binding, mf.updated(mf.PARAM), w_buf, output=True)
+        self._run(index, k, binding)
         if mf.PARAM in inputs:
             for p in chunk.pieces:
                 self._flat[p.array][p.start : p.stop] = w_buf[
@@ -351,7 +409,8 @@ class Stepper:
     def _run_phase(self, index: int, flat_grads: list[np.ndarray]) -> None:
         count = len(self._chunks)
         executor = self._executor()  # None once the optimizer is closed
-        if executor is None or self._threads == 1 or count == 1:
+        # CUDA work is already parallel on the device; chunks there run one after another.
+        if executor is None or self._threads == 1 or count == 1 or not self._backend.is_host:
             for k in range(count):
                 self._run_chunk(index, k, flat_grads)
             return

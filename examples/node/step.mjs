@@ -1,0 +1,86 @@
+// One step of an exported hyperadam learned optimizer on a Float32Array, with onnxruntime-node.
+//
+//   node step.mjs FOLDER INPUT.json OUTPUT.json
+//
+// FOLDER is an exported optimizer folder (manifest.json + fused.onnx + ...). INPUT.json holds
+//   {"w": [...], "grad": [...], "lr": 0.005, "state": {"h": [...], ...}}
+// where w and grad are the model's n parameters and gradient, lr is optional (default: the
+// manifest's), and state is optional (default: zeros, the state before the first step). A state
+// entry is the graph layout: a per-coordinate field of k features is k*n numbers, feature-major
+// (all n values of feature 0, then feature 1, ...); a carried value (HyperAdam's m_col_sum_sq)
+// is its own shape. OUTPUT.json receives {"w": [...], "state": {...}} in the same layout.
+//
+// The fused graph is one whole step of a model that is one chunk, which is what a single
+// Float32Array is here. The manifest's format version and the file's sha256 are checked first.
+
+import { createHash } from "node:crypto";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import ort from "onnxruntime-node";
+
+const FORMAT = "hyperadam.exported-optimizer";
+const SUPPORTED_VERSIONS = [1];
+
+function fail(message) {
+  console.error(`step.mjs: ${message}`);
+  process.exit(2);
+}
+
+function loadManifest(folder) {
+  const manifest = JSON.parse(readFileSync(join(folder, "manifest.json"), "utf8"));
+  if (manifest.format !== FORMAT || !SUPPORTED_VERSIONS.includes(manifest.format_version)) {
+    fail(`${folder}: not a supported exported optimizer (${manifest.format} v${manifest.format_version})`);
+  }
+  const file = manifest.graphs.fused.file;
+  const digest = createHash("sha256").update(readFileSync(join(folder, file))).digest("hex");
+  if (digest !== manifest.files[file]) {
+    fail(`${file} does not match its sha256 in manifest.json: the folder was modified after export`);
+  }
+  return manifest;
+}
+
+// The graph input's shape with the coordinate axis "n" replaced by the model size.
+function concreteShape(spec, n) {
+  return spec.shape.map((d) => (d === "n" ? n : d));
+}
+
+async function main() {
+  const [folder, inputPath, outputPath] = process.argv.slice(2);
+  if (!outputPath) fail("usage: node step.mjs FOLDER INPUT.json OUTPUT.json");
+  const manifest = loadManifest(folder);
+  const input = JSON.parse(readFileSync(inputPath, "utf8"));
+  const n = input.w.length;
+  if (input.grad.length !== n) fail(`grad has ${input.grad.length} values but w has ${n}`);
+  const given = {
+    w: input.w,
+    grad: input.grad,
+    lr: [input.lr ?? manifest.default_lr],
+    ...(input.state ?? {}),
+  };
+
+  const spec = manifest.graphs.fused;
+  const feeds = {};
+  for (const tensor of spec.inputs) {
+    const shape = concreteShape(tensor, n);
+    const size = shape.reduce((a, b) => a * b, 1);
+    const values = given[tensor.name] ?? new Array(size).fill(0);
+    if (values.length !== size) {
+      fail(`input ${tensor.name} needs ${size} values (shape [${shape}]), got ${values.length}`);
+    }
+    feeds[tensor.name] = new ort.Tensor("float32", Float32Array.from(values), shape);
+  }
+
+  const session = await ort.InferenceSession.create(join(folder, spec.file), {
+    executionProviders: ["cpu"],
+    graphOptimizationLevel: "all",
+  });
+  const results = await session.run(feeds);
+  const state = {};
+  for (const tensor of spec.outputs) {
+    if (tensor.name === "w_new") continue;
+    state[tensor.name.replace(/_new$/, "")] = Array.from(results[tensor.name].data);
+  }
+  writeFileSync(outputPath, JSON.stringify({ w: Array.from(results.w_new.data), state }));
+}
+
+main().catch((err) => fail(err.stack ?? String(err)));

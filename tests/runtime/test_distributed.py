@@ -1,0 +1,82 @@
+"""Sharded steps over torch.distributed (gloo, 2 processes) equal one unsharded step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+
+SHAPES = [(30, 4), (7,), (50,), (3, 3)]
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import runtime
+    from runtime.torch import LearnedOptimizer, all_reduce_sum
+
+    rank, folder, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    data = np.load(sys.argv[5])
+    mine = [k for k in sorted(data.files) if k.startswith("p") and int(k[1]) % 2 == rank]
+    params = [torch.nn.Parameter(torch.from_numpy(data[k].copy())) for k in mine]
+    opt = LearnedOptimizer(params, folder, chunk_size=16, all_reduce=all_reduce_sum(), threads=1)
+    for t in range(5):
+        for k, p in zip(mine, params):
+            p.grad = torch.from_numpy(data[f"g{t}_{k[1]}"].copy())
+        opt.step()
+    np.savez(out, **{k: p.detach().numpy() for k, p in zip(mine, params)})
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_gloo_shards_equal_the_unsharded_step(hyperadam_folder, tmp_path):
+    pytest.importorskip("torch.distributed")
+    rng = np.random.default_rng(0)
+    params = {f"p{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate(SHAPES)}
+    grads = {
+        f"g{t}_{i}": (rng.normal(size=s) * 0.1).astype(np.float32)
+        for t in range(5)
+        for i, s in enumerate(SHAPES)
+    }
+    np.savez(tmp_path / "data.npz", **params, **grads)
+    (tmp_path / "worker.py").write_text(WORKER)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    repo = Path(runtime.__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(tmp_path / "worker.py"),
+                str(rank),
+                str(hyperadam_folder),
+                init,
+                str(tmp_path / f"out{rank}.npz"),
+                str(tmp_path / "data.npz"),
+            ],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, output
+
+    whole = [params[f"p{i}"].copy() for i in range(len(SHAPES))]
+    stepper = runtime.load(hyperadam_folder, threads=1).bind(whole, chunk_size=16)
+    for t in range(5):
+        stepper.step([grads[f"g{t}_{i}"] for i in range(len(SHAPES))])
+    sharded = {**np.load(tmp_path / "out0.npz"), **np.load(tmp_path / "out1.npz")}
+    for i, expected in enumerate(whole):
+        np.testing.assert_allclose(sharded[f"p{i}"], expected, rtol=0, atol=1e-5)

@@ -1,0 +1,70 @@
+"""examples/node/step.mjs (onnxruntime-node) steps a Float32Array as the Python runtime does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
+
+
+def node_or_skip() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    if not (EXAMPLE / "node_modules" / "onnxruntime-node").is_dir():
+        pytest.skip("examples/node/node_modules is missing: run `npm ci` in examples/node")
+    return node
+
+
+def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path):
+    node = node_or_skip()
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=50).astype(np.float32)
+    grads = [(rng.normal(size=50) * 0.1).astype(np.float32) for _ in range(4)]
+    python_w = w.copy()
+    stepper = runtime.load(hyperadam_folder, threads=1).bind([python_w], lr=0.01)
+    for g in grads[:3]:
+        stepper.step([g])
+    saved = stepper.state_dict()  # the state before the 4th step, handed to node
+    state = {  # graph layout: a [n, k] field is k rows of n values
+        name: (value.T if value.ndim == 2 and value.shape[0] == 50 else value).ravel().tolist()
+        for name, value in saved["state"].items()
+    }
+    inputs = {"w": python_w.tolist(), "grad": grads[3].tolist(), "lr": 0.01, "state": state}
+    (tmp_path / "in.json").write_text(json.dumps(inputs))
+    stepper.step([grads[3]])
+
+    result = subprocess.run(
+        [node, str(EXAMPLE / "step.mjs"), str(hyperadam_folder), str(tmp_path / "in.json"),
+         str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=120, cwd=EXAMPLE,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    node_w = np.asarray(out["w"], np.float32)
+    np.testing.assert_allclose(node_w, python_w, rtol=1e-6, atol=1e-7)
+    h = np.asarray(out["state"]["h"], np.float32).reshape(20, 50).T
+    np.testing.assert_allclose(h, stepper.state_dict()["state"]["h"], rtol=1e-5, atol=1e-6)
+
+
+def test_node_refuses_a_tampered_folder(hyperadam_folder, tmp_path):
+    node = node_or_skip()
+    folder = tmp_path / "copy"
+    shutil.copytree(hyperadam_folder, folder)
+    with open(folder / "fused.onnx", "ab") as f:
+        f.write(b"\0")
+    (tmp_path / "in.json").write_text(json.dumps({"w": [0.0], "grad": [1.0]}))
+    result = subprocess.run(
+        [node, str(EXAMPLE / "step.mjs"), str(folder), str(tmp_path / "in.json"),
+         str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=120, cwd=EXAMPLE,
+    )  # fmt: skip
+    assert result.returncode == 2 and "does not match its sha256" in result.stderr
