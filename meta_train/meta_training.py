@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import platform
 import signal
 import sys
 import threading
@@ -446,8 +448,22 @@ def _prune_local_checkpoints(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def hardware_description() -> str:
+    """The learner's machine in one line (the workers may be elsewhere: see the worker count)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, {platform.system()}"
+
+
 def _tags(config: RunConfig, family_digest: str) -> dict[str, str]:
     return {
+        "hyperadam.hardware": hardware_description(),
         "hyperadam.optimizer": config.optimizer,
         "hyperadam.task": config.task,
         "hyperadam.family_digest": family_digest,

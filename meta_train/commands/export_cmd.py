@@ -158,6 +158,7 @@ def _theta_from_run(
         "trainer": f"hyperadam meta-train ({params.get('optimizer', '?')}, seed "
         f"{params.get('seed', '?')}, {mlflow_run.data.tags.get('hyperadam.workers', '?')} "
         "workers)",
+        "hardware": mlflow_run.data.tags.get("hyperadam.hardware"),
     }
     if checkpoint == "best":
         path = _download(client, run_id, THETA_BEST, tmp, "no best θ (theta/best/theta.npz): "
@@ -166,7 +167,7 @@ def _theta_from_run(
 
         artifact = load_theta(path)
         step = artifact.meta.get("step")
-        lineage.update(step=step, meta_updates=step)
+        lineage.update(step=step, meta_updates=step, wall_time_s=_wall_time(client, run_id, step))
         return client, artifact.method, path, lineage, artifact.meta.get("lr")
     return (client, *_theta_from_checkpoint(client, run_id, checkpoint, tmp, lineage))
 
@@ -206,9 +207,23 @@ def _theta_from_checkpoint(
     lineage.update(
         step=loaded.step,
         meta_updates=loaded.step,
+        wall_time_s=_wall_time(client, run_id, loaded.step),
         task_digest=loaded.family_digest or lineage["task_digest"],
     )
     return optimizer.name, theta, lineage, config.unroll.lr
+
+
+def _wall_time(client: Any, run_id: str, step: Any) -> float | None:
+    """Seconds from the run's start to its meta-loss at ``step`` (pauses between resumes count)."""
+    try:
+        start = client.get_run(run_id).info.start_time
+        history = client.get_metric_history(run_id, "meta/loss")
+    except Exception:  # noqa: BLE001 - lineage is best effort; the export itself goes on
+        return None
+    stamps = [m.timestamp for m in history if step is None or m.step < int(step)]
+    if not stamps or start is None:
+        return None
+    return round((max(stamps) - start) / 1000.0, 1)
 
 
 def _download(client: Any, run_id: str, path: str, tmp: Path, missing: str) -> Path:
