@@ -13,11 +13,16 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-# Coordinates per chunk. At 4096 a chunk's [20, n] temporaries stay in a core's L2 cache; on the
-# project's 2-core Xeon (single-thread CPU time, HyperAdam J = 20) a step took 51 ms at p = 10⁵
-# and 0.56 s at 10⁶ in 4096-chunks, against 112 ms and 1.26 s for one fused whole-model graph;
-# 1024–8192 were within 10 % of 4096.
-DEFAULT_CHUNK_SIZE = 4096
+# Coordinates per chunk. A chunk's [20, n] temporaries should stay in a core's L2 cache (2 MiB
+# on the project's Xeon): the step makes ~50 elementwise passes over [20, n] tensors, and each
+# costs ~0.3 ns per element from L2 against several times that from memory. HyperAdam (J = 20),
+# CPU time per coordinate of a staged step, measured interleaved in one process on the busy
+# 2-core machine (benchmarks/bench_runtime.py for the method), 1 thread at p ≈ 10⁵:
+# 1024: 708 ns, 1536: 662, 2048: 650, 3072: 709, 4096: ~700–770; 2 threads at 10⁶: 1536: 690,
+# 2048: 716, 3072: 730, 4096: 772. Below ~1024 the per-node and per-call overheads
+# (~0.5 µs per node, ~5 µs per graph call) start to show; one fused whole-model graph at 10⁶ is
+# 2–3× slower than any of these, since its temporaries stream from memory.
+DEFAULT_CHUNK_SIZE = 2048
 
 
 @dataclasses.dataclass(frozen=True)
