@@ -133,19 +133,12 @@ def continue_from_checkpoint(
         checkpoint = ckpt_lib.load(path)
     except (OSError, CheckpointError) as error:
         raise UsageError(f"cannot continue from the checkpoint: {error}") from None
-    merged = RunConfig.from_dict(checkpoint.config).to_dict()
-    for layer in overrides:
-        merged = merge(merged, layer)
-    mismatches = identity_mismatches(identity_params(checkpoint.config), merged)
-    if mismatches:
-        raise UsageError(
-            f"cannot continue from {path}: the config differs from the checkpoint's in "
-            + "; ".join(mismatches)
-        )
-    try:
-        config = RunConfig.from_dict(merged)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    config = _continued_config(
+        checkpoint.config,
+        overrides,
+        identity_params(checkpoint.config),
+        f"cannot continue from {path}: the config differs from the checkpoint's in ",
+    )
     config = dataclasses.replace(config, workers=_given_workers(overrides))
     if options.announce is not None:
         options.announce(f"continuing {path} (run {checkpoint.run_id}, step {checkpoint.step})")
@@ -175,21 +168,13 @@ def resume_run(
         logged_config = checkpoint.config
     else:
         logged_config = _logged_config(client, run_id, run_dir)
-    # The run's own config, complete: the optimizer's recipe is not applied again.
-    merged = RunConfig.from_dict(logged_config).to_dict()
-    for layer in overrides:
-        merged = merge(merged, layer)
     logged = {k: v for k, v in run.data.params.items() if k not in DERIVED_PARAMS}
-    mismatches = identity_mismatches(logged, merged)
-    if mismatches:
-        raise UsageError(
-            f"cannot resume run {run_id}: the config differs from the run's in "
-            + "; ".join(mismatches)
-        )
-    try:
-        config = RunConfig.from_dict(merged)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    config = _continued_config(
+        logged_config,
+        overrides,
+        logged,
+        f"cannot resume run {run_id}: the config differs from the run's in ",
+    )
     family = config.make_family(options.data_dir)
     _check_family(family)
     with connect(options.ray_address) as cpus:
@@ -207,6 +192,26 @@ def resume_run(
             start = checkpoint.step if checkpoint is not None else 0
             options.announce(f"MLflow run {run_id} resumed at step {start} ({tracking_uri})")
         return _train(config, tracker, checkpoint, options, family.digest())
+
+
+def _continued_config(
+    saved: Mapping[str, Any],
+    overrides: Sequence[Mapping[str, Any]],
+    identity: Mapping[str, str],
+    refusal: str,
+) -> RunConfig:
+    """The saved config with ``overrides`` on top, refused if they change its identity."""
+    # The run's own config, complete: the optimizer's recipe is not applied again.
+    merged = RunConfig.from_dict(saved).to_dict()
+    for layer in overrides:
+        merged = merge(merged, layer)
+    mismatches = identity_mismatches(identity, merged)
+    if mismatches:
+        raise UsageError(refusal + "; ".join(mismatches))
+    try:
+        return RunConfig.from_dict(merged)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 # -- training ---------------------------------------------------------------------------------
