@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--task", default="mnist")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--profile-threads", type=int, default=None, help="threads of the profiled run (default: min)"
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -103,8 +106,9 @@ def main() -> None:
             )
     print(f"load average {os.getloadavg()[0]:.1f} at end")
 
-    # Where the fused meta-update's time goes, at the smallest thread count (a worker uses 1).
-    torch.set_num_threads(min(args.threads))
+    # Where the fused meta-update's time goes, by default at the smallest thread count (a worker
+    # uses 1).
+    torch.set_num_threads(args.profile_threads or min(args.threads))
     fast = variants[1]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(3):
@@ -118,7 +122,7 @@ def main() -> None:
         f"{fwd / total:.0%}, fused step backward {bwd / total:.0%}, everything else "
         f"{1 - (fwd + bwd) / total:.0%} of {total / 3e6:.3f} s CPU per meta-update"
     )
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 if __name__ == "__main__":

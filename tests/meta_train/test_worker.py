@@ -46,6 +46,23 @@ def test_trajectory_arrays_round_trip_exactly(parts):
     assert arrays.nbytes == sum(t.numel() * 4 for t in (trajectory.params, *trajectory.opt_state))
 
 
+def test_trajectory_arrays_are_contiguous_even_from_the_fused_steps_planes(parts):
+    # Ray ships contiguous arrays as out-of-band buffers; a transposed view would be pickled
+    # in-band, a copy per message (the fused step keeps its state as [J, p] planes).
+    optimizer, family, theta = parts
+    fast = dataclasses.replace(CONFIG, implementation="fast").make_optimizer()
+    task = family.build(family.sample(1))
+    trajectory = start_trajectory(fast, task, 1)
+    loss, grad = task.loss_and_grad(trajectory.params, task.sample_batch(torch.Generator()))
+    _, state = fast.step(fast.unflatten(theta), grad, trajectory.opt_state, lr=0.01)
+    assert any(not t.is_contiguous() for t in state), "the fused state is no longer planar"
+    arrays = TrajectoryArrays.from_trajectory(trajectory._replace(opt_state=state))
+    assert all(a.flags["C_CONTIGUOUS"] for a in (arrays.params, *arrays.state))
+    back = arrays.to_trajectory(type(state))
+    for a, b in zip(back.opt_state, state, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_trajectory_arrays_refuse_another_state_layout(parts):
     optimizer, family, _ = parts
     arrays = TrajectoryArrays.from_trajectory(
