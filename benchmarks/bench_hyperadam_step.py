@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--task", default="mnist")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument(
-        "--profile-threads", type=int, default=None, help="threads of the profiled run (default: min)"
+        "--profile-threads",
+        type=int,
+        default=None,
+        help="threads of the profiled run (default: min)",
     )
     args = parser.parse_args()
 
