@@ -8,7 +8,14 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..paper import OPTIMIZERS
-from ..reproduce import QUICK_RUNS, ReproduceConfig, merge_reports, run_grid, write_report
+from ..reproduce import (
+    QUICK_RUNS,
+    ReproduceConfig,
+    changed_optimizers,
+    merge_reports,
+    run_grid,
+    write_report,
+)
 from ._threads import add_threads_flag, apply_threads
 
 
@@ -104,10 +111,17 @@ def run(args: argparse.Namespace) -> int:
             previous = json.loads((Path(args.out) / "results.json").read_text())
         except ValueError as error:
             raise UsageError(f"cannot merge into {args.out}/results.json: {error}") from None
+    described = describe_optimizers(config.optimizers)
+    if previous is not None and (changed := changed_optimizers(previous, described)):
+        # Checked before any cell runs: a refused merge costs nothing and changes no file.
+        raise UsageError(
+            f"--merge: {', '.join(changed)} in {args.out}/results.json came from another θ than "
+            "the one shipped now; one report holds one θ per optimizer (use another --out)"
+        )
     report = run_grid(config)
+    report["optimizers"] = described
     if previous is not None:
         report = merge_reports(previous, report)
-    report["optimizers"] = describe_optimizers(config.optimizers)
     files = write_report(report, config, Path(args.out))
     print(f"wrote {files[0]} and {len(files) - 1} more files")
     if args.tracking_uri.lower() != "none":

@@ -16,7 +16,9 @@ from meta_train.reproduce import (
     ANALYSIS_END,
     QUICK_TASKS,
     ReproduceConfig,
+    changed_optimizers,
     merge_reports,
+    ratio_rows,
     run_grid,
     write_report,
 )
@@ -89,13 +91,14 @@ def test_every_number_in_the_report_comes_from_results_json(quick_report):
     assert found <= measured
     assert all(runs == "2" for _, _, runs in found)  # --quick: 2 runs per cell
     # The ratio table is HyperAdam / Adam of those same numbers.
-    for label, paper_ratio, ours, verdict in table_rows(
+    for label, paper_ratio, ours, runs, verdict in table_rows(
         markdown, "HyperAdam / Adam ratio (lower is better)"
     ):
         task = next(r.task for r in GRID if f"{r.section}: {r.label}" == label)
         cells = report["results"][task]
         ratio = cells["hyperadam"]["final_loss_mean"] / cells["adam"]["final_loss_mean"]
         assert ours == f"{ratio:.2f}"
+        assert runs == "2"
         assert verdict == ("yes" if ratio <= float(paper_ratio) else "no")
 
 
@@ -161,3 +164,67 @@ def test_the_full_report_shows_every_row_of_the_paper_even_unrun(quick_report, t
         assert f"| {row.label} (`{row.task}`) | {row.metric} |" in markdown
     cnn = table_rows(markdown, "Table 3")[0]
     assert cnn[6:] == ["not run"] * 4
+
+
+def test_a_merged_report_shows_every_sittings_optimizers_and_lineage(quick_report, tmp_path):
+    docs, _ = quick_report
+    first = json.loads((docs / "results.json").read_text())
+    only = ("dm", "rnnprop", "hyperadam")
+    learned = {
+        task: {n: e for n, e in cells.items() if n in only}
+        for task, cells in first["results"].items()
+    }
+    adam = {task: {"adam": cells["adam"]} for task, cells in first["results"].items()}
+    earlier = {**first, "results": learned, "config": {**first["config"], "optimizers": only}}
+    later = {
+        **first,
+        "results": adam,
+        "config": {**first["config"], "optimizers": ["adam"]},
+        "optimizers": {"adam": first["optimizers"]["adam"]},
+    }
+    merged = merge_reports(earlier, later)
+    assert merged["optimizers"] == first["optimizers"]  # the learned ones' lineage survives
+    write_report(merged, ReproduceConfig(quick=True, runs=2), tmp_path)
+    markdown = (tmp_path / "results.md").read_text()
+    header = markdown.split("## Table 1\n", 1)[1].split("\n")[1]
+    assert header == (
+        "| row | metric | adam (paper) | dm (paper) | rnnprop (paper) | hyperadam (paper) | "
+        "adam (ours) | dm (ours) | rnnprop (ours) | hyperadam (ours) |"
+    )
+    assert "runs per cell: as each cell says" in markdown
+    for name in ("adam", "dm", "rnnprop", "hyperadam"):
+        assert f"- **{name}**: {first['optimizers'][name]}" in markdown
+
+
+def test_merging_refuses_a_learned_optimizer_whose_theta_changed(quick_report, tmp_path, capsys):
+    docs, _ = quick_report
+    first = json.loads((docs / "results.json").read_text())
+    assert changed_optimizers(first, dict(first["optimizers"])) == []
+    moved = {**first["optimizers"], "hyperadam": first["optimizers"]["hyperadam"] + ", retrained"}
+    assert changed_optimizers(first, moved) == ["hyperadam"]
+    # Through the CLI: refused before any cell runs, the report left as it was.
+    first["optimizers"] = moved
+    out = tmp_path / "docs"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(first))
+    before = (out / "results.json").read_bytes()
+    args = ["reproduce", "--merge", "--out", str(out), "--tracking-uri", "none"]
+    code = cli.main([*args, "--tasks", "sin-lstm", "--runs", "1", "--optimizers", "hyperadam"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "hyperadam" in err and "another θ" in err
+    assert (out / "results.json").read_bytes() == before
+    assert not (out / "results.md").exists()
+
+
+def test_the_ratio_compares_final_losses_on_the_runs_both_cells_have():
+    row = next(r for r in GRID if r.task == "mnist-nn-sigmoid-2000")
+    cell = {"seed": 0, "final_loss_mean": 0.0, "final_loss_std": 0.0}
+    results = {
+        row.task: {
+            "adam": {**cell, "runs": 3, "final_losses": [1.0, 3.0, 5.0]},
+            "hyperadam": {**cell, "runs": 1, "final_losses": [0.5]},
+        }
+    }
+    (ratio,) = ratio_rows([row], results)
+    assert ratio["ours"] == 0.5 and ratio["runs"] == 1  # run 0 against run 0, not against 3.0
