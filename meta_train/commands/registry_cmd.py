@@ -18,7 +18,7 @@ PROMOTE_HELP = (
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    from export.registry import DEFAULT_EVAL_RUNS, DEFAULT_GATE, DEFAULT_HELD_OUT_TASKS
+    from export.promotion import DEFAULT_EVAL_RUNS, DEFAULT_GATE, DEFAULT_HELD_OUT_TASKS
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = sub.add_parser("list", help="versions, aliases and evaluation results")
@@ -112,11 +112,11 @@ def _list(args: argparse.Namespace, uri: str) -> int:
 
 
 def _promote(args: argparse.Namespace, uri: str) -> int:
-    from export import registry
+    from export import promotion
 
     apply_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = registry.promote(
+    result = promotion.promote(
         uri,
         args.name,
         args.version,

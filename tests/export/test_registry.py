@@ -1,4 +1,5 @@
-"""export.registry: log → register → promote → load by alias, on sqlite and on a real server."""
+"""export.registry and export.promotion: log → register → promote → load by alias, on sqlite and
+on a real server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import runtime
-from export import export_optimizer, registry
+from export import export_optimizer, promotion, registry
 from meta_train.optimizers import HyperAdam
 from meta_train.seeding import generator
 from meta_train.tasks.suite import TEST_TASKS
@@ -108,7 +109,7 @@ def check_round_trip(uri, tmp_path, monkeypatch):
 
 def test_round_trip_and_promotion_on_sqlite(tracking_uri, tmp_path, monkeypatch):
     client, _ = check_round_trip(tracking_uri, tmp_path, monkeypatch)
-    result = registry.promote(
+    result = promotion.promote(
         tracking_uri, "opt", 1, gate=1.01, cache_dir=tmp_path / "cache", **QUICK
     )
     assert result.passed
@@ -117,7 +118,7 @@ def test_round_trip_and_promotion_on_sqlite(tracking_uri, tmp_path, monkeypatch)
 
 def test_round_trip_and_promotion_on_a_real_server(mlflow_server, tmp_path, monkeypatch):
     client, _ = check_round_trip(mlflow_server.url, tmp_path, monkeypatch)
-    result = registry.promote(
+    result = promotion.promote(
         mlflow_server.url, "opt", 1, gate=1.01, cache_dir=tmp_path / "cache", **QUICK
     )
     assert result.passed
@@ -137,13 +138,13 @@ def test_gate_moves_champion_for_a_tie_with_adam_and_not_for_random_theta(tracki
     assert str(registry.register(client, "opt", rand).version) == "2"
     cache = tmp_path / "cache"
 
-    passed = registry.promote(tracking_uri, "opt", 1, gate=1.01, cache_dir=cache, **QUICK)
+    passed = promotion.promote(tracking_uri, "opt", 1, gate=1.01, cache_dir=cache, **QUICK)
     assert passed.passed and passed.champion_before is None and passed.champion_after == 1
     (tie_cmp,) = passed.comparisons
     assert tie_cmp.candidate_lr == ADAM_LR == tie_cmp.adam_lr
     assert abs(tie_cmp.ratio - 1) < 0.01  # Adam up to ε placement and fp32 β
 
-    failed = registry.promote(tracking_uri, "opt", 2, gate=1.01, cache_dir=cache, **QUICK)
+    failed = promotion.promote(tracking_uri, "opt", 2, gate=1.01, cache_dir=cache, **QUICK)
     assert not failed.passed and failed.champion_after == 1 and failed.mean_ratio > 1.01
     assert str(client.get_model_version_by_alias("opt", "champion").version) == "1"
 
@@ -209,8 +210,8 @@ def test_list_and_promote_refuse_unknown_names(tracking_uri):
     with pytest.raises(LookupError, match="no registered model named 'nope'"):
         registry.list_versions(client, "nope")
     with pytest.raises(LookupError, match="no registered model named 'nope'"):
-        registry.promote(tracking_uri, "nope", 1, **QUICK)
+        promotion.promote(tracking_uri, "nope", 1, **QUICK)
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['mnist-nope'\]"):
-        registry.promote(tracking_uri, "nope", 1, tasks=["mnist-nope"])
+        promotion.promote(tracking_uri, "nope", 1, tasks=["mnist-nope"])
     with pytest.raises(ValueError, match="model name must start with a letter or digit"):
         registry.check_model_name("a/b")
