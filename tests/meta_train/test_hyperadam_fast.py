@@ -152,6 +152,28 @@ def test_zero_gradients(kind):
     assert_all_close(fast, ref, rtol=1e-4)
 
 
+def test_subnormal_state_is_flushed_inside_the_kernel_only():
+    # A candidate whose gradients stay zero decays into subnormals, which x86 computes with a
+    # slow microcode assist; the kernel treats them as zero (FTZ/DAZ), and only inside itself.
+    opt = HyperAdam(20)
+    p = 1000
+    theta = perturbed_theta(opt, torch.float32)
+    grad = gradients(p, 1, torch.float32)[0]
+    state = random_state(p, 20, torch.float32)
+    tiny = torch.rand(p, 20, generator=generator(0, 9)) < 0.3
+    subnormal = HyperAdamState(*(torch.where(tiny, torch.full_like(x, 1e-39), x) for x in state))
+    zeroed = HyperAdamState(*(torch.where(tiny, torch.zeros_like(x), x) for x in state))
+    assert float(subnormal.m[tiny][0]) != 0.0  # really subnormal, not already flushed
+    with torch.no_grad():
+        d_sub, s_sub = hyperadam_step_fast(theta, grad, subnormal)
+        d_zero, s_zero = hyperadam_step_fast(theta, grad, zeroed)
+    assert torch.equal(d_sub, d_zero)
+    for a, b in zip(s_sub, s_zero, strict=True):
+        assert torch.equal(a, b)
+    # The caller's floating-point mode is restored: torch still produces subnormals.
+    assert float(torch.tensor(1e-38) / 100) != 0.0
+
+
 def test_no_grad_forward_and_state_interchange():
     """Under no_grad the step is the same, and either implementation continues the other."""
     opt = HyperAdam(20)
