@@ -10,6 +10,9 @@ them alike; compare ratios, not absolute seconds, on a shared machine.
     .venv/bin/python benchmarks/bench_hyperadam_step.py [--repeats 7] [--threads 1 2] [--compile]
 
 ``--compile`` adds ``torch.compile(hyperadam_step)`` (compiles for about a minute first).
+``--subnormals`` also times one no-grad step at CNN-2's p = 117,434 from a normal state and from
+a stalled network's state (moments decayed into subnormals, zero gradient), for both
+implementations: what a dead unit costs on x86 without flush-to-zero.
 """
 
 from __future__ import annotations
@@ -47,12 +50,40 @@ class Variant(HyperAdam):
         return self._step(theta, grad, state, lr=lr)
 
 
+def time_subnormal_states(num_candidates: int, threads: int, p: int = 117_434) -> None:
+    """One step from a normal state vs from a subnormal one (zero gradient), both
+    implementations, interleaved; medians of 5."""
+    torch.set_num_threads(threads)
+    variants = [Variant(label, num_candidates) for label in ("reference", "fast")]
+    theta = variants[0].init_theta(torch.Generator().manual_seed(0))
+    normal = HyperAdamState(*(torch.full((p, num_candidates), 1e-3) for _ in range(6)))
+    stalled = HyperAdamState(*(torch.full((p, num_candidates), 1e-39) for _ in range(6)))
+    cases = {"normal": (normal, torch.randn(p) * 1e-3), "subnormal": (stalled, torch.zeros(p))}
+    times: dict[tuple[str, str], list[float]] = {}
+    with torch.no_grad():
+        for _ in range(6):  # the first round warms up
+            for variant in variants:
+                for case, (state, grad) in cases.items():
+                    t0 = time.perf_counter()
+                    variant.step(theta, grad, state, lr=0.005)
+                    times.setdefault((variant.label, case), []).append(time.perf_counter() - t0)
+    print(f"\none no-grad step at p = {p}, threads={threads} (median of 5):")
+    for variant in variants:
+        normal_s = statistics.median(times[variant.label, "normal"][1:])
+        sub_s = statistics.median(times[variant.label, "subnormal"][1:])
+        print(
+            f"  {variant.label:>9}: normal state {normal_s:.3f} s, subnormal state {sub_s:.3f} s "
+            f"(x{sub_s / normal_s:.2f})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--task", default="mnist")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--subnormals", action="store_true", help="also time subnormal states")
     parser.add_argument(
         "--profile-threads",
         type=int,
@@ -108,6 +139,9 @@ def main() -> None:
                 f"(min {min(ts):.3f}, max {max(ts):.3f}, n={len(ts)})  speed-up x{ref / med:.2f}"
             )
     print(f"load average {os.getloadavg()[0]:.1f} at end")
+
+    if args.subnormals:
+        time_subnormal_states(config.num_candidates, min(args.threads))
 
     # Where the fused meta-update's time goes, by default at the smallest thread count (a worker
     # uses 1).
