@@ -185,6 +185,8 @@ def format_ours(entry: dict[str, Any] | None, metric: str) -> str:
     diverged = f", {entry['diverged_runs']} diverged" if entry.get("diverged_runs") else ""
     if not math.isfinite(mean):
         return f"diverged ({entry['runs']}{diverged})"
+    if entry["runs"] == 1:  # one run has no spread to show
+        return f"{mean:.4f} ({entry['runs']}{diverged})"
     return f"{mean:.4f} ± {std:.4f} ({entry['runs']}{diverged})"
 
 

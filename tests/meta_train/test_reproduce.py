@@ -17,6 +17,7 @@ from meta_train.reproduce import (
     QUICK_TASKS,
     ReproduceConfig,
     changed_optimizers,
+    format_ours,
     merge_reports,
     ratio_rows,
     run_grid,
@@ -228,3 +229,5 @@ def test_the_ratio_compares_final_losses_on_the_runs_both_cells_have():
     }
     (ratio,) = ratio_rows([row], results)
     assert ratio["ours"] == 0.5 and ratio["runs"] == 1  # run 0 against run 0, not against 3.0
+    one = {**cell, "runs": 1, "final_losses": [0.5], "final_loss_mean": 0.5, "diverged_runs": 0}
+    assert format_ours(one, "final_loss") == "0.5000 (1)"  # no spread to show for one run
