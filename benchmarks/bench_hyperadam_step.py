@@ -23,6 +23,7 @@ import statistics
 import time
 
 import torch
+from machine import describe_machine  # benchmarks/machine.py, beside this script
 
 from meta_train.optimizers.hyperadam import HyperAdam, HyperAdamState, hyperadam_step
 from meta_train.optimizers.hyperadam_fast import kernels
@@ -92,6 +93,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    print(f"machine: {describe_machine()}")
     start = time.perf_counter()
     kernels()
     print(f"fused kernels ready in {time.perf_counter() - start:.1f} s ({kernels().path.name})")

@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 import torch
+from machine import describe_machine  # benchmarks/machine.py, beside this script
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from meta_train.learner import Learner
@@ -250,7 +251,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    results: dict[str, Any] = {"cpus": os.cpu_count(), "torch": torch.__version__}
+    results: dict[str, Any] = {
+        "cpus": os.cpu_count(), "torch": torch.__version__, "machine": describe_machine()
+    }
+    print(f"machine: {results['machine']}")
     if not args.skip_throughput:
         config = build_config({"task": args.task, "meta_batch": 2, "validation": {"every": 0}})
         t = throughput(config, args.steps, args.rounds)

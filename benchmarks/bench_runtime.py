@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from machine import describe_machine  # benchmarks/machine.py, beside this script
 
 import runtime
 from export import export_optimizer
@@ -228,6 +229,7 @@ MEMORY_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
+sys.path.insert(0, str(Path(sys.argv[4]) / "benchmarks"))
 import torch
 torch.set_num_threads(int(sys.argv[3]))
 from benchmarks.bench_runtime import first_touch_bytes, make_contenders
@@ -314,6 +316,7 @@ def main() -> None:
     folder = args.folder or export_current_graphs(Path(tmp.name))
     flops = {role: flops_per_coordinate(folder, role) for role in mf.hyperadam_graphs(20)}
     staged = flops[mf.STATE_STAGE] + flops[mf.UPDATE_STAGE]
+    print(f"machine: {describe_machine()}")
     print(
         f"threads = {threads} for every contender; load average {os.getloadavg()[0]:.1f} at "
         f"start; {folder}\nFLOPs per coordinate counted from the graphs: fused "
