@@ -64,8 +64,13 @@ def time_plain(config: RunConfig, steps: int, optimizer, family) -> float:
     try:
         start = time.perf_counter()
         train_local(
-            optimizer, family, steps=steps, run_seed=config.seed, unroll=config.unroll,
-            meta_optim=config.meta_optim, meta_batch=config.meta_batch,
+            optimizer,
+            family,
+            steps=steps,
+            run_seed=config.seed,
+            unroll=config.unroll,
+            meta_optim=config.meta_optim,
+            meta_batch=config.meta_batch,
         )
         return time.perf_counter() - start
     finally:
@@ -87,8 +92,9 @@ def time_two_processes(config: RunConfig, steps: int) -> float:
     context = multiprocessing.get_context("spawn")
     barrier, out = context.Barrier(2), context.Queue()
     single = dataclasses.replace(config, meta_batch=1)
-    procs = [context.Process(target=_plain_process, args=(single, steps, barrier, out))
-             for _ in range(2)]
+    procs = [
+        context.Process(target=_plain_process, args=(single, steps, barrier, out)) for _ in range(2)
+    ]
     for proc in procs:
         proc.start()
     seconds = [out.get(timeout=3600) for _ in procs]
@@ -120,8 +126,9 @@ def throughput(config: RunConfig, steps: int, rounds: int) -> dict[str, Any]:
     inner = steps * config.meta_batch * config.unroll.truncation
     optimizer, family = config.make_optimizer(), config.make_family()
     time_plain(config, 1, optimizer, family)  # warm: dataset, allocator
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
     seconds: dict[str, list[float]] = {"plain": [], "ray-1": [], "ray-2": [], "plain×2": []}
     try:
         for _ in range(rounds):
@@ -187,8 +194,7 @@ def labelled(fn, label: str):
 
 
 def meta_update(config: RunConfig, optimizer, family, theta, meta_opt, trajectory) -> None:
-    out = slot_work(optimizer, family, config.unroll, theta.detach(), config.seed, 0, 1,
-                    trajectory)
+    out = slot_work(optimizer, family, config.unroll, theta.detach(), config.seed, 0, 1, trajectory)
     grad, _ = average_gradients([out.meta_grad], config.meta_optim.clip_norm)
     apply_meta_gradient(theta, meta_opt, grad)
 
@@ -252,24 +258,32 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     results: dict[str, Any] = {
-        "cpus": os.cpu_count(), "torch": torch.__version__, "machine": describe_machine()
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "machine": describe_machine(),
     }
     print(f"machine: {results['machine']}")
     if not args.skip_throughput:
         config = build_config({"task": args.task, "meta_batch": 2, "validation": {"every": 0}})
         t = throughput(config, args.steps, args.rounds)
         results["throughput"] = t
-        print(f"throughput: {t['meta_steps']} meta-steps × meta-batch {t['meta_batch']} × 20 "
-              f"inner steps = {t['inner_steps']} inner steps per mode ({args.task})")
+        print(
+            f"throughput: {t['meta_steps']} meta-steps × meta-batch {t['meta_batch']} × 20 "
+            f"inner steps = {t['inner_steps']} inner steps per mode ({args.task})"
+        )
         for mode, rate in t["inner_steps_per_s"].items():
             rounds = ", ".join(f"{x:.2f}" for x in t["seconds"][mode])
             print(f"  {mode:8s} {rate:8.1f} inner steps/s   (seconds per round: {rounds})")
         print(f"  ray-1 / plain = {t['ray1_over_plain']:.2f}   (target >= 0.9)")
         print(f"  ray-2 / ray-1 = {t['ray2_over_ray1']:.2f}   (target >= 1.7)")
-        print(f"  plain×2 / plain = {t['two_processes_over_plain']:.2f}   (the machine's own "
-              "two-process scaling, no Ray)")
-        print(f"  load average during the run: {t['load_average'][0]:.2f} on {os.cpu_count()} "
-              "CPUs (other processes share this machine)")
+        print(
+            f"  plain×2 / plain = {t['two_processes_over_plain']:.2f}   (the machine's own "
+            "two-process scaling, no Ray)"
+        )
+        print(
+            f"  load average during the run: {t['load_average'][0]:.2f} on {os.cpu_count()} "
+            "CPUs (other processes share this machine)"
+        )
     if not args.skip_profile:
         torch.set_num_threads(1)
         results["profile"] = []
@@ -277,11 +291,11 @@ def main() -> None:
         for name in ("hyperadam", "rnnprop", "dm"):
             p = profile_optimizer(name, args.task, args.repeats)
             results["profile"].append(p)
-            breakdown = "  ".join(
-                f"{k} {100 * v:.0f}%" for k, v in p["phases_fraction"].items()
+            breakdown = "  ".join(f"{k} {100 * v:.0f}%" for k, v in p["phases_fraction"].items())
+            print(
+                f"  {name:9s} {p['seconds_per_meta_update']:.3f} s   (profiled "
+                f"{p['profiled_seconds']:.3f} s: {breakdown})"
             )
-            print(f"  {name:9s} {p['seconds_per_meta_update']:.3f} s   (profiled "
-                  f"{p['profiled_seconds']:.3f} s: {breakdown})")
             for key, seconds, count in p["top_ops"][:5]:
                 print(f"      {key:40s} {seconds * 1e3:8.1f} ms self  ×{count}")
     if args.json:
