@@ -44,6 +44,9 @@ from .tracking import Tracker, TrackingError, get_run, make_client
 from .validation import VALIDATION_BEST, Validator
 from .worker import FaultInjection
 
+# Validation may differ in a new run that continues a checkpoint file (it does not steer θ).
+VALIDATION_PREFIX = "validation."
+
 CHECKPOINT_DIR = "checkpoints"  # local folder and MLflow artifact path
 KEEP_LOCAL_CHECKPOINTS = 2
 DERIVED_PARAMS = ("family_digest", "config_digest")
@@ -138,11 +141,31 @@ def continue_from_checkpoint(
         overrides,
         identity_params(checkpoint.config),
         f"cannot continue from {path}: the config differs from the checkpoint's in ",
+        free=(VALIDATION_PREFIX,),
     )
     config = dataclasses.replace(config, workers=_given_workers(overrides))
+    checkpoint, restarted = validation_restarted(checkpoint, config)
     if options.announce is not None:
         options.announce(f"continuing {path} (run {checkpoint.run_id}, step {checkpoint.step})")
+        if restarted:
+            options.announce(
+                "validation differs from the checkpoint's: the best θ and the validation curve "
+                "start afresh in this run"
+            )
     return start_run(config, options, checkpoint)
+
+
+def validation_restarted(checkpoint: Checkpoint, config: RunConfig) -> tuple[Checkpoint, bool]:
+    """The checkpoint to continue under ``config``'s validation, and whether that changed.
+
+    Validation does not steer θ, so a new run may validate differently from the run it continues
+    (e.g. on a held-out evaluation seed); but a best θ or a curve measured the old way cannot be
+    compared with the new measurements, so both are dropped then.
+    """
+    if RunConfig.from_dict(checkpoint.config).validation == config.validation:
+        return checkpoint, False
+    history = dataclasses.replace(checkpoint.history, validation_steps=(), validation_loss=())
+    return dataclasses.replace(checkpoint, history=history, best=None), True
 
 
 def resume_run(
@@ -199,13 +222,21 @@ def _continued_config(
     overrides: Sequence[Mapping[str, Any]],
     identity: Mapping[str, str],
     refusal: str,
+    free: tuple[str, ...] = (),
 ) -> RunConfig:
-    """The saved config with ``overrides`` on top, refused if they change its identity."""
+    """The saved config with ``overrides`` on top, refused if they change its identity.
+
+    Identity params starting with a prefix in ``free`` may change.
+    """
     # The run's own config, complete: the optimizer's recipe is not applied again.
     merged = RunConfig.from_dict(saved).to_dict()
     for layer in overrides:
         merged = merge(merged, layer)
-    mismatches = identity_mismatches(identity, merged)
+    mismatches = [
+        m
+        for m in identity_mismatches(identity, merged)
+        if not any(m.startswith(prefix) for prefix in free)
+    ]
     if mismatches:
         raise UsageError(refusal + "; ".join(mismatches))
     try:

@@ -379,3 +379,33 @@ def test_a_checkpoint_file_continues_exactly_in_a_new_store(ray_address, trackin
 
 def run_id_of_text(stdout: str) -> str:
     return next(line.split()[2] for line in stdout.splitlines() if line.startswith("MLflow run "))
+
+
+def test_a_continued_checkpoint_may_validate_differently_and_restarts_its_best():
+    """Validation does not steer θ: a new run may validate on another seed, but then the old
+    best θ and validation curve (measured the old way) must not carry over."""
+    from meta_train.errors import UsageError
+    from meta_train.meta_training import _continued_config, validation_restarted
+    from meta_train.run_config import identity_params
+
+    kept = ckpt.load(Path(__file__).parents[2] / "checkpoints" / "hyperadam-seed0-step8774.ckpt")
+    assert kept.best is not None and kept.history.validation_loss
+    refusal = "differs in "
+    identity = identity_params(kept.config)
+    same = _continued_config(kept.config, [], identity, refusal, free=("validation.",))
+    assert validation_restarted(kept, same) == (kept, False)
+
+    seed = kept.config["validation"]["seed"] + 1
+    other = _continued_config(
+        kept.config, [{"validation": {"seed": seed}}], identity, refusal, free=("validation.",)
+    )
+    continued, restarted = validation_restarted(kept, other)
+    assert restarted and continued.best is None
+    assert continued.history.validation_steps == continued.history.validation_loss == ()
+    assert continued.history.meta_loss == kept.history.meta_loss
+    assert continued.learner is kept.learner  # θ and the trajectories go on untouched
+
+    with pytest.raises(UsageError, match=r"differs in validation.seed"):
+        _continued_config(kept.config, [{"validation": {"seed": seed}}], identity, refusal)
+    with pytest.raises(UsageError, match=r"differs in seed \(run: 0, given: 4\)"):
+        _continued_config(kept.config, [{"seed": 4}], identity, refusal, free=("validation.",))
