@@ -284,6 +284,49 @@ def peak_memory_mib(folder: Path, p: int, threads: int, name: str) -> float:
 # -- report ------------------------------------------------------------------------------------
 
 
+def time_subnormal_states(folder: Path, threads: int, p: int = 117_434) -> dict[str, float]:
+    """One runtime step from a normal state vs from a stalled network's subnormal state (zero
+    gradient), chunked and fused, interleaved; medians of 5. The state is reloaded before every
+    step, outside the timing."""
+    w0, g = _problem(p)
+    opts = {
+        "chunked": runtime.load(folder, threads=threads, intra_op_threads=1),
+        "fused": runtime.load(folder, threads=1, intra_op_threads=threads),
+    }
+    steppers = {
+        "chunked": opts["chunked"].bind([w0.copy()]),
+        "fused": opts["fused"].bind([w0.copy()], chunk_size=p),
+    }
+    template = steppers["chunked"].state_dict()
+
+    def state_filled(value: float) -> dict:
+        state = {k: np.full_like(v, value) for k, v in template["state"].items()}
+        return {**template, "num_steps": 1, "state": state}
+
+    cases = {"normal": (state_filled(1e-3), g), "subnormal": (state_filled(1e-39), 0 * g)}
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(6):  # the first round warms up
+        for name, stepper in steppers.items():
+            for case, (state, grad) in cases.items():
+                stepper.load_state_dict(state)
+                start = time.perf_counter()
+                stepper.step([grad])
+                times.setdefault((name, case), []).append(time.perf_counter() - start)
+    print(f"\none runtime step at p = {p:,}, {threads} threads (median of 5):")
+    out = {}
+    for name in steppers:
+        normal = statistics.median(times[name, "normal"][1:])
+        sub = statistics.median(times[name, "subnormal"][1:])
+        out[f"{name} normal"], out[f"{name} subnormal"] = normal, sub
+        print(
+            f"  {name:>8}: normal state {normal:.4f} s, subnormal state {sub:.4f} s "
+            f"(x{sub / normal:.2f})"
+        )
+    for opt in opts.values():
+        opt.close()
+    return out
+
+
 def _spread(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–" + (
         f"{fmt.format(max(values))})"
@@ -305,6 +348,11 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--folder", type=Path, default=None, help="an exported folder to time")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--subnormals",
+        action="store_true",
+        help="only time steps from a normal vs a subnormal state at p = 117,434",
+    )
     args = parser.parse_args()
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -322,6 +370,9 @@ def main() -> None:
         f"start; {folder}\nFLOPs per coordinate counted from the graphs: fused "
         f"{flops[mf.FUSED]:.0f}, state + update stage {staged:.0f}"
     )
+    if args.subnormals:
+        time_subnormal_states(folder, threads)
+        return
     staged_bytes = io_bytes_per_coordinate((mf.STATE_STAGE, mf.UPDATE_STAGE))
     bandwidth = copy_bandwidth_gbps()
     print(

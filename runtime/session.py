@@ -8,6 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from . import manifest as mf
+from .subnormals import preserved_float_mode
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 _ORT_FLOAT = "tensor(float)"
@@ -27,6 +28,9 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Subnormals as zero in onnxruntime's own pool threads (runtime/subnormals.py does the
+    # threads that call run).
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     options.log_severity_level = 3
     return options
 
@@ -76,9 +80,12 @@ def open_sessions(
     sessions: dict[str, ort.InferenceSession] = {}
     used: tuple[str, ...] = ()
     for role, spec in manifest.graphs.items():
-        session = ort.InferenceSession(
-            str(folder / spec.file), sess_options=options, providers=list(providers)
-        )
+        # The first session of a process also sets the creating thread's mode, for good: the
+        # caller's thread keeps the mode it had.
+        with preserved_float_mode():
+            session = ort.InferenceSession(
+                str(folder / spec.file), sess_options=options, providers=list(providers)
+            )
         check_signature(session, role, spec)
         used = tuple(session.get_providers())
         if providers[0] not in used:

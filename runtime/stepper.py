@@ -15,6 +15,7 @@ onnxruntime error, a failing ``all_reduce``) marks the stepper unusable until
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from . import arrays, validation
 from . import manifest as mf
 from .backends import Backend, backend_for, sum_of_squares
 from .plan import Chunk, plan_chunks
+from .subnormals import flush_subnormals
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 NONFINITE_POLICIES = ("raise", "skip")
@@ -411,13 +413,15 @@ class Stepper:
         executor = self._executor()  # None once the optimizer is closed
         # CUDA work is already parallel on the device; chunks there run one after another.
         if executor is None or self._threads == 1 or count == 1 or not self._backend.is_host:
-            for k in range(count):
-                self._run_chunk(index, k, flat_grads)
+            with flush_subnormals() if self._backend.is_host else contextlib.nullcontext():
+                for k in range(count):
+                    self._run_chunk(index, k, flat_grads)
             return
 
         def run_share(first: int) -> None:
-            for k in range(first, count, self._threads):
-                self._run_chunk(index, k, flat_grads)
+            with flush_subnormals():  # per thread; see runtime/subnormals.py
+                for k in range(first, count, self._threads):
+                    self._run_chunk(index, k, flat_grads)
 
         futures = [executor.submit(run_share, t) for t in range(min(self._threads, count))]
         wait(futures)  # all shares finish before an error propagates
