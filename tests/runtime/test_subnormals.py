@@ -51,9 +51,7 @@ def test_preserved_float_mode_undoes_whatever_the_block_set():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_stalled_state_steps_without_subnormals_and_leaves_the_caller_alone(
-    exported, threads
-):
+def test_a_stalled_state_steps_without_subnormals_and_leaves_the_caller_alone(exported, threads):
     """From moments decayed into the subnormal range and a zero gradient, the new state holds
     no subnormals (without the flush, m·β and v·β stay subnormal: an 8-14x slower step)."""
     opt = runtime.load(exported["hyperadam"], threads=threads)
