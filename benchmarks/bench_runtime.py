@@ -25,6 +25,10 @@ subprocesses: the growth of the peak RSS (``VmHWM``, reset through ``/proc/self/
 over two steady-state steps of one contender.
 
     .venv/bin/python benchmarks/bench_runtime.py [--quick] [--rounds 5] [--json out.json]
+
+``--subnormals`` instead times one step at p = 117,434 from a normal state against one from a
+stalled network's state (moments in the subnormal range, zero gradient), chunked and fused: what
+the runtime's flush-to-zero (``runtime/subnormals.py``) saves.
 """
 
 from __future__ import annotations
