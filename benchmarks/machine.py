@@ -1,7 +1,7 @@
 """One line naming the machine a benchmark ran on: CPU model, cores, caches, load.
 
 Absolute times differ between hosts of the same VM type (the development machine measured the
-same fused meta-update at 0.161 s one day and 0.112 s the next, the eager reference moving by
+same fused meta-update at 0.161 s one day and 0.103 s the next, the eager reference moving by
 the same factor), so every benchmark prints this line and docs/benchmarks.md records it.
 """
 
