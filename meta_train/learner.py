@@ -168,7 +168,7 @@ class Learner:
         self.truncations = config.unroll.truncations_per_trajectory
         optimizer = config.make_optimizer()
         if state is None:
-            theta = init_theta_flat(optimizer, config.seed)
+            theta = init_theta_flat(optimizer, config.seed, config.init)
             state = LearnerState(0, theta.numpy(), {}, (None,) * self.meta_batch)
         if len(state.trajectories) != self.meta_batch:
             raise ValueError(

@@ -31,7 +31,7 @@ from .tasks.family import (
     MetaTaskFamily,
     MetaTaskFamilyConfig,
 )
-from .training import MetaOptimConfig
+from .training import MetaOptimConfig, ThetaInitConfig
 from .unroll import UnrollConfig
 
 try:
@@ -55,6 +55,9 @@ MUTABLE_ON_RESUME = (
     "max_worker_restarts",
     "tracking",
 )
+# Fields added after runs were recorded, at the value that reproduces what those runs did. At
+# that value they stay out of the identity, so earlier runs, checkpoints and digests stay valid.
+LEGACY_DEFAULTS = {"init": ThetaInitConfig()}
 
 _RECIPES = {
     # optimizer → (meta-loss over a truncation, MNIST family with its tricks)
@@ -82,9 +85,14 @@ def _check_positive(name: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
-    """Periodic validation of θ (spec §3: 10 runs on mnist-nn-sigmoid-100, final loss)."""
+    """Periodic validation of θ (spec §3: 10 runs on mnist-nn-sigmoid-100, final loss).
 
-    task: str = DEFAULT_VALIDATION_TASK  # a key of tasks.suite.TEST_TASKS
+    ``task`` may name several test tasks: θ is then scored by the mean over the tasks of their
+    mean final loss (each task runs ``runs`` times), so that selecting the best θ guards
+    against a θ that trades one task for another.
+    """
+
+    task: str | tuple[str, ...] = DEFAULT_VALIDATION_TASK  # key(s) of tasks.suite.TEST_TASKS
     runs: int = 10
     every: int = 50  # meta-steps between validations; 0 = never
     steps: int | None = None  # inner steps per run; None = the task's horizon
@@ -95,14 +103,25 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         from .tasks.suite import TEST_TASKS
 
-        if self.task not in TEST_TASKS:
-            raise ValueError(
-                f"validation.task: unknown task {self.task!r}; known: {', '.join(TEST_TASKS)}"
-            )
+        tasks = self.task if isinstance(self.task, (list, tuple)) else (self.task,)
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"validation.task: needs distinct tasks, got {list(tasks)!r}")
+        for name in tasks:
+            if name not in TEST_TASKS:
+                raise ValueError(
+                    f"validation.task: unknown task {name!r}; known: {', '.join(TEST_TASKS)}"
+                )
+        # One task is the plain setting: it means (and digests) the same as the string.
+        object.__setattr__(self, "task", tasks[0] if len(tasks) == 1 else tuple(tasks))
         _check_int("validation.runs", self.runs, 1)
         _check_int("validation.every", self.every, 0)
         _check_int("validation.steps", self.steps, 1, allow_none=True)
         _check_int("validation.seed", self.seed, 0)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The validation tasks, in order (one for the usual single-task setting)."""
+        return self.task if isinstance(self.task, tuple) else (self.task,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +164,7 @@ class RunConfig:
       checkpoint_every: meta-steps between checkpoints; 0 = only at the end and on Ctrl-C.
       unroll: horizon, truncation, meta-loss and inner step size.
       meta_optim: Adam on θ (lr 1e-4) and optional clipping.
+      init: where θ starts (the spec's random init, or an experiment's Adam reduction).
       family: the task family's config (``MetaTaskFamilyConfig`` or ``QuadraticFamilyConfig``).
       validation: periodic validation.
       tracking: MLflow location.
@@ -166,6 +186,7 @@ class RunConfig:
     checkpoint_every: int = 25
     unroll: UnrollConfig = UnrollConfig()
     meta_optim: MetaOptimConfig = MetaOptimConfig()
+    init: ThetaInitConfig = ThetaInitConfig()
     family: FamilyConfig = HYPERADAM_FAMILY
     validation: ValidationConfig = ValidationConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -191,6 +212,8 @@ class RunConfig:
                 f"num_candidates (J) applies to hyperadam only; {self.optimizer} needs 20, "
                 f"got {self.num_candidates}"
             )
+        if self.init.kind == "adam" and self.optimizer != "hyperadam":
+            raise ValueError(f"init.kind 'adam' applies to hyperadam only, not {self.optimizer}")
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"unknown implementation {self.implementation!r}; "
@@ -251,6 +274,9 @@ def identity(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
     plain = dict(config.to_dict() if isinstance(config, RunConfig) else config)
     for name in MUTABLE_ON_RESUME:
         plain.pop(name, None)
+    for name, legacy in LEGACY_DEFAULTS.items():
+        if plain.get(name) == config_lib.to_plain(legacy):
+            del plain[name]
     return plain
 
 
@@ -362,6 +388,7 @@ def _from_plain(data: Mapping[str, Any]) -> RunConfig:
     nested = {
         "unroll": UnrollConfig,
         "meta_optim": MetaOptimConfig,
+        "init": ThetaInitConfig,
         "validation": ValidationConfig,
         "tracking": TrackingConfig,
         "family": QuadraticFamilyConfig if task == "quadratic" else MetaTaskFamilyConfig,

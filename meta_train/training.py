@@ -40,6 +40,35 @@ class MetaOptimConfig:
             raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ThetaInitConfig:
+    """Where θ starts: the spec's random initialisation, or HyperAdam reduced to Adam.
+
+    "adam" (an experiment, not the paper's recipe) starts meta-training at Adam(lr, β1, β2)
+    exactly (``HyperAdam.adam_reduction``) with the StateCell at its random initialisation, so
+    meta-training begins at the baseline instead of having to rediscover it.
+    """
+
+    kind: str = "spec"  # "spec" (spec §2.4) or "adam" (HyperAdam only)
+    adam_lr: float = 0.0220971  # the tuned Adam lr of the ReLU/ELU MLPs (spec §5.1)
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.kind not in THETA_INITS:
+            raise ValueError(f"init.kind must be one of {THETA_INITS}, got {self.kind!r}")
+        for name in ("adam_lr", "beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"init.{name} must be a number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise ValueError(f"init betas must be < 1, got {self.beta1}, {self.beta2}")
+
+
+THETA_INITS = ("spec", "adam")
+
+
 def task_seed(run_seed: int, slot: int, trajectory: int) -> int:
     """Seed of the task (tricks, init, minibatches) of one trajectory of one slot."""
     return derive_seed(run_seed, 7, slot, trajectory)
@@ -50,8 +79,17 @@ def theta_init_seed(run_seed: int) -> int:
     return derive_seed(run_seed, 11)
 
 
-def init_theta_flat(optimizer: LearnedOptimizer, run_seed: int) -> Tensor:
-    return optimizer.flatten(optimizer.init_theta(generator(theta_init_seed(run_seed))))
+def init_theta_flat(
+    optimizer: LearnedOptimizer, run_seed: int, init: ThetaInitConfig = ThetaInitConfig()
+) -> Tensor:
+    """θ at the start of a run, flat."""
+    theta = optimizer.init_theta(generator(theta_init_seed(run_seed)))
+    if init.kind == "adam":
+        reduce = getattr(optimizer, "adam_reduction", None)
+        if reduce is None:
+            raise ValueError(f"init.kind 'adam' needs HyperAdam, not {optimizer.name}")
+        theta = reduce(theta, lr=init.adam_lr, beta1=init.beta1, beta2=init.beta2)
+    return optimizer.flatten(theta)
 
 
 def position(step: int, unroll: UnrollConfig) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 The learned optimizer with the current θ runs the paper's evaluation protocol
 (``evaluate.evaluate``: the same seeded inits and minibatches every time) and is scored by the
-mean final loss. The test task is built once per process, on first use.
+mean final loss (over several validation tasks: the mean of their means). Test tasks are built
+once per process, on first use.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Validator:
         self.optimizer = optimizer
         self.lr = lr
         self.data_dir = data_dir
-        self._task = None
+        self._tasks: dict[str, Any] = {}
 
     def due(self, step: int, final_step: int) -> bool:
         """Validate every ``every`` steps and at the end (never when ``every`` is 0)."""
@@ -75,24 +76,29 @@ class Validator:
     def __call__(self, step: int, theta: np.ndarray) -> ValidationResult:
         from .tasks.suite import TEST_TASKS, build_test_task
 
-        if self._task is None:
-            self._task = build_test_task(self.config.task, data_dir=self.data_dir)
         start = time.perf_counter()
         theta_named = self.optimizer.unflatten(torch.tensor(np.asarray(theta, np.float32)))
         rule = self.optimizer.bind(theta_named, lr=self.lr)
-        result = evaluate(
-            self._task,
-            rule,
-            task_name=self.config.task,
-            steps=self.config.steps or TEST_TASKS[self.config.task].horizon,
-            runs=self.config.runs,
-            seed=self.config.seed,
-        )
-        loss = result.final_loss_mean
+        means, losses, diverged = [], [], 0
+        for name in self.config.tasks:
+            if name not in self._tasks:
+                self._tasks[name] = build_test_task(name, data_dir=self.data_dir)
+            result = evaluate(
+                self._tasks[name],
+                rule,
+                task_name=name,
+                steps=self.config.steps or TEST_TASKS[name].horizon,
+                runs=self.config.runs,
+                seed=self.config.seed,
+            )
+            means.append(result.final_loss_mean)
+            losses.extend(result.final_losses)
+            diverged += result.diverged_runs
+        loss = float(np.mean(means))
         return ValidationResult(
             step=step,
             final_loss=loss if math.isfinite(loss) else math.inf,
-            final_loss_std=result.final_loss_std,
-            diverged_runs=result.diverged_runs,
+            final_loss_std=float(np.std(losses)) if all(map(math.isfinite, losses)) else math.inf,
+            diverged_runs=diverged,
             seconds=time.perf_counter() - start,
         )

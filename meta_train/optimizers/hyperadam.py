@@ -183,6 +183,33 @@ class HyperAdam(LearnedOptimizer):
             torch.nn.init.xavier_uniform_(theta[name], generator=generator)
         return theta
 
+    def adam_reduction(
+        self, theta: Theta, *, lr: float, beta1: float = 0.9, beta2: float = 0.999
+    ) -> Theta:
+        """θ on which HyperAdam at α = ``DEFAULT_LR`` is Adam(lr, β1, β2) (the paper's Lemma 1).
+
+        The decay rates become constants (zero kernel, logit biases), so B_t = 1 − β1^t and
+        Γ_t = 1 − β2^t are Adam's bias corrections, and every candidate gets the constant weight
+        ρ = lr / (α J) (ELU is the identity on positive inputs): −α Σ_j ρ M̂_j = −lr M̂. The
+        StateCell keeps ``theta``'s values, so the state s_t still carries information for
+        meta-training to use. Adam's ε differs: 1e-24 inside the square root here.
+        """
+        if not lr > 0 or not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"Adam needs lr > 0 and betas in (0, 1), got {lr}, {beta1}, {beta2}")
+        j = self.num_candidates
+
+        def logit(p: float) -> float:
+            return float(torch.logit(torch.tensor(p, dtype=torch.float64)))
+
+        out = dict(theta)
+        out["decay_kernel"] = torch.zeros(2 * j, 2 * j)
+        out["decay_bias"] = torch.cat(
+            [torch.full((j,), logit(beta1)), torch.full((j,), logit(beta2))]
+        )
+        out["weight_kernel"] = torch.zeros(j, j)
+        out["weight_bias"] = torch.full((j,), lr / (DEFAULT_LR * j))
+        return out
+
     def init_state(self, num_coords: int, *, device: torch.device | str = "cpu") -> HyperAdamState:
         zeros = torch.zeros(num_coords, self.num_candidates, device=device)
         return HyperAdamState(*(zeros.clone() for _ in HyperAdamState._fields))

@@ -30,6 +30,7 @@ FAMILY_VERSION = 1  # bump when sampling or building changes what a seed means
 # Sub-seeds of a task seed: derive_seed(seed, STREAM). INIT_STREAM matches meta_train.unroll,
 # which draws w_0 from generator(seed, 0); minibatch t there uses derive_seed(seed, 1, t).
 INIT_STREAM, BATCH_STREAM, TRICK_STREAM = 0, 1, 2
+ACTIVATION_STREAM = 3  # picks a task's activation when the family mixes several
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,8 @@ class MetaTaskFamilyConfig:
     dataset: str = "mnist"  # the learner's data; only MNIST (the paper trains on nothing else)
     hidden: int = 20  # units per hidden layer of the MLP learner
     depth: int = 1  # hidden layers, 1..10
-    activation: str = "sigmoid"  # hidden activation: sigmoid, relu, elu or tanh
+    # hidden activation: sigmoid, relu, elu or tanh; a tuple of them = one drawn per task
+    activation: str | tuple[str, ...] = "sigmoid"
     batch_size: int = 128  # minibatch size
     random_scaling: bool = True  # RS trick: c1 = exp(U(±log_scale_w)), c2 = exp(U(±log_scale_z))
     convex: bool = True  # CC trick: append num_convex coordinates with a clipped quadratic
@@ -71,8 +73,7 @@ def _validate(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
         if value < low or (high is not None and value > high):
             bound = f"in {low}..{high}" if high is not None else f">= {low}"
             raise ValueError(f"{name} must be {bound}, got {value}")
-    if cfg.activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {cfg.activation!r}")
+    _validate_activation(cfg)
     for name in ("random_scaling", "convex"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
@@ -82,6 +83,22 @@ def _validate(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         # 3 and 3.0 are one setting: store floats so the canonical JSON (and digest) agree.
         object.__setattr__(cfg, name, float(value))
+
+
+def _validate_activation(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
+    value = cfg.activation
+    if isinstance(cfg, MetaTaskFamilyConfig) and isinstance(value, (list, tuple)):
+        # A mix: its members, in order, are the choices a task seed picks from.
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"activation: a mix needs distinct activations, got {list(value)!r}")
+        for name in value:
+            if name not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+        # One activation is the plain setting: it means (and digests) the same as the string.
+        object.__setattr__(cfg, "activation", value[0] if len(value) == 1 else tuple(value))
+        return
+    if value not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {value!r}")
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -151,12 +168,16 @@ class MetaTaskFamily(TaskFamily):
         """The task of ``seed`` (>= 0): this family's settings plus seeds derived from it."""
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        settings = dataclasses.asdict(self.config)
+        mix = self.config.activation
+        if isinstance(mix, tuple):
+            settings["activation"] = mix[derive_seed(seed, ACTIVATION_STREAM) % len(mix)]
         return MetaTaskConfig(
             seed=seed,
             trick_seed=derive_seed(seed, TRICK_STREAM),
             init_seed=derive_seed(seed, INIT_STREAM),
             batch_seed=derive_seed(seed, BATCH_STREAM),
-            **dataclasses.asdict(self.config),
+            **settings,
         )
 
     def build(self, config: TaskConfig) -> MixedTask:

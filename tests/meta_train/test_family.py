@@ -147,3 +147,30 @@ def test_family_round_trips_through_to_dict():
         MetaTaskFamily.from_dict({**family.to_dict(), "version": 2})
     with pytest.raises(ValueError, match=r"unknown MetaTaskFamilyConfig fields: width"):
         MetaTaskFamilyConfig.from_dict({"width": 3})
+
+
+def test_an_activation_mix_draws_one_activation_per_task_from_its_seed():
+    mix = ("sigmoid", "relu", "elu", "tanh")
+    family = MetaTaskFamily(MetaTaskFamilyConfig(activation=list(mix)))  # a config file's list
+    assert family.config.activation == mix
+    drawn = [family.sample(seed).activation for seed in range(40)]
+    assert drawn == [family.sample(seed).activation for seed in range(40)]
+    assert set(drawn) == set(mix)
+    task = family.sample(3)
+    assert isinstance(task.activation, str)
+    assert task.trick_seed == MetaTaskFamily().sample(3).trick_seed  # same seeds as ever
+    assert family.build(task).inner.activation == task.activation
+    # The mix is part of the task distribution, so of its digest; one activation is no mix.
+    assert family.digest() != DEFAULT_DIGEST
+    assert MetaTaskFamily(MetaTaskFamilyConfig(activation=["sigmoid"])).digest() == DEFAULT_DIGEST
+
+
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [([], r"a mix needs distinct activations, got \[\]"),
+     (["relu", "relu"], r"a mix needs distinct activations"),
+     (["relu", "gelu"], r"activation must be one of .*got 'gelu'")],
+)
+def test_bad_activation_mixes_are_refused(mix, message):
+    with pytest.raises(ValueError, match=message):
+        MetaTaskFamilyConfig(activation=mix)

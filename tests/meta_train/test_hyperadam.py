@@ -124,3 +124,25 @@ def test_zero_gradient_coordinates_and_all_zero_gradient_give_finite_updates():
 def test_num_candidates_is_validated():
     with pytest.raises(ValueError, match="num_candidates must be >= 1, got 0"):
         HyperAdam(0)
+
+
+def test_adam_reduction_is_adam_at_its_lr_through_the_default_step_size():
+    from meta_train.optimizers.hyperadam import DEFAULT_LR
+
+    opt = HyperAdam()
+    theta = opt.adam_reduction(opt.init_theta(generator(3)), lr=0.02, beta1=0.9, beta2=0.999)
+    p, g = 40, generator(8)
+    state = opt.init_state(p)
+    param = torch.zeros(p, requires_grad=True)
+    # β from the fp32 logits the network really evaluates (0.9 is not exact in fp32).
+    b1, b2 = (float(torch.sigmoid(theta["decay_bias"][k])) for k in (0, -1))
+    adam = torch.optim.Adam([param], lr=0.02, betas=(b1, b2), eps=0.0)
+    for _ in range(30):
+        grad = torch.randn(p, generator=g) * torch.rand(p, generator=g) * 2
+        delta, state = hyperadam_step(theta, grad, state, lr=DEFAULT_LR)
+        before = param.detach().clone()
+        param.grad = grad.clone()
+        adam.step()
+        torch.testing.assert_close(delta, param.detach() - before, rtol=2e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="Adam needs lr > 0"):
+        opt.adam_reduction(theta, lr=0.0)

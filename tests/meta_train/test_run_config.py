@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from meta_train.run_config import (
     MUTABLE_ON_RESUME,
@@ -71,6 +72,9 @@ BAD = [
     ({"family": {"depth": 0}}, "family: depth must be in 1..10, got 0"),
     ({"validation": {"task": "x"}}, "validation.task: unknown task 'x'"),
     ({"validation": {"runs": 0}}, "validation.runs must be >= 1, got 0"),
+    ({"validation": {"task": ["mnist-nn-relu-100", "y"]}}, "validation.task: unknown task 'y'"),
+    ({"validation": {"task": []}}, r"validation.task: needs distinct tasks, got \[\]"),
+    ({"family": {"activation": ["relu", "relu"]}}, "family: activation: a mix needs distinct"),
     ({"optimizer": "dm", "num_candidates": 5}, r"num_candidates \(J\) applies to hyperadam"),
     ({"tracking": {"uri": ""}}, "tracking.uri must be a non-empty string"),
 ]
@@ -96,3 +100,43 @@ def test_identity_leaves_out_what_may_change_on_resume():
         "meta_batch (run: 2, given: 3)",
         "seed (run: 0, given: 9)",
     ]
+
+
+def test_task_mixes_round_trip_and_one_member_is_the_plain_setting():
+    mixed = build_config(
+        {"family": {"activation": ["sigmoid", "relu"]},
+         "validation": {"task": ["mnist-nn-sigmoid-100", "mnist-nn-relu-100"]}}
+    )
+    assert mixed.family.activation == ("sigmoid", "relu")
+    assert mixed.validation.tasks == ("mnist-nn-sigmoid-100", "mnist-nn-relu-100")
+    assert RunConfig.from_dict(json.loads(json.dumps(mixed.to_dict()))) == mixed
+    assert identity_params(mixed)["family.activation"] == '["sigmoid", "relu"]'
+    single = build_config(
+        {"family": {"activation": ["sigmoid"]}, "validation": {"task": ["mnist-nn-sigmoid-100"]}}
+    )
+    # Runs recorded before mixes existed keep their identity and digest.
+    assert single == build_config({}) and config_digest(single) == config_digest(build_config({}))
+    assert single.validation.tasks == ("mnist-nn-sigmoid-100",)
+
+
+def test_an_adam_initialisation_is_identity_and_the_default_leaves_old_digests_alone():
+    from meta_train.training import ThetaInitConfig, init_theta_flat
+
+    plain = build_config({})
+    assert "init.kind" not in identity_params(plain)  # runs recorded before `init` existed
+    assert build_config({"init": {"kind": "spec"}}) == plain
+    adam = build_config({"init": {"kind": "adam", "adam_lr": 0.03125}})
+    assert identity_params(adam)["init.kind"] == "adam"
+    assert config_digest(adam) != config_digest(plain)
+    assert RunConfig.from_dict(json.loads(json.dumps(adam.to_dict()))) == adam
+    optimizer = adam.make_optimizer()
+    start = optimizer.unflatten(init_theta_flat(optimizer, 0, adam.init))
+    assert float(start["weight_bias"].sum()) == pytest.approx(0.03125 / 0.005)
+    random = optimizer.unflatten(init_theta_flat(optimizer, 0))
+    torch.testing.assert_close(start["lstm_kernel"], random["lstm_kernel"])
+    with pytest.raises(ValueError, match="init.kind 'adam' applies to hyperadam only"):
+        build_config({"optimizer": "rnnprop", "init": {"kind": "adam"}})
+    with pytest.raises(ValueError, match="init.kind must be one of"):
+        ThetaInitConfig(kind="zeros")
+    with pytest.raises(ValueError, match=r"init.adam_lr must be a number > 0, got -1"):
+        ThetaInitConfig(kind="adam", adam_lr=-1)

@@ -1,0 +1,45 @@
+"""Validation of θ during meta-training: one task as the paper, or the mean over several."""
+
+import numpy as np
+import pytest
+import torch
+
+from meta_train.evaluate import evaluate
+from meta_train.optimizers.hyperadam import HyperAdam
+from meta_train.run_config import ValidationConfig
+from meta_train.seeding import generator
+from meta_train.tasks.suite import build_test_task
+from meta_train.validation import Validator
+
+TASKS = ("mnist-nn-sigmoid-100", "mnist-nn-relu-100")
+
+
+@pytest.fixture(scope="module")
+def theta():
+    optimizer = HyperAdam()
+    return optimizer, optimizer.flatten(optimizer.init_theta(generator(5))).numpy()
+
+
+def _alone(optimizer, theta_flat, task):
+    rule = optimizer.bind(optimizer.unflatten(torch.tensor(theta_flat)))
+    return evaluate(build_test_task(task), rule, task_name=task, steps=4, runs=2, seed=1)
+
+
+def test_several_tasks_score_the_mean_of_their_means(theta):
+    optimizer, theta_flat = theta
+    config = ValidationConfig(task=TASKS, runs=2, steps=4, seed=1)
+    result = Validator(config, optimizer)(step=7, theta=theta_flat)
+    alone = [_alone(optimizer, theta_flat, task) for task in TASKS]
+    assert result.step == 7 and result.diverged_runs == 0
+    assert result.final_loss == pytest.approx(np.mean([a.final_loss_mean for a in alone]), rel=1e-6)
+    pooled = [loss for a in alone for loss in a.final_losses]
+    assert result.final_loss_std == pytest.approx(np.std(pooled), rel=1e-6)
+
+
+def test_one_task_scores_as_before(theta):
+    optimizer, theta_flat = theta
+    config = ValidationConfig(task=TASKS[0], runs=2, steps=4, seed=1)
+    result = Validator(config, optimizer)(step=1, theta=theta_flat)
+    alone = _alone(optimizer, theta_flat, TASKS[0])
+    assert result.final_loss == pytest.approx(alone.final_loss_mean, rel=1e-7)
+    assert result.final_loss_std == pytest.approx(alone.final_loss_std, rel=1e-6)
