@@ -140,3 +140,15 @@ def test_an_adam_initialisation_is_identity_and_the_default_leaves_old_digests_a
         ThetaInitConfig(kind="zeros")
     with pytest.raises(ValueError, match=r"init.adam_lr must be a number > 0, got -1"):
         ThetaInitConfig(kind="adam", adam_lr=-1)
+
+
+def test_the_experiment_configs_of_the_report_build():
+    """docs/results.md quotes these files as `--config` of its experiments: they must stay valid."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "docs" / "experiments"
+    files = sorted(folder.glob("*.json"))
+    assert files, f"no experiment configs in {folder}"
+    for path in files:
+        config = build_config(load_config_file(path))
+        assert config.optimizer == "hyperadam" and config.validation.seed == 1, path.name
