@@ -27,6 +27,7 @@ from .tasks.base import TaskFamily
 from .tasks.family import (
     DM_FAMILY,
     HYPERADAM_FAMILY,
+    LEGACY_SETTINGS,
     RNNPROP_FAMILY,
     MetaTaskFamily,
     MetaTaskFamilyConfig,
@@ -44,6 +45,7 @@ TASKS = ("mnist", "quadratic")  # meta-training task families
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "hyperadam"
 DEFAULT_VALIDATION_TASK = "mnist-nn-sigmoid-100"
+VALIDATION_SCORES = ("loss", "adam_ratio")
 # Fields that may change when a run is resumed: they decide how and where the run executes,
 # never what θ becomes. Everything else must match the run's logged params.
 MUTABLE_ON_RESUME = (
@@ -56,8 +58,13 @@ MUTABLE_ON_RESUME = (
     "tracking",
 )
 # Fields added after runs were recorded, at the value that reproduces what those runs did. At
-# that value they stay out of the identity, so earlier runs, checkpoints and digests stay valid.
-LEGACY_DEFAULTS = {"init": ThetaInitConfig()}
+# that value they stay out of the identity, so earlier runs, checkpoints and digests stay valid
+# A dotted name reaches into a section ("validation.score").
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "init": ThetaInitConfig(),
+    "validation.score": "loss",
+    **{f"family.{name}": value for name, value in LEGACY_SETTINGS.items()},
+}
 
 _RECIPES = {
     # optimizer → (meta-loss over a truncation, MNIST family with its tricks)
@@ -99,6 +106,10 @@ class ValidationConfig:
     # Not 0: `hyperadam reproduce` reports seed 0's runs, and the best θ is selected on these,
     # so the report's runs must not be the ones θ was selected on.
     seed: int = 1
+    # "loss": a task scores its mean final loss; "adam_ratio": that divided by the mean final
+    # loss of Adam (the task's tuned lr, same runs), so tasks of different loss scales (MLP
+    # cross-entropy, LSTM squared error) weigh alike and 1.0 means "as good as Adam".
+    score: str = "loss"
 
     def __post_init__(self) -> None:
         from .tasks.suite import TEST_TASKS
@@ -117,6 +128,10 @@ class ValidationConfig:
         _check_int("validation.every", self.every, 0)
         _check_int("validation.steps", self.steps, 1, allow_none=True)
         _check_int("validation.seed", self.seed, 0)
+        if self.score not in VALIDATION_SCORES:
+            raise ValueError(
+                f"validation.score must be one of {VALIDATION_SCORES}, got {self.score!r}"
+            )
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -275,8 +290,16 @@ def identity(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
     for name in MUTABLE_ON_RESUME:
         plain.pop(name, None)
     for name, legacy in LEGACY_DEFAULTS.items():
-        if plain.get(name) == config_lib.to_plain(legacy):
-            del plain[name]
+        *sections, field = name.split(".")
+        table: dict[str, Any] | None = plain
+        for section in sections:  # copied on the way down: the caller's data stays as it was
+            inner = table.get(section)
+            if not isinstance(inner, Mapping):
+                table = None
+                break
+            table[section] = table = dict(inner)
+        if table is not None and field in table and table[field] == config_lib.to_plain(legacy):
+            del table[field]
     return plain
 
 

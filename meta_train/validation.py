@@ -2,8 +2,9 @@
 
 The learned optimizer with the current θ runs the paper's evaluation protocol
 (``evaluate.evaluate``: the same seeded inits and minibatches every time) and is scored by the
-mean final loss (over several validation tasks: the mean of their means). Test tasks are built
-once per process, on first use.
+mean final loss (over several validation tasks: the mean of their means), or by that loss over
+Adam's on the same runs (``score = "adam_ratio"``). Test tasks are built, and Adam's reference
+losses computed, once per process, on first use.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Validator:
         self.lr = lr
         self.data_dir = data_dir
         self._tasks: dict[str, Any] = {}
+        self._adam_loss: dict[str, float] = {}
 
     def due(self, step: int, final_step: int) -> bool:
         """Validate every ``every`` steps and at the end (never when ``every`` is 0)."""
@@ -74,24 +76,16 @@ class Validator:
         return every > 0 and step > 0 and (step % every == 0 or step == final_step)
 
     def __call__(self, step: int, theta: np.ndarray) -> ValidationResult:
-        from .tasks.suite import TEST_TASKS, build_test_task
-
         start = time.perf_counter()
         theta_named = self.optimizer.unflatten(torch.tensor(np.asarray(theta, np.float32)))
         rule = self.optimizer.bind(theta_named, lr=self.lr)
         means, losses, diverged = [], [], 0
         for name in self.config.tasks:
-            if name not in self._tasks:
-                self._tasks[name] = build_test_task(name, data_dir=self.data_dir)
-            result = evaluate(
-                self._tasks[name],
-                rule,
-                task_name=name,
-                steps=self.config.steps or TEST_TASKS[name].horizon,
-                runs=self.config.runs,
-                seed=self.config.seed,
-            )
-            means.append(result.final_loss_mean)
+            result = self._evaluate(name, rule)
+            score = result.final_loss_mean
+            if self.config.score == "adam_ratio":
+                score /= self._adam_reference(name)
+            means.append(score)
             losses.extend(result.final_losses)
             diverged += result.diverged_runs
         loss = float(np.mean(means))
@@ -102,3 +96,32 @@ class Validator:
             diverged_runs=diverged,
             seconds=time.perf_counter() - start,
         )
+
+    def _evaluate(self, name: str, rule: Any) -> Any:
+        from .tasks.suite import TEST_TASKS, build_test_task
+
+        if name not in self._tasks:
+            self._tasks[name] = build_test_task(name, data_dir=self.data_dir)
+        return evaluate(
+            self._tasks[name],
+            rule,
+            task_name=name,
+            steps=self.config.steps or TEST_TASKS[name].horizon,
+            runs=self.config.runs,
+            seed=self.config.seed,
+        )
+
+    def _adam_reference(self, name: str) -> float:
+        """Adam's mean final loss on the task's validation runs (its tuned lr, spec §5)."""
+        if name not in self._adam_loss:
+            from .optimizers import make_baseline
+            from .tasks.suite import TEST_TASKS
+
+            loss = self._evaluate(name, make_baseline("adam", TEST_TASKS[name].adam_lr))
+            if not (math.isfinite(loss.final_loss_mean) and loss.final_loss_mean > 0):
+                raise RuntimeError(
+                    f"validation: Adam's reference loss on {name} is "
+                    f"{loss.final_loss_mean}; an adam_ratio score needs a finite positive one"
+                )
+            self._adam_loss[name] = loss.final_loss_mean
+        return self._adam_loss[name]

@@ -1,5 +1,9 @@
 """The meta-training task distribution: MNIST MLPs with RNNprop's tricks (spec §3, §3.1, §7).
 
+The paper trains on the MLP alone. As an experiment the family may also draw sine LSTMs (the
+learners of Table 2, spec §5.3): ``model``, ``activation``, ``lstm_layers`` and ``noise_std``
+each take a list, and every task draws one of each from its own seed.
+
 ``MetaTaskFamily.sample(seed)`` draws a frozen ``MetaTaskConfig`` (the family settings plus the
 seeds of this trajectory's tricks, initialisation and minibatches); ``build`` turns it into a
 ``MixedTask``. Sampling is a pure function of the seed, so a task is rebuilt exactly from its
@@ -19,30 +23,41 @@ from typing import Any
 from .. import config as config_lib
 from ..data import load_mnist
 from ..seeding import derive_seed
-from .base import TaskConfig, TaskFamily
+from .base import Task, TaskConfig, TaskFamily
+from .lstm import SineLSTMTask
 from .mlp import ACTIVATIONS, MLPTask
 from .tricks import MixedTask
 
 DATASETS = ("mnist",)
+MODELS = ("mlp", "lstm")  # the MNIST MLP (spec §3) or the sine LSTM (spec §5.3)
 MAX_DEPTH = 10
 FAMILY_VERSION = 1  # bump when sampling or building changes what a seed means
 
 # Sub-seeds of a task seed: derive_seed(seed, STREAM). INIT_STREAM matches meta_train.unroll,
 # which draws w_0 from generator(seed, 0); minibatch t there uses derive_seed(seed, 1, t).
 INIT_STREAM, BATCH_STREAM, TRICK_STREAM = 0, 1, 2
-ACTIVATION_STREAM = 3  # picks a task's activation when the family mixes several
+# Streams that pick a task's setting from a mix (a list in the family config).
+MIX_STREAMS = {"activation": 3, "model": 4, "lstm_layers": 5, "noise_std": 6}
+ACTIVATION_STREAM = MIX_STREAMS["activation"]
+# Settings added after runs were recorded, at the value those runs used: at that value they are
+# left out of the family's plain data, so earlier digests (and runs' logged params) stay valid.
+LEGACY_SETTINGS = {"model": "mlp", "lstm_layers": 1, "noise_std": 0.1}
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaTaskFamilyConfig:
     """Settings of the meta-training task distribution (defaults: HyperAdam, spec §3)."""
 
-    dataset: str = "mnist"  # the learner's data; only MNIST (the paper trains on nothing else)
+    dataset: str = "mnist"  # the MLP's data; only MNIST (the paper trains on nothing else)
     hidden: int = 20  # units per hidden layer of the MLP learner
     depth: int = 1  # hidden layers, 1..10
     # hidden activation: sigmoid, relu, elu or tanh; a tuple of them = one drawn per task
     activation: str | tuple[str, ...] = "sigmoid"
     batch_size: int = 128  # minibatch size
+    # Experiments beyond the paper (each a tuple = one drawn per task):
+    model: str | tuple[str, ...] = "mlp"  # "mlp" (MNIST MLP) or "lstm" (sine LSTM, 20 units)
+    lstm_layers: int | tuple[int, ...] = 1  # stacked layers of an LSTM task
+    noise_std: float | tuple[float, ...] = 0.1  # σ of an LSTM task's input noise
     random_scaling: bool = True  # RS trick: c1 = exp(U(±log_scale_w)), c2 = exp(U(±log_scale_z))
     convex: bool = True  # CC trick: append num_convex coordinates with a clipped quadratic
     num_convex: int = 20  # k, coordinates of the convex problem
@@ -73,7 +88,10 @@ def _validate(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
         if value < low or (high is not None and value > high):
             bound = f"in {low}..{high}" if high is not None else f">= {low}"
             raise ValueError(f"{name} must be {bound}, got {value}")
-    _validate_activation(cfg)
+    _validate_mix(cfg, "activation", _check_activation)
+    _validate_mix(cfg, "model", _check_model)
+    _validate_mix(cfg, "lstm_layers", _check_lstm_layers)
+    _validate_mix(cfg, "noise_std", _check_noise_std)
     for name in ("random_scaling", "convex"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
@@ -85,20 +103,41 @@ def _validate(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
         object.__setattr__(cfg, name, float(value))
 
 
-def _validate_activation(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
-    value = cfg.activation
-    if isinstance(cfg, MetaTaskFamilyConfig) and isinstance(value, (list, tuple)):
-        # A mix: its members, in order, are the choices a task seed picks from.
-        if not value or len(set(value)) != len(value):
-            raise ValueError(f"activation: a mix needs distinct activations, got {list(value)!r}")
-        for name in value:
-            if name not in ACTIVATIONS:
-                raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
-        # One activation is the plain setting: it means (and digests) the same as the string.
-        object.__setattr__(cfg, "activation", value[0] if len(value) == 1 else tuple(value))
-        return
+def _check_activation(value: Any) -> Any:
     if value not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {value!r}")
+    return value
+
+
+def _check_model(value: Any) -> Any:
+    if value not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {value!r}")
+    return value
+
+
+def _check_lstm_layers(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"lstm_layers must be an int >= 1, got {value!r}")
+    return value
+
+
+def _check_noise_std(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"noise_std must be a number >= 0, got {value!r}")
+    return float(value)  # 0.1 and a config file's 1e-1 are one setting (and one digest)
+
+
+def _validate_mix(cfg: MetaTaskFamilyConfig | MetaTaskConfig, name: str, check: Any) -> None:
+    value = getattr(cfg, name)
+    if isinstance(cfg, MetaTaskFamilyConfig) and isinstance(value, (list, tuple)):
+        # A mix: its members, in order, are the choices a task seed picks from.
+        members = tuple(check(member) for member in value)
+        if not members or len(set(members)) != len(members):
+            raise ValueError(f"{name}: a mix needs distinct values, got {list(value)!r}")
+        # One member is the plain setting: it means (and digests) the same as the value.
+        object.__setattr__(cfg, name, members[0] if len(members) == 1 else members)
+        return
+    object.__setattr__(cfg, name, check(value))
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +171,9 @@ class MetaTaskConfig(TaskConfig):
     num_convex: int
     log_scale_w: float
     log_scale_z: float
+    model: str = "mlp"
+    lstm_layers: int = 1
+    noise_std: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("seed", "trick_seed", "init_seed", "batch_seed"):
@@ -169,9 +211,10 @@ class MetaTaskFamily(TaskFamily):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         settings = dataclasses.asdict(self.config)
-        mix = self.config.activation
-        if isinstance(mix, tuple):
-            settings["activation"] = mix[derive_seed(seed, ACTIVATION_STREAM) % len(mix)]
+        for name, stream in MIX_STREAMS.items():
+            mix = settings[name]
+            if isinstance(mix, tuple):
+                settings[name] = mix[derive_seed(seed, stream) % len(mix)]
         return MetaTaskConfig(
             seed=seed,
             trick_seed=derive_seed(seed, TRICK_STREAM),
@@ -184,13 +227,21 @@ class MetaTaskFamily(TaskFamily):
         """The ``MixedTask`` a config describes (cheap: the dataset is loaded once and cached)."""
         if not isinstance(config, MetaTaskConfig):
             raise TypeError(f"expected a MetaTaskConfig, got {type(config).__name__}")
-        inner = MLPTask(
-            load_mnist(self.data_dir),
-            hidden=config.hidden,
-            depth=config.depth,
-            activation=config.activation,
-            batch_size=config.batch_size,
-        )
+        inner: Task
+        if config.model == "lstm":
+            inner = SineLSTMTask(
+                num_layers=config.lstm_layers,
+                noise_std=config.noise_std,
+                batch_size=config.batch_size,
+            )
+        else:
+            inner = MLPTask(
+                load_mnist(self.data_dir),
+                hidden=config.hidden,
+                depth=config.depth,
+                activation=config.activation,
+                batch_size=config.batch_size,
+            )
         return MixedTask(
             inner,
             seed=config.trick_seed,
@@ -205,7 +256,7 @@ class MetaTaskFamily(TaskFamily):
         return {
             "family": "mnist-mlp-mixed",
             "version": FAMILY_VERSION,
-            "config": config_lib.to_plain(self.config),
+            "config": family_settings(self.config),
         }
 
     def digest(self) -> str:
@@ -221,6 +272,15 @@ class MetaTaskFamily(TaskFamily):
                 f"{data.get('family')!r} version {data.get('version')!r}"
             )
         return cls(MetaTaskFamilyConfig.from_dict(data["config"]), data_dir)
+
+
+def family_settings(config: MetaTaskFamilyConfig) -> dict[str, Any]:
+    """The config's plain data without the ``LEGACY_SETTINGS`` at their recorded value."""
+    plain = config_lib.to_plain(config)
+    for name, legacy in LEGACY_SETTINGS.items():
+        if plain.get(name) == legacy:
+            del plain[name]
+    return plain
 
 
 # The recipes of spec §3.1 / §7 as configs.

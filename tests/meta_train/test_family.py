@@ -16,6 +16,7 @@ from meta_train.tasks import (
     MetaTaskFamily,
     MetaTaskFamilyConfig,
     MixedTask,
+    SineLSTMTask,
 )
 
 # sha256 of the default family's canonical JSON. It is the task-distribution digest logged with
@@ -167,10 +168,60 @@ def test_an_activation_mix_draws_one_activation_per_task_from_its_seed():
 
 @pytest.mark.parametrize(
     ("mix", "message"),
-    [([], r"a mix needs distinct activations, got \[\]"),
-     (["relu", "relu"], r"a mix needs distinct activations"),
+    [([], r"activation: a mix needs distinct values, got \[\]"),
+     (["relu", "relu"], r"activation: a mix needs distinct values"),
      (["relu", "gelu"], r"activation must be one of .*got 'gelu'")],
 )
 def test_bad_activation_mixes_are_refused(mix, message):
     with pytest.raises(ValueError, match=message):
         MetaTaskFamilyConfig(activation=mix)
+
+
+def test_a_model_mix_draws_sine_lstms_beside_the_mlp():
+    family = MetaTaskFamily(MetaTaskFamilyConfig(
+        model=["mlp", "lstm"], lstm_layers=[1, 2], noise_std=[0.1, 0.01], convex=False,
+    ))
+    tasks = [family.sample(seed) for seed in range(60)]
+    assert tasks == [family.sample(seed) for seed in range(60)]
+    assert {t.model for t in tasks} == {"mlp", "lstm"}
+    lstms = [t for t in tasks if t.model == "lstm"]
+    drawn = {(t.lstm_layers, t.noise_std) for t in lstms}
+    assert drawn == {(1, 0.1), (1, 0.01), (2, 0.1), (2, 0.01)}
+    built = family.build(lstms[0])
+    assert isinstance(built.inner, SineLSTMTask)
+    assert (built.inner.num_layers, built.inner.noise_std) == (lstms[0].lstm_layers,
+                                                               lstms[0].noise_std)
+    assert built.num_params == (1781 if lstms[0].lstm_layers == 1 else 5061)
+    mlp = next(t for t in tasks if t.model == "mlp")
+    assert family.build(mlp).inner.activation == "sigmoid"
+    # Each setting is drawn from its own stream: the activation a seed picks is unchanged.
+    mixed = MetaTaskFamily(MetaTaskFamilyConfig(model=["mlp", "lstm"], activation=["relu", "elu"]))
+    alone = MetaTaskFamily(MetaTaskFamilyConfig(activation=["relu", "elu"]))
+    assert [mixed.sample(s).activation for s in range(20)] == [
+        alone.sample(s).activation for s in range(20)
+    ]
+
+
+def test_settings_added_later_keep_the_paper_familys_digest():
+    plain = MetaTaskFamily().to_dict()["config"]
+    assert not {"model", "lstm_layers", "noise_std"} & set(plain)
+    assert MetaTaskFamily(MetaTaskFamilyConfig(model="mlp", lstm_layers=[1], noise_std=1e-1)
+                          ).digest() == DEFAULT_DIGEST
+    lstm = MetaTaskFamily(MetaTaskFamilyConfig(model="lstm"))
+    assert lstm.to_dict()["config"]["model"] == "lstm" and lstm.digest() != DEFAULT_DIGEST
+    again = MetaTaskFamily.from_dict(json.loads(json.dumps(lstm.to_dict())))
+    assert again.config == lstm.config
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"model": "cnn"}, r"model must be one of \('mlp', 'lstm'\), got 'cnn'"),
+     ({"model": ["mlp", "mlp"]}, r"model: a mix needs distinct values"),
+     ({"lstm_layers": 0}, r"lstm_layers must be an int >= 1, got 0"),
+     ({"lstm_layers": [1, True]}, r"lstm_layers must be an int >= 1, got True"),
+     ({"noise_std": -0.1}, r"noise_std must be a number >= 0, got -0.1"),
+     ({"noise_std": [0.1, 0.1]}, r"noise_std: a mix needs distinct values")],
+)
+def test_bad_model_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        MetaTaskFamilyConfig(**settings)

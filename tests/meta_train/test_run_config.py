@@ -11,6 +11,7 @@ from meta_train.run_config import (
     RunConfig,
     build_config,
     config_digest,
+    identity,
     identity_mismatches,
     identity_params,
     load_config_file,
@@ -152,3 +153,29 @@ def test_the_experiment_configs_of_the_report_build():
     for path in files:
         config = build_config(load_config_file(path))
         assert config.optimizer == "hyperadam" and config.validation.seed == 1, path.name
+
+
+def test_settings_added_later_stay_out_of_the_identity_at_their_recorded_value():
+    plain = build_config({})
+    # The paper recipe's identity as runs logged it before these settings existed.
+    assert config_digest(plain) == (
+        "a698c1b6cfbe7c561fabc78e7966eb1b2ef2d3de33f6f828a0090d3d013d590d"
+    )
+    params = identity_params(plain)
+    assert not {"validation.score", "family.model", "family.lstm_layers",
+                "family.noise_std"} & set(params)
+    recorded = build_config({"validation": {"score": "loss"},
+                             "family": {"model": "mlp", "lstm_layers": 1, "noise_std": 0.1}})
+    assert config_digest(recorded) == config_digest(plain)
+    changed = build_config({"validation": {"score": "adam_ratio"},
+                            "family": {"model": ["mlp", "lstm"], "noise_std": [0.1, 0.01]}})
+    params = identity_params(changed)
+    assert params["validation.score"] == "adam_ratio"
+    assert json.loads(params["family.model"]) == ["mlp", "lstm"]
+    assert config_digest(changed) != config_digest(plain)
+    assert RunConfig.from_dict(json.loads(json.dumps(changed.to_dict()))) == changed
+    # identity() reads plain data without changing it.
+    data = changed.to_dict()
+    before = json.dumps(data, sort_keys=True)
+    identity(data)
+    assert json.dumps(data, sort_keys=True) == before

@@ -43,3 +43,35 @@ def test_one_task_scores_as_before(theta):
     alone = _alone(optimizer, theta_flat, TASKS[0])
     assert result.final_loss == pytest.approx(alone.final_loss_mean, rel=1e-7)
     assert result.final_loss_std == pytest.approx(alone.final_loss_std, rel=1e-6)
+
+
+def test_adam_ratio_scores_each_task_against_adam_on_the_same_runs(theta, monkeypatch):
+    from meta_train.optimizers import make_baseline
+    from meta_train.tasks.suite import TEST_TASKS
+
+    optimizer, theta_flat = theta
+    tasks = ("mnist-nn-relu-100", "sin-lstm")  # cross-entropy beside squared error
+    config = ValidationConfig(task=tasks, runs=2, steps=4, seed=1, score="adam_ratio")
+    validator = Validator(config, optimizer)
+    result = validator(step=3, theta=theta_flat)
+    ratios = []
+    for task in tasks:
+        adam = make_baseline("adam", TEST_TASKS[task].adam_lr)
+        reference = evaluate(build_test_task(task), adam, task_name=task, steps=4, runs=2, seed=1)
+        ratios.append(_alone(optimizer, theta_flat, task).final_loss_mean
+                      / reference.final_loss_mean)
+    assert result.final_loss == pytest.approx(np.mean(ratios), rel=1e-6)
+    # Adam's reference runs once per validator: later validations evaluate θ alone.
+    evaluated = []
+    real = validator._evaluate
+    monkeypatch.setattr(
+        validator, "_evaluate", lambda name, rule: evaluated.append(name) or real(name, rule)
+    )
+    again = validator(step=4, theta=theta_flat)
+    assert again.final_loss == result.final_loss and evaluated == list(tasks)
+
+
+def test_an_unknown_validation_score_is_refused():
+    message = r"validation.score must be one of \('loss', 'adam_ratio'\)"
+    with pytest.raises(ValueError, match=message):
+        ValidationConfig(score="accuracy")
