@@ -362,7 +362,8 @@ class Learner:
         norm = math.nan
         if grads:
             grad, norm = average_gradients(grads, self.config.meta_optim.clip_norm)
-            apply_meta_gradient(self.theta, self.meta_opt, grad)
+            lr = self.config.meta_optim.lr_at(k)
+            apply_meta_gradient(self.theta, self.meta_opt, grad, lr)
         # The slots' state at the start of step k + 1; none when a new trajectory starts there.
         continues = (k + 1) % self.truncations != 0
         self._committed = [r.trajectory if continues else None for r in results]

@@ -63,6 +63,7 @@ MUTABLE_ON_RESUME = (
 LEGACY_DEFAULTS: dict[str, Any] = {
     "init": ThetaInitConfig(),
     "validation.score": "loss",
+    "meta_optim.half_life": None,
     **{f"family.{name}": value for name, value in LEGACY_SETTINGS.items()},
 }
 

@@ -10,6 +10,7 @@ many processes computed it, or on work being redone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -30,6 +31,13 @@ class MetaOptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = None  # global-norm clip of the averaged meta-gradient; None = off
+    # An experiment: the meta lr halves every `half_life` meta-steps (lr · 2^(−k / half_life)),
+    # so θ settles near where a high lr took it instead of wandering on; None = constant.
+    half_life: float | None = None
+
+    def lr_at(self, step: int) -> float:
+        """The meta lr of meta-step ``step`` (0-based)."""
+        return self.lr if self.half_life is None else self.lr * 2.0 ** (-step / self.half_life)
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -38,6 +46,12 @@ class MetaOptimConfig:
             raise ValueError(f"meta Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
+        if self.half_life is not None:
+            if isinstance(self.half_life, bool) or not isinstance(self.half_life, (int, float)):
+                raise ValueError(f"half_life must be a number > 0 or None, got {self.half_life!r}")
+            if not (self.half_life > 0 and math.isfinite(self.half_life)):
+                raise ValueError(f"half_life must be a number > 0 or None, got {self.half_life!r}")
+            object.__setattr__(self, "half_life", float(self.half_life))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +127,13 @@ def average_gradients(grads: list[Tensor], clip_norm: float | None) -> tuple[Ten
     return mean, norm
 
 
-def apply_meta_gradient(theta: Tensor, meta_opt: torch.optim.Adam, grad: Tensor) -> None:
-    """One Adam step on θ (in place)."""
+def apply_meta_gradient(
+    theta: Tensor, meta_opt: torch.optim.Adam, grad: Tensor, lr: float | None = None
+) -> None:
+    """One Adam step on θ (in place), at ``lr`` when given (the schedule's value)."""
+    if lr is not None:
+        for group in meta_opt.param_groups:
+            group["lr"] = lr
     theta.grad = grad.clone()
     meta_opt.step()
     theta.grad = None
@@ -193,7 +212,7 @@ def train_local(
         norm = float("nan")
         if grads:
             grad, norm = average_gradients(grads, meta_optim.clip_norm)
-            apply_meta_gradient(theta, meta_opt, grad)
+            apply_meta_gradient(theta, meta_opt, grad, meta_optim.lr_at(step))
         history.append(
             {
                 "step": step,

@@ -85,6 +85,27 @@ def test_synchronous_theta_is_bitwise_train_locals_for_any_worker_count(
     assert learner.worker_restarts == 0
 
 
+def test_a_meta_lr_schedule_runs_the_same_in_the_learner(ray_address):
+    meta_optim = dataclasses.replace(CONFIG.meta_optim, lr=1e-3, half_life=2.0)
+    config = with_workers(1, meta_optim=meta_optim)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected, _ = train_local(
+            config.make_optimizer(),
+            config.make_family(),
+            steps=STEPS,
+            run_seed=config.seed,
+            unroll=config.unroll,
+            meta_optim=meta_optim,
+            meta_batch=config.meta_batch,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    theta, _, _ = run_learner(config)
+    assert np.array_equal(theta, expected.numpy())
+
+
 def test_sigkill_of_a_worker_mid_run_is_redone_exactly(ray_address, reference):
     killed = []
 

@@ -52,3 +52,30 @@ def test_training_arguments_are_validated():
         train_local(optimizer, family, steps=1, run_seed=0, meta_batch=0)
     with pytest.raises(ValueError, match="meta lr must be > 0, got 0"):
         MetaOptimConfig(lr=0)
+
+
+def test_a_meta_lr_half_life_decays_the_step_size():
+    config = MetaOptimConfig(lr=1e-3, half_life=2)
+    assert [config.lr_at(k) for k in (0, 2, 4)] == [1e-3, 5e-4, 2.5e-4]
+    assert MetaOptimConfig(lr=1e-3).lr_at(10_000) == 1e-3  # the paper: constant
+    optimizer = make_learned_optimizer("hyperadam")
+    family = MetaTaskFamily(HYPERADAM_FAMILY)
+    unroll = UnrollConfig(horizon=4, truncation=2)
+
+    def theta_after(steps, half_life):
+        meta_optim = MetaOptimConfig(lr=1e-3, half_life=half_life)
+        theta, _ = train_local(
+            optimizer, family, steps=steps, run_seed=5, unroll=unroll, meta_optim=meta_optim
+        )
+        return theta
+
+    # A half-life of 1/100 step leaves the first step at lr and the later ones at ~1e-33.
+    one = theta_after(1, 0.01)
+    torch.testing.assert_close(theta_after(3, 0.01), one, rtol=0, atol=1e-12)
+    assert (theta_after(3, None) - one).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("half_life", [0, -1, float("inf"), True, "10"])
+def test_a_bad_half_life_is_refused(half_life):
+    with pytest.raises(ValueError, match="half_life must be a number > 0 or None"):
+        MetaOptimConfig(half_life=half_life)
