@@ -1,8 +1,9 @@
 """The meta-training task distribution: MNIST MLPs with RNNprop's tricks (spec §3, §3.1, §7).
 
 The paper trains on the MLP alone. As an experiment the family may also draw sine LSTMs (the
-learners of Table 2, spec §5.3): ``model``, ``activation``, ``lstm_layers`` and ``noise_std``
-each take a list, and every task draws one of each from its own seed.
+learners of Table 2, spec §5.3) and MNIST CNNs (spec §5.2): ``model``, ``activation``,
+``lstm_layers`` and ``noise_std`` each take a list, and every task draws one of each from its
+own seed.
 
 ``MetaTaskFamily.sample(seed)`` draws a frozen ``MetaTaskConfig`` (the family settings plus the
 seeds of this trajectory's tricks, initialisation and minibatches); ``build`` turns it into a
@@ -24,12 +25,14 @@ from .. import config as config_lib
 from ..data import load_mnist
 from ..seeding import derive_seed
 from .base import Task, TaskConfig, TaskFamily
+from .cnn import CNNTask
 from .lstm import SineLSTMTask
 from .mlp import ACTIVATIONS, MLPTask
 from .tricks import MixedTask
 
 DATASETS = ("mnist",)
-MODELS = ("mlp", "lstm")  # the MNIST MLP (spec §3) or the sine LSTM (spec §5.3)
+# The MNIST MLP (spec §3), the sine LSTM (spec §5.3) or the MNIST CNNs (spec §5.2).
+MODELS = ("mlp", "lstm", "cnn1", "cnn2")
 MAX_DEPTH = 10
 FAMILY_VERSION = 1  # bump when sampling or building changes what a seed means
 
@@ -55,7 +58,8 @@ class MetaTaskFamilyConfig:
     activation: str | tuple[str, ...] = "sigmoid"
     batch_size: int = 128  # minibatch size
     # Experiments beyond the paper (each a tuple = one drawn per task):
-    model: str | tuple[str, ...] = "mlp"  # "mlp" (MNIST MLP) or "lstm" (sine LSTM, 20 units)
+    # "mlp" (MNIST MLP), "lstm" (sine LSTM, 20 units) or "cnn1"/"cnn2" (MNIST, plain)
+    model: str | tuple[str, ...] = "mlp"
     lstm_layers: int | tuple[int, ...] = 1  # stacked layers of an LSTM task
     noise_std: float | tuple[float, ...] = 0.1  # σ of an LSTM task's input noise
     random_scaling: bool = True  # RS trick: c1 = exp(U(±log_scale_w)), c2 = exp(U(±log_scale_z))
@@ -234,6 +238,9 @@ class MetaTaskFamily(TaskFamily):
                 noise_std=config.noise_std,
                 batch_size=config.batch_size,
             )
+        elif config.model in ("cnn1", "cnn2"):
+            mnist = load_mnist(self.data_dir)
+            inner = CNNTask(mnist, arch=config.model, batch_size=config.batch_size)
         else:
             inner = MLPTask(
                 load_mnist(self.data_dir),

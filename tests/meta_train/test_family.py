@@ -12,6 +12,7 @@ from meta_train.tasks import (
     DM_FAMILY,
     HYPERADAM_FAMILY,
     RNNPROP_FAMILY,
+    CNNTask,
     MetaTaskConfig,
     MetaTaskFamily,
     MetaTaskFamilyConfig,
@@ -202,6 +203,17 @@ def test_a_model_mix_draws_sine_lstms_beside_the_mlp():
     ]
 
 
+@pytest.mark.parametrize(("model", "num_params"), [("cnn1", 33_850), ("cnn2", 117_434)])
+def test_the_family_builds_the_mnist_cnns(model, num_params):
+    family = MetaTaskFamily(MetaTaskFamilyConfig(model=model, convex=False, batch_size=8))
+    task = family.build(family.sample(4))
+    assert isinstance(task.inner, CNNTask) and task.inner.arch == model
+    assert task.num_params == num_params
+    params = task.init_params(generator(0))
+    loss, grad = task.loss_and_grad(params, task.sample_batch(generator(1)))
+    assert grad.shape == params.shape and torch.isfinite(loss) and grad.abs().sum() > 0
+
+
 def test_settings_added_later_keep_the_paper_familys_digest():
     plain = MetaTaskFamily().to_dict()["config"]
     assert not {"model", "lstm_layers", "noise_std"} & set(plain)
@@ -215,7 +227,7 @@ def test_settings_added_later_keep_the_paper_familys_digest():
 
 @pytest.mark.parametrize(
     ("settings", "message"),
-    [({"model": "cnn"}, r"model must be one of \('mlp', 'lstm'\), got 'cnn'"),
+    [({"model": "cnn"}, r"model must be one of \('mlp', 'lstm', 'cnn1', 'cnn2'\), got 'cnn'"),
      ({"model": ["mlp", "mlp"]}, r"model: a mix needs distinct values"),
      ({"lstm_layers": 0}, r"lstm_layers must be an int >= 1, got 0"),
      ({"lstm_layers": [1, True]}, r"lstm_layers must be an int >= 1, got True"),
