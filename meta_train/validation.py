@@ -26,6 +26,7 @@ VALIDATION_LOSS_STD = "validation/final_loss_std"
 VALIDATION_DIVERGED = "validation/diverged_runs"
 VALIDATION_BEST = "validation/best_final_loss"
 VALIDATION_SECONDS = "time/validation_s"
+VALIDATION_TASK_PREFIX = "validation/task/"  # + task key: that task's score (several tasks only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ValidationResult:
     final_loss_std: float
     diverged_runs: int
     seconds: float
+    task_scores: tuple[tuple[str, float], ...] = ()  # (task, score) when there are several
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -42,6 +44,7 @@ class ValidationResult:
             VALIDATION_LOSS_STD: self.final_loss_std,
             VALIDATION_DIVERGED: float(self.diverged_runs),
             VALIDATION_SECONDS: self.seconds,
+            **{VALIDATION_TASK_PREFIX + task: score for task, score in self.task_scores},
         }
 
 
@@ -95,6 +98,7 @@ class Validator:
             final_loss_std=float(np.std(losses)) if all(map(math.isfinite, losses)) else math.inf,
             diverged_runs=diverged,
             seconds=time.perf_counter() - start,
+            task_scores=tuple(zip(self.config.tasks, means)) if len(means) > 1 else (),
         )
 
     def _evaluate(self, name: str, rule: Any) -> Any:

@@ -43,6 +43,7 @@ def test_one_task_scores_as_before(theta):
     alone = _alone(optimizer, theta_flat, TASKS[0])
     assert result.final_loss == pytest.approx(alone.final_loss_mean, rel=1e-7)
     assert result.final_loss_std == pytest.approx(alone.final_loss_std, rel=1e-6)
+    assert not [key for key in result.metrics() if key.startswith("validation/task/")]
 
 
 def test_adam_ratio_scores_each_task_against_adam_on_the_same_runs(theta, monkeypatch):
@@ -61,6 +62,10 @@ def test_adam_ratio_scores_each_task_against_adam_on_the_same_runs(theta, monkey
         ratios.append(_alone(optimizer, theta_flat, task).final_loss_mean
                       / reference.final_loss_mean)
     assert result.final_loss == pytest.approx(np.mean(ratios), rel=1e-6)
+    # Each task's score is logged beside the mean (a trade between tasks shows there).
+    logged = result.metrics()
+    for task, ratio in zip(tasks, ratios):
+        assert logged[f"validation/task/{task}"] == pytest.approx(ratio, rel=1e-6)
     # Adam's reference runs once per validator: later validations evaluate θ alone.
     evaluated = []
     real = validator._evaluate
