@@ -98,7 +98,9 @@ class Validator:
             final_loss_std=float(np.std(losses)) if all(map(math.isfinite, losses)) else math.inf,
             diverged_runs=diverged,
             seconds=time.perf_counter() - start,
-            task_scores=tuple(zip(self.config.tasks, means)) if len(means) > 1 else (),
+            task_scores=(
+                tuple(zip(self.config.tasks, means, strict=True)) if len(means) > 1 else ()
+            ),
         )
 
     def _evaluate(self, name: str, rule: Any) -> Any:

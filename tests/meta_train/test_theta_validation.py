@@ -64,7 +64,7 @@ def test_adam_ratio_scores_each_task_against_adam_on_the_same_runs(theta, monkey
     assert result.final_loss == pytest.approx(np.mean(ratios), rel=1e-6)
     # Each task's score is logged beside the mean (a trade between tasks shows there).
     logged = result.metrics()
-    for task, ratio in zip(tasks, ratios):
+    for task, ratio in zip(tasks, ratios, strict=True):
         assert logged[f"validation/task/{task}"] == pytest.approx(ratio, rel=1e-6)
     # Adam's reference runs once per validator: later validations evaluate θ alone.
     evaluated = []
