@@ -62,6 +62,8 @@ MUTABLE_ON_RESUME = (
 # A dotted name reaches into a section ("validation.score").
 LEGACY_DEFAULTS: dict[str, Any] = {
     "init": ThetaInitConfig(),
+    "init.theta": None,
+    "init.theta_sha256": None,
     "validation.score": "loss",
     "meta_optim.half_life": None,
     **{f"family.{name}": value for name, value in LEGACY_SETTINGS.items()},
@@ -358,9 +360,21 @@ def build_config(*layers: Mapping[str, Any]) -> RunConfig:
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = merge(merged, layer)
-    return RunConfig.from_dict(
+    config = RunConfig.from_dict(
         merge(recipe(merged.get("optimizer", "hyperadam"), merged.get("task", "mnist")), merged)
     )
+    if config.init.kind == "theta" and config.init.theta_sha256 is None:
+        # Pin the starting θ by content: the digest, not the path, is what the identity records.
+        from .training import read_theta_sha256
+
+        try:
+            digest = read_theta_sha256(str(config.init.theta))
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"init.theta: {error}") from None
+        config = dataclasses.replace(
+            config, init=dataclasses.replace(config.init, theta_sha256=digest)
+        )
+    return config
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

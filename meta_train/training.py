@@ -56,17 +56,22 @@ class MetaOptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ThetaInitConfig:
-    """Where θ starts: the spec's random initialisation, or HyperAdam reduced to Adam.
+    """Where θ starts: the spec's random initialisation, HyperAdam reduced to Adam, or a given θ.
 
     "adam" (an experiment, not the paper's recipe) starts meta-training at Adam(lr, β1, β2)
     exactly (``HyperAdam.adam_reduction``) with the StateCell at its random initialisation, so
-    meta-training begins at the baseline instead of having to rediscover it.
+    meta-training begins at the baseline instead of having to rediscover it. "theta" starts at
+    a trained θ (fine-tuning): ``theta`` names a θ file, a folder holding ``theta.npz`` or a
+    built-in ("hyperadam"); ``theta_sha256`` pins its content (``export.theta_io.theta_sha256``;
+    ``build_config`` fills it in from the file, and the run refuses a file that has changed).
     """
 
-    kind: str = "spec"  # "spec" (spec §2.4) or "adam" (HyperAdam only)
+    kind: str = "spec"  # "spec" (spec §2.4), "adam" (HyperAdam only) or "theta"
     adam_lr: float = 0.0220971  # the tuned Adam lr of the ReLU/ELU MLPs (spec §5.1)
     beta1: float = 0.9
     beta2: float = 0.999
+    theta: str | None = None  # kind "theta": where θ is read from
+    theta_sha256: str | None = None  # kind "theta": the digest that θ must have
 
     def __post_init__(self) -> None:
         if self.kind not in THETA_INITS:
@@ -78,9 +83,21 @@ class ThetaInitConfig:
             object.__setattr__(self, name, float(value))
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise ValueError(f"init betas must be < 1, got {self.beta1}, {self.beta2}")
+        if self.kind == "theta":
+            if not isinstance(self.theta, str) or not self.theta:
+                raise ValueError(f"init.kind 'theta' needs init.theta (a θ source), got "
+                                 f"{self.theta!r}")
+        elif self.theta is not None or self.theta_sha256 is not None:
+            raise ValueError(f"init.theta and init.theta_sha256 apply to init.kind 'theta' only, "
+                             f"not {self.kind!r}")
+        digest = self.theta_sha256
+        if digest is not None and not (
+            isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")
+        ):
+            raise ValueError(f"init.theta_sha256 must be 64 lowercase hex digits, got {digest!r}")
 
 
-THETA_INITS = ("spec", "adam")
+THETA_INITS = ("spec", "adam", "theta")
 
 
 def task_seed(run_seed: int, slot: int, trajectory: int) -> int:
@@ -97,12 +114,44 @@ def init_theta_flat(
     optimizer: LearnedOptimizer, run_seed: int, init: ThetaInitConfig = ThetaInitConfig()
 ) -> Tensor:
     """θ at the start of a run, flat."""
+    if init.kind == "theta":
+        return _given_theta_flat(optimizer, init)
     theta = optimizer.init_theta(generator(theta_init_seed(run_seed)))
     if init.kind == "adam":
         reduce = getattr(optimizer, "adam_reduction", None)
         if reduce is None:
             raise ValueError(f"init.kind 'adam' needs HyperAdam, not {optimizer.name}")
         theta = reduce(theta, lr=init.adam_lr, beta1=init.beta1, beta2=init.beta2)
+    return optimizer.flatten(theta)
+
+
+def read_theta_sha256(source: str) -> str:
+    """The digest of the θ at ``source`` (file, folder or built-in name)."""
+    from export.theta_io import load_theta_source, theta_sha256  # export depends on meta_train
+
+    _, theta = load_theta_source(source)
+    return theta_sha256({name: value.numpy() for name, value in theta.items()})
+
+
+def _given_theta_flat(optimizer: LearnedOptimizer, init: ThetaInitConfig) -> Tensor:
+    from export.theta_io import load_theta_source, theta_sha256
+
+    source = str(init.theta)
+    given, theta = load_theta_source(source)
+    expected = optimizer.unflatten(optimizer.flatten(optimizer.init_theta(generator(0))))
+    if given.name != optimizer.name or {k: tuple(v.shape) for k, v in theta.items()} != {
+        k: tuple(v.shape) for k, v in expected.items()
+    }:
+        raise ValueError(
+            f"init.theta {source!r} holds a {given.name} θ that does not fit this run's "
+            f"{optimizer.name} (check the optimizer and num_candidates)"
+        )
+    digest = theta_sha256({name: value.numpy() for name, value in theta.items()})
+    if init.theta_sha256 is not None and digest != init.theta_sha256:
+        raise ValueError(
+            f"init.theta {source!r} has changed: its θ digest is {digest}, the run was "
+            f"configured with {init.theta_sha256}"
+        )
     return optimizer.flatten(theta)
 
 

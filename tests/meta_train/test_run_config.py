@@ -179,3 +179,40 @@ def test_settings_added_later_stay_out_of_the_identity_at_their_recorded_value()
     before = json.dumps(data, sort_keys=True)
     identity(data)
     assert json.dumps(data, sort_keys=True) == before
+
+
+def test_a_theta_initialisation_starts_at_that_theta_pinned_by_its_digest(tmp_path):
+    from export.theta_io import load_theta_source, save_theta
+    from meta_train.training import ThetaInitConfig, init_theta_flat
+
+    config = build_config({"init": {"kind": "theta", "theta": "hyperadam"}})
+    optimizer, shipped = load_theta_source("hyperadam")
+    assert config.init.theta_sha256 is not None  # filled in from the θ itself
+    assert identity_params(config)["init.theta_sha256"] == config.init.theta_sha256
+    start = init_theta_flat(config.make_optimizer(), config.seed, config.init)
+    assert torch.equal(start, optimizer.flatten(shipped))
+    # Runs recorded before init.theta existed keep their identity.
+    assert "init.theta" not in identity_params(build_config({"init": {"kind": "adam"}}))
+
+    path = tmp_path / "theta.npz"
+    save_theta(path, "hyperadam", shipped)
+    pinned = build_config({"init": {"kind": "theta", "theta": str(path)}})
+    assert pinned.init.theta_sha256 == config.init.theta_sha256  # same content, same digest
+    save_theta(path, "hyperadam", {k: v + 1 for k, v in shipped.items()})
+    with pytest.raises(ValueError, match=r"init.theta .* has changed: its θ digest is"):
+        init_theta_flat(pinned.make_optimizer(), 0, pinned.init)
+    rnnprop = build_config(
+        {"optimizer": "rnnprop", "init": {"kind": "theta", "theta": "rnnprop"}}
+    )
+    message = r"holds a rnnprop θ that does not fit this run's hyperadam"
+    with pytest.raises(ValueError, match=message):
+        init_theta_flat(config.make_optimizer(), 0, rnnprop.init)
+    with pytest.raises(ValueError, match=r"init.theta: no θ artifact at"):
+        build_config({"init": {"kind": "theta", "theta": str(tmp_path / "absent.npz")}})
+    for bad, message in (
+        ({"kind": "theta"}, r"init.kind 'theta' needs init.theta"),
+        ({"theta": "hyperadam"}, r"apply to init.kind 'theta' only, not 'spec'"),
+        ({"kind": "theta", "theta": "x", "theta_sha256": "abc"}, r"64 lowercase hex digits"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ThetaInitConfig(**bad)
