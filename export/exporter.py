@@ -27,8 +27,9 @@ from .parity import check_parity
 from .theta_io import as_numpy_theta, load_theta, save_theta, theta_sha256
 
 # Where θ came from: the run and its step, the task distribution and run config it was trained
-# on, and what the training cost (meta-updates, wall time, hardware), so that every shipped or
-# registered optimizer says how it was made.
+# on, and what the training cost (meta-updates, wall time, hardware; for a fine-tuned θ those
+# of the θ it started at included), so that every shipped or registered optimizer says how it
+# was made.
 LINEAGE_KEYS = (
     "mlflow_run_id",
     "step",
@@ -38,6 +39,7 @@ LINEAGE_KEYS = (
     "meta_updates",
     "wall_time_s",
     "hardware",
+    "started_from",  # a fine-tuned θ: the sha256 of the θ its run started at
 )
 DEFAULT_PARITY_SIZES = (2, 1000)
 FULL_PARITY_SIZES = (2, 1000, 1_000_000)

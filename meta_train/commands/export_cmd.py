@@ -168,8 +168,39 @@ def _theta_from_run(
         artifact = load_theta(path)
         step = artifact.meta.get("step")
         lineage.update(step=step, meta_updates=step, wall_time_s=_wall_time(client, run_id, step))
+        _add_starting_theta(lineage, params)
         return client, artifact.method, path, lineage, artifact.meta.get("lr")
-    return (client, *_theta_from_checkpoint(client, run_id, checkpoint, tmp, lineage))
+    exported = _theta_from_checkpoint(client, run_id, checkpoint, tmp, lineage)
+    _add_starting_theta(lineage, params)
+    return (client, *exported)
+
+
+def _add_starting_theta(lineage: dict[str, Any], params: dict[str, str]) -> None:
+    """A run that started at a trained θ (``init.kind = "theta"``) reports that θ's sha256 and,
+    when its θ file is still the one the run started at, the cost of both runs together."""
+    digest = params.get("init.theta_sha256")
+    if params.get("init.kind") != "theta" or not digest:
+        return
+    lineage["started_from"] = digest
+    from export.theta_io import load_theta, theta_sha256
+    from runtime import manifest as mf
+    from runtime.sources import BUILTIN_DIR
+
+    source = Path(params.get("init.theta", ""))
+    if not source.exists() and str(source) in mf.METHODS:
+        source = BUILTIN_DIR / str(source)
+    if source.is_dir():
+        source = source / mf.THETA_FILE
+    try:
+        start = load_theta(source)
+    except (OSError, ValueError):
+        return  # gone: the digest alone records where the run started
+    if theta_sha256(start.theta) != digest:
+        return  # replaced since (e.g. a built-in re-shipped): its costs are another θ's
+    for key in ("meta_updates", "wall_time_s"):
+        before, now = start.meta.get(key), lineage.get(key)
+        if isinstance(before, (int, float)) and isinstance(now, (int, float)):
+            lineage[key] = before + now
 
 
 def _theta_from_checkpoint(

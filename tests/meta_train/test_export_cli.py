@@ -179,3 +179,38 @@ def test_missing_best_theta_says_what_to_use_instead(tracking_uri, run_id, tmp_p
         f"hyperadam: error: run {bare}: no best θ (theta/best/theta.npz): the run has not "
         "validated yet; use --checkpoint last or a step"
     )
+
+
+def test_a_fine_tuned_run_reports_its_starting_theta_and_the_cost_of_both(
+    tracking_uri, run_id, tmp_path, capsys
+):
+    from mlflow import MlflowClient
+
+    from export.theta_io import load_theta, theta_sha256
+
+    optimizer = RunConfig().make_optimizer()
+    start = tmp_path / "start.npz"
+    ckpt_lib.save_theta(start, optimizer=optimizer,
+                        theta=optimizer.flatten(optimizer.init_theta(generator(3))).numpy(),
+                        lr=None, lineage={"meta_updates": 500, "wall_time_s": 100.0})
+    digest = theta_sha256(load_theta(start).theta)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for key, value in {"init.kind": "theta", "init.theta": str(start),
+                       "init.theta_sha256": digest}.items():
+        client.log_param(run_id, key, value)
+
+    code, _, err = cli(capsys, "export", "--run", run_id, "--out", str(tmp_path / "a"),
+                       "--tracking-uri", tracking_uri)
+    assert code == 0, err
+    lineage = mf.load_manifest(tmp_path / "a").lineage
+    assert lineage["started_from"] == digest
+    assert (lineage["step"], lineage["meta_updates"]) == (10, 510)  # 500 before, 10 in this run
+    # Once the starting file holds another θ, its costs are not this θ's: the digest remains.
+    ckpt_lib.save_theta(start, optimizer=optimizer,
+                        theta=optimizer.flatten(optimizer.init_theta(generator(4))).numpy(),
+                        lr=None, lineage={"meta_updates": 500})
+    code, _, err = cli(capsys, "export", "--run", run_id, "--checkpoint", "last", "--out",
+                       str(tmp_path / "b"), "--tracking-uri", tracking_uri)
+    assert code == 0, err
+    lineage = mf.load_manifest(tmp_path / "b").lineage
+    assert lineage["started_from"] == digest and lineage["meta_updates"] == 20

@@ -143,16 +143,24 @@ def test_an_adam_initialisation_is_identity_and_the_default_leaves_old_digests_a
         ThetaInitConfig(kind="adam", adam_lr=-1)
 
 
-def test_the_experiment_configs_of_the_report_build():
-    """docs/results.md quotes these files as `--config` of its experiments: they must stay valid."""
+def test_the_experiment_configs_of_the_report_build(monkeypatch):
+    """docs/results.md quotes these files as `--config` of its experiments: they must stay valid,
+    and a fine-tuning experiment's starting θ must still be the one it names (run from the
+    repository root, as the docs say)."""
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[2] / "docs" / "experiments"
-    files = sorted(folder.glob("*.json"))
-    assert files, f"no experiment configs in {folder}"
+    from meta_train.training import init_theta_flat
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    files = sorted((root / "docs" / "experiments").glob("*.json"))
+    assert files, "no experiment configs in docs/experiments"
     for path in files:
         config = build_config(load_config_file(path))
         assert config.optimizer == "hyperadam" and config.validation.seed == 1, path.name
+        if config.init.kind == "theta":
+            assert config.init.theta_sha256 is not None, path.name  # pinned in the file
+            init_theta_flat(config.make_optimizer(), config.seed, config.init)  # still matches
 
 
 def test_settings_added_later_stay_out_of_the_identity_at_their_recorded_value():
