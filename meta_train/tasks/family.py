@@ -2,8 +2,8 @@
 
 The paper trains on the MLP alone. As an experiment the family may also draw sine LSTMs (the
 learners of Table 2, spec §5.3) and MNIST CNNs (spec §5.2): ``model``, ``activation``,
-``lstm_layers`` and ``noise_std`` each take a list, and every task draws one of each from its
-own seed.
+``depth``, ``lstm_layers`` and ``noise_std`` each take a list, and every task draws one of each
+from its own seed.
 
 ``MetaTaskFamily.sample(seed)`` draws a frozen ``MetaTaskConfig`` (the family settings plus the
 seeds of this trajectory's tricks, initialisation and minibatches); ``build`` turns it into a
@@ -40,7 +40,13 @@ FAMILY_VERSION = 1  # bump when sampling or building changes what a seed means
 # which draws w_0 from generator(seed, 0); minibatch t there uses derive_seed(seed, 1, t).
 INIT_STREAM, BATCH_STREAM, TRICK_STREAM = 0, 1, 2
 # Streams that pick a task's setting from a mix (a list in the family config).
-MIX_STREAMS = {"activation": 3, "model": 4, "lstm_layers": 5, "noise_std": 6}
+MIX_STREAMS = {
+    "activation": 3,
+    "model": 4,
+    "lstm_layers": 5,
+    "noise_std": 6,
+    "depth": 7,
+}
 ACTIVATION_STREAM = MIX_STREAMS["activation"]
 # Settings added after runs were recorded, at the value those runs used: at that value they are
 # left out of the family's plain data, so earlier digests (and runs' logged params) stay valid.
@@ -53,7 +59,7 @@ class MetaTaskFamilyConfig:
 
     dataset: str = "mnist"  # the MLP's data; only MNIST (the paper trains on nothing else)
     hidden: int = 20  # units per hidden layer of the MLP learner
-    depth: int = 1  # hidden layers, 1..10
+    depth: int | tuple[int, ...] = 1  # hidden layers, 1..10; a tuple = one drawn per task
     # hidden activation: sigmoid, relu, elu or tanh; a tuple of them = one drawn per task
     activation: str | tuple[str, ...] = "sigmoid"
     batch_size: int = 128  # minibatch size
@@ -82,7 +88,6 @@ def _validate(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
         raise ValueError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
     for name, low, high in (
         ("hidden", 1, None),
-        ("depth", 1, MAX_DEPTH),
         ("batch_size", 1, None),
         ("num_convex", 1, None),
     ):
@@ -92,6 +97,7 @@ def _validate(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
         if value < low or (high is not None and value > high):
             bound = f"in {low}..{high}" if high is not None else f">= {low}"
             raise ValueError(f"{name} must be {bound}, got {value}")
+    _validate_mix(cfg, "depth", _check_depth)
     _validate_mix(cfg, "activation", _check_activation)
     _validate_mix(cfg, "model", _check_model)
     _validate_mix(cfg, "lstm_layers", _check_lstm_layers)
@@ -105,6 +111,14 @@ def _validate(cfg: MetaTaskFamilyConfig | MetaTaskConfig) -> None:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         # 3 and 3.0 are one setting: store floats so the canonical JSON (and digest) agree.
         object.__setattr__(cfg, name, float(value))
+
+
+def _check_depth(value: Any) -> Any:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"depth must be an int, got {value!r}")
+    if not 1 <= value <= MAX_DEPTH:
+        raise ValueError(f"depth must be in 1..{MAX_DEPTH}, got {value}")
+    return value
 
 
 def _check_activation(value: Any) -> Any:

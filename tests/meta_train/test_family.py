@@ -237,3 +237,14 @@ def test_settings_added_later_keep_the_paper_familys_digest():
 def test_bad_model_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         MetaTaskFamilyConfig(**settings)
+
+
+def test_a_depth_mix_draws_deeper_mlps():
+    family = MetaTaskFamily(MetaTaskFamilyConfig(depth=[1, 3, 5], convex=False))
+    drawn = [family.sample(seed).depth for seed in range(30)]
+    assert set(drawn) == {1, 3, 5}
+    task = family.sample(drawn.index(5))
+    assert family.build(task).inner.depth == 5
+    assert MetaTaskFamily(MetaTaskFamilyConfig(depth=[1])).digest() == DEFAULT_DIGEST
+    with pytest.raises(ValueError, match=r"depth must be in 1\.\.10, got 11"):
+        MetaTaskFamilyConfig(depth=[2, 11])
