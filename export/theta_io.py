@@ -128,6 +128,27 @@ def load_theta(path: str | os.PathLike[str]) -> ThetaArtifact:
     return ThetaArtifact(header["method"], theta, dict(header["meta"]))
 
 
+def theta_path(source: str | os.PathLike[str]) -> Path:
+    """The θ file a source names: a file, a folder holding ``theta.npz``, or a built-in name.
+
+    Raises:
+      FileNotFoundError: nothing at ``source`` (for a name: no θ shipped under that name).
+    """
+    from runtime import manifest as mf
+    from runtime.sources import BUILTIN_DIR
+
+    path = Path(source)
+    if isinstance(source, str) and source in mf.METHODS and not path.exists():
+        path = BUILTIN_DIR / source
+        if not (path / mf.THETA_FILE).is_file():
+            raise FileNotFoundError(f"no built-in θ for {source!r} is shipped in {BUILTIN_DIR}")
+    if path.is_dir():
+        path = path / mf.THETA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no θ artifact at {path}")
+    return path
+
+
 def load_theta_source(source: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     """θ for the torch reference from a file, a folder or a built-in name.
 
@@ -146,20 +167,8 @@ def load_theta_source(source: str | os.PathLike[str]) -> tuple[Any, dict[str, An
     """
     import torch  # lazy: reading and writing θ files needs no torch
 
-    from runtime import manifest as mf
-    from runtime.sources import BUILTIN_DIR
-
     from .methods import check_theta
 
-    path = Path(source)
-    if isinstance(source, str) and source in mf.METHODS and not path.exists():
-        path = BUILTIN_DIR / source
-        if not (path / mf.THETA_FILE).is_file():
-            raise FileNotFoundError(f"no built-in θ for {source!r} is shipped in {BUILTIN_DIR}")
-    if path.is_dir():
-        path = path / mf.THETA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no θ artifact at {path}")
-    artifact = load_theta(path)
+    artifact = load_theta(theta_path(source))
     _, optimizer = check_theta(artifact.method, artifact.theta)
     return optimizer, {name: torch.from_numpy(a.copy()) for name, a in artifact.theta.items()}

@@ -47,11 +47,14 @@ class MetaOptimConfig:
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
         if self.half_life is not None:
-            if isinstance(self.half_life, bool) or not isinstance(self.half_life, (int, float)):
-                raise ValueError(f"half_life must be a number > 0 or None, got {self.half_life!r}")
-            if not (self.half_life > 0 and math.isfinite(self.half_life)):
-                raise ValueError(f"half_life must be a number > 0 or None, got {self.half_life!r}")
-            object.__setattr__(self, "half_life", float(self.half_life))
+            value = self.half_life
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (value > 0 and math.isfinite(value))
+            ):
+                raise ValueError(f"half_life must be a number > 0 or None, got {value!r}")
+            object.__setattr__(self, "half_life", float(value))
 
 
 @dataclasses.dataclass(frozen=True)

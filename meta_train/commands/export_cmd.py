@@ -182,17 +182,10 @@ def _add_starting_theta(lineage: dict[str, Any], params: dict[str, str]) -> None
     if params.get("init.kind") != "theta" or not digest:
         return
     lineage["started_from"] = digest
-    from export.theta_io import load_theta, theta_sha256
-    from runtime import manifest as mf
-    from runtime.sources import BUILTIN_DIR
+    from export.theta_io import load_theta, theta_path, theta_sha256
 
-    source = Path(params.get("init.theta", ""))
-    if not source.exists() and str(source) in mf.METHODS:
-        source = BUILTIN_DIR / str(source)
-    if source.is_dir():
-        source = source / mf.THETA_FILE
     try:
-        start = load_theta(source)
+        start = load_theta(theta_path(params.get("init.theta", "")))
     except (OSError, ValueError):
         return  # gone: the digest alone records where the run started
     if theta_sha256(start.theta) != digest:
