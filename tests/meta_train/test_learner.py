@@ -37,24 +37,29 @@ def with_workers(workers, **changes):
     return dataclasses.replace(CONFIG, workers=workers, **changes)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """θ after STEPS updates of the single-process loop."""
+def local_theta(config):
+    """θ after STEPS updates of the single-process loop under ``config``."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' thread count, so reductions run in the same order
     try:
         theta, _ = train_local(
-            CONFIG.make_optimizer(),
-            CONFIG.make_family(),
+            config.make_optimizer(),
+            config.make_family(),
             steps=STEPS,
-            run_seed=CONFIG.seed,
-            unroll=CONFIG.unroll,
-            meta_optim=CONFIG.meta_optim,
-            meta_batch=CONFIG.meta_batch,
+            run_seed=config.seed,
+            unroll=config.unroll,
+            meta_optim=config.meta_optim,
+            meta_batch=config.meta_batch,
         )
     finally:
         torch.set_num_threads(previous)
     return theta.numpy()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """θ after STEPS updates of the single-process loop."""
+    return local_theta(CONFIG)
 
 
 def run_learner(config, *, on_step=None, faults=None, state=None, until=STEPS):
@@ -88,22 +93,8 @@ def test_synchronous_theta_is_bitwise_train_locals_for_any_worker_count(
 def test_a_meta_lr_schedule_runs_the_same_in_the_learner(ray_address):
     meta_optim = dataclasses.replace(CONFIG.meta_optim, lr=1e-3, half_life=2.0)
     config = with_workers(1, meta_optim=meta_optim)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        expected, _ = train_local(
-            config.make_optimizer(),
-            config.make_family(),
-            steps=STEPS,
-            run_seed=config.seed,
-            unroll=config.unroll,
-            meta_optim=meta_optim,
-            meta_batch=config.meta_batch,
-        )
-    finally:
-        torch.set_num_threads(previous)
     theta, _, _ = run_learner(config)
-    assert np.array_equal(theta, expected.numpy())
+    assert np.array_equal(theta, local_theta(config))
 
 
 def test_sigkill_of_a_worker_mid_run_is_redone_exactly(ray_address, reference):
