@@ -58,7 +58,7 @@ MUTABLE_ON_RESUME = (
     "tracking",
 )
 # Fields added after runs were recorded, at the value that reproduces what those runs did. At
-# that value they stay out of the identity, so earlier runs, checkpoints and digests stay valid
+# that value they stay out of the identity, so earlier runs, checkpoints and digests stay valid.
 # A dotted name reaches into a section ("validation.score").
 LEGACY_DEFAULTS: dict[str, Any] = {
     "init": ThetaInitConfig(),
@@ -364,7 +364,8 @@ def build_config(*layers: Mapping[str, Any]) -> RunConfig:
         merge(recipe(merged.get("optimizer", "hyperadam"), merged.get("task", "mnist")), merged)
     )
     if config.init.kind == "theta" and config.init.theta_sha256 is None:
-        # Pin the starting θ by content: the digest, not the path, is what the identity records.
+        # Pin the starting θ by content: the identity records its digest beside the path, and
+        # the run refuses a file that no longer has it.
         from .training import read_theta_sha256
 
         try:
