@@ -130,14 +130,20 @@ def init_theta_flat(
 
 def read_theta_sha256(source: str) -> str:
     """The digest of the θ at ``source`` (file, folder or built-in name)."""
-    from export.theta_io import load_theta_source, theta_sha256  # export depends on meta_train
+    from export.theta_io import load_theta_source  # export depends on meta_train
 
     _, theta = load_theta_source(source)
+    return _theta_digest(theta)
+
+
+def _theta_digest(theta: dict[str, Tensor]) -> str:
+    from export.theta_io import theta_sha256
+
     return theta_sha256({name: value.numpy() for name, value in theta.items()})
 
 
 def _given_theta_flat(optimizer: LearnedOptimizer, init: ThetaInitConfig) -> Tensor:
-    from export.theta_io import load_theta_source, theta_sha256
+    from export.theta_io import load_theta_source
 
     source = str(init.theta)
     given, theta = load_theta_source(source)
@@ -149,7 +155,7 @@ def _given_theta_flat(optimizer: LearnedOptimizer, init: ThetaInitConfig) -> Ten
             f"init.theta {source!r} holds a {given.name} θ that does not fit this run's "
             f"{optimizer.name} (check the optimizer and num_candidates)"
         )
-    digest = theta_sha256({name: value.numpy() for name, value in theta.items()})
+    digest = _theta_digest(theta)
     if init.theta_sha256 is not None and digest != init.theta_sha256:
         raise ValueError(
             f"init.theta {source!r} has changed: its θ digest is {digest}, the run was "
