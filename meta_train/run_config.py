@@ -64,6 +64,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "init": ThetaInitConfig(),
     "init.theta": None,
     "init.theta_sha256": None,
+    "init.pre_kernel_scale": 1.0,
     "validation.score": "loss",
     "meta_optim.half_life": None,
     **{f"family.{name}": value for name, value in LEGACY_SETTINGS.items()},

@@ -67,6 +67,12 @@ class ThetaInitConfig:
     a trained θ (fine-tuning): ``theta`` names a θ file, a folder holding ``theta.npz`` or a
     built-in ("hyperadam"); ``theta_sha256`` pins its content (``export.theta_io.theta_sha256``;
     ``build_config`` fills it in from the file, and the run refuses a file that has changed).
+
+    ``pre_kernel_scale`` (an experiment, HyperAdam only) multiplies the StateCell's input kernel
+    ``a`` after the start θ is made. The StateCell reads ĝ = g/‖g‖, whose coordinates are of
+    order 1/√p (≈ 0.008 on the MNIST MLP); with ``a`` of order 0.1 its input is ELU(b) to
+    within 1 %, so every coordinate and every task gets the same ρ and decay rates. Scaling
+    ``a`` lets the cells see the gradient from the first update on.
     """
 
     kind: str = "spec"  # "spec" (spec §2.4), "adam" (HyperAdam only) or "theta"
@@ -75,11 +81,12 @@ class ThetaInitConfig:
     beta2: float = 0.999
     theta: str | None = None  # kind "theta": where θ is read from
     theta_sha256: str | None = None  # kind "theta": the digest that θ must have
+    pre_kernel_scale: float = 1.0  # HyperAdam: the start θ's StateCell input kernel × this
 
     def __post_init__(self) -> None:
         if self.kind not in THETA_INITS:
             raise ValueError(f"init.kind must be one of {THETA_INITS}, got {self.kind!r}")
-        for name in ("adam_lr", "beta1", "beta2"):
+        for name in ("adam_lr", "beta1", "beta2", "pre_kernel_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"init.{name} must be a number > 0, got {value!r}")
@@ -118,13 +125,18 @@ def init_theta_flat(
 ) -> Tensor:
     """θ at the start of a run, flat."""
     if init.kind == "theta":
-        return _given_theta_flat(optimizer, init)
-    theta = optimizer.init_theta(generator(theta_init_seed(run_seed)))
+        theta = optimizer.unflatten(_given_theta_flat(optimizer, init))
+    else:
+        theta = optimizer.init_theta(generator(theta_init_seed(run_seed)))
     if init.kind == "adam":
         reduce = getattr(optimizer, "adam_reduction", None)
         if reduce is None:
             raise ValueError(f"init.kind 'adam' needs HyperAdam, not {optimizer.name}")
         theta = reduce(theta, lr=init.adam_lr, beta1=init.beta1, beta2=init.beta2)
+    if init.pre_kernel_scale != 1.0:
+        if optimizer.name != "hyperadam":
+            raise ValueError(f"init.pre_kernel_scale needs HyperAdam, not {optimizer.name}")
+        theta = {**theta, "pre_kernel": theta["pre_kernel"] * init.pre_kernel_scale}
     return optimizer.flatten(theta)
 
 

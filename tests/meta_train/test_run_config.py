@@ -224,3 +224,34 @@ def test_a_theta_initialisation_starts_at_that_theta_pinned_by_its_digest(tmp_pa
     ):
         with pytest.raises(ValueError, match=message):
             ThetaInitConfig(**bad)
+
+
+def test_a_pre_kernel_scale_multiplies_only_the_state_cells_input_kernel():
+    from export.theta_io import load_theta_source
+    from meta_train.training import ThetaInitConfig, init_theta_flat
+
+    plain = build_config({"init": {"kind": "theta", "theta": "hyperadam"}})
+    scaled = build_config(
+        {"init": {"kind": "theta", "theta": "hyperadam", "pre_kernel_scale": 30}}
+    )
+    optimizer = scaled.make_optimizer()
+    _, shipped = load_theta_source("hyperadam")
+    start = optimizer.unflatten(init_theta_flat(optimizer, 0, scaled.init))
+    for name, value in shipped.items():
+        expected = value * 30 if name == "pre_kernel" else value
+        assert torch.equal(start[name], expected), name
+    assert identity_params(scaled)["init.pre_kernel_scale"] == "30.0"
+    # The default scale is no setting at all: earlier runs keep their identity.
+    assert "init.pre_kernel_scale" not in identity_params(plain)
+    assert config_digest(plain) != config_digest(scaled)
+    spec = build_config({"init": {"pre_kernel_scale": 10.0}})
+    flat = init_theta_flat(spec.make_optimizer(), spec.seed, spec.init)
+    unscaled = init_theta_flat(spec.make_optimizer(), spec.seed, ThetaInitConfig())
+    assert torch.equal(flat[:20], unscaled[:20] * 10)  # pre_kernel is θ's first tensor
+    assert torch.equal(flat[20:], unscaled[20:])
+    rnnprop = build_config({"optimizer": "rnnprop", "init": {"pre_kernel_scale": 2.0}})
+    with pytest.raises(ValueError, match=r"pre_kernel_scale needs HyperAdam, not rnnprop"):
+        init_theta_flat(rnnprop.make_optimizer(), 0, rnnprop.init)
+    for bad in (0, -1.0, True, "2"):
+        with pytest.raises(ValueError, match=r"init.pre_kernel_scale must be a number > 0"):
+            ThetaInitConfig(pre_kernel_scale=bad)
