@@ -73,10 +73,7 @@ def trace_decisions(
         h, c = cells.state_cell(theta, grad, state.h, state.c, grad.square().sum())
         h_sq, m_sq = cells.column_sum_of_squares(h), cells.column_sum_of_squares(state.m)
         if t in steps:
-            z = torch.cat([h * cells.inverse_norm(h_sq), state.m * cells.inverse_norm(m_sq)], 1)
-            beta, gamma = torch.sigmoid(
-                z @ theta["decay_kernel"] + theta["decay_bias"]
-            ).chunk(2, dim=1)
+            beta, gamma = cells.decay_rates(theta, h, state.m, h_sq, m_sq)
             rho_sum = cells.weight_cell(theta, h).sum(dim=1)
             out.append(
                 Decisions(

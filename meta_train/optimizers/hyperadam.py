@@ -64,6 +64,16 @@ def state_cell(
     return h_new, c_new
 
 
+def decay_rates(
+    theta: Theta, s: Tensor, m_prev: Tensor, s_col_sum_sq: Tensor, m_col_sum_sq: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The AdamCell's decay rates (β_t, γ_t), each [p, J]: a sigmoid of one linear map of the
+    column-normalised state and previous first moments (spec §2.2 step 1)."""
+    z = torch.cat([s * inverse_norm(s_col_sum_sq), m_prev * inverse_norm(m_col_sum_sq)], dim=1)
+    beta, gamma = torch.sigmoid(z @ theta["decay_kernel"] + theta["decay_bias"]).chunk(2, dim=1)
+    return beta, gamma
+
+
 def adam_cell(
     theta: Theta,
     grad: Tensor,
@@ -81,8 +91,7 @@ def adam_cell(
     Returns:
       (M_t, V_t, B_t, Γ_t, M̂_t), each [p, J].
     """
-    z = torch.cat([s * inverse_norm(s_col_sum_sq), state.m * inverse_norm(m_col_sum_sq)], dim=1)
-    beta, gamma = torch.sigmoid(z @ theta["decay_kernel"] + theta["decay_bias"]).chunk(2, dim=1)
+    beta, gamma = decay_rates(theta, s, state.m, s_col_sum_sq, m_col_sum_sq)
     g = grad.unsqueeze(1)
     m = beta * state.m + (1.0 - beta) * g
     v = gamma * state.v + (1.0 - gamma) * g.square()
