@@ -111,7 +111,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     optimizer, theta = load_theta_source(args.theta)
     if optimizer.name != "hyperadam":
         parser.error(f"--theta must hold a HyperAdam θ, not {optimizer.name}")
-    torch.set_num_threads(1)
     print(f"θ {args.theta}, evaluation seed {args.seed}, run 0")
     print("task | step | loss | Σρ mean ± std | β mean ± std | γ mean ± std")
     for key in args.tasks.split(","):
@@ -127,4 +126,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # as `hyperadam evaluate` does by default
     main()
