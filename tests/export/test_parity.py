@@ -36,7 +36,23 @@ def test_fused_staged_and_torch_agree_on_a_multi_array_model(tmp_path, method):
         delta, expected = reference.step(
             theta, torch.from_numpy(grad), state, lr=reference.default_lr
         )
+        # The same step in float64: the truth both fp32 implementations are judged against.
+        exact_delta, exact = reference.step(
+            {k: v.double() for k, v in theta.items()},
+            torch.from_numpy(grad).double(),
+            type(state)(*(s.double() for s in state)),
+            lr=reference.default_lr,
+        )
     want = to_runtime_state(opt.manifest.state, expected)
+    truth = to_runtime_state(opt.manifest.state, exact, dtype=np.float64)
+
+    # fp32 round-off: the runtime may be off the float64 truth by twice what the torch fp32
+    # reference is (RNNprop's first LSTM layer: ~5e-6 for both on an AVX2 host, where the two
+    # fp32 results differ by ~3e-6), and never by more than 2e-6 where torch is closer than that.
+    def round_off_bound(key: str) -> float:
+        return max(2e-6, 2 * relative_error(want[key], truth[key]))
+
+    update_bound = max(2e-6, 2 * relative_error(delta.numpy(), exact_delta.numpy()))
     bounds = np.cumsum([math.prod(s) for s in shapes])[:-1]
     results = []
     for chunk_size in (None, p, 1000):
@@ -50,8 +66,9 @@ def test_fused_staged_and_torch_agree_on_a_multi_array_model(tmp_path, method):
         )
         got = stepper.state_dict()["state"]
         update = np.concatenate([a.reshape(-1) for a in params])
-        assert relative_error(update, delta.numpy()) < 2e-6
-        assert max(relative_error(got[k], want[k]) for k in want) < 2e-6
+        assert relative_error(update, exact_delta.numpy()) < update_bound
+        for key in want:
+            assert relative_error(got[key], truth[key]) < round_off_bound(key), key
         results.append((stepper.num_chunks, update))
     default_chunks = len(plan_chunks([math.prod(s) for s in shapes], DEFAULT_CHUNK_SIZE))
     assert default_chunks > 2  # several zero-copy chunks and packed ones at the default size
