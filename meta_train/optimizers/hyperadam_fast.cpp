@@ -231,18 +231,6 @@ inline Vec<float> rsqrt<float>(Vec<float> x) {
   const Vec<float> r = reinterpret_cast<Vec<float>>(_mm256_rsqrt_ps(reinterpret_cast<__m256>(x)));
   return r * (1.5f - (0.5f * x) * (r * r));
 }
-
-template <>
-inline Vec<float> vmax<float>(Vec<float> x, Vec<float> lo) {
-  return reinterpret_cast<Vec<float>>(
-      _mm256_max_ps(reinterpret_cast<__m256>(lo), reinterpret_cast<__m256>(x)));
-}
-
-template <>
-inline Vec<float> vmin<float>(Vec<float> x, Vec<float> hi) {
-  return reinterpret_cast<Vec<float>>(
-      _mm256_min_ps(reinterpret_cast<__m256>(hi), reinterpret_cast<__m256>(x)));
-}
 #endif
 
 // e^x = s + s * q with s = 2^n, q = e^r - 1, x = n ln2 + r, |r| <= ln2 / 2. Writing e^r - 1
