@@ -32,7 +32,7 @@
 
 namespace {
 
-// Rows per block: 512 measured faster than 256 or 1024 with AVX-512; with AVX2, 256 is within noise.
+// Rows per block: 512 measured faster than 256 or 1024 with AVX-512; with AVX2, 256 ties.
 constexpr int kBlock = 512;
 
 // The vector type is one hardware register and the matmul tile fits the register file. With
