@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from meta_train.optimizers import DMOptimizer, HyperAdam, LearnedOptimizer, RNNprop
+from meta_train.optimizers import DMOptimizer, HyperAdam, LearnedUpdateRule, RNNprop
 from runtime import manifest as mf
 
 from .coordinatewise_graphs import build_dm_graphs, build_rnnprop_graphs
@@ -20,7 +20,7 @@ class ExportMethod:
     """How to export one learned optimizer."""
 
     config_from_theta: Callable[[dict[str, np.ndarray]], dict[str, int]]
-    reference: Callable[..., LearnedOptimizer]  # (**config) -> the meta_train optimizer
+    reference: Callable[..., LearnedUpdateRule]  # (**config) -> the meta_train optimizer
     build: Callable[[dict[str, np.ndarray]], dict[str, onnx.ModelProto]]
 
 
@@ -51,7 +51,7 @@ EXPORT_METHODS: dict[str, ExportMethod] = {
 
 def check_theta(
     method: str, theta: dict[str, np.ndarray]
-) -> tuple[dict[str, int], LearnedOptimizer]:
+) -> tuple[dict[str, int], LearnedUpdateRule]:
     """Infers the config from θ and checks every name and shape against the reference.
 
     Raises:

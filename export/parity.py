@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import runtime
-from meta_train.optimizers import LearnedOptimizer
+from meta_train.optimizers import LearnedUpdateRule
 from runtime import manifest as mf
 from runtime.plan import DEFAULT_CHUNK_SIZE
 
@@ -83,7 +83,7 @@ def to_runtime_state(
     return out
 
 
-def random_state(reference: LearnedOptimizer, p: int, rng: np.random.Generator) -> Any:
+def random_state(reference: LearnedUpdateRule, p: int, rng: np.random.Generator) -> Any:
     """A state a few steps into training: bounded LSTM states, positive second moments,
     bias accumulators in (0, 1], and ~10 % of coordinates with an all-zero state."""
     state = reference.init_state(p)
@@ -117,7 +117,7 @@ def real_gradient(p: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _runtime_step(
-    opt: runtime.LearnedOptimizer,
+    opt: runtime.ExportedOptimizer,
     state: dict[str, np.ndarray],
     grad: np.ndarray,
     lr: float,
@@ -133,8 +133,8 @@ def _runtime_step(
 
 
 def step_cases(
-    opt: runtime.LearnedOptimizer,
-    reference: LearnedOptimizer,
+    opt: runtime.ExportedOptimizer,
+    reference: LearnedUpdateRule,
     theta: dict[str, torch.Tensor],
     sizes: Sequence[int],
     seed: int,
@@ -202,7 +202,7 @@ class _TinyMLP:
 
 
 def _reference_trajectory(
-    reference: LearnedOptimizer,
+    reference: LearnedUpdateRule,
     theta: dict[str, torch.Tensor],
     problem: _TinyMLP,
     steps: int,
@@ -238,8 +238,8 @@ def _trajectory_errors(
 
 
 def trajectory_cases(
-    opt: runtime.LearnedOptimizer,
-    reference: LearnedOptimizer,
+    opt: runtime.ExportedOptimizer,
+    reference: LearnedUpdateRule,
     theta: dict[str, torch.Tensor],
     steps: int,
     seed: int,
@@ -291,7 +291,7 @@ def trajectory_cases(
 
 def check_parity(
     folder: str,
-    reference: LearnedOptimizer,
+    reference: LearnedUpdateRule,
     theta: dict[str, np.ndarray],
     *,
     sizes: Sequence[int],

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optimizers.base import LearnedOptimizer
+from .optimizers.base import LearnedUpdateRule
 from .seeding import derive_seed, generator
 from .tasks.base import TaskFamily
 from .unroll import Trajectory, UnrollConfig, UnrollResult, start_trajectory, unroll_truncation
@@ -121,7 +121,7 @@ def theta_init_seed(run_seed: int) -> int:
 
 
 def init_theta_flat(
-    optimizer: LearnedOptimizer, run_seed: int, init: ThetaInitConfig = ThetaInitConfig()
+    optimizer: LearnedUpdateRule, run_seed: int, init: ThetaInitConfig = ThetaInitConfig()
 ) -> Tensor:
     """θ at the start of a run, flat."""
     if init.kind == "theta":
@@ -154,7 +154,7 @@ def _theta_digest(theta: dict[str, Tensor]) -> str:
     return theta_sha256({name: value.numpy() for name, value in theta.items()})
 
 
-def _given_theta_flat(optimizer: LearnedOptimizer, init: ThetaInitConfig) -> Tensor:
+def _given_theta_flat(optimizer: LearnedUpdateRule, init: ThetaInitConfig) -> Tensor:
     from export.theta_io import load_theta_source
 
     source = str(init.theta)
@@ -210,7 +210,7 @@ def apply_meta_gradient(
 
 
 def slot_work(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     family: TaskFamily,
     unroll: UnrollConfig,
     theta_flat: Tensor,
@@ -244,7 +244,7 @@ def slot_work(
 
 
 def train_local(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     family: TaskFamily,
     *,
     steps: int,

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .optimizers.base import LearnedOptimizer
+from .optimizers.base import LearnedUpdateRule
 from .seeding import generator
 from .tasks.base import Task
 
@@ -74,14 +74,14 @@ def batch_generator(task_seed: int, step: int) -> torch.Generator:
     return generator(task_seed, 1, step)
 
 
-def start_trajectory(optimizer: LearnedOptimizer, task: Task, seed: int) -> Trajectory:
+def start_trajectory(optimizer: LearnedUpdateRule, task: Task, seed: int) -> Trajectory:
     """Draws w_0 for the task (from ``seed``) and the optimizer's zero state."""
     params = task.init_params(generator(seed, 0))
     return Trajectory(seed, 0, params, optimizer.init_state(params.numel()))
 
 
 def unroll_truncation(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     theta_flat: Tensor,
     task: Task,
     trajectory: Trajectory,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .optimizers.base import LearnedOptimizer
+from .optimizers.base import LearnedUpdateRule
 from .tasks.base import TaskFamily
 from .training import position, slot_work, task_seed
 from .unroll import Trajectory, UnrollConfig
@@ -122,7 +122,7 @@ class FaultInjection:
 
 
 def compute_slot(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     family: TaskFamily,
     unroll: UnrollConfig,
     theta: torch.Tensor,

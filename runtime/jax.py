@@ -64,7 +64,7 @@ class GradientTransformation(NamedTuple):
 
 
 def learned_optimizer(
-    source: str | os.PathLike[str] | _optimizer.LearnedOptimizer = "hyperadam",
+    source: str | os.PathLike[str] | _optimizer.ExportedOptimizer = "hyperadam",
     lr: float | Schedule | None = None,
     *,
     chunk_size: int | None = None,
@@ -78,9 +78,9 @@ def learned_optimizer(
 
     Args:
       source: an exported folder, a built-in name, an MLflow URI, or a loaded
-        ``runtime.LearnedOptimizer`` (default ``"hyperadam"``).
+        ``runtime.ExportedOptimizer`` (default ``"hyperadam"``).
       lr: step size α, or a schedule ``count -> α`` (default: the export's).
-      chunk_size: as ``runtime.LearnedOptimizer.bind``.
+      chunk_size: as ``runtime.ExportedOptimizer.bind``.
       on_nonfinite: ``"raise"`` (default) raises ``NonFiniteGradientError`` when ``update`` is
         called on concrete arrays. Under ``jax.jit`` a callback must not raise (JAX leaves that
         undefined), so there a non-finite step is skipped: zero update, state unchanged,
@@ -93,7 +93,7 @@ def learned_optimizer(
     """
     runtime = (
         source
-        if isinstance(source, _optimizer.LearnedOptimizer)
+        if isinstance(source, _optimizer.ExportedOptimizer)
         else _optimizer.load(source, threads=threads)
     )
     if on_nonfinite not in ("raise", "skip"):

@@ -1,4 +1,4 @@
-"""``runtime.load``: an exported optimizer folder → a ``LearnedOptimizer`` that binds arrays."""
+"""``runtime.load``: an exported optimizer folder → an ``ExportedOptimizer`` that binds arrays."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-class LearnedOptimizer:
+class ExportedOptimizer:
     """A verified exported optimizer with one onnxruntime session per graph.
 
     Attributes:
@@ -78,7 +78,7 @@ class LearnedOptimizer:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def __enter__(self) -> LearnedOptimizer:
+    def __enter__(self) -> ExportedOptimizer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -86,7 +86,7 @@ class LearnedOptimizer:
 
     def __repr__(self) -> str:
         return (
-            f"LearnedOptimizer(method={self.method!r}, config={dict(self.manifest.config)}, "
+            f"ExportedOptimizer(method={self.method!r}, config={dict(self.manifest.config)}, "
             f"folder={str(self.folder)!r}, providers={list(self.providers)})"
         )
 
@@ -211,7 +211,7 @@ def load(
     threads: int | None = None,
     intra_op_threads: int = 1,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
-) -> LearnedOptimizer:
+) -> ExportedOptimizer:
     """Loads an exported optimizer after verifying its manifest and file hashes.
 
     Args:
@@ -228,6 +228,6 @@ def load(
     """
     folder = resolve_source(source)
     manifest = mf.load_manifest(folder)
-    return LearnedOptimizer(
+    return ExportedOptimizer(
         folder, manifest, threads=threads, intra_op_threads=intra_op_threads, providers=providers
     )

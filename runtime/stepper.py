@@ -44,7 +44,7 @@ class NonFiniteGradientError(ValueError):
 class Stepper:
     """Applies a learned optimizer, in place, to the float32 arrays it was bound to.
 
-    Made by ``LearnedOptimizer.bind``; see there for the arguments. Not thread-safe: one
+    Made by ``ExportedOptimizer.bind``; see there for the arguments. Not thread-safe: one
     ``step`` at a time (it parallelises over chunks itself).
     """
 

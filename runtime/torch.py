@@ -51,9 +51,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     Args:
       params: the tensors or param-group dicts to optimise (float32, C-contiguous, one device).
       source: an exported folder, a built-in name (``"hyperadam"``), an MLflow URI, or an
-        already loaded ``runtime.LearnedOptimizer`` (default: ``"hyperadam"``).
+        already loaded ``runtime.ExportedOptimizer`` (default: ``"hyperadam"``).
       lr: step size α, ``group["lr"]`` (default: the export's, 0.005 for HyperAdam).
-      chunk_size, on_nonfinite, all_reduce: as ``runtime.LearnedOptimizer.bind``. With
+      chunk_size, on_nonfinite, all_reduce: as ``runtime.ExportedOptimizer.bind``. With
         ``on_nonfinite="skip"``, a step with NaN/inf gradients changes nothing.
       threads: CPU threads for chunks (default: the CPUs this process may use).
 
@@ -64,7 +64,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        source: str | os.PathLike[str] | _optimizer.LearnedOptimizer = "hyperadam",
+        source: str | os.PathLike[str] | _optimizer.ExportedOptimizer = "hyperadam",
         lr: float | None = None,
         *,
         chunk_size: int | None = None,
@@ -74,7 +74,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.runtime = (
             source
-            if isinstance(source, _optimizer.LearnedOptimizer)
+            if isinstance(source, _optimizer.ExportedOptimizer)
             else _optimizer.load(source, threads=threads)
         )
         lr = validation.check_lr(self.runtime.default_lr if lr is None else lr)

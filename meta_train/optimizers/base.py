@@ -3,7 +3,7 @@
 An *update rule* is the optax-style pair ``init(num_coords) -> state`` and
 ``update(grad, state) -> (delta, new_state)`` over ONE flat parameter vector; the caller applies
 ``w ← w + delta``. Hand-designed optimizers are update rules directly; a learned optimizer
-becomes one once it is bound to its meta-parameters θ (``LearnedOptimizer.bind``).
+becomes one once it is bound to its meta-parameters θ (``LearnedUpdateRule.bind``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,13 @@ class UpdateRule(Protocol):
         ...
 
 
-class LearnedOptimizer(abc.ABC):
-    """A coordinate-wise learned optimizer: pure functions of θ, gradient and state.
+class LearnedUpdateRule(abc.ABC):
+    """A coordinate-wise learned optimizer in training form: pure functions of θ, gradient, state.
+
+    A family of update rules indexed by the meta-parameters θ (``bind(θ)`` picks one). It is
+    the differentiable torch side of a learned optimizer; its exported ONNX form, loaded by the
+    runtime, is ``runtime.ExportedOptimizer``, and its user-facing PyTorch wrapper is
+    ``runtime.torch.LearnedOptimizer``.
 
     Subclasses define the meta-parameter layout, their initialisation, the state layout and one
     differentiable step. ``step`` must be differentiable with respect to θ (and the incoming
@@ -89,15 +94,15 @@ class LearnedOptimizer(abc.ABC):
             offset += size
         return theta
 
-    def bind(self, theta: Theta, *, lr: float | None = None) -> BoundLearnedOptimizer:
+    def bind(self, theta: Theta, *, lr: float | None = None) -> BoundLearnedUpdateRule:
         """Freezes θ (and the step size) into an update rule for evaluation."""
-        return BoundLearnedOptimizer(self, theta, self.default_lr if lr is None else lr)
+        return BoundLearnedUpdateRule(self, theta, self.default_lr if lr is None else lr)
 
 
-class BoundLearnedOptimizer:
-    """A learned optimizer with fixed θ, usable wherever an ``UpdateRule`` is."""
+class BoundLearnedUpdateRule:
+    """A ``LearnedUpdateRule`` with fixed θ, usable wherever an ``UpdateRule`` is."""
 
-    def __init__(self, optimizer: LearnedOptimizer, theta: Theta, lr: float) -> None:
+    def __init__(self, optimizer: LearnedUpdateRule, theta: Theta, lr: float) -> None:
         self.optimizer = optimizer
         self.theta = {k: v.detach() for k, v in theta.items()}
         self.lr = lr

@@ -48,6 +48,12 @@ def test_load_reads_back_the_provider(opt):
     assert "hyperadam" in repr(opt) and opt.default_lr == 0.005
 
 
+def test_load_returns_an_exported_optimizer_and_the_old_name_still_resolves(opt):
+    assert isinstance(opt, runtime.ExportedOptimizer)
+    with pytest.warns(DeprecationWarning, match="runtime.ExportedOptimizer"):
+        assert runtime.LearnedOptimizer is runtime.ExportedOptimizer
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("chunk_size", [None, 16], ids=["fused", "chunked"])
 def test_100_steps_on_least_squares_match_the_torch_reference(exported, method, chunk_size):
