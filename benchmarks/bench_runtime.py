@@ -52,11 +52,11 @@ from machine import describe_machine  # benchmarks/machine.py, beside this scrip
 
 import runtime
 from export import export_optimizer
-from export.theta_io import load_theta
 from meta_train.optimizers.hyperadam import DEFAULT_LR, HyperAdam, hyperadam_step
 from runtime import manifest as mf
 from runtime.plan import DEFAULT_CHUNK_SIZE
 from runtime.sources import resolve_source
+from runtime.theta import load_theta
 
 SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (10_000, 100_000)

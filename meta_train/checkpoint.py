@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.theta import save_theta as write_theta
+
 from .learner import LearnerState
 from .worker import TrajectoryArrays
 
@@ -313,17 +315,13 @@ def save_theta(
     lr: float | None,
     lineage: dict[str, Any],
 ) -> Path:
-    """Writes θ alone, in the export package's format (``export.theta_io``: one ``.npz`` of fp32
+    """Writes θ alone, in the runtime's θ format (``runtime.theta``: one ``.npz`` of fp32
     arrays by meta-parameter name plus a JSON header, read without pickle).
 
     The header's meta holds the lineage (``mlflow_run_id``, ``step``, ``task_digest``,
     ``config_digest``), the step size and, for HyperAdam, J.
     """
     import torch
-
-    # Imported here: export depends on meta_train, so meta_train never imports export at
-    # module level (the θ file format is export's contract with the runtime).
-    from export.theta_io import save_theta as write_theta
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from runtime.theta import theta_sha256
+
 from .optimizers.base import LearnedUpdateRule
 from .seeding import derive_seed, generator
 from .tasks.base import TaskFamily
+from .theta_source import load_theta_source
 from .unroll import Trajectory, UnrollConfig, UnrollResult, start_trajectory, unroll_truncation
 
 
@@ -65,7 +68,7 @@ class ThetaInitConfig:
     exactly (``HyperAdam.adam_reduction``) with the StateCell at its random initialisation, so
     meta-training begins at the baseline instead of having to rediscover it. "theta" starts at
     a trained θ (fine-tuning): ``theta`` names a θ file, a folder holding ``theta.npz`` or a
-    built-in ("hyperadam"); ``theta_sha256`` pins its content (``export.theta_io.theta_sha256``;
+    built-in ("hyperadam"); ``theta_sha256`` pins its content (``runtime.theta.theta_sha256``;
     ``build_config`` fills it in from the file, and the run refuses a file that has changed).
 
     ``pre_kernel_scale`` (an experiment, HyperAdam only) multiplies the StateCell's input kernel
@@ -142,21 +145,15 @@ def init_theta_flat(
 
 def read_theta_sha256(source: str) -> str:
     """The digest of the θ at ``source`` (file, folder or built-in name)."""
-    from export.theta_io import load_theta_source  # export depends on meta_train
-
     _, theta = load_theta_source(source)
     return _theta_digest(theta)
 
 
 def _theta_digest(theta: dict[str, Tensor]) -> str:
-    from export.theta_io import theta_sha256
-
     return theta_sha256({name: value.numpy() for name, value in theta.items()})
 
 
 def _given_theta_flat(optimizer: LearnedUpdateRule, init: ThetaInitConfig) -> Tensor:
-    from export.theta_io import load_theta_source
-
     source = str(init.theta)
     given, theta = load_theta_source(source)
     expected = optimizer.unflatten(optimizer.flatten(optimizer.init_theta(generator(0))))
