@@ -168,7 +168,7 @@ class Learner:
         self.truncations = config.unroll.truncations_per_trajectory
         optimizer = config.make_optimizer()
         if state is None:
-            theta = init_theta_flat(optimizer, config.seed, config.init)
+            theta = init_theta_flat(optimizer, config.seed, config.init, config.experimental)
             state = LearnerState(0, theta.numpy(), {}, (None,) * self.meta_batch)
         if len(state.trajectories) != self.meta_batch:
             raise ValueError(
@@ -362,7 +362,7 @@ class Learner:
         norm = math.nan
         if grads:
             grad, norm = average_gradients(grads, self.config.meta_optim.clip_norm)
-            lr = self.config.meta_optim.lr_at(k)
+            lr = self.config.meta_lr_at(k)
             apply_meta_gradient(self.theta, self.meta_opt, grad, lr)
         # The slots' state at the start of step k + 1; none when a new trajectory starts there.
         continues = (k + 1) % self.truncations != 0

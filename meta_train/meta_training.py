@@ -46,6 +46,8 @@ from .worker import FaultInjection
 
 # Validation may differ in a new run that continues a checkpoint file (it does not steer θ).
 VALIDATION_PREFIX = "validation."
+# Identity params that only decide how θ is validated; a continued run may change them.
+VALIDATION_FREE = (VALIDATION_PREFIX, "experimental.validation_score")
 
 CHECKPOINT_DIR = "checkpoints"  # local folder and MLflow artifact path
 KEEP_LOCAL_CHECKPOINTS = 2
@@ -141,7 +143,7 @@ def continue_from_checkpoint(
         overrides,
         identity_params(checkpoint.config),
         f"cannot continue from {path}: the config differs from the checkpoint's in ",
-        free=(VALIDATION_PREFIX,),
+        free=VALIDATION_FREE,
     )
     config = dataclasses.replace(config, workers=_given_workers(overrides))
     checkpoint, restarted = validation_restarted(checkpoint, config)
@@ -162,7 +164,11 @@ def validation_restarted(checkpoint: Checkpoint, config: RunConfig) -> tuple[Che
     (e.g. on a held-out evaluation seed); but a best θ or a curve measured the old way cannot be
     compared with the new measurements, so both are dropped then.
     """
-    if RunConfig.from_dict(checkpoint.config).validation == config.validation:
+    saved = RunConfig.from_dict(checkpoint.config)
+    if (saved.validation, saved.experimental.validation_score) == (
+        config.validation,
+        config.experimental.validation_score,
+    ):
         return checkpoint, False
     history = dataclasses.replace(checkpoint.history, validation_steps=(), validation_loss=())
     return dataclasses.replace(checkpoint, history=history, best=None), True
@@ -267,7 +273,11 @@ def _train(
     )
     optimizer = config.make_optimizer()
     validator = Validator(
-        config.validation, optimizer, lr=config.unroll.lr, data_dir=options.data_dir
+        config.validation,
+        optimizer,
+        lr=config.unroll.lr,
+        data_dir=options.data_dir,
+        score=config.experimental.validation_score,
     )
     progress = ProgressBar(
         config.steps, start=learner.step, stream=stream, enabled=options.progress
@@ -305,21 +315,21 @@ def _train(
 
     def validate(step: int) -> None:
         result = validator(step, learner.theta_numpy())
-        state["history"] = state["history"].with_validation(step, result.final_loss)
+        state["history"] = state["history"].with_validation(step, result.score)
         current = state["best"]
-        if current is None or result.final_loss < current.loss:
-            state["best"] = BestTheta(step, result.final_loss, learner.theta_numpy())
+        if current is None or result.score < current.loss:
+            state["best"] = BestTheta(step, result.score, learner.theta_numpy())
             path = ckpt_lib.save_theta(
                 run_dir / "theta" / "best" / ckpt_lib.THETA_FILE,
                 optimizer=optimizer,
                 theta=state["best"].theta,
                 lr=config.unroll.lr,
-                lineage={**lineage, "step": step, "validation_final_loss": result.final_loss},
+                lineage={**lineage, "step": step, "validation_score": result.score},
             )
             tracker.log_artifact(path, "theta/best")
         best_loss = state["best"].loss
         tracker.log_metrics(step, {**result.metrics(), VALIDATION_BEST: best_loss})
-        progress.set_validation(result.final_loss, best_loss)
+        progress.set_validation(result.score, best_loss)
         write_plot()
 
     def on_step(report: StepReport) -> None:

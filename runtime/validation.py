@@ -77,16 +77,6 @@ def check_params(params: Any) -> list[np.ndarray]:
     return params
 
 
-def check_params_unchanged(params: list[np.ndarray], shapes: list[tuple[int, ...]]) -> None:
-    """An array reshaped or re-typed in place since ``bind`` would be stepped wrongly."""
-    for i, (p, shape) in enumerate(zip(params, shapes, strict=True)):
-        if p.shape != shape or p.dtype != np.float32 or not p.flags.c_contiguous:
-            raise ValueError(
-                f"parameter {i} changed since bind: now shape {p.shape} dtype {p.dtype}, was "
-                f"shape {shape} float32; bind the arrays again"
-            )
-
-
 def check_grads(grads: Any, params: list[np.ndarray]) -> list[np.ndarray]:
     """One float32, C-contiguous gradient per parameter with its shape; returns flat views."""
     grads = _sequence(grads, "grads")

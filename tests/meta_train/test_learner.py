@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from meta_train.experimental import ExperimentalConfig
 from meta_train.learner import Learner, WorkerError
 from meta_train.run_config import build_config
 from meta_train.training import (
@@ -50,6 +51,7 @@ def local_theta(config):
             unroll=config.unroll,
             meta_optim=config.meta_optim,
             meta_batch=config.meta_batch,
+            experimental=config.experimental,
         )
     finally:
         torch.set_num_threads(previous)
@@ -91,8 +93,10 @@ def test_synchronous_theta_is_bitwise_train_locals_for_any_worker_count(
 
 
 def test_a_meta_lr_schedule_runs_the_same_in_the_learner(ray_address):
-    meta_optim = dataclasses.replace(CONFIG.meta_optim, lr=1e-3, half_life=2.0)
-    config = with_workers(1, meta_optim=meta_optim)
+    meta_optim = dataclasses.replace(CONFIG.meta_optim, lr=1e-3)
+    config = with_workers(
+        1, meta_optim=meta_optim, experimental=ExperimentalConfig(meta_lr_half_life=2.0)
+    )
     theta, _, _ = run_learner(config)
     assert np.array_equal(theta, local_theta(config))
 

@@ -172,7 +172,7 @@ def test_run_logs_config_metrics_validation_checkpoints_and_theta(
     assert metric_steps(tracking_uri, run_id) == list(range(6))
     for key in ("learner/rejected_grads", "learner/staleness_max", "throughput/inner_steps_per_s"):
         assert metric_steps(tracking_uri, run_id, key) == list(range(6))
-    assert metric_steps(tracking_uri, run_id, "validation/final_loss") == [3, 6]
+    assert metric_steps(tracking_uri, run_id, "validation/score") == [3, 6]
 
     def files(path=None):
         out = []
@@ -409,3 +409,12 @@ def test_a_continued_checkpoint_may_validate_differently_and_restarts_its_best()
         _continued_config(kept.config, [{"validation": {"seed": seed}}], identity, refusal)
     with pytest.raises(UsageError, match=r"differs in seed \(run: 0, given: 4\)"):
         _continued_config(kept.config, [{"seed": 4}], identity, refusal, free=("validation.",))
+
+    # The score is validation too (an experiment's): in either layout it restarts the best θ.
+    from meta_train.meta_training import VALIDATION_FREE
+
+    for layer in ({"experimental": {"validation_score": "adam_ratio"}},
+                  {"validation": {"score": "adam_ratio"}}):
+        ratio = _continued_config(kept.config, [layer], identity, refusal, free=VALIDATION_FREE)
+        assert ratio.experimental.validation_score == "adam_ratio"
+        assert validation_restarted(kept, ratio)[1]
