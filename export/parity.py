@@ -107,7 +107,7 @@ def random_state(reference: LearnedUpdateRule, p: int, rng: np.random.Generator)
         if name != mf.STEP:
             value[rng.random(p) < 0.1] = 0.0
         fresh[name] = torch.from_numpy(np.asarray(value, np.float32))
-    return type(state)(**fresh)
+    return type(state)(**fresh)  # type: ignore[call-overload]  # the state's own NamedTuple
 
 
 def real_gradient(p: int, rng: np.random.Generator) -> np.ndarray:
@@ -157,7 +157,7 @@ def step_cases(
                 w, got, chunks = _runtime_step(opt, dict(start), grad, lr, chunk_size)
                 errors = {mf.PARAM: relative_error(w, delta.numpy())}
                 errors.update({k: relative_error(got[k], want[k]) for k in want})
-                worst = max(errors, key=errors.get)
+                worst = max(errors, key=errors.__getitem__)
                 results.append(
                     {
                         "case": f"p={p} {kind}-gradient {path}",
@@ -213,7 +213,7 @@ def _reference_trajectory(
     w = problem.w0.to(dtype)
     state = reference.init_state(w.numel())
     state = type(state)(*(t.to(dtype) for t in state))
-    losses = []
+    losses: list[float] = []
     with torch.no_grad():
         for t in range(steps):
             loss, grad = problem.loss_and_grad(w, t)
@@ -275,7 +275,7 @@ def trajectory_cases(
         errors = _trajectory_errors(
             layout, w0, final, stepper.state_dict()["state"], losses, runs[torch.float32]
         )
-        worst = max(errors, key=errors.get)
+        worst = max(errors, key=errors.__getitem__)
         results.append(
             {
                 "case": f"{steps}-step ReLU-MLP trajectory {path}",

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime import manifest as mf
@@ -122,7 +123,7 @@ def compare_with_adam(
     from meta_train.resolve import resolve_optimizer
     from meta_train.tasks.suite import TEST_TASKS, build_test_task
 
-    manifest = mf.load_manifest(folder)
+    manifest = mf.load_manifest(Path(folder))
     out = []
     for key in tasks:
         spec = TEST_TASKS[key]
@@ -292,9 +293,9 @@ def _log_evaluation(client: MlflowClient, result: Promotion) -> None:
         "run_id": result.evaluation_run_id,
         "ratios": json.dumps({c.task: round(c.ratio, 6) for c in result.comparisons}),
     }
-    for key, value in version_tags.items():
+    for key, text in version_tags.items():
         tag = registry.EVAL_TAG + key
-        client.set_model_version_tag(result.name, str(result.version), tag, value)
+        client.set_model_version_tag(result.name, str(result.version), tag, text)
 
 
 def _finite(value: float) -> float:

@@ -121,7 +121,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    payload: dict[str, Any] = dict(arrays)  # typed apart from savez's own keyword arguments
+    np.savez(buffer, **payload)
     return buffer.getvalue()
 
 
@@ -138,7 +139,7 @@ def encode(checkpoint: Checkpoint) -> bytes:
     arrays: dict[str, np.ndarray] = {"theta": np.asarray(state.theta, dtype=np.float32)}
     for name, value in state.adam.items():
         arrays[f"adam/{name}"] = np.asarray(value)
-    slots = []
+    slots: list[dict[str, Any] | None] = []
     for b, trajectory in enumerate(state.trajectories):
         if trajectory is None:
             slots.append(None)
@@ -240,7 +241,7 @@ def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
         meta = json.loads(arrays.pop("meta").tobytes())
-        slots = []
+        slots: list[TrajectoryArrays | None] = []
         for b, slot in enumerate(meta["slots"]):
             if slot is None:
                 slots.append(None)

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,10 @@ from .tasks.family import (
 from .training import MetaOptimConfig, ThetaInitConfig
 from .unroll import UnrollConfig
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: JSON config files only
-    tomllib = None  # type: ignore[assignment]
+else:  # Python 3.10: JSON config files only
+    tomllib = None
 
 OPTIMIZERS = ("hyperadam", "rnnprop", "dm")
 TASKS = ("mnist", "quadratic")  # meta-training task families
@@ -336,6 +337,7 @@ def identity(
         *sections, field = name.split(".")
         table: dict[str, Any] | None = plain
         for section in sections:
+            assert table is not None  # the loop breaks when it becomes None
             inner = table.get(section)
             if not isinstance(inner, Mapping):
                 table = None

@@ -280,7 +280,8 @@ class Tracker:
         first = self._queue[0]
         if first["op"] != "metrics":
             return first["op"], [first]
-        batch, count = [], 0
+        batch: list[dict[str, Any]] = []
+        count = 0
         for op in self._queue:
             if op["op"] != "metrics":
                 break

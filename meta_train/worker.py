@@ -55,7 +55,7 @@ class TrajectoryArrays:
             state_fields=tuple(state._fields),
         )
 
-    def to_trajectory(self, state_type: type) -> Trajectory:
+    def to_trajectory(self, state_type: Any) -> Trajectory:  # state_type: a NamedTuple class
         """Copies back into torch (arrays received from Ray are read-only views)."""
         if tuple(state_type._fields) != self.state_fields:
             raise ValueError(
@@ -219,6 +219,7 @@ class GradientWorker:
             self._theta_version = version
         results = []
         for item in work:
+            trajectory: Trajectory | None
             if item.trajectory is not None:
                 trajectory = item.trajectory.to_trajectory(self._state_type)
             else:

@@ -51,7 +51,8 @@ class LearnedOptimizerState(NamedTuple):
     parameter shapes.
     """
 
-    count: jax.Array  # [] int32: steps applied
+    # optax's name for the step count; it shadows tuple.count on purpose, as optax's does.
+    count: jax.Array  # type: ignore[assignment]  # [] int32: steps applied
     num_skipped: jax.Array  # [] int32: steps skipped for non-finite gradients
     state: dict[str, jax.Array]
 
@@ -63,7 +64,9 @@ class GradientTransformation(NamedTuple):
     update: Callable[..., tuple[Any, LearnedOptimizerState]]
 
 
-def learned_optimizer(
+# noqa: C901 below: the branches are argument checks and the two closures optax asks for
+# (init_fn, update_fn), which must close over the stepper; split apart they would pass it around.
+def learned_optimizer(  # noqa: C901
     source: str | os.PathLike[str] | _optimizer.ExportedOptimizer = "hyperadam",
     lr: float | Schedule | None = None,
     *,

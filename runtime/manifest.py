@@ -302,7 +302,7 @@ class Manifest:
     graphs: Mapping[str, GraphSpec]
     files: Mapping[str, str]
     lineage: Mapping[str, Any]
-    versions: Mapping[str, str]
+    versions: Mapping[str, str | None]  # None: not installed as a distribution
     parity: Mapping[str, Any]
     opset: int = OPSET
     ir_version: int = IR_VERSION

@@ -100,9 +100,10 @@ class Stepper:
         }
         reductions = {name for phase in self._phases for name in phase.reductions}
         shapes = {t.name: t.shape for g in manifest.graphs.values() for t in g.outputs}
-        self._reduced = {name: np.zeros(shapes[name], np.float32) for name in reductions}
+        fixed = {name: _fixed_shape(name, shapes[name]) for name in reductions}
+        self._reduced = {name: np.zeros(fixed[name], np.float32) for name in reductions}
         self._reduction_parts = {
-            name: np.zeros((len(self._chunks), *shapes[name]), np.float32) for name in reductions
+            name: np.zeros((len(self._chunks), *fixed[name]), np.float32) for name in reductions
         }
         self._gather_size = max((c.size for c in self._chunks if not c.zero_copy), default=0)
         self._local = threading.local()
@@ -150,7 +151,7 @@ class Stepper:
         """The framework of the bound arrays (``"numpy"``, ``"torch"``, ``"cupy"``, …)."""
         return self._adopted.kind
 
-    def step(self, grads: Sequence[np.ndarray]) -> bool:
+    def step(self, grads: Sequence[Any]) -> bool:
         """One optimizer step over all bound arrays, in place.
 
         Args:
@@ -283,6 +284,7 @@ class Stepper:
             )
 
     def _reduce(self, partial: np.ndarray) -> np.ndarray:
+        assert self._all_reduce is not None  # only sharded steps reduce across processes
         total = np.asarray(self._all_reduce(partial.copy()))
         if total.shape != partial.shape:
             raise ValueError(
@@ -427,3 +429,10 @@ class Stepper:
         wait(futures)  # all shares finish before an error propagates
         for future in futures:
             future.result()
+
+
+def _fixed_shape(name: str, shape: tuple[int | str, ...]) -> tuple[int, ...]:
+    """A reduction's shape, which the manifest gives without the symbolic coordinate axis."""
+    if not all(isinstance(d, int) for d in shape):
+        raise ValueError(f"reduction {name!r} has a symbolic shape {shape}")
+    return tuple(int(d) for d in shape)

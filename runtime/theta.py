@@ -88,7 +88,7 @@ def save_theta(path: str | os.PathLike[str], method: str, theta: Mapping[str, An
     except TypeError as err:
         raise TypeError(f"theta meta must be JSON-serialisable: {err}") from None
     path = Path(path)
-    payload = {_PREFIX + name: array for name, array in arrays.items()}
+    payload: dict[str, Any] = {_PREFIX + name: array for name, array in arrays.items()}
     payload[_HEADER] = np.frombuffer(header_bytes, dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

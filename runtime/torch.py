@@ -78,7 +78,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             else _optimizer.load(source, threads=threads)
         )
         lr = validation.check_lr(self.runtime.default_lr if lr is None else lr)
-        self._bind_options = {
+        self._bind_options: dict[str, Any] = {
             "chunk_size": chunk_size,
             "on_nonfinite": on_nonfinite,
             "all_reduce": all_reduce,

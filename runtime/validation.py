@@ -33,7 +33,7 @@ _STATE_KEYS = {
 def check_lr(lr: Any) -> float:
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a real number, got {type(lr).__name__}")
-    if not (math.isfinite(lr) and lr > 0):
+    if not (math.isfinite(lr) and float(lr) > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     return float(lr)
 

@@ -198,7 +198,7 @@ def _add_starting_theta(lineage: dict[str, Any], params: dict[str, str]) -> None
 
 def _theta_from_checkpoint(
     client: Any, run_id: str, checkpoint: str, tmp: Path, lineage: dict[str, Any]
-) -> tuple[str, dict[str, Any], dict[str, Any], float]:
+) -> tuple[str, dict[str, Any], dict[str, Any], float | None]:
     import numpy as np
     import torch
 

@@ -116,6 +116,7 @@ def test_round_trip_and_promotion_on_sqlite(tracking_uri, tmp_path, monkeypatch)
     assert str(client.get_model_version_by_alias("opt", "champion").version) == "1"
 
 
+@pytest.mark.slow  # starts an `mlflow server` (≈ 15 s)
 def test_round_trip_and_promotion_on_a_real_server(mlflow_server, tmp_path, monkeypatch):
     client, _ = check_round_trip(mlflow_server.url, tmp_path, monkeypatch)
     result = promotion.promote(

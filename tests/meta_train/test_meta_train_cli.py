@@ -143,6 +143,7 @@ def test_bad_configuration_is_one_line_and_exit_2(tracking_uri, tmp_path, capsys
 # -- a whole run, in-process -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # meta-training through the CLI on a Ray cluster
 def test_run_logs_config_metrics_validation_checkpoints_and_theta(
     ray_address, tracking_uri, tmp_path, capsys
 ):
@@ -203,6 +204,7 @@ def test_run_logs_config_metrics_validation_checkpoints_and_theta(
 # -- killed learners ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # meta-training through the CLI on a Ray cluster
 def test_sigkill_of_the_learner_then_resume_continues_exactly(
     ray_address, tracking_uri, tmp_path
 ):
@@ -250,6 +252,7 @@ def test_sigkill_of_the_learner_then_resume_continues_exactly(
     assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # meta-training through the CLI on a Ray cluster
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(ray_address, tracking_uri, tmp_path):
     args = common_args(tmp_path, ray_address, tracking_uri)
     proc = start_cli(tmp_path, args + ["--steps", "200", "--checkpoint-every", "0"], "sigint")
@@ -320,6 +323,7 @@ def test_progress_bar_shows_step_loss_validation_and_throughput():
     assert "val 0.3000 (best 0.2500)" in last and "inner steps/s | eta 0:00" in last
 
 
+@pytest.mark.slow  # meta-training through the CLI on a Ray cluster
 def test_a_checkpoint_file_continues_exactly_in_a_new_store(ray_address, tracking_uri, tmp_path):
     """The committed-checkpoint path: the original store is gone, only the file remains."""
     args = common_args(tmp_path, ray_address, tracking_uri)

@@ -1,6 +1,6 @@
 """The MLflow tracker: batching limits, the spool across outages and restarts, deduplication."""
 
-import time
+import threading
 
 import pytest
 from mlflow import MlflowClient
@@ -16,6 +16,9 @@ class RecordingClient:
     def __init__(self, uri: str) -> None:
         self.inner = MlflowClient(tracking_uri=uri)
         self.down = False
+        self.stalled = threading.Event()  # set: calls hang until ``resume`` is set
+        self.resume = threading.Event()
+        self.inside = threading.Event()  # set once a call is hanging inside the client
         self.calls: list[tuple[str, int, int]] = []  # (method, metrics, params)
 
     def __getattr__(self, name):
@@ -24,6 +27,9 @@ class RecordingClient:
             return attribute
 
         def call(*args, **kwargs):
+            if self.stalled.is_set():  # a server that accepted the connection and hangs
+                self.inside.set()
+                self.resume.wait()
             if self.down:
                 raise ConnectionError("server unreachable")
             self.calls.append(
@@ -134,13 +140,21 @@ def test_unknown_run_id_is_a_lookup_error(tracking_uri):
 
 
 def test_delivery_does_not_block_logging(tracking_uri, tmp_path):
+    """Logging only queues: with the delivery thread stuck inside a hanging server call, the
+    training thread still logs everything (no timing: a logger that waited on the server would
+    never finish here), and all of it arrives once the server answers."""
     client = RecordingClient(tracking_uri)
     tracker = new_tracker(tracking_uri, tmp_path, client)
-    client.down = True
-    start = time.perf_counter()
-    for step in range(200):
-        tracker.log_metrics(step, {"loss": 0.5})
-    assert time.perf_counter() - start < 2.0
+    client.stalled.set()
+    logger = threading.Thread(
+        target=lambda: [tracker.log_metrics(step, {"loss": 0.5}) for step in range(200)]
+    )
+    logger.start()
+    assert client.inside.wait(timeout=60)  # a call now hangs inside the client
+    logger.join(timeout=60)  # a deadlock guard, not a speed limit
+    assert not logger.is_alive() and not client.resume.is_set()
     assert tracker.pending() > 0
-    client.down = False
+    client.stalled.clear()
+    client.resume.set()
     assert tracker.close("FINISHED", timeout=60)
+    assert [step for step, _ in history(tracking_uri, tracker.run_id, "loss")] == list(range(200))
