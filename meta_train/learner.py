@@ -32,13 +32,9 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from .meta_update import adam_arrays, init_meta_state, meta_update
 from .run_config import RunConfig
-from .training import (
-    apply_meta_gradient,
-    average_gradients,
-    init_theta_flat,
-    make_meta_optimizer,
-)
+from .training import init_theta_flat
 from .worker import FaultInjection, GradientWorker, SlotResult, SlotWork, TrajectoryArrays
 
 # Metric keys of one meta-update (flat constants, style §6.11).
@@ -109,21 +105,6 @@ class LearnerState:
     worker_restarts: int = 0
 
 
-def adam_state_arrays(meta_opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
-    state = meta_opt.state_dict()["state"]
-    if not state:
-        return {}
-    return {k: np.array(torch.as_tensor(v).detach().numpy()) for k, v in state[0].items()}
-
-
-def load_adam_state(meta_opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
-    if not arrays:
-        return
-    state_dict = meta_opt.state_dict()
-    state_dict["state"] = {0: {k: torch.tensor(v) for k, v in arrays.items()}}
-    meta_opt.load_state_dict(state_dict)
-
-
 @dataclasses.dataclass
 class _Worker:
     index: int
@@ -179,10 +160,7 @@ class Learner:
                 f"state θ has shape {state.theta.shape}, {optimizer.name} needs "
                 f"({optimizer.num_meta_parameters()},)"
             )
-        self.step = state.step
-        self.theta = torch.tensor(state.theta).requires_grad_(True)
-        self.meta_opt = make_meta_optimizer(self.theta, config.meta_optim)
-        load_adam_state(self.meta_opt, state.adam)
+        self._meta = init_meta_state(torch.tensor(state.theta), step=state.step, adam=state.adam)
         self._committed: list[TrajectoryArrays | None] = list(state.trajectories)
         self.rejected_total = state.rejected_total
         self.worker_restarts = state.worker_restarts
@@ -253,14 +231,23 @@ class Learner:
         return LearnerState(
             step=self.step,
             theta=self.theta_numpy(),
-            adam=adam_state_arrays(self.meta_opt),
+            adam=adam_arrays(self._meta),
             trajectories=tuple(self._committed),
             rejected_total=self.rejected_total,
             worker_restarts=self.worker_restarts,
         )
 
+    @property
+    def step(self) -> int:
+        """Meta-updates applied: θ is θ_step."""
+        return self._meta.step
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self._meta.theta
+
     def theta_numpy(self) -> np.ndarray:
-        return self.theta.detach().numpy().copy()
+        return self.theta.numpy().copy()
 
     def worker_pids(self) -> list[int | None]:
         """Process ids of the workers (as last reported; None for a fresh replacement)."""
@@ -354,29 +341,26 @@ class Learner:
     def _apply_update(self) -> StepReport:
         k = self.step
         results = [self._results.pop((k, b)) for b in range(self.meta_batch)]
-        # Same operations, same order as train_local: the mean over finite gradients in slot
-        # order, clip, one Adam step; nothing at all when every gradient is rejected.
-        grads = [torch.tensor(r.meta_grad) for r in results if r.finite]
-        rejected = len(results) - len(grads)
-        self.rejected_total += rejected
-        norm = math.nan
-        if grads:
-            grad, norm = average_gradients(grads, self.config.meta_optim.clip_norm)
-            lr = self.config.meta_lr_at(k)
-            apply_meta_gradient(self.theta, self.meta_opt, grad, lr)
+        # The update train_local applies too (meta_update: reject, average, clip, Adam).
+        self._meta, update = meta_update(
+            self._meta,
+            [torch.from_numpy(np.asarray(r.meta_grad)) for r in results],
+            self.config.meta_optim,
+            self.config.experimental,
+        )
+        self.rejected_total += update.rejected
         # The slots' state at the start of step k + 1; none when a new trajectory starts there.
         continues = (k + 1) % self.truncations != 0
         self._committed = [r.trajectory if continues else None for r in results]
-        self.step = k + 1
         self._put_theta()
         now = time.perf_counter()
         wall, self._last_update = now - self._last_update, now
         return StepReport(
             step=k,
             meta_loss=sum(r.meta_loss for r in results) / len(results),
-            grad_norm=norm,
-            accepted=len(grads),
-            rejected=rejected,
+            grad_norm=update.grad_norm,
+            accepted=update.accepted,
+            rejected=update.rejected,
             rejected_total=self.rejected_total,
             staleness=tuple(k - r.version for r in results),
             inner_steps=self.meta_batch * self.config.unroll.truncation,

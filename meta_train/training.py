@@ -12,36 +12,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from runtime.theta import theta_sha256
 
 from .experimental import ExperimentalConfig
+from .meta_update import MetaOptimConfig, init_meta_state, meta_update
 from .optimizers.base import LearnedUpdateRule
 from .seeding import derive_seed, generator
 from .tasks.base import TaskFamily
 from .theta_source import load_theta_source
 from .unroll import Trajectory, UnrollConfig, UnrollResult, start_trajectory, unroll_truncation
-
-
-@dataclasses.dataclass(frozen=True)
-class MetaOptimConfig:
-    """Adam on θ (spec §3: lr 1e-4, TF defaults, no decay, no clipping)."""
-
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float | None = None  # global-norm clip of the averaged meta-gradient; None = off
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"meta lr must be > 0, got {self.lr}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"meta Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,33 +134,6 @@ def position(step: int, unroll: UnrollConfig) -> tuple[int, int]:
     return step // k, step % k
 
 
-def make_meta_optimizer(theta: Tensor, config: MetaOptimConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(
-        [theta], lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
-    )
-
-
-def average_gradients(grads: list[Tensor], clip_norm: float | None) -> tuple[Tensor, float]:
-    """Mean of the accepted meta-gradients, clipped by global norm; returns (grad, norm)."""
-    mean = torch.stack(grads).mean(dim=0)
-    norm = float(mean.norm())
-    if clip_norm is not None and norm > clip_norm:
-        mean = mean * (clip_norm / norm)
-    return mean, norm
-
-
-def apply_meta_gradient(
-    theta: Tensor, meta_opt: torch.optim.Adam, grad: Tensor, lr: float | None = None
-) -> None:
-    """One Adam step on θ (in place), at ``lr`` when given (the schedule's value)."""
-    if lr is not None:
-        for group in meta_opt.param_groups:
-            group["lr"] = lr
-    theta.grad = grad.clone()
-    meta_opt.step()
-    theta.grad = None
-
-
 def slot_work(
     optimizer: LearnedUpdateRule,
     family: TaskFamily,
@@ -239,31 +193,28 @@ def train_local(
     unroll = unroll or UnrollConfig()
     meta_optim = meta_optim or MetaOptimConfig()
     experimental = experimental or ExperimentalConfig()
-    theta = (init_theta_flat(optimizer, run_seed) if theta_flat is None else theta_flat).clone()
-    theta.requires_grad_(True)
-    meta_opt = make_meta_optimizer(theta, meta_optim)
+    state = init_meta_state(
+        init_theta_flat(optimizer, run_seed) if theta_flat is None else theta_flat
+    )
     trajectories: list[Trajectory | None] = [None] * meta_batch
     history = []
     for step in range(steps):
         results = []
         for slot in range(meta_batch):
             result = slot_work(
-                optimizer, family, unroll, theta.detach(), run_seed, slot, step, trajectories[slot]
+                optimizer, family, unroll, state.theta, run_seed, slot, step, trajectories[slot]
             )
             trajectories[slot] = result.trajectory
             results.append(result)
-        grads = [r.meta_grad for r in results if torch.isfinite(r.meta_grad).all()]
-        rejected = len(results) - len(grads)
-        norm = float("nan")
-        if grads:
-            grad, norm = average_gradients(grads, meta_optim.clip_norm)
-            apply_meta_gradient(theta, meta_opt, grad, experimental.meta_lr_at(meta_optim.lr, step))
+        state, update = meta_update(
+            state, [r.meta_grad for r in results], meta_optim, experimental
+        )
         history.append(
             {
                 "step": step,
                 "meta_loss": sum(r.meta_loss for r in results) / len(results),
-                "grad_norm": norm,
-                "rejected": rejected,
+                "grad_norm": update.grad_norm,
+                "rejected": update.rejected,
             }
         )
-    return theta.detach(), history
+    return state.theta, history
