@@ -153,10 +153,7 @@ class Tracker:
 
         client = client or make_client(uri)
         try:
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = (
-                found.experiment_id if found is not None else client.create_experiment(experiment)
-            )
+            experiment_id = get_or_create_experiment(client, experiment)
             run = client.create_run(experiment_id, tags=dict(tags), run_name=run_name)
             items = [Param(k, str(v)) for k, v in sorted(params.items())]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
@@ -399,6 +396,30 @@ class Tracker:
                 self._busy = False
                 self.last_error = None
                 self._mark_delivered(len(ops))
+
+
+def get_or_create_experiment(
+    client: Any, name: str, *, attempts: int = 5, backoff_s: float = 0.2, **create: Any
+) -> str:
+    """The id of experiment ``name``, created if absent; safe when processes race to create it.
+
+    Between "absent" and "create" another process may create it (sqlite then answers ``UNIQUE
+    constraint failed``, a server ``RESOURCE_ALREADY_EXISTS``): a failed create is answered by
+    looking the name up again, with a short backoff while the winner's transaction commits.
+    ``create`` goes to ``create_experiment`` (e.g. ``artifact_location``).
+    """
+    error: Exception | None = None
+    for attempt in range(attempts):
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(name, **create)
+        except Exception as raised:  # noqa: BLE001 - the store's type for "exists" varies
+            error = raised
+            time.sleep(backoff_s * (attempt + 1))
+    assert error is not None
+    raise error
 
 
 def get_run(client: Any, uri: str, run_id: str) -> Any:

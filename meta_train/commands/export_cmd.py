@@ -273,13 +273,10 @@ def _download(client: Any, run_id: str, path: str, tmp: Path, missing: str) -> P
 
 def _exports_run(client: Any, uri: str, experiment: str, theta_file: str) -> str:
     """A run that holds the export of a local θ file (a registered version needs a run)."""
-    from ..tracking import TrackingError
+    from ..tracking import TrackingError, get_or_create_experiment
 
     try:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id if found is not None else client.create_experiment(experiment)
-        )
+        experiment_id = get_or_create_experiment(client, experiment)
         run = client.create_run(
             experiment_id,
             run_name=f"export {Path(theta_file).name}",
