@@ -1,8 +1,14 @@
 """The Ray side of a meta-training run: joining or starting a cluster, sizing the workers.
 
 ``connect`` refuses an unreachable address in seconds (Ray itself retries for minutes), starts a
-local cluster sized to the machine when no address is given, reuses a connection the process
-already has (tests, notebooks), and shuts down only what it started.
+private local cluster sized to the machine when no address is given, reuses a connection the
+process already has (tests, notebooks), and shuts down only what it started.
+
+Without an address the run never attaches to a cluster that happens to run on the machine (a
+``ray start --head`` of the user's): Ray's plain ``ray.init()`` would join it, refuse our CPU
+count and die, or share its CPUs with foreign work. ``--ray-address auto`` joins it on purpose.
+The private cluster keeps Ray's token authentication on (the default of a new local cluster);
+choosing it explicitly spares every run Ray's warning that it chose it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from collections.abc import Iterator
 
 from .errors import UsageError
 from .run_config import RunConfig
+
+RAY_AUTH_MODE = "RAY_AUTH_MODE"  # Ray's environment variable: token | disabled
 
 
 def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
@@ -35,8 +43,8 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
 
 @contextlib.contextmanager
 def connect(address: str | None) -> Iterator[int]:
-    """Connects to Ray (``address``, else ``$RAY_ADDRESS``, else a new local cluster with one
-    CPU per core of this machine); yields the cluster's CPU count; shuts down what it began."""
+    """Connects to Ray (``address``, else ``$RAY_ADDRESS``, else a new private local cluster with
+    one CPU per core of this machine); yields the cluster's CPU count; shuts down what it began."""
     import ray
 
     started = False
@@ -46,7 +54,10 @@ def connect(address: str | None) -> Iterator[int]:
         address = address or os.environ.get("RAY_ADDRESS") or None
         try:
             if address is None:
+                # Unset only: a user's RAY_AUTH_MODE (e.g. disabled in tests) is respected.
+                os.environ.setdefault(RAY_AUTH_MODE, "token")
                 ray.init(
+                    address="local",  # a new private cluster, never one already running here
                     num_cpus=os.cpu_count() or 1,
                     include_dashboard=False,
                     log_to_driver=False,

@@ -18,7 +18,7 @@ an optax-style ``GradientTransformation``).
 from .manifest import Manifest, ManifestError, load_manifest
 from .optimizer import ExportedOptimizer, load
 from .plan import DEFAULT_CHUNK_SIZE
-from .stepper import NonFiniteGradientError, Stepper
+from .stepper import NonFiniteGradientError, NonFiniteStepError, Stepper
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -26,6 +26,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "NonFiniteGradientError",
+    "NonFiniteStepError",
     "Stepper",
     "load",
     "load_manifest",
