@@ -204,3 +204,34 @@ def test_a_spool_that_cannot_be_written_ends_the_new_run_failed(tracking_uri, tm
                           spool_root="/proc/x/spool", client=client)
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_meta_training_calls_mlflow_only_through_tracking():
+    """The run orchestration holds a client only to hand it to ``tracking``'s functions: no
+    method of it is called there, and mlflow is not imported there."""
+    import ast
+    from pathlib import Path
+
+    import meta_train.meta_training as module
+
+    tree = ast.parse(Path(module.__file__).read_text("utf-8"))
+    direct = [
+        f"line {node.lineno}: .{node.func.attr}()"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and (
+            (isinstance(node.func.value, ast.Name) and node.func.value.id == "client")
+            or (isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "client")
+        )
+    ]
+    imports = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(
+            (getattr(node, "module", None) or alias.name).startswith("mlflow")
+            for alias in node.names
+        )
+    ]
+    assert direct == [] and imports == []
