@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "export": ("export_cmd", "export a trained optimizer to ONNX (and register it)"),
     "registry": ("registry_cmd", "list and promote registered optimizers"),
     "reproduce": ("reproduce_cmd", "run the paper's evaluation grid and write docs/results.md"),
+    "benchmark": ("benchmark_cmd", "judge optimizers against tuned Adam on held-out tasks"),
 }
 
 
