@@ -475,6 +475,8 @@ def run_benchmark(
         progress(f"{key}: Adam lr {lr:.3g}, {len(todo)} optimizer(s) in {entry['seconds']:.0f} s")
         if on_task is not None:  # lets a caller save the report so far (a sitting can stop)
             on_task(report)
+    order = {k: i for i, k in enumerate(HELDOUT_KEYS)}
+    report["tasks"] = dict(sorted(report["tasks"].items(), key=lambda kv: order.get(kv[0], 0)))
     report["wall_seconds"] = time.perf_counter() - started
     report["suite_seconds"] = sum(t.get("seconds", 0.0) for t in report["tasks"].values())
     report["summary"] = summarise(report)
