@@ -89,7 +89,8 @@ def test_quick_report_covers_every_task_and_logs_to_mlflow(quick):
     for name in ("generalisation.md", "figures/heldout-ratios.png", "figures/heldout-curves.png"):
         assert (docs / name).stat().st_size > 0
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("hyperadam-benchmark").experiment_id])
+    experiment = client.get_experiment_by_name("hyperadam-benchmark")
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["hyperadam/iqm_ratio"] == pytest.approx(
         report["summary"]["overall"]["hyperadam"]["iqm_ratio"]
