@@ -34,14 +34,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import LearnedOptimizer, Theta
-from .hyperadam import DEFAULT_LR, FORGET_BIAS, MOMENT_EPS
+from .hyperadam import FORGET_BIAS, MOMENT_EPS
 
 FEATURE_BETAS = (0.5, 0.9, 0.99)  # timescales of the momentum features
 FEATURE_BETA2 = 0.999
 PROGRESS_SCALES = (10.0, 100.0, 1000.0)
 NUM_FEATURES = 1 + len(FEATURE_BETAS) + len(PROGRESS_SCALES)
 FEATURE_CLIP = 10.0
-RHO_MAX = 2.0  # the step is at most this many Adam steps of size α, per coordinate
+RHO_MAX = 10.0  # the step is at most this many Adam steps of size α, per coordinate
+# α: the Adam-reduction start is Adam at 3e-3 (a good Adam lr for CNNs and transformers), and
+# the bounded step reaches at most Adam at 3e-2 (what small MLPs and convex problems want).
+TENSORWISE_DEFAULT_LR = 0.003
 RMS_EPS = 1e-30  # inside rms_T: a zero tensor gives a zero feature, not NaN
 
 
@@ -131,7 +134,7 @@ def tensorwise_step(
 class TensorwiseHyperAdam(LearnedOptimizer):
     """The tensor-wise HyperAdam variant (see the module docstring); J candidates."""
 
-    default_lr = DEFAULT_LR
+    default_lr = TENSORWISE_DEFAULT_LR
     per_tensor = True  # init_state takes the tensor layout
 
     def __init__(self, num_candidates: int = 20, *, bounded: bool = True) -> None:
@@ -166,7 +169,7 @@ class TensorwiseHyperAdam(LearnedOptimizer):
     def adam_reduction(
         self, theta: Theta, *, lr: float, beta1: float = 0.9, beta2: float = 0.999
     ) -> Theta:
-        """θ on which the step at α = ``DEFAULT_LR`` is Adam(lr, β₁, β₂), ε inside the root.
+        """θ on which the step at α = ``default_lr`` is Adam(lr, β₁, β₂), ε inside the root.
 
         Constant decay rates (zero kernel, logit biases) make B, Γ Adam's bias corrections;
         constant weights ρ_j = lr/(α J) sum the J identical candidates to lr/α · M̂. The
@@ -176,9 +179,9 @@ class TensorwiseHyperAdam(LearnedOptimizer):
         if not lr > 0 or not (0 < beta1 < 1 and 0 < beta2 < 1):
             raise ValueError(f"Adam needs lr > 0 and betas in (0, 1), got {lr}, {beta1}, {beta2}")
         j = self.num_candidates
-        share = lr / DEFAULT_LR  # Σ_j ρ_j
+        share = lr / self.default_lr  # Σ_j ρ_j
         if self.bounded and not share < RHO_MAX:
-            raise ValueError(f"a bounded step reaches at most lr = {RHO_MAX * DEFAULT_LR}")
+            raise ValueError(f"a bounded step reaches at most lr = {RHO_MAX * self.default_lr}")
 
         def logit(p: float) -> float:
             return math.log(p / (1.0 - p))

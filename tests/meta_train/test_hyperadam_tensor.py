@@ -31,7 +31,7 @@ def _grads(steps: int, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randn(sum(SIZES), generator=g) * scales for _ in range(steps)]
 
 
-def _run(opt, theta, grads, *, lr=0.005, sizes=SIZES):
+def _run(opt, theta, grads, *, lr=0.003, sizes=SIZES):
     state = opt.init_state(sum(SIZES), tensor_sizes=sizes)
     deltas = []
     for grad in grads:
@@ -51,7 +51,7 @@ def test_the_step_is_invariant_to_rescaling_each_tensor(bounded):
     plain, _ = _run(opt, theta, grads)
     scaled, _ = _run(opt, theta, [g * factors for g in grads])
     for a, b in zip(plain, scaled, strict=True):
-        torch.testing.assert_close(a, b, rtol=2e-4, atol=0.005 * 1e-5)  # round-off, step units
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=0.003 * 1e-5)  # round-off, step units
 
 
 def test_the_layout_matters_so_the_invariance_is_not_vacuous():
@@ -90,7 +90,7 @@ def test_the_adam_reduction_start_is_adam(bounded):
     lr, b1, b2 = 0.003, 0.9, 0.999
     theta = opt.adam_reduction(_theta(opt, scale=5.0), lr=lr, beta1=b1, beta2=b2)
     grads = [g.double().float() for g in _grads(12)]
-    deltas, _ = _run(opt, theta, grads, lr=0.005)
+    deltas, _ = _run(opt, theta, grads, lr=opt.default_lr)
     m = torch.zeros(sum(SIZES), dtype=torch.float64)
     v = torch.zeros_like(m)
     for t, (g, delta) in enumerate(zip(grads, deltas, strict=True), start=1):
@@ -112,7 +112,7 @@ def test_a_bounded_step_never_exceeds_rho_max_candidate_steps():
         assert bool((delta.abs() <= 0.01 * RHO_MAX * largest * (1 + 1e-5)).all())
     unbounded = TensorwiseHyperAdam(bounded=False)
     deltas, _ = _run(unbounded, theta, _grads(10), lr=0.01)
-    assert float(deltas[-1].abs().max()) > 0.01 * RHO_MAX * 10  # the ELU weights run away
+    assert float(deltas[-1].abs().max()) > 0.01 * RHO_MAX * 3  # the ELU weights run away
 
 
 def test_the_cells_see_the_gradient_at_large_p():
@@ -134,5 +134,5 @@ def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="do not add up"):
         segments_for(3, (3, 0))
     with pytest.raises(ValueError, match="at most lr"):
-        TensorwiseHyperAdam().adam_reduction(_theta(TensorwiseHyperAdam()), lr=0.5)
+        TensorwiseHyperAdam().adam_reduction(_theta(TensorwiseHyperAdam()), lr=0.05)
     assert math.isfinite(RHO_MAX)
