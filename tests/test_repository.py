@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_PATH = re.compile(r"checkpoints/[\w.-]+\.(?:ckpt|npz)")
 # README: "all of them are in the repository's history at commit `38f06a3`".
-HISTORY_COMMIT = re.compile(r"in the repository's history at commit `([0-9a-f]{7,40})`")
+HISTORY_COMMIT = re.compile(r"in the repository's history at commit\s+`([0-9a-f]{7,40})`")
 
 
 def _documents() -> list[Path]:
