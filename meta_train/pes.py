@@ -57,7 +57,9 @@ class PESResult(NamedTuple):
     meta_loss: float  # the mean of the pair's two truncation losses
 
 
-def start_particle(optimizer: LearnedOptimizer, task: Task, seed: int, num_theta: int) -> PESParticle:
+def start_particle(
+    optimizer: LearnedOptimizer, task: Task, seed: int, num_theta: int
+) -> PESParticle:
     """Both trajectories start where a TBPTT trajectory of ``seed`` would; ξ = 0."""
     trajectory = start_trajectory(optimizer, task, seed)
     return PESParticle(trajectory, trajectory, torch.zeros(num_theta))

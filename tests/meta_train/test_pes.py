@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from meta_train.optimizers.hyperadam import HyperAdam
-from meta_train.pes import PESConfig, pes_truncation, perturbation, run_truncation, start_particle
+from meta_train.pes import PESConfig, perturbation, pes_truncation, run_truncation, start_particle
 from meta_train.tasks.quadratic import QuadraticTask
 from meta_train.unroll import UnrollConfig, start_trajectory
 
