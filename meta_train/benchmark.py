@@ -161,7 +161,10 @@ def describe_optimizer(source: str) -> OptimizerSpec:
     else:
         from pathlib import Path
 
-        label = f"{Path(source).name.removesuffix('.npz')}@{identity[:8]}"
+        path = Path(source)
+        # An ablation arm's θ is <arm>/theta.npz: name it by its folder.
+        name = path.parent.name if path.name == "theta.npz" else path.name.removesuffix(".npz")
+        label = f"{name}@{identity[:8]}"
     return OptimizerSpec(label, source, identity)
 
 
@@ -514,6 +517,28 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
                 "unstable_runs": int(sum(res["unstable"])),
                 "runs": len(res["final_losses"]),
             }
+    from .tasks.heldout import HELDOUT_FAST
+
+    overall = _overall(labels, finals, per_task, rng)
+    fast = {
+        lb: {k: v for k, v in finals[lb].items() if k in HELDOUT_FAST}
+        for lb in labels
+        if set(HELDOUT_FAST) <= set(finals[lb])
+    }
+    return {
+        "per_task": per_task,
+        "overall": overall,
+        "overall_fast": _overall(sorted(fast), fast, per_task, rng),
+    }
+
+
+def _overall(
+    labels: Sequence[str],
+    finals: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    per_task: dict[str, dict[str, Any]],
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """IQM of the per-task ratios with a stratified bootstrap CI (runs resampled per task)."""
     overall: dict[str, Any] = {}
     for label in labels:
         tasks = finals[label]
@@ -533,11 +558,9 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "iqm_ratio": iqm(ratios),
             "iqm_ci": [float(lo), float(hi)],
             "fraction_below_1": float(np.mean([r < 1 for r in ratios])),
-            "unstable_runs": int(
-                sum(per_task[k][label]["unstable_runs"] for k in tasks)
-            ),
+            "unstable_runs": int(sum(per_task[k][label]["unstable_runs"] for k in tasks)),
         }
-    return {"per_task": per_task, "overall": overall}
+    return overall
 
 
 def dumps(report: dict[str, Any]) -> str:

@@ -76,6 +76,25 @@ def render_markdown(report: dict[str, Any], command: str, preamble: str = "") ->
             f"[{_fmt(o['iqm_ci'][0])}, {_fmt(o['iqm_ci'][1])}] | "
             f"{o['fraction_below_1'] * 100:.0f} % | {o['unstable_runs']} |"
         )
+    fast = summary.get("overall_fast", {})
+    if fast:
+        from .tasks.heldout import HELDOUT_FAST
+
+        lines += [
+            "",
+            f"On the fast subset ({len(HELDOUT_FAST)} tasks: {', '.join(HELDOUT_FAST)}), "
+            "where the ablation arms are compared:",
+            "",
+            "| optimizer | IQM of ratios [95 % CI] | tasks with ratio < 1 | unstable runs |",
+            "|---|---|---|---|",
+        ]
+        for label in sorted(fast):
+            o = fast[label]
+            lines.append(
+                f"| {label} | {_fmt(o['iqm_ratio'])} [{_fmt(o['iqm_ci'][0])}, "
+                f"{_fmt(o['iqm_ci'][1])}] | {o['fraction_below_1'] * 100:.0f} % | "
+                f"{o['unstable_runs']} |"
+            )
     lines += [
         "",
         "## Per task",

@@ -520,6 +520,18 @@ HELDOUT_SUITE: tuple[HeldoutTaskSpec, ...] = (
 
 HELDOUT_KEYS = tuple(spec.key for spec in HELDOUT_SUITE)
 
+# The fast subset: every horizon and kind of problem, minutes per optimizer rather than hours.
+# Ablation arms are compared on it, and `registry promote` gates on it.
+HELDOUT_FAST = (
+    "mlp-ln-silu-d8-mnist-100",
+    "rescnn-bn-mnist14-100",
+    "mlp-bn-silu-d6-mnist14-1000",
+    "lstm-rows-mnist14-1000",
+    "leastsq-cond1e6-10000",
+    "logreg-cond1e5-10000",
+    "spirals-mlp-silu-10000",
+)
+
 
 def heldout_spec(key: str) -> HeldoutTaskSpec:
     for spec in HELDOUT_SUITE:

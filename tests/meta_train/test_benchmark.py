@@ -25,7 +25,7 @@ from meta_train.benchmark import (
     tune_adam,
 )
 from meta_train.optimizers import make_baseline
-from meta_train.tasks.heldout import HELDOUT_KEYS, heldout_spec
+from meta_train.tasks.heldout import HELDOUT_FAST, HELDOUT_KEYS, heldout_spec
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,9 @@ def test_every_cell_is_traceable_to_the_json(quick):
     ratios = [report["summary"]["per_task"][k]["hyperadam"]["ratio"] for k in report["tasks"]]
     assert summary["iqm_ratio"] == pytest.approx(iqm(ratios))
     assert summary["fraction_below_1"] == pytest.approx(np.mean([r < 1 for r in ratios]))
+    fast = [report["summary"]["per_task"][k]["hyperadam"]["ratio"] for k in HELDOUT_FAST]
+    assert report["summary"]["overall_fast"]["hyperadam"]["iqm_ratio"] == pytest.approx(iqm(fast))
+    assert "On the fast subset (7 tasks" in markdown
 
 
 def test_merge_reuses_the_tuning_and_keeps_earlier_optimizers(quick, tmp_path, capsys):
