@@ -20,6 +20,7 @@ from runtime import manifest as mf
 from runtime.theta import load_theta, theta_path
 
 from .optimizers import DMOptimizer, HyperAdam, LearnedUpdateRule, RNNprop, Theta
+from .optimizers.hyperadam_tensor import TensorwiseHyperAdam
 
 
 def _size(theta: Mapping[str, np.ndarray], name: str, divisor: int = 1) -> int:
@@ -43,6 +44,15 @@ _ARCHITECTURES: dict[str, tuple[SizesFromTheta, Callable[..., LearnedUpdateRule]
     mf.RNNPROP: (
         lambda theta: {"hidden_size": _size(theta, "pre_bias")},
         lambda hidden_size: RNNprop(hidden_size),
+    ),
+    # Variants whose θ files load for evaluation here but that have no ONNX export (yet).
+    "hyperadam-tensor": (
+        lambda theta: {"num_candidates": _size(theta, "pre_bias")},
+        lambda num_candidates: TensorwiseHyperAdam(num_candidates, bounded=True),
+    ),
+    "hyperadam-tensor-unbounded": (
+        lambda theta: {"num_candidates": _size(theta, "pre_bias")},
+        lambda num_candidates: TensorwiseHyperAdam(num_candidates, bounded=False),
     ),
 }
 

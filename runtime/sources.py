@@ -255,18 +255,20 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     """Maps ``runtime.load``'s argument to a local folder (not yet verified).
 
     Accepts an existing folder path, an MLflow URI (``models:/…``, ``runs:/…``) or the name of a
-    built-in optimizer (``"hyperadam"``).
+    built-in optimizer (``"hyperadam"``). A built-in's bare name means the built-in even where
+    the working directory holds a folder of that name (a clone of this repository is one):
+    write ``"./hyperadam"`` for such a folder.
 
     Raises:
       FileNotFoundError: naming the source and the built-in names when nothing matches.
     """
     if isinstance(source, str) and source.startswith(MLFLOW_SCHEMES):
         return resolve_mlflow_uri(source)
+    if isinstance(source, str) and source in builtin_names():
+        return BUILTIN_DIR / source
     path = Path(source)
     if path.is_dir():
         return path
-    if isinstance(source, str) and source in builtin_names():
-        return BUILTIN_DIR / source
     raise FileNotFoundError(
         f"source {str(source)!r} is neither an exported optimizer folder, an MLflow URI "
         f"({', '.join(MLFLOW_SCHEMES)}) nor a built-in optimizer (built-in: {builtin_names()})"

