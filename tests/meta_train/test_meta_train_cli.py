@@ -682,3 +682,12 @@ def test_default_meta_train_starts_a_private_cluster_beside_a_running_one(
     assert "finished at step 2/2" in done.stdout
     assert "Token authentication is enabled" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", READ_ONLY[:3], ids=[" ".join(c[:2]) for c in READ_ONLY[:3]])
+def test_an_unusable_tracking_uri_is_one_line(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*command, "--tracking-uri", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hyperadam: error: cannot open the MLflow store bogus://x: ")
+    assert err.count("\n") == 1
