@@ -7,8 +7,9 @@ process already has (tests, notebooks), and shuts down only what it started.
 Without an address the run never attaches to a cluster that happens to run on the machine (a
 ``ray start --head`` of the user's): Ray's plain ``ray.init()`` would join it, refuse our CPU
 count and die, or share its CPUs with foreign work. ``--ray-address auto`` joins it on purpose.
-The private cluster keeps Ray's token authentication on (the default of a new local cluster);
-choosing it explicitly spares every run Ray's warning that it chose it.
+The private cluster keeps Ray's default for a new local cluster (token authentication on, a
+token generated in ``~/.ray/auth_token`` if there is none); the warning Ray prints on every start
+to say it chose that is dropped, since there is nothing for the user to do about it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,25 @@ from collections.abc import Iterator
 from .errors import UsageError
 from .run_config import RunConfig
 
-RAY_AUTH_MODE = "RAY_AUTH_MODE"  # Ray's environment variable: token | disabled
+# Where Ray logs "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=…".
+_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_DEFAULT_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropDefaultTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_TOKEN_DEFAULT_NOTICE)
+
+
+@contextlib.contextmanager
+def _quiet_default_token_notice() -> Iterator[None]:
+    """Drops Ray's notice that a new local cluster uses token authentication (only that one)."""
+    logger, notice_filter = logging.getLogger(_TOKEN_SETUP_LOGGER), _DropDefaultTokenNotice()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
 
 
 def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
@@ -54,15 +73,14 @@ def connect(address: str | None) -> Iterator[int]:
         address = address or os.environ.get("RAY_ADDRESS") or None
         try:
             if address is None:
-                # Unset only: a user's RAY_AUTH_MODE (e.g. disabled in tests) is respected.
-                os.environ.setdefault(RAY_AUTH_MODE, "token")
-                ray.init(
-                    address="local",  # a new private cluster, never one already running here
-                    num_cpus=os.cpu_count() or 1,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
-                )
+                with _quiet_default_token_notice():
+                    ray.init(
+                        address="local",  # a new private cluster, never one running here
+                        num_cpus=os.cpu_count() or 1,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        logging_level=logging.WARNING,
+                    )
             else:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError as error:

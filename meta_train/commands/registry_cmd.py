@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "list":
             return _list(args, uri)
         return _promote(args, uri)
-    except (LookupError, ValueError, TrackingError) as error:
+    except LookupError as error:  # a missing name: say which store was looked in
+        raise UsageError(f"{error} in {uri}") from None
+    except (ValueError, TrackingError) as error:
         raise UsageError(str(error)) from None
     except MlflowException as error:
         first = str(error).strip().splitlines()

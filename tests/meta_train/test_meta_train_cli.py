@@ -633,3 +633,73 @@ def test_a_short_run_ends_by_saying_so_and_pointing_to_trained_optimizers(
     long = RunSummary("r", "0", tracking_uri, SHORT_RUN_STEPS, SHORT_RUN_STEPS, False, True,
                       None, tmp_path, tmp_path)
     assert "short run" not in describe(long)
+
+
+# -- a Ray cluster of the user's already runs on the machine -------------------------------------
+
+
+@pytest.fixture
+def users_ray_cluster(tmp_path):
+    """`ray start --head` on 127.0.0.1, as Ray users often leave running; its files live in a
+    private RAY_TMPDIR, so only processes given that folder can see it. Stopped by process
+    group, never with `ray stop` (which stops every Ray cluster of this user)."""
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115 - closed below
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", "--port=0", "--num-cpus=1", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (ray_tmp / "ray" / "ray_current_cluster").is_file() or head.poll(),
+                 180, "the user's Ray head")
+        assert head.poll() is None, (tmp_path / "ray-head.log").read_text()
+        yield ray_tmp
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow  # ≈ 40-60 s: a Ray head, then a private local cluster beside it
+def test_default_meta_train_starts_a_private_cluster_beside_a_running_one(
+    users_ray_cluster, tracking_uri, tmp_path
+):
+    """No --ray-address: a cluster already running must neither be joined (Ray refuses our CPU
+    count and the run dies) nor make Ray warn that it chose token authentication."""
+    env = {**os.environ, "RAY_TMPDIR": str(users_ray_cluster), "HOME": str(tmp_path / "home"),
+           "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # Ray's own defaults, as a new user has them
+        env.pop(name, None)
+    config = write_json(tmp_path / "fast.json", FAST_QUADRATIC)
+    done = subprocess.run(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", "--config", str(config),
+         "--steps", "2", "--workers", "1", "--tracking-uri", tracking_uri,
+         "--work-dir", str(tmp_path / "work"), "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "finished at step 2/2" in done.stdout
+    assert "Token authentication is enabled" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", READ_ONLY[:3], ids=[" ".join(c[:2]) for c in READ_ONLY[:3]])
+def test_an_unusable_tracking_uri_is_one_line(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*command, "--tracking-uri", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hyperadam: error: cannot open the MLflow store bogus://x: ")
+    assert err.count("\n") == 1
