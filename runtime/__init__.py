@@ -15,6 +15,8 @@ CUDA provider, through DLPack). Adapters, each importing its framework: ``runtim
 an optax-style ``GradientTransformation``).
 """
 
+from .guard import GuardConfig
+from .guarded import GuardedStepper, GuardEvent
 from .manifest import Manifest, ManifestError, load_manifest
 from .optimizer import LearnedOptimizer, load
 from .plan import DEFAULT_CHUNK_SIZE
@@ -22,6 +24,9 @@ from .stepper import NonFiniteGradientError, Stepper
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "GuardConfig",
+    "GuardEvent",
+    "GuardedStepper",
     "LearnedOptimizer",
     "Manifest",
     "ManifestError",
