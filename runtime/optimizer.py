@@ -14,11 +14,11 @@ import onnxruntime as ort
 
 from . import arrays
 from . import manifest as mf
+from .guard import GuardConfig, guard_config
+from .guarded import GuardedStepper, GuardHook, active_mlflow_hook
 from .plan import DEFAULT_CHUNK_SIZE
 from .session import DEFAULT_PROVIDERS, check_signature, open_sessions, session_options
 from .sources import resolve_source
-from .guard import GuardConfig, guard_config
-from .guarded import GuardedStepper, GuardHook, active_mlflow_hook
 from .stepper import AllReduce, Stepper
 
 

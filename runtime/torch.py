@@ -328,8 +328,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             if p.dtype in HALF_DTYPES:
                 master = per_param[i].get(_MASTER)
-                if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or (
-                    master.shape != p.shape
+                if (
+                    not isinstance(master, torch.Tensor)
+                    or master.dtype != torch.float32
+                    or (master.shape != p.shape)
                 ):
                     raise ValueError(
                         f"state entry {_MASTER!r} of parameter {i} must be a float32 tensor of "
