@@ -33,7 +33,7 @@ _GUARD_KEY = "guard"
 class GuardEvent(NamedTuple):
     """One fallback, as handed to a ``guard_hook``."""
 
-    step: int  # steps taken so far (learned and Adam)
+    step: int  # the index of the step call that fired it (counting every call)
     num_fallbacks: int  # fallbacks so far, this one included
     reason: str  # "loss" (non-finite or risen) or "update size"
     loss: float | None  # the loss that fired it (None for the update-size guard)
@@ -97,6 +97,7 @@ class GuardedStepper(Stepper):
         self._snapshot: dict[str, Any] | None = None
         self._adam: gd.AdamMoments | None = None
         self.num_adam_steps = 0
+        self.num_calls = 0  # step calls that went through (the guard's own step counter)
 
     @property
     def num_fallbacks(self) -> int:
@@ -139,6 +140,7 @@ class GuardedStepper(Stepper):
                     return False
         if applied:
             self._snapshot, self.guard_state = snapshot, state
+            self.num_calls += 1
         return applied
 
     # -- fallback --------------------------------------------------------------------------
@@ -180,10 +182,11 @@ class GuardedStepper(Stepper):
         self.load_raw_state(self._snapshot["state"])
         self.num_steps = self._snapshot["num_steps"]
         self.guard_state = state
+        self.num_calls += 1
         if self._hook is not None:
             self._hook(
                 GuardEvent(
-                    self.num_steps + self.num_adam_steps,
+                    self.num_calls - 1,
                     state.num_fallbacks,
                     reason,
                     loss,
@@ -217,6 +220,7 @@ class GuardedStepper(Stepper):
             "snapshot": snapshot,
             "adam": adam,
             "num_adam_steps": self.num_adam_steps,
+            "num_calls": self.num_calls,
         }
         return saved
 
@@ -228,9 +232,9 @@ class GuardedStepper(Stepper):
         super().load_state_dict(state_dict)
         if checked is None:
             self.guard_state, self._snapshot, self._adam = gd.init_guard(), None, None
-            self.num_adam_steps = 0
+            self.num_adam_steps = self.num_calls = 0
             return
-        self.guard_state, snapshot, adam, self.num_adam_steps = checked
+        self.guard_state, snapshot, adam, self.num_adam_steps, self.num_calls = checked
         self._snapshot = None
         if snapshot is not None:
             self._snapshot = {
@@ -268,6 +272,6 @@ class GuardedStepper(Stepper):
                 [np.size(m) for m in adam["m"]] == sizes == [np.size(v) for v in adam["v"]]
             ):
                 raise ValueError("Adam's moments differ in size from the bound parameters")
-            return state, snapshot, adam, int(saved["num_adam_steps"])
+            return state, snapshot, adam, int(saved["num_adam_steps"]), int(saved["num_calls"])
         except (KeyError, TypeError) as err:
             raise ValueError(f"state_dict['guard'] is malformed: {err!r}") from None

@@ -250,7 +250,7 @@ class Stepper:
             "param_shapes": [list(s) for s in self._shapes],
             "num_steps": self.num_steps,
             "num_skipped": self.num_skipped,
-            "lr": self.lr,
+            "lr": self._lr_exact,
             "state": state,
         }
 

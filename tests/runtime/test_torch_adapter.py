@@ -302,3 +302,72 @@ def test_foreign_state_dict_is_refused_before_anything_changes(opt):
     saved["state"][0]["h"] = torch.zeros(3, 20)
     with pytest.raises(ValueError, match=r"^state entry 'h' must be a float32 array of shape"):
         optimizer.load_state_dict(saved)
+
+
+def test_guard_restores_on_a_blow_up_from_the_closure_and_survives_a_checkpoint(opt):
+    """A closure whose loss turns NaN at step 5: the parameters go back bitwise to those of
+    the last good step (the latest best loss: the snapshot), Adam runs the fallback, and a
+    checkpoint taken in the middle of it (through torch.save / weights_only) continues
+    identically."""
+    from runtime.guard import GuardConfig
+
+    config = GuardConfig(snapshot_every=1, fallback_steps=4, smoothing=0.0)
+
+    def make():
+        model = cnn()
+        return model, LearnedOptimizer(model.parameters(), opt, lr=0.01, guard=config,
+                                       guard_hook=None)  # fmt: skip
+
+    def closure_for(model, optimizer, t, blow_up=False):
+        def closure():
+            optimizer.zero_grad()
+            x, y = batch(t)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss * float("nan") if blow_up else loss
+
+        return closure
+
+    model, optimizer = make()
+    seen, losses = [], []
+    for t in range(5):
+        seen.append([p.detach().clone() for p in model.parameters()])
+        losses.append(float(optimizer.step(closure_for(model, optimizer, t))))
+    assert optimizer.num_fallbacks == 0
+    last_best = max(k for k in range(5) if losses[k] == min(losses[: k + 1]))
+    optimizer.step(closure_for(model, optimizer, 5, blow_up=True))
+    assert optimizer.num_fallbacks == 1
+    restored = seen[last_best]
+    assert all(torch.equal(a, b) for a, b in zip(restored, model.parameters(), strict=True))
+    for t in range(6, 8):
+        optimizer.step(closure_for(model, optimizer, t))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": optimizer.state_dict()}, buffer)
+    for t in range(8, 14):  # the rest of the fallback, then learned steps again
+        optimizer.step(closure_for(model, optimizer, t))
+    assert optimizer.stepper.num_adam_steps == 4
+    assert optimizer.stepper.num_steps == last_best + 4  # 2 learned steps after the fallback
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2, optimizer2 = make()
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    for t in range(8, 14):
+        optimizer2.step(closure_for(model2, optimizer2, t))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(),
+                                                   strict=True))  # fmt: skip
+    assert optimizer2.num_fallbacks == 1
+
+
+def test_guard_takes_the_loss_as_an_argument_too(opt):
+    p = torch.nn.Parameter(torch.ones(4))
+    optimizer = LearnedOptimizer([p], opt, guard=True, guard_hook=None)
+    p.grad = torch.ones(4)
+    optimizer.step(loss=torch.tensor(1.0))
+    before = p.detach().clone()
+    optimizer.step(loss=float("inf"))
+    assert optimizer.num_fallbacks == 1 and torch.equal(p, torch.ones(4))
+    assert not torch.equal(before, p)
+    with pytest.raises(ValueError, match=r"^pass either a closure or a loss to step, not both"):
+        optimizer.step(lambda: 1.0, loss=1.0)
