@@ -62,7 +62,8 @@ def array_lrs(lr: float, scales: Sequence[float]) -> list[float]:
 
 
 def check_lr_scales(value: Any, count: int) -> list[float]:
-    """One finite multiplier > 0 per array (or one for all); returns the list."""
+    """One finite multiplier ≥ 0 per array (or one for all); returns the list. A multiplier of
+    0 (a warm-up's first step) advances the state without moving the array."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
     if len(values) != count:
         raise ValueError(
@@ -71,8 +72,8 @@ def check_lr_scales(value: Any, count: int) -> list[float]:
     for scale in values:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"lr_scales must be real numbers, got {type(scale).__name__}")
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"lr_scales must be finite numbers > 0, got {scale}")
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"lr_scales must be finite numbers >= 0, got {scale}")
     return [float(scale) for scale in values]
 
 

@@ -208,12 +208,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _group_hyperparams(self) -> tuple[float, list[float], list[float]]:
         """The step's lr (the largest group's), each parameter's multiplier of it, and each
-        parameter's weight decay."""
-        lr = max(validation.check_lr(group["lr"]) for group in self.param_groups)
+        parameter's weight decay. A group lr of 0 (a warm-up's first step) advances the
+        state without moving the group's parameters."""
+        lrs = [_scheduled_lr(group["lr"]) for group in self.param_groups]
+        lr = max(lrs) or 1.0  # every group at 0: any lr, every multiplier 0
         scales, decays = [], []
-        for group in self.param_groups:
+        for group, group_lr in zip(self.param_groups, lrs, strict=True):
             rate = per_array.check_weight_decay(group["weight_decay"], 1)[0]
-            scale = 1.0 if group["lr"] == lr else group["lr"] / lr
+            scale = 1.0 if group_lr == lr else group_lr / lr
             scales += [scale] * len(group["params"])
             decays += [rate] * len(group["params"])
         return lr, scales, decays
@@ -358,6 +360,13 @@ def _numpy(value: Any, name: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     raise ValueError(f"state entry {name!r} must be a tensor, got {type(value).__name__}")
+
+
+def _scheduled_lr(value: Any) -> float:
+    """A group's lr as a scheduler may set it: a finite number >= 0."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return validation.check_lr(value)
 
 
 def _map_arrays(value: Any, convert: Callable[[Any], Any]) -> Any:

@@ -332,7 +332,7 @@ def test_guard_restores_on_a_blow_up_from_the_closure_and_survives_a_checkpoint(
     seen, losses = [], []
     for t in range(5):
         seen.append([p.detach().clone() for p in model.parameters()])
-        losses.append(float(optimizer.step(closure_for(model, optimizer, t))))
+        losses.append(float(optimizer.step(closure_for(model, optimizer, t)).detach()))
     assert optimizer.num_fallbacks == 0
     last_best = max(k for k in range(5) if losses[k] == min(losses[: k + 1]))
     optimizer.step(closure_for(model, optimizer, 5, blow_up=True))
@@ -371,3 +371,21 @@ def test_guard_takes_the_loss_as_an_argument_too(opt):
     assert not torch.equal(before, p)
     with pytest.raises(ValueError, match=r"^pass either a closure or a loss to step, not both"):
         optimizer.step(lambda: 1.0, loss=1.0)
+
+
+def test_a_zero_lr_from_a_warm_up_advances_the_state_without_moving(opt):
+    """LambdaLR warm-up from 0: the first step leaves the parameters as they were (bitwise)
+    and advances the state as any step would (the state does not depend on lr)."""
+    p, q = torch.nn.Parameter(torch.ones(6)), torch.nn.Parameter(torch.ones(6))
+    warm = LearnedOptimizer([p], opt, lr=0.01)
+    plain = LearnedOptimizer([q], opt, lr=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(warm, lambda t: t / 2)
+    p.grad = q.grad = torch.linspace(-1, 1, 6)
+    warm.step()
+    plain.step()
+    schedule.step()
+    assert torch.equal(p, torch.ones(6))
+    a, b = warm.stepper.state_dict()["state"], plain.stepper.state_dict()["state"]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    warm.step()
+    assert not torch.equal(p, torch.ones(6))
