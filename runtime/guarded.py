@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -69,8 +70,25 @@ def active_mlflow_hook(event: GuardEvent) -> None:
         mlflow_hook()(event)
 
 
-def _copy(array: Any) -> Any:
-    return array.clone() if hasattr(array, "clone") else array.copy()
+def _copy_into(target: Any, source: Any) -> None:
+    """``target[...] = source`` on the arrays' device (numpy, torch or CuPy)."""
+    if isinstance(target, np.ndarray):
+        np.copyto(target, source)
+    elif hasattr(target, "copy_"):
+        target.copy_(source)
+    else:
+        target[...] = source
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    """The last good point: parameters (flat) and the learned state, in the stepper's layout
+    and on its device."""
+
+    params: list[Any]
+    fields: dict[str, Any]
+    carried: dict[str, np.ndarray]
+    num_steps: int
 
 
 class GuardedStepper(Stepper):
@@ -94,7 +112,9 @@ class GuardedStepper(Stepper):
         self.guard = guard
         self.guard_state = gd.init_guard()
         self._hook = guard_hook
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshot: _Snapshot | None = None
+        self._spare: _Snapshot | None = None
+        self._before: list[Any] | None = None
         self._adam: gd.AdamMoments | None = None
         self.num_adam_steps = 0
         self.num_calls = 0  # step calls that went through (the guard's own step counter)
@@ -124,24 +144,30 @@ class GuardedStepper(Stepper):
             self._restore(state, "loss", value)
             return False
         # The snapshot and the guard's state are kept only once the step went through: a step
-        # that raises or is skipped leaves every buffer, the guard's included, as it was.
-        snapshot = self._current() if decision.snapshot else self._snapshot
-        if decision.use_adam:
-            applied = self._adam_step(flat_grads, decision)
-        else:
-            before = [_copy(p) for p in self._flat] if value is None else None
-            applied = super().step(grads)
-            if applied and before is not None:
-                ratio = gd.update_rms_over_lr(before, self._flat, self.lr)
-                ok, state = gd.after_learned_step(self.guard, state, ratio)
-                if not ok:
-                    self._snapshot = snapshot
-                    self._restore(state, "update size", None)
-                    return False
-        if applied:
-            self._snapshot, self.guard_state = snapshot, state
-            self.num_calls += 1
-        return applied
+        # that raises or is skipped leaves every buffer, the guard's included, as it was. New
+        # snapshots are written into the spare buffers, which become the snapshot on success.
+        snapshot = self._take_snapshot() if decision.snapshot else self._snapshot
+        applied = False
+        try:
+            if decision.use_adam:
+                applied = self._adam_step(flat_grads, decision)
+            else:
+                before = self._copy_params() if value is None else None
+                applied = super().step(grads)
+                if applied and before is not None:
+                    ratio = gd.update_rms_over_lr(before, self._flat, self.lr)
+                    ok, state = gd.after_learned_step(self.guard, state, ratio)
+                    if not ok:
+                        self._commit(snapshot)
+                        self._restore(state, "update size", None)
+                        return False
+        finally:
+            if not applied and snapshot is not self._snapshot:
+                self._spare = snapshot  # not taken after all: the buffers stay spare
+        self._commit(snapshot)
+        self.guard_state = state
+        self.num_calls += 1
+        return True
 
     # -- fallback --------------------------------------------------------------------------
 
@@ -167,20 +193,48 @@ class GuardedStepper(Stepper):
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def _current(self) -> dict[str, Any]:
-        """Copies of the parameters and the learned state as they are now."""
-        return {
-            "params": [_copy(p) for p in self._flat],
-            "state": self.raw_state(),
-            "num_steps": self.num_steps,
-        }
+    def _take_snapshot(self) -> _Snapshot:
+        """The parameters and the learned state as they are now, copied on their device into
+        the spare buffers (allocated once: a snapshot is a copy, never an allocation)."""
+        spare = self._spare or _Snapshot(
+            [self._backend.zeros(p.size) for p in self._flat],
+            {name: self._backend.zeros(v.shape[0]) for name, v in self._fields.items()},
+            {name: np.zeros_like(v) for name, v in self._carried.items()},
+            0,
+        )
+        self._spare = None
+        for target, source in zip(spare.params, self._flat, strict=True):
+            _copy_into(target, source)
+        for name, source in self._fields.items():
+            _copy_into(spare.fields[name], source)
+        for name, source in self._carried.items():
+            np.copyto(spare.carried[name], source)
+        spare.num_steps = self.num_steps
+        return spare
+
+    def _commit(self, snapshot: _Snapshot | None) -> None:
+        if snapshot is not self._snapshot:
+            self._spare, self._snapshot = self._snapshot, snapshot
+
+    def _copy_params(self) -> list[Any]:
+        """The parameters before a learned step, for the update-size guard (reused buffers)."""
+        if self._before is None:
+            self._before = [self._backend.zeros(p.size) for p in self._flat]
+        for target, source in zip(self._before, self._flat, strict=True):
+            _copy_into(target, source)
+        return self._before
 
     def _restore(self, state: gd.GuardState, reason: str, loss: float | None) -> None:
-        assert self._snapshot is not None  # before_step restores only after a snapshot
-        for target, saved in zip(self._flat, self._snapshot["params"], strict=True):
-            target[...] = saved
-        self.load_raw_state(self._snapshot["state"])
-        self.num_steps = self._snapshot["num_steps"]
+        snapshot = self._snapshot
+        assert snapshot is not None  # before_step restores only after a snapshot
+        for target, saved in zip(self._flat, snapshot.params, strict=True):
+            _copy_into(target, saved)
+        for name, saved in snapshot.fields.items():
+            _copy_into(self._fields[name], saved)
+        for name, saved in snapshot.carried.items():
+            np.copyto(self._carried[name], saved)
+        self.num_steps = snapshot.num_steps
+        self._broken = None
         self.guard_state = state
         self.num_calls += 1
         if self._hook is not None:
@@ -203,10 +257,13 @@ class GuardedStepper(Stepper):
         host = self._backend.to_host
         snapshot = None
         if self._snapshot is not None:
+            state = {k: host(v).copy() for k, v in self._snapshot.fields.items()}
+            state.update({k: v.copy() for k, v in self._snapshot.carried.items()})
             snapshot = {
-                "params": [host(p).copy() for p in self._snapshot["params"]],
-                "state": {k: v.copy() for k, v in self._snapshot["state"].items()},
-                "num_steps": self._snapshot["num_steps"],
+                "params": [host(p).copy() for p in self._snapshot.params],
+                "state": state,  # raw_state() layout: valid for this chunk layout only
+                "chunks": [[c.start, c.stop] for c in self._chunks],
+                "num_steps": self._snapshot.num_steps,
             }
         adam = None
         if self._adam is not None:
@@ -235,13 +292,15 @@ class GuardedStepper(Stepper):
             self.num_adam_steps = self.num_calls = 0
             return
         self.guard_state, snapshot, adam, self.num_adam_steps, self.num_calls = checked
-        self._snapshot = None
+        self._snapshot = self._spare = None
         if snapshot is not None:
-            self._snapshot = {
-                "params": [self._device_copy(p) for p in snapshot["params"]],
-                "state": snapshot["state"],
-                "num_steps": snapshot["num_steps"],
-            }
+            state = snapshot["state"]
+            self._snapshot = _Snapshot(
+                [self._device_copy(p) for p in snapshot["params"]],
+                {name: self._device_copy(state[name]) for name in self._fields},
+                {name: np.array(state[name], np.float32) for name in self._carried},
+                int(snapshot["num_steps"]),
+            )
         self._adam = None
         if adam is not None:
             self._adam = gd.AdamMoments(
@@ -266,8 +325,16 @@ class GuardedStepper(Stepper):
             if snapshot is not None:
                 if [np.size(p) for p in snapshot["params"]] != sizes:
                     raise ValueError("the snapshot's parameters differ in size from the bound ones")
-                if set(snapshot["state"]) != set(self.raw_state_shapes()):
-                    raise ValueError("the snapshot's optimizer state has other entries")
+                shapes = {k: tuple(np.shape(v)) for k, v in snapshot["state"].items()}
+                if shapes != self.raw_state_shapes():
+                    raise ValueError("the snapshot's optimizer state has other entries or shapes")
+                if [list(c) for c in snapshot["chunks"]] != [
+                    [c.start, c.stop] for c in self._chunks
+                ]:
+                    raise ValueError(
+                        "the snapshot was saved with another chunk layout (chunk_size); load it "
+                        "into a stepper bound with the same chunk_size"
+                    )
             if adam is not None and not (
                 [np.size(m) for m in adam["m"]] == sizes == [np.size(v) for v in adam["v"]]
             ):
