@@ -50,7 +50,10 @@ class GuardConfig:
 
     Attributes:
       max_rise: a smoothed loss above ``best + max_rise·|best|`` is a blow-up (0.5: 1.5× best).
-      smoothing: the loss EMA's decay s (0 compares raw losses).
+      smoothing: the loss EMA's decay s (0.98: about the last 50 losses; 0 compares raw
+        losses). Late in an MNIST MLP run the minibatch losses swing by ±50 % around their
+        mean: an EMA over ~10 losses (0.9) then drifted 1.5× above its own best by noise
+        alone, one over ~50 stays within 1.26× (``benchmarks/bench_guard.py``).
       fallback_steps: Adam steps after the first fallback before the learned step is retried.
       backoff: each further fallback runs this many times longer than the one before, so an
         optimizer that keeps failing hands more and more of the run to Adam.
@@ -64,7 +67,7 @@ class GuardConfig:
     """
 
     max_rise: float = 0.5
-    smoothing: float = 0.9
+    smoothing: float = 0.98
     fallback_steps: int = 50
     backoff: float = 2.0
     fallback_lr: float | None = None
