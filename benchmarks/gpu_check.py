@@ -1,4 +1,6 @@
-"""Every GPU path of the runtime in one run: CUDA provider, torch CUDA tensors, CuPy, stream sync.
+"""Every GPU path of the runtime in one run: CUDA provider, torch CUDA tensors, CuPy, stream sync,
+and the training-loop paths of ``runtime.torch`` (param groups, weight decay, bf16 masters, the
+guard's restore and Adam fallback) on CUDA tensors.
 
     python benchmarks/gpu_check.py [FOLDER]      # default: the built-in hyperadam
 
