@@ -42,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import arrays, per_array, validation
+from . import arrays, jax_guard, per_array, validation
 from . import guard as gd
 from . import optimizer as _optimizer
+from .jax_guard import JaxGuardState
 from .stepper import NonFiniteGradientError, Stepper
 
 try:  # optax is optional; with it, chain() passes extra arguments (the guard's loss) through
@@ -53,17 +54,6 @@ except ImportError:  # pragma: no cover - optax is installed wherever the tests 
     _OptaxTransformation = None
 
 Schedule = Callable[[jax.Array], jax.Array]
-
-
-class JaxGuardState(NamedTuple):
-    """The guard's state inside ``LearnedOptimizerState`` (``runtime.guard.GuardState`` as
-    arrays, plus the snapshot and the fallback Adam's moments)."""
-
-    scalars: dict[str, jax.Array]  # GuardState's fields and counters, each [] int32/float32
-    snapshot_params: list[jax.Array]  # the last good parameters, one per leaf
-    snapshot_state: dict[str, jax.Array]  # the learned state there (stepper layout)
-    adam_m: list[jax.Array]  # the fallback Adam's moments, one per leaf
-    adam_v: list[jax.Array]
 
 
 class LearnedOptimizerState(NamedTuple):
@@ -96,35 +86,6 @@ else:  # pragma: no cover
 
         init: Callable[[Any], LearnedOptimizerState]
         update: Callable[..., tuple[Any, LearnedOptimizerState]]
-
-
-_INT_FIELDS = ("fallback_left", "num_fallbacks", "since_snapshot", "adam_count", "snapshot_count")
-_INT_FIELDS += ("num_adam_steps", "is_fallback", "has_snapshot", "adam_fresh")
-_FLOAT_FIELDS = ("smoothed", "best")
-
-
-def _guard_scalars(state: gd.GuardState, **counters: int) -> dict[str, np.ndarray]:
-    values = dict(state._asdict(), **counters)
-    values["is_fallback"] = int(state.mode == gd.FALLBACK)
-    out = {k: np.asarray(int(values[k]), np.int32) for k in _INT_FIELDS}
-    out.update({k: np.asarray(values[k], np.float32) for k in _FLOAT_FIELDS})
-    return out
-
-
-def _guard_state(scalars: dict[str, Any]) -> tuple[gd.GuardState, dict[str, int]]:
-    v = {k: np.asarray(x).item() for k, x in scalars.items()}
-    state = gd.GuardState(
-        mode=gd.FALLBACK if v["is_fallback"] else gd.LEARNED,
-        fallback_left=int(v["fallback_left"]),
-        num_fallbacks=int(v["num_fallbacks"]),
-        smoothed=float(v["smoothed"]),
-        best=float(v["best"]),
-        since_snapshot=int(v["since_snapshot"]),
-        has_snapshot=bool(v["has_snapshot"]),
-        adam_fresh=bool(v["adam_fresh"]),
-    )
-    counters = {k: int(v[k]) for k in ("adam_count", "snapshot_count", "num_adam_steps")}
-    return state, counters
 
 
 def num_fallbacks(state: Any) -> int:
@@ -229,7 +190,7 @@ def learned_optimizer(
         guard_state = None
         if config is not None:
             leaves = [jnp.zeros(s, jnp.float32) for s in shapes]
-            scalars = _guard_scalars(
+            scalars = jax_guard.scalars_of(
                 gd.init_guard(), adam_count=0, snapshot_count=0, num_adam_steps=0
             )
             guard_state = JaxGuardState(
@@ -255,13 +216,6 @@ def learned_optimizer(
         applied = stepper.step([arrays.host_view(g) for g in grads])
         deltas = [z.copy() if lr_value else np.zeros_like(z) for z in zeros]
         return deltas, stepper.raw_state(), applied
-
-    def add_decay(deltas: list[np.ndarray], params: list[Any], lr_value: float, rate: float):
-        """The decay term ``−lr·(λ·w)``, as optax's ``add_decayed_weights`` then lr scaling."""
-        if rate:
-            for d, w in zip(deltas, params, strict=True):
-                d += np.float32(-lr_value) * (np.float32(rate) * np.asarray(w, np.float32))
-        return deltas
 
     def update_fn(
         updates: Any,
@@ -322,7 +276,7 @@ def learned_optimizer(
                 lr_f = float(np.asarray(lr_v))
                 deltas, new, applied = host_learned(stepper, zeros, names, lr_f, grads, raw)
                 if applied:
-                    add_decay(deltas, params, lr_f, float(np.asarray(rate_v)))
+                    per_array.add_decay_term(deltas, params, lr_f, float(np.asarray(rate_v)))
                 return deltas, [new[n] for n in names], np.asarray(applied, np.bool_)
 
         out_shapes = (
@@ -347,9 +301,12 @@ def learned_optimizer(
         assert config is not None
         stepper, zeros = stepper_for(shapes)
 
+        def learned(lr_value: float, grads: list[Any], raw: list[Any]) -> tuple[Any, ...]:
+            return host_learned(stepper, zeros, names, lr_value, grads, raw)
+
         def host_step(inputs: dict[str, Any]) -> dict[str, Any]:
             with lock:
-                return guarded_host_step(stepper, zeros, names, inputs, has_loss)
+                return jax_guard.host_step(config, inputs, has_loss, learned, names)
 
         g = state.guard
         inputs = {
@@ -379,69 +336,6 @@ def learned_optimizer(
             ),
         )
         return jax.tree_util.tree_unflatten(treedef, out["deltas"]), new_state
-
-    def guarded_host_step(stepper, zeros, names, inputs, has_loss) -> dict[str, Any]:
-        """The guard on host copies: ``runtime.guard`` decides, this moves the buffers."""
-        assert config is not None
-        host = jax.tree_util.tree_map(lambda x: np.array(x), inputs)
-        guard_state, counters = _guard_state(host["scalars"])
-        lr_f, rate_f = float(host["lr"]), float(host["rate"])
-        loss = float(host["loss"]) if has_loss else None
-        params, grads = host["params"], host["grads"]
-        out = {k: host[k] for k in ("count", "num_skipped", "raw", "snapshot_params",
-                                    "snapshot_state", "adam_m", "adam_v")}  # fmt: skip
-        out["deltas"] = [np.zeros_like(p) for p in params]
-
-        def finish(new_guard: gd.GuardState) -> dict[str, Any]:
-            out["scalars"] = _guard_scalars(new_guard, **counters)
-            out["count"] = np.asarray(out["count"], np.int32)
-            out["num_skipped"] = np.asarray(out["num_skipped"], np.int32)
-            return out
-
-        def restore(new_guard: gd.GuardState) -> dict[str, Any]:
-            out["deltas"] = [s - p for s, p in zip(out["snapshot_params"], params, strict=True)]
-            out["raw"] = [a.copy() for a in out["snapshot_state"]]
-            out["count"] = counters["snapshot_count"]
-            return finish(new_guard)
-
-        decision, new_guard = gd.before_step(config, guard_state, loss)
-        if decision.restore:
-            return restore(new_guard)
-        if not all(np.isfinite(g).all() for g in grads):
-            out["num_skipped"] = out["num_skipped"] + 1
-            return finish(guard_state)  # a skipped step: the guard's state is kept as it was
-        if decision.snapshot:
-            out["snapshot_params"] = [p.copy() for p in params]
-            out["snapshot_state"] = [a.copy() for a in host["raw"]]
-            counters["snapshot_count"] = int(host["count"])
-        if decision.use_adam:
-            if decision.fresh_adam:
-                out["adam_m"] = [np.zeros_like(p) for p in params]
-                out["adam_v"] = [np.zeros_like(p) for p in params]
-                counters["adam_count"] = 0
-            adam_lr = lr_f if decision.lr is None else decision.lr
-            deltas = [np.zeros_like(p) for p in params]  # Adam on zeros: −step exactly
-            moments = gd.adam_update(
-                config,
-                gd.AdamMoments(counters["adam_count"], out["adam_m"], out["adam_v"]),
-                deltas,
-                grads,
-                [adam_lr] * len(deltas),
-            )
-            counters["adam_count"] = moments.count
-            counters["num_adam_steps"] += 1
-            out["deltas"] = add_decay(deltas, params, adam_lr, rate_f)
-            return finish(new_guard)
-        deltas, new_raw, _ = host_learned(stepper, zeros, names, lr_f, grads, host["raw"])
-        ratio = gd.update_rms_over_lr([np.zeros_like(d) for d in deltas], deltas, lr_f or 1.0)
-        if not has_loss or not np.isfinite(ratio):  # a non-finite update is never returned
-            ok, checked = gd.after_learned_step(config, new_guard, ratio)
-            if not ok:
-                return restore(checked)
-        out["deltas"] = add_decay(deltas, params, lr_f, rate_f)
-        out["raw"] = [new_raw[n] for n in names]
-        out["count"] = int(host["count"]) + 1
-        return finish(new_guard)
 
     return GradientTransformation(init_fn, update_fn)
 

@@ -92,3 +92,14 @@ def rescale_updates(arrays: Sequence[Any], before: dict[int, Any], scales: Seque
         update = arrays[i] - start
         update *= scales[i]
         arrays[i][...] = start + update
+
+
+def add_decay_term(
+    deltas: list[np.ndarray], params: Sequence[Any], lr: float, rate: float
+) -> list[np.ndarray]:
+    """Adds optax ``adamw``'s decay term ``−lr·(λ·w)`` (float32) to functional updates, in
+    place (``runtime.jax``: its updates are added to the parameters, not applied in place)."""
+    if rate:
+        for delta, w in zip(deltas, params, strict=True):
+            delta += np.float32(-lr) * (np.float32(rate) * np.asarray(w, np.float32))
+    return deltas
