@@ -218,6 +218,8 @@ class Stepper:
         lrs = per_array.array_lrs(self._lr_exact, self._lr_scales)
         per_array.decay_in_place(self._params, self._weight_decay, lrs)
         rescaled = per_array.copies_to_rescale(self._params, self._lr_scales)
+        if rescaled or any(self._weight_decay):
+            self._backend.synchronize()  # onnxruntime's stream does not wait for those kernels
         try:
             for index, phase in enumerate(self._phases):
                 self._run_phase(index, flat_grads)
