@@ -131,11 +131,18 @@ class GuardedStepper(Stepper):
           grads: as ``Stepper.step``.
           loss: the loss of the current parameters (the one ``grads`` are the gradient of), a
             float or 0-d array/tensor; None: the update-size guard watches this step instead.
+            Sharded (``all_reduce``): required, and the same global value on every shard, so
+            that every shard decides alike.
 
         Raises:
           as ``Stepper.step``; a bad loss raises TypeError. Nothing changes on error.
         """
         value = None if loss is None else gd.check_loss(loss)
+        if value is None and self._all_reduce is not None:
+            raise ValueError(
+                "a sharded guarded step needs the loss (the same global value on every shard): "
+                "without it each shard would judge its own update size and they could diverge"
+            )
         self._check_usable()
         arrays.check_unchanged(self._sources, self._adopted)
         flat_grads = arrays.adopt_grads(grads, self._adopted)  # bad input raises here
@@ -173,6 +180,8 @@ class GuardedStepper(Stepper):
 
     def _adam_step(self, flat_grads: list[Any], decision: gd.Decision) -> bool:
         sum_sq = self._backend.sum_of_squares(flat_grads)
+        if self._all_reduce is not None:  # every shard skips (or raises) alike
+            sum_sq = float(self._reduce(np.array([sum_sq]))[0])
         if not math.isfinite(sum_sq):
             if self._on_nonfinite == "skip":
                 self.num_skipped += 1

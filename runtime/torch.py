@@ -171,7 +171,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._stepper = stepper
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group; its parameters join the one global step with zero optimizer state."""
+        """Adds a group; its parameters join the one global step with zero optimizer state (a
+        guard starts afresh: its snapshot was of the old parameter set)."""
         super().add_param_group(param_group)
         if getattr(self, "_stepper", None) is not None:
             self._rebind()

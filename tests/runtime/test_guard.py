@@ -208,3 +208,12 @@ def test_fallbacks_are_logged_to_mlflow(opt, tracking_uri):
     run(stepper, w, range(5), blow_up={3})
     history = client.get_metric_history(run_id, gd.FALLBACKS_METRIC)
     assert [(m.value, m.step) for m in history] == [(1.0, 3)]
+
+
+def test_a_sharded_guard_needs_the_loss(opt):
+    w = np.zeros(12, np.float32)
+    stepper = opt.bind([w], guard=True, guard_hook=None, all_reduce=lambda x: x)
+    with pytest.raises(ValueError, match=r"^a sharded guarded step needs the loss"):
+        stepper.step([loss_and_grad(w)[1]])
+    assert not w.any()
+    assert stepper.step([loss_and_grad(w)[1]], loss=1.0) and w.any()
