@@ -202,3 +202,20 @@ def test_guard_never_fires_on_a_descending_run_and_matches_the_unguarded_updates
         q = optax.apply_updates(q, u)
     assert int(state.guard.scalars["num_fallbacks"]) == 0
     assert all(np.array_equal(p[k], q[k]) for k in SHAPES)
+
+
+def test_guard_without_a_loss_never_returns_an_oversized_update(opt):
+    """No loss: a learned update whose RMS exceeds max_update_rms·lr is replaced by the way
+    back to the snapshot (here: the current parameters, a zero update), then Adam steps."""
+    from runtime.guard import GuardConfig
+
+    tx = learned_optimizer(opt, 0.01, guard=GuardConfig(max_update_rms=1e-6, fallback_steps=2))
+    state = tx.init(params())
+    updates, state = jax.jit(tx.update)(grads(0), state, params())
+    assert not any(np.asarray(u).any() for u in jax.tree_util.tree_leaves(updates))
+    assert int(state.guard.scalars["num_fallbacks"]) == 1 and int(state.count) == 0
+    updates, state = jax.jit(tx.update)(grads(1), state, params())
+    # Adam's first step: lr times the sign of the gradient, per coordinate
+    for k in SHAPES:
+        np.testing.assert_allclose(np.abs(updates[k]), 0.01, rtol=1e-4)
+    assert int(state.guard.scalars["num_adam_steps"]) == 1
