@@ -217,3 +217,22 @@ def test_a_sharded_guard_needs_the_loss(opt):
         stepper.step([loss_and_grad(w)[1]])
     assert not w.any()
     assert stepper.step([loss_and_grad(w)[1]], loss=1.0) and w.any()
+
+
+def test_by_default_fallbacks_go_to_the_active_mlflow_run(opt, tracking_uri, monkeypatch):
+    """The default hook logs only when the process uses MLflow and has an active run."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    w = np.zeros(12, np.float32)
+    stepper = opt.bind([w], guard=True)  # guard_hook left at its default
+    with mlflow.start_run(
+        experiment_id=mlflow.get_experiment_by_name("hyperadam-tests").experiment_id
+    ) as active:
+        run(stepper, w, range(4), blow_up={2})
+    run(stepper, w, range(4, 60), blow_up={59})  # no active run: nothing is logged, no error
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(
+        active.info.run_id, gd.FALLBACKS_METRIC
+    )
+    assert [(m.value, m.step) for m in history] == [(1.0, 2)] and stepper.num_fallbacks == 2
