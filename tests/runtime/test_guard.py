@@ -224,7 +224,6 @@ def test_by_default_fallbacks_go_to_the_active_mlflow_run(opt, tracking_uri, mon
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
     w = np.zeros(12, np.float32)
     stepper = opt.bind([w], guard=True)  # guard_hook left at its default
     with mlflow.start_run(
