@@ -195,26 +195,27 @@ def before_step(
 
 
 def after_learned_step(
-    config: GuardConfig, state: GuardState, update_rms_over_lr: float
+    config: GuardConfig, state: GuardState, ratio: float
 ) -> tuple[bool, GuardState]:
     """The update-size guard (used when no loss is given): False means undo the step (restore
     the snapshot) and fall back to Adam."""
-    if math.isfinite(update_rms_over_lr) and update_rms_over_lr <= config.max_update_rms:
+    if math.isfinite(ratio) and ratio <= config.max_update_rms:
         return True, state
     return False, _enter_fallback(config, state)
 
 
-def update_rms_over_lr(before: Sequence[Any], after: Sequence[Any], lr: float) -> float:
-    """max over arrays of RMS(after − before) / lr (NaN/inf when a step is non-finite)."""
+def update_rms_over_lr(before: Sequence[Any], after: Sequence[Any], lrs: Sequence[float]) -> float:
+    """max over arrays of RMS(after − before) / lr of that array (inf when a step is not
+    finite); arrays with lr 0 (a warm-up's first step) do not move and are left out."""
     worst = 0.0
-    for b, a in zip(before, after, strict=True):
-        if a.size:
+    for b, a, lr in zip(before, after, lrs, strict=True):
+        if a.size and lr > 0:
             diff = a - b
             rms = math.sqrt(float((diff * diff).sum()) / a.size)
             if not math.isfinite(rms):
                 return math.inf
-            worst = max(worst, rms)
-    return worst / lr
+            worst = max(worst, rms / lr)
+    return worst
 
 
 class AdamMoments(NamedTuple):

@@ -162,7 +162,8 @@ class GuardedStepper(Stepper):
                 before = self._copy_params() if value is None else None
                 applied = super().step(grads)
                 if applied and before is not None:
-                    ratio = gd.update_rms_over_lr(before, self._flat, self.lr)
+                    lrs = per_array.array_lrs(self._lr_exact, self._lr_scales)
+                    ratio = gd.update_rms_over_lr(before, self._flat, lrs)
                     ok, state = gd.after_learned_step(self.guard, state, ratio)
                     if not ok:
                         self._commit(snapshot)

@@ -124,7 +124,8 @@ def host_step(
         out["deltas"] = per_array.add_decay_term(deltas, params, adam_lr, rate_f)
         return finish(new_guard)
     deltas, new_raw, _ = learned(lr_f, grads, host["raw"])
-    ratio = gd.update_rms_over_lr([np.zeros_like(d) for d in deltas], deltas, lr_f or 1.0)
+    zeros = [np.zeros_like(d) for d in deltas]
+    ratio = gd.update_rms_over_lr(zeros, deltas, [lr_f] * len(deltas))
     if not has_loss or not np.isfinite(ratio):  # a non-finite update is never returned
         ok, checked = gd.after_learned_step(config, new_guard, ratio)
         if not ok:
