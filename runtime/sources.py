@@ -73,8 +73,7 @@ def parse_mlflow_uri(uri: str) -> MlflowSource:
     if match := _RUN_URI.match(uri):
         return MlflowSource(uri, run_id=match["run_id"], path=match["path"].strip("/"))
     raise ValueError(
-        f"MLflow URI {uri!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or "
-        "runs:/RUN_ID/PATH"
+        f"MLflow URI {uri!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
     )
 
 
