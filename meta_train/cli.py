@@ -26,6 +26,12 @@ def missing_train_modules() -> list[str]:
     return [name for name in TRAIN_EXTRA_MODULES if importlib.util.find_spec(name) is None]
 
 
+DESCRIPTION = (
+    "HyperAdam, a learned optimizer: meta-train it on Ray (tracked in MLflow), evaluate it, "
+    "export it to ONNX and register it."
+)
+EPILOG = "Run `hyperadam COMMAND --help` for the options of one command."
+
 # subcommand → (module in meta_train.commands, one-line help)
 SUBCOMMANDS = {
     "meta-train": ("meta_train_cmd", "meta-train a learned optimizer (Ray workers, MLflow run)"),
@@ -38,7 +44,8 @@ SUBCOMMANDS = {
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyperadam", description=__doc__.splitlines()[0])
+    # The module docstring is for developers; users get DESCRIPTION.
+    parser = argparse.ArgumentParser(prog="hyperadam", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -22,7 +22,7 @@ from .guarded import GuardedStepper, GuardEvent
 from .manifest import Manifest, ManifestError, load_manifest
 from .optimizer import LearnedOptimizer, load
 from .plan import DEFAULT_CHUNK_SIZE
-from .stepper import NonFiniteGradientError, Stepper
+from .stepper import NonFiniteGradientError, NonFiniteStepError, Stepper
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -33,6 +33,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "NonFiniteGradientError",
+    "NonFiniteStepError",
     "Stepper",
     "load",
     "load_manifest",

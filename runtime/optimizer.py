@@ -232,12 +232,16 @@ def load(
     threads: int | None = None,
     intra_op_threads: int = 1,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
+    sha256: str | None = None,
 ) -> LearnedOptimizer:
     """Loads an exported optimizer after verifying its manifest and file hashes.
 
     Args:
       source: an exported folder, a built-in name (``"hyperadam"`` once one ships in
         ``runtime/builtin/``), or an MLflow ``models:/…`` / ``runs:/…`` URI (needs mlflow).
+      sha256: the expected sha256 of the folder's ``manifest.json``, which pins every file
+        (a registered version's ``manifest_sha256`` tag; ``sha256sum manifest.json``). Without
+        it, a folder is checked against its own manifest only.
       threads: threads that run chunks in parallel (default: the CPUs this process may use).
       intra_op_threads: onnxruntime's threads inside one graph call (default 1; chunks are the
         better unit of parallelism for these small-matrix graphs).
@@ -248,7 +252,7 @@ def load(
       FileNotFoundError: if ``source`` names nothing.
     """
     folder = resolve_source(source)
-    manifest = mf.load_manifest(folder)
+    manifest = mf.load_manifest(folder, sha256=sha256)
     return LearnedOptimizer(
         folder, manifest, threads=threads, intra_op_threads=intra_op_threads, providers=providers
     )

@@ -11,6 +11,16 @@ device; ``runtime.arrays`` adopts them without copies and ``runtime.backends`` s
 state lives. Inputs are validated before any buffer changes; a failure after validation (an
 onnxruntime error, a failing ``all_reduce``) marks the stepper unusable until
 ``load_state_dict`` restores it.
+
+A step whose result is not finite changes nothing. Non-finite gradients and parameters are
+refused before the step. With finite inputs only the parameters can overflow, through ``lr``:
+the state does not depend on it, and each method's update d is bounded (HyperAdam's
+|d| <= 1e12: |M~| <= 1 and ε = 1e-24 under the root; DM's and RNNprop's are 0.1 times an
+output layer of bounded LSTM outputs). So for lr <= ``SNAPSHOT_ABOVE_LR`` the step runs as it
+is (a parameter within 1e12 of float32's largest value could still overflow: the stepper is then
+marked unusable, as after any failure midway). Above it the step first snapshots the parameters
+and the state (a copy of both, about a third of a step's time) and restores them when the new
+parameters are not finite. The new parameters are checked after every step.
 """
 
 from __future__ import annotations
@@ -34,11 +44,25 @@ from .subnormals import flush_subnormals
 AllReduce = Callable[[np.ndarray], np.ndarray]
 NONFINITE_POLICIES = ("raise", "skip")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-__all__ = ["AllReduce", "NonFiniteGradientError", "Stepper", "sum_of_squares"]
+# Above this step size a step is a transaction (see the module docstring): 200× HyperAdam's
+# α = 0.005 and 10× DM's and RNNprop's 0.1, so ordinary use never pays for the snapshot.
+SNAPSHOT_ABOVE_LR = 1.0
+__all__ = [
+    "AllReduce",
+    "NonFiniteGradientError",
+    "NonFiniteStepError",
+    "Stepper",
+    "sum_of_squares",
+]
 
 
 class NonFiniteGradientError(ValueError):
     """A gradient with NaN/inf (or whose Σg² overflows fp32) under ``on_nonfinite="raise"``."""
+
+
+class NonFiniteStepError(NonFiniteGradientError):
+    """A step that would leave non-finite parameters (e.g. an overflowing ``lr``), or parameters
+    that are not finite before it, under ``on_nonfinite="raise"``; nothing was changed."""
 
 
 class Stepper:
@@ -193,6 +217,8 @@ class Stepper:
             (nothing changes).
           NonFiniteGradientError: NaN/inf gradients under ``on_nonfinite="raise"`` (nothing
             changes).
+          NonFiniteStepError: NaN/inf parameters, or a result that would be, under
+            ``on_nonfinite="raise"`` (nothing changes).
           RuntimeError: if an earlier step failed midway and the state was not restored.
         """
         self._check_usable()
@@ -200,9 +226,11 @@ class Stepper:
         flat_grads = arrays.adopt_grads(grads, self._adopted)
         self._backend.synchronize()  # the producer's kernels that wrote the arrays are done
         sum_sq = self._backend.sum_of_squares(flat_grads)
+        params_finite = self._backend.all_finite(self._flat)
         if self._all_reduce is not None:
-            # Every shard learns the global value, so every shard skips (or raises) alike.
-            sum_sq = float(self._reduce(np.array([sum_sq]))[0])
+            # Every shard learns the global values, so every shard skips (or raises) alike.
+            total = self._reduce(np.array([sum_sq, 0.0 if params_finite else 1.0]))
+            sum_sq, params_finite = float(total[0]), float(total[1]) == 0.0
         if not (math.isfinite(sum_sq) and sum_sq <= _FLOAT32_MAX):
             if self._on_nonfinite == "skip":
                 self.num_skipped += 1
@@ -214,6 +242,9 @@ class Stepper:
                     sharded=self._all_reduce is not None,
                 )
             )
+        if not params_finite:
+            return self._refuse_nonfinite("the parameters hold NaN or inf before the step")
+        snapshot = self._snapshot() if self.lr > SNAPSHOT_ABOVE_LR else None
         self._grad_sum_sq[...] = sum_sq
         lrs = per_array.array_lrs(self._lr_exact, self._lr_scales)
         per_array.decay_in_place(self._params, self._weight_decay, lrs)
@@ -232,8 +263,48 @@ class Stepper:
             self._broken = f"{type(err).__name__}: {err}"
             raise
         per_array.rescale_updates(self._params, rescaled, self._lr_scales)
+        if not self._params_finite():
+            if snapshot is None:  # parameters at the edge of float32's range (module docstring)
+                self._broken = f"the step with lr {self.lr:g} made the parameters non-finite"
+                raise NonFiniteStepError(self._broken + "; restore with load_state_dict()")
+            self._restore(snapshot)
+            return self._refuse_nonfinite(
+                f"the step with lr {self.lr:g} would make the parameters non-finite (overflow); "
+                "parameters and state are unchanged"
+            )
         self.num_steps += 1
         return True
+
+    def _params_finite(self) -> bool:
+        """Whether every parameter is finite, on every shard (so that all shards agree)."""
+        finite = self._backend.all_finite(self._flat)
+        if self._all_reduce is None:
+            return finite
+        return float(self._reduce(np.array([0.0 if finite else 1.0]))[0]) == 0.0
+
+    def _refuse_nonfinite(self, message: str) -> bool:
+        if self._on_nonfinite == "skip":
+            self.num_skipped += 1
+            return False
+        raise NonFiniteStepError(message)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of everything a step writes: the parameters and the state."""
+        copy = self._backend.copy
+        return {
+            "params": [copy(p) for p in self._flat],
+            "fields": {name: copy(value) for name, value in self._fields.items()},
+            "carried": {name: value.copy() for name, value in self._carried.items()},
+        }
+
+    def _restore(self, snapshot: Mapping[str, Any]) -> None:
+        assign = self._backend.assign
+        for flat, saved in zip(self._flat, snapshot["params"], strict=True):
+            assign(flat, saved)
+        for name, saved in snapshot["fields"].items():
+            assign(self._fields[name], saved)
+        for name, saved in snapshot["carried"].items():
+            self._carried[name][...] = saved
 
     def state_dict(self) -> dict[str, Any]:
         """A copy of the state as plain data (numpy arrays, ints, floats, strings).

@@ -13,7 +13,8 @@
 // is its own shape. OUTPUT.json receives {"w": [...], "state": {...}} in the same layout.
 //
 // The fused graph is one whole step of a model that is one chunk, which is what a single
-// Float32Array is here. The manifest's format version and the file's sha256 are checked first.
+// Float32Array is here. The manifest's format version, the graph's file name (a plain name in
+// the folder) and the file's sha256 are checked first.
 
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
@@ -28,12 +29,21 @@ function fail(message) {
   process.exit(2);
 }
 
+function isPlainName(name) {
+  return name !== "" && name !== "." && name !== ".." && !/[\\/\0]/.test(name);
+}
+
 function loadManifest(folder) {
   const manifest = JSON.parse(readFileSync(join(folder, "manifest.json"), "utf8"));
   if (manifest.format !== FORMAT || !SUPPORTED_VERSIONS.includes(manifest.format_version)) {
     fail(`${folder}: not a supported exported optimizer (${manifest.format} v${manifest.format_version})`);
   }
   const file = manifest.graphs.fused.file;
+  // A plain name inside the folder, as the Python runtime requires: "../x" or "/x" would load
+  // (and run) a graph from anywhere, hashed against a manifest entry the same edit adds.
+  if (typeof file !== "string" || !isPlainName(file) || !(file in manifest.files)) {
+    fail(`${folder}: graph file ${JSON.stringify(file)} is not a plain file name listed in manifest.json`);
+  }
   const digest = createHash("sha256").update(readFileSync(join(folder, file))).digest("hex");
   if (digest !== manifest.files[file]) {
     fail(`${file} does not match its sha256 in manifest.json: the folder was modified after export`);

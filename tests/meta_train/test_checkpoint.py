@@ -172,3 +172,28 @@ def test_history_keeps_one_value_per_step():
     assert history.meta_loss == (1.0, 0.8)
     history = history.with_validation(5, 2.0).with_validation(10, 1.5).with_validation(5, 1.9)
     assert history.validation_steps == (5,) and history.validation_loss == (1.9,)
+
+
+@pytest.mark.parametrize("where", ["theta", "adam", "best"])
+def test_a_non_finite_theta_or_adam_state_is_refused(tmp_path, where):
+    """A NaN θ would train to "finished" with every meta-gradient rejected: refused at load,
+    even when the file's hash is consistent."""
+    import dataclasses
+
+    good = sample_checkpoint()
+    learner, best = good.learner, good.best
+    if where == "theta":
+        theta = learner.theta.copy()
+        theta[3] = np.nan
+        learner = dataclasses.replace(learner, theta=theta)
+    elif where == "adam":
+        moment = learner.adam["exp_avg"].copy()
+        moment[:2] = np.inf
+        learner = dataclasses.replace(learner, adam={**learner.adam, "exp_avg": moment})
+    else:
+        best = BestTheta(best.step, best.loss, np.full_like(best.theta, np.nan))
+    path = ckpt.save(tmp_path / "bad.ckpt", dataclasses.replace(good, learner=learner, best=best))
+    key = {"theta": "'theta'", "adam": "'adam/exp_avg'", "best": "'best/theta'"}[where]
+    count = {"theta": 1, "adam": 2, "best": 30}[where]
+    with pytest.raises(CheckpointError, match=rf"holds {count} non-finite values in {key}"):
+        ckpt.load(path)
