@@ -78,8 +78,7 @@ def parse_mlflow_uri(uri: str) -> MlflowSource:
             _check_plain_part(uri, part)
         return MlflowSource(uri, run_id=match["run_id"], path=path)
     raise ValueError(
-        f"MLflow URI {uri!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or "
-        "runs:/RUN_ID/PATH"
+        f"MLflow URI {uri!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
     )
 
 

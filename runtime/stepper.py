@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from . import arrays, validation
+from . import arrays, per_array, validation
 from . import manifest as mf
 from .backends import Backend, backend_for, sum_of_squares
 from .plan import Chunk, plan_chunks
@@ -85,6 +85,7 @@ class Stepper:
         all_reduce: AllReduce | None,
         executor: Callable[[], Executor | None],
         threads: int,
+        weight_decay: float | Sequence[float] = 0.0,
     ) -> None:
         self._sources = list(params) if isinstance(params, (list, tuple)) else params
         self._adopted = arrays.adopt_params(params) if adopted is None else adopted
@@ -112,6 +113,9 @@ class Stepper:
         self._phases = (mf.Phase(mf.FUSED),) if single else info.phases
         self._lr = np.zeros((), np.float32)
         self.lr = lr
+        self._weight_decay: list[float] = []
+        self.weight_decay = weight_decay
+        self._lr_scales = [1.0] * len(self._params)
         self._grad_sum_sq = np.zeros((), np.float32)
         layout = manifest.state
         self._fields = {
@@ -150,7 +154,31 @@ class Stepper:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr[...] = validation.check_lr(value)
+        self._lr_exact = validation.check_lr(value)  # the decay factor uses it unrounded
+        self._lr[...] = self._lr_exact
+
+    @property
+    def weight_decay(self) -> float | list[float]:
+        """Decoupled weight decay λ: each step first scales each array by ``1 − lr·λ``
+        (AdamW's ``w ← w − lr·λ·w``), then applies the learned update. One float for every
+        array, or a list with one per array (``runtime.torch`` sets it per param group)."""
+        rates = self._weight_decay
+        return rates[0] if len(set(rates)) == 1 else list(rates)
+
+    @weight_decay.setter
+    def weight_decay(self, value: float | Sequence[float]) -> None:
+        self._weight_decay = per_array.check_weight_decay(value, len(self._params))
+
+    @property
+    def lr_scales(self) -> list[float]:
+        """Per-array lr multipliers: array i moves by ``lr_scales[i]`` times its learned update
+        and decays by ``1 − lr·lr_scales[i]·λ_i`` (``runtime.torch`` sets them from per-group
+        lrs; default all 1). One global step still covers every array."""
+        return list(self._lr_scales)
+
+    @lr_scales.setter
+    def lr_scales(self, value: float | Sequence[float]) -> None:
+        self._lr_scales = per_array.check_lr_scales(value, len(self._params))
 
     @property
     def num_chunks(self) -> int:
@@ -217,8 +245,13 @@ class Stepper:
             )
         if not params_finite:
             return self._refuse_nonfinite("the parameters hold NaN or inf before the step")
-        snapshot = self._snapshot() if self.lr > SNAPSHOT_ABOVE_LR else None
+        snapshot = self._step_snapshot() if self.lr > SNAPSHOT_ABOVE_LR else None
         self._grad_sum_sq[...] = sum_sq
+        lrs = per_array.array_lrs(self._lr_exact, self._lr_scales)
+        per_array.decay_in_place(self._params, self._weight_decay, lrs)
+        rescaled = per_array.copies_to_rescale(self._params, self._lr_scales)
+        if rescaled or any(self._weight_decay):
+            self._backend.synchronize()  # onnxruntime's stream does not wait for those kernels
         try:
             for index, phase in enumerate(self._phases):
                 self._run_phase(index, flat_grads)
@@ -230,11 +263,12 @@ class Stepper:
         except BaseException as err:
             self._broken = f"{type(err).__name__}: {err}"
             raise
+        per_array.rescale_updates(self._params, rescaled, self._lr_scales)
         if not self._params_finite():
             if snapshot is None:  # parameters at the edge of float32's range (module docstring)
                 self._broken = f"the step with lr {self.lr:g} made the parameters non-finite"
                 raise NonFiniteStepError(self._broken + "; restore with load_state_dict()")
-            self._restore(snapshot)
+            self._step_restore(snapshot)
             return self._refuse_nonfinite(
                 f"the step with lr {self.lr:g} would make the parameters non-finite (overflow); "
                 "parameters and state are unchanged"
@@ -255,7 +289,9 @@ class Stepper:
             return False
         raise NonFiniteStepError(message)
 
-    def _snapshot(self) -> dict[str, Any]:
+    # Named apart from GuardedStepper's own snapshot and restore, which keep the last good
+    # state across steps; these two undo one step that overflowed.
+    def _step_snapshot(self) -> dict[str, Any]:
         """Copies of everything a step writes: the parameters and the state."""
         copy = self._backend.copy
         return {
@@ -264,7 +300,7 @@ class Stepper:
             "carried": {name: value.copy() for name, value in self._carried.items()},
         }
 
-    def _restore(self, snapshot: Mapping[str, Any]) -> None:
+    def _step_restore(self, snapshot: Mapping[str, Any]) -> None:
         assign = self._backend.assign
         for flat, saved in zip(self._flat, snapshot["params"], strict=True):
             assign(flat, saved)
@@ -290,7 +326,7 @@ class Stepper:
             "param_shapes": [list(s) for s in self._shapes],
             "num_steps": self.num_steps,
             "num_skipped": self.num_skipped,
-            "lr": self.lr,
+            "lr": self._lr_exact,
             "state": state,
         }
 

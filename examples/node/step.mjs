@@ -3,9 +3,11 @@
 //   node step.mjs FOLDER INPUT.json OUTPUT.json
 //
 // FOLDER is an exported optimizer folder (manifest.json + fused.onnx + ...). INPUT.json holds
-//   {"w": [...], "grad": [...], "lr": 0.005, "state": {"h": [...], ...}}
+//   {"w": [...], "grad": [...], "lr": 0.005, "weight_decay": 0.0, "state": {"h": [...], ...}}
 // where w and grad are the model's n parameters and gradient, lr is optional (default: the
-// manifest's), and state is optional (default: zeros, the state before the first step). A state
+// manifest's), weight_decay is optional (default 0: AdamW's decoupled decay, w scaled by the
+// float32 1 - lr*weight_decay before the learned update, as the Python runtime does), and
+// state is optional (default: zeros, the state before the first step). A state
 // entry is the graph layout: a per-coordinate field of k features is k*n numbers, feature-major
 // (all n values of feature 0, then feature 1, ...); a carried value (HyperAdam's m_col_sum_sq)
 // is its own shape. OUTPUT.json receives {"w": [...], "state": {...}} in the same layout.
@@ -61,10 +63,17 @@ async function main() {
   const input = JSON.parse(readFileSync(inputPath, "utf8"));
   const n = input.w.length;
   if (input.grad.length !== n) fail(`grad has ${input.grad.length} values but w has ${n}`);
+  const lr = input.lr ?? manifest.default_lr;
+  const decay = input.weight_decay ?? 0;
+  if (!(Number.isFinite(decay) && decay >= 0)) fail(`weight_decay must be a finite number >= 0, got ${decay}`);
+  // float32 arithmetic: the product of two float32 values is exact in a double, so one
+  // Math.fround rounds it exactly as a float32 multiply would.
+  const factor = Math.fround(1 - lr * decay);
+  const w = decay ? input.w.map((x) => Math.fround(Math.fround(x) * factor)) : input.w;
   const given = {
-    w: input.w,
+    w,
     grad: input.grad,
-    lr: [input.lr ?? manifest.default_lr],
+    lr: [lr],
     ...(input.state ?? {}),
   };
 

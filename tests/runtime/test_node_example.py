@@ -24,13 +24,16 @@ def node_or_skip() -> str:
     return node
 
 
-def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["plain", "weight-decay"])
+def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path, weight_decay):
     node = node_or_skip()
     rng = np.random.default_rng(0)
     w = rng.normal(size=50).astype(np.float32)
     grads = [(rng.normal(size=50) * 0.1).astype(np.float32) for _ in range(4)]
     python_w = w.copy()
-    stepper = runtime.load(hyperadam_folder, threads=1).bind([python_w], lr=0.01)
+    stepper = runtime.load(hyperadam_folder, threads=1).bind(
+        [python_w], lr=0.01, weight_decay=weight_decay
+    )
     for g in grads[:3]:
         stepper.step([g])
     saved = stepper.state_dict()  # the state before the 4th step, handed to node
@@ -38,7 +41,8 @@ def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path):
         name: (value.T if value.ndim == 2 and value.shape[0] == 50 else value).ravel().tolist()
         for name, value in saved["state"].items()
     }
-    inputs = {"w": python_w.tolist(), "grad": grads[3].tolist(), "lr": 0.01, "state": state}
+    inputs = {"w": python_w.tolist(), "grad": grads[3].tolist(), "lr": 0.01, "state": state,
+              "weight_decay": weight_decay}  # fmt: skip
     (tmp_path / "in.json").write_text(json.dumps(inputs))
     stepper.step([grads[3]])
 

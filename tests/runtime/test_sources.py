@@ -32,6 +32,17 @@ def test_builtin_names_resolve_to_the_package_folder(monkeypatch, hyperadam_fold
     assert runtime.load("hyperadam").method == "hyperadam"
 
 
+def test_a_builtin_name_means_the_builtin_even_beside_a_folder_of_that_name(
+    monkeypatch, tmp_path, hyperadam_folder
+):
+    """Run from the parent of a clone named ``hyperadam``, ``load("hyperadam")`` is the built-in."""
+    monkeypatch.setattr(sources, "BUILTIN_DIR", hyperadam_folder.parent)
+    (tmp_path / "hyperadam").mkdir()  # e.g. the repository's checkout
+    monkeypatch.chdir(tmp_path)
+    assert sources.resolve_source("hyperadam") == hyperadam_folder
+    assert runtime.load("hyperadam").method == "hyperadam"
+    local = sources.resolve_source("./hyperadam")  # a path, not a name: the local folder
+    assert local.resolve() == (tmp_path / "hyperadam").resolve()
 @pytest.mark.parametrize(
     "uri, part",
     [
@@ -58,16 +69,3 @@ def test_uri_parts_that_leave_the_cache_are_refused_before_anything_changes(
         )
     assert (victim / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]  # no cache, no store
-
-
-def test_a_builtin_name_means_the_builtin_even_beside_a_folder_of_that_name(
-    monkeypatch, tmp_path, hyperadam_folder
-):
-    """Run from the parent of a clone named ``hyperadam``, ``load("hyperadam")`` is the built-in."""
-    monkeypatch.setattr(sources, "BUILTIN_DIR", hyperadam_folder.parent)
-    (tmp_path / "hyperadam").mkdir()  # e.g. the repository's checkout
-    monkeypatch.chdir(tmp_path)
-    assert sources.resolve_source("hyperadam") == hyperadam_folder
-    assert runtime.load("hyperadam").method == "hyperadam"
-    local = sources.resolve_source("./hyperadam")  # a path, not a name: the local folder
-    assert local.resolve() == (tmp_path / "hyperadam").resolve()
