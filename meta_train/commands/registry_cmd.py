@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args)
     try:
         require_store(uri)  # both actions read the registry first: never create a store
+    except LookupError as error:  # its message names the store already
+        raise UsageError(str(error)) from None
+    try:
         if args.action == "list":
             return _list(args, uri)
         return _promote(args, uri)
