@@ -1,4 +1,4 @@
-// Fused CPU kernels for one HyperAdam step (hyperadam-spec.md §2) and its hand-derived backward.
+// Fused CPU kernels for one HyperAdam step (docs/spec.md §2) and its hand-derived backward.
 //
 // hyperadam_fast.py owns validation, allocation and autograd, compiles this file with the system
 // C++ compiler (no torch headers, so it builds in seconds) and calls it through ctypes.

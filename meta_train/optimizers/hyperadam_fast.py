@@ -1,4 +1,4 @@
-"""HyperAdam's step as fused CPU kernels with a hand-derived backward (hyperadam-spec.md §2).
+"""HyperAdam's step as fused CPU kernels with a hand-derived backward (docs/spec.md §2).
 
 ``hyperadam_step_fast`` has the signature and the results (to round-off) of the reference
 ``hyperadam.hyperadam_step``, and is differentiable with respect to θ and the incoming state (not
