@@ -2,10 +2,16 @@
 
 A worker owns a few *slots* of the meta-batch. Each call gives it θ (an ``ObjectRef`` the learner
 ``ray.put`` once per version, resolved by Ray before the call), the θ version and one ``SlotWork``
-per slot: which meta-step to compute and, only when the worker does not already hold it, the
-trajectory to continue from. The worker keeps every slot's trajectory (optimizee parameters and
-optimizer state) between calls, so the inner state crosses the 5 truncations of a trajectory
-without travelling, and returns typed, frozen messages of numpy arrays. It never talks to MLflow.
+per slot: which meta-step to compute and, only when the worker does not already hold the slot's
+state, a ``Rebuild``. The worker keeps every slot's trajectory (optimizee parameters and optimizer
+state, O(p·J)) between calls and never sends it: what travels back is the meta-gradient (O(θ))
+and a few numbers per slot, so the learner's traffic does not grow with the optimizee.
+
+A lost trajectory (a replaced worker, a resumed learner) is rebuilt, not shipped: every
+truncation is a pure function of (run seed, slot, step, θ it used), so replaying the truncations
+since the trajectory's start with the θ versions they used gives the lost state bitwise. That is
+at most one horizon of replay (K − 1 truncations), and the learner only has to keep those θ
+versions. It never talks to MLflow.
 
 Everything here runs without Ray: ``GradientWorker`` is a plain class that the learner wraps with
 ``ray.remote`` and that tests drive directly.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,12 +82,26 @@ class TrajectoryArrays:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rebuild:
+    """How to rebuild a slot's state at the start of a meta-step the worker does not hold.
+
+    The replay runs the meta-steps ``step − len(versions)`` … ``step − 1`` from ``base``, each with
+    θ of the version it used the first time. ``base`` is None for the trajectory's start (what
+    every run writes); a stored state only for runs continued from a format-1 checkpoint, until
+    that trajectory ends.
+    """
+
+    versions: tuple[int, ...]  # θ version of each replayed meta-step, oldest first
+    base: TrajectoryArrays | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class SlotWork:
-    """One slot's meta-step to compute; ``trajectory`` only when the worker lacks it."""
+    """One slot's meta-step to compute; ``rebuild`` only when the worker lacks the slot's state."""
 
     slot: int
     step: int
-    trajectory: TrajectoryArrays | None = None
+    rebuild: Rebuild | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +113,12 @@ class SlotResult:
     version: int  # the θ version it was computed with
     task_seed: int
     meta_grad: np.ndarray  # flat, float32, θ's layout
-    trajectory: TrajectoryArrays  # the state after this truncation (input of step + 1)
+    inner_step: int  # inner steps the slot's trajectory has taken after this truncation
     meta_loss: float
     inner_losses: tuple[float, ...]
     grad_norm: float  # L2 norm of meta_grad (nan if it is not finite)
     compute_s: float
+    replayed: int = 0  # truncations replayed to rebuild the slot's state before this one
 
     @property
     def finite(self) -> bool:
@@ -119,6 +141,11 @@ class FaultInjection:
     """Test hook: faults a worker injects on purpose (never set in real runs)."""
 
     nan_grads: frozenset[tuple[int, int]] = frozenset()  # (step, slot) answered with NaNs
+    # Meta-steps the worker computes, once, with the θ it already holds instead of the one sent
+    # (an out-of-date θ cache): an honest gradient of an older version, for the staleness guard.
+    stale_theta: frozenset[int] = frozenset()
+    slow_workers: frozenset[int] = frozenset()  # worker ids that sleep ``delay_s`` per call
+    delay_s: float = 0.0
 
 
 def compute_slot(
@@ -161,13 +188,62 @@ def compute_slot(
         version=version,
         task_seed=task_seed(run_seed, work.slot, traj_index),
         meta_grad=grad,
-        trajectory=TrajectoryArrays.from_trajectory(out.trajectory),
         meta_loss=float(out.meta_loss),
+        inner_step=int(out.trajectory.step),
         inner_losses=tuple(out.inner_losses),
         grad_norm=float(np.linalg.norm(grad)) if finite else float("nan"),
         compute_s=time.perf_counter() - start,
     )
     return message, out.trajectory
+
+
+def rebuild_trajectory(
+    optimizer: LearnedOptimizer,
+    family: TaskFamily,
+    unroll: UnrollConfig,
+    thetas: Mapping[int, torch.Tensor],
+    *,
+    run_seed: int,
+    slot: int,
+    step: int,
+    rebuild: Rebuild,
+    state_type: type,
+) -> Trajectory | None:
+    """The slot's trajectory at the start of meta-step ``step``, by replaying its truncations.
+
+    Each replayed truncation is ``slot_work`` exactly as it first ran (same θ, same code path,
+    gradient included), so the state is bitwise the lost one. None when ``step`` starts a
+    trajectory and nothing needs replaying.
+
+    Raises:
+      ValueError: the replay would not start at the trajectory's start or at ``base``, or a θ
+        version it needs was not sent.
+    """
+    first = step - len(rebuild.versions)
+    _, trunc_index = position(step, unroll)
+    start = step - trunc_index
+    if rebuild.base is None:
+        if first != start and trunc_index:
+            raise ValueError(
+                f"slot {slot} at step {step}: a replay from the trajectory's start must begin "
+                f"at step {start}, the versions given begin at {first}"
+            )
+        trajectory = None
+    else:
+        trajectory = rebuild.base.to_trajectory(state_type)
+        if trajectory.step != (first - start) * unroll.truncation or first < start:
+            raise ValueError(
+                f"slot {slot} at step {step}: the replay base is after inner step "
+                f"{trajectory.step}, the versions given begin at step {first}"
+            )
+    missing = sorted(set(rebuild.versions) - set(thetas))
+    if missing:
+        raise ValueError(f"slot {slot}: θ versions {missing} are needed to replay, not sent")
+    for replayed_step, version in enumerate(rebuild.versions, start=first):
+        trajectory = slot_work(
+            optimizer, family, unroll, thetas[version], run_seed, slot, replayed_step, trajectory
+        ).trajectory
+    return trajectory
 
 
 class GradientWorker:
@@ -200,6 +276,7 @@ class GradientWorker:
         self._trajectories: dict[int, Trajectory] = {}
         self._theta: torch.Tensor | None = None
         self._theta_version = -1
+        self._faults_fired: set[int] = set()
         # Load the dataset now (once per actor), not inside the first timed call.
         self.family.build(self.family.sample(0))
 
@@ -207,20 +284,41 @@ class GradientWorker:
         """The worker's process id (the learner's liveness probe; tests kill it)."""
         return os.getpid()
 
-    def compute(self, theta: Any, version: int, work: tuple[SlotWork, ...]) -> WorkerResult:
+    def compute(
+        self,
+        theta: Any,
+        version: int,
+        work: tuple[SlotWork, ...],
+        replay_thetas: Mapping[int, Any] | None = None,
+    ) -> WorkerResult:
         """Computes the meta-gradients of ``work`` with θ of ``version``.
 
         ``theta`` arrives resolved from the learner's ``ray.put`` (a read-only numpy array);
-        it is converted once per version.
+        it is converted once per version. ``replay_thetas`` (version → θ) holds the θs that the
+        work's ``Rebuild``s replay with; only sent when some slot must be rebuilt.
         """
         start = time.perf_counter()
-        if version != self._theta_version or self._theta is None:
+        if self.faults is not None and self.worker_id in self.faults.slow_workers:
+            time.sleep(self.faults.delay_s)
+        computed_version = version
+        stale = self._stale_fault(work)
+        if not stale and (version != self._theta_version or self._theta is None):
             self._theta = torch.tensor(np.asarray(theta, dtype=np.float32))
             self._theta_version = version
+        elif stale:
+            computed_version = self._theta_version
+        replay = {v: torch.tensor(np.asarray(t, dtype=np.float32))
+                  for v, t in (replay_thetas or {}).items()}
         results = []
         for item in work:
-            if item.trajectory is not None:
-                trajectory = item.trajectory.to_trajectory(self._state_type)
+            replayed = 0
+            if item.rebuild is not None:
+                trajectory = rebuild_trajectory(
+                    self.optimizer, self.family, self.unroll, replay,
+                    run_seed=self.run_seed, slot=item.slot, step=item.step,
+                    rebuild=item.rebuild, state_type=self._state_type,
+                )
+                replayed = len(item.rebuild.versions)
             else:
                 trajectory = self._trajectories.get(item.slot)
             message, advanced = compute_slot(
@@ -229,13 +327,13 @@ class GradientWorker:
                 self.unroll,
                 self._theta,
                 run_seed=self.run_seed,
-                version=version,
+                version=computed_version,
                 work=item,
                 trajectory=trajectory,
                 faults=self.faults,
             )
             self._trajectories[item.slot] = advanced
-            results.append(message)
+            results.append(dataclasses.replace(message, replayed=replayed) if replayed else message)
         return WorkerResult(
             worker_id=self.worker_id,
             pid=os.getpid(),
@@ -243,3 +341,15 @@ class GradientWorker:
             results=tuple(results),
             compute_s=time.perf_counter() - start,
         )
+
+    def trajectory(self, slot: int) -> TrajectoryArrays | None:
+        """The state the worker holds for ``slot`` (tests compare replayed and lost states)."""
+        held = self._trajectories.get(slot)
+        return None if held is None else TrajectoryArrays.from_trajectory(held)
+
+    def _stale_fault(self, work: tuple[SlotWork, ...]) -> bool:
+        if self.faults is None or self._theta is None:
+            return False
+        steps = {item.step for item in work} & (self.faults.stale_theta - self._faults_fired)
+        self._faults_fired |= steps
+        return bool(steps)
