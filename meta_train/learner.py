@@ -190,6 +190,9 @@ class _Worker:
 class Learner:
     """Drives the workers and owns θ and its Adam state.
 
+    ``wait_s`` is the wall time spent blocked on the workers (``ray.wait``); everything else a
+    ``run`` takes is the learner's own work (``benchmarks/bench_scale.py`` measures it).
+
     Args:
       config: a resolved ``RunConfig`` (``workers`` and ``meta_batch`` set).
       state: where to continue from (a checkpoint); None starts from θ_0.
@@ -199,6 +202,8 @@ class Learner:
       worker_resources: Ray resources of one worker actor (default one CPU); benchmarks that
         pack many light workers on one machine give fractions.
     """
+
+    worker_class: type = GradientWorker  # the actor class (a benchmark may use a stand-in)
 
     def __init__(
         self,
@@ -250,8 +255,10 @@ class Learner:
         self.stale_rejected_total = state.stale_rejected_total
         self.worker_restarts = state.worker_restarts
         self.traffic = Traffic()
+        self.wait_s = 0.0
         self._results: dict[tuple[int, int], SlotResult] = {}
         self._workers: list[_Worker] = []
+        self._owners: dict[Any, _Worker] = {}  # in-flight call → its worker
         self._theta_ref: Any = None
         self._last_update = time.perf_counter()
 
@@ -260,7 +267,7 @@ class Learner:
     def start(self) -> None:
         """Creates the workers and waits until each has built its task family."""
         remote_cls = ray.remote(max_restarts=0, max_task_retries=0, **self.worker_resources)(
-            GradientWorker
+            self.worker_class
         )
         self._remote_cls = remote_cls
         for i in range(self.num_workers):
@@ -302,9 +309,7 @@ class Learner:
             inflight = [w.inflight for w in self._workers if w.inflight is not None]
             if not inflight:
                 raise RuntimeError(f"learner stalled at step {self.step}: no work in flight")
-            ready, _ = ray.wait(inflight, num_returns=1, timeout=self.poll_s)
-            for ref in ready:
-                self._collect(ref)
+            self._collect_all(self._wait_ready(inflight))
             self._check_deadlines()
             while self.step < until and self._step_complete():
                 if should_stop is not None and should_stop():
@@ -313,6 +318,21 @@ class Learner:
                 self._submit_ready(until)
                 if on_step is not None:
                     on_step(report)
+
+    def _wait_ready(self, inflight: list[Any]) -> list[Any]:
+        """Every finished call, blocking (up to ``poll_s``) only while none has finished.
+
+        Taking all that are ready at once keeps the learner's loop turns per update far below
+        one per worker. Synchronously (S = 0) nothing can be submitted before every call has
+        answered, so the blocking wait is for all of them.
+        """
+        ready, _ = ray.wait(inflight, num_returns=len(inflight), timeout=0)
+        if not ready:
+            wanted = len(inflight) if self.config.staleness == 0 else 1
+            waited = time.perf_counter()
+            ready, _ = ray.wait(inflight, num_returns=wanted, timeout=self.poll_s)
+            self.wait_s += time.perf_counter() - waited
+        return ready
 
     def state(self) -> LearnerState:
         """The committed state: θ_step, Adam, and what rebuilds every slot at ``step``."""
@@ -342,6 +362,7 @@ class Learner:
             _kill(w.actor)
         self._workers.clear()
         self._results.clear()
+        self._owners.clear()
         self._theta_ref = None
 
     # -- scheduling -------------------------------------------------------------------------
@@ -385,6 +406,7 @@ class Learner:
         if replay_thetas:
             args += (replay_thetas,)
         w.inflight = w.actor.compute.remote(self._theta_ref, *args)
+        self._owners[w.inflight] = w
         w.inflight_version = self.step
         w.submitted_at = time.monotonic()
         self.traffic.calls += 1
@@ -406,8 +428,21 @@ class Learner:
         versions += [self._results[(j, slot)].version for j in range(max(start, self.step), step)]
         return Rebuild(tuple(versions), base)
 
+    def _collect_all(self, refs: list[Any]) -> None:
+        """Takes the answers of finished calls: one ``ray.get`` for all, unless one failed."""
+        if not refs:
+            return
+        try:
+            answers = ray.get(refs, timeout=self.config.call_timeout_s)
+        except (RayActorError, GetTimeoutError, RayTaskError):
+            for ref in refs:  # one by one: the failed call is handled as what it is
+                self._collect(ref)
+            return
+        for ref, answer in zip(refs, answers, strict=True):
+            self._accept(self._owners.pop(ref), answer)
+
     def _collect(self, ref: Any) -> None:
-        w = next(w for w in self._workers if w.inflight == ref)
+        w = self._owners.pop(ref)
         try:
             answer = ray.get(ref, timeout=self.config.call_timeout_s)
         except RayActorError as error:
@@ -422,6 +457,9 @@ class Learner:
             raise WorkerError(
                 f"worker {w.index} failed at step {w.next_step}: {_cause(error)}"
             ) from None
+        self._accept(w, answer)
+
+    def _accept(self, w: _Worker, answer: WorkerResult) -> None:
         self.traffic.answers += 1
         self.traffic.to_learner += len(pickle.dumps(answer, protocol=5))
         w.pid = answer.pid
@@ -462,6 +500,7 @@ class Learner:
         _kill(w.actor)
         w.actor = self._new_actor(w.index)
         w.held.clear()
+        self._owners.pop(w.inflight, None)
         w.inflight = None
         w.pid = None
 
