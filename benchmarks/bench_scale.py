@@ -13,12 +13,17 @@ competing with it for the cores.
 
   workers, meta_batch, staleness, steps
   learner_s_per_update        learner wall time per update not spent blocked in ``ray.wait``
+  learner_cpu_s_per_update    the learner process's CPU time per update (all its threads,
+                              Ray's included): what a busy shared machine inflates least
   update_s                    wall time per update (includes waiting for the workers)
   bytes_to_learner_per_update answers, pickled (what Ray serialises), per update
   bytes_from_learner_per_update calls' arguments + θ once per worker and version, per update
   theta_bytes                 θ's size (float32)
   object_store_peak_bytes     the object store's bytes in use, highest sample (one per update)
-  staleness_max, stale_rejected_total
+  staleness_max, staleness_mean, stale_rejected_total, load_average (1 min, at the end)
+
+With ``--spread F`` worker i sleeps ``slot_s × (1 + F·i/(N−1))``: with ``--staleness S > 0`` the
+fast workers really run ahead of the slow ones (the bounded-staleness mode at scale).
 
     .venv/bin/python benchmarks/bench_scale.py --workers 1 8 32 [128] [--steps 30]
         [--staleness 0] [--slot-s SECONDS | --calibrate] [--json FILE]
@@ -96,9 +101,11 @@ class StandInLearner(Learner):
 
     worker_class = StandInWorker
     slot_s = 0.05
+    spread = 0.0
 
     def _new_actor(self, index: int) -> Any:
-        return self._remote_cls.remote(index, THETA_SIZE, self.slot_s)
+        share = index / (self.num_workers - 1) if self.num_workers > 1 else 0.0
+        return self._remote_cls.remote(index, THETA_SIZE, self.slot_s * (1 + self.spread * share))
 
 
 def scale_config(workers: int, slots_per_worker: int, staleness: int, steps: int) -> RunConfig:
@@ -143,27 +150,31 @@ def object_store_bytes(address: str) -> int:
 def measure(workers: int, args: argparse.Namespace, slot_s: float, address: str) -> dict:
     config = scale_config(workers, args.slots_per_worker, args.staleness, args.steps)
     StandInLearner.slot_s = slot_s
+    StandInLearner.spread = args.spread
     learner = StandInLearner(config, worker_resources={"num_cpus": 0}, poll_s=1.0)
     peak = [0]
     callback_s = [0.0]
+    callback_cpu_s = [0.0]
     staleness: list[int] = []
     stale_rejected = [0]
 
     def on_step(report: StepReport) -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         peak[0] = max(peak[0], object_store_bytes(address))
         staleness.extend(report.staleness)
         stale_rejected[0] = report.stale_rejected_total
         callback_s[0] += time.perf_counter() - start
+        callback_cpu_s[0] += time.process_time() - cpu
 
     try:
         learner.start()
         learner.run(args.warmup, on_step)
         traffic_before = dataclasses.replace(learner.traffic)
-        wait_before, callback_s[0], staleness[:] = learner.wait_s, 0.0, []
-        start = time.perf_counter()
+        wait_before, callback_s[0], callback_cpu_s[0] = learner.wait_s, 0.0, 0.0
+        staleness[:] = []
+        start, cpu = time.perf_counter(), time.process_time()
         learner.run(args.warmup + args.steps, on_step)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         learner.close()
     steps = args.steps
@@ -175,6 +186,7 @@ def measure(workers: int, args: argparse.Namespace, slot_s: float, address: str)
         "steps": steps,
         "slot_s": slot_s,
         "learner_s_per_update": (wall - waited - callback_s[0]) / steps,
+        "learner_cpu_s_per_update": (cpu - callback_cpu_s[0]) / steps,
         "update_s": (wall - callback_s[0]) / steps,
         "bytes_to_learner_per_update": (
             learner.traffic.to_learner - traffic_before.to_learner
@@ -187,6 +199,7 @@ def measure(workers: int, args: argparse.Namespace, slot_s: float, address: str)
         "staleness_max": max(staleness),
         "staleness_mean": float(np.mean(staleness)),
         "stale_rejected_total": stale_rejected[0],
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -197,6 +210,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--slots-per-worker", type=int, default=1)
     parser.add_argument("--staleness", type=int, default=0)
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="worker i is slower by a factor 1 + SPREAD·i/(N−1)")
     parser.add_argument("--slot-s", type=float, default=0.05,
                         help="stand-in seconds per slot (default 0.05; see --calibrate)")
     parser.add_argument("--calibrate", action="store_true",
@@ -214,11 +229,12 @@ def main() -> None:
             records.append(record)
             print(
                 f"workers {workers:4d}  learner {1e3 * record['learner_s_per_update']:7.2f} ms"
-                f"/update  update {1e3 * record['update_s']:7.1f} ms  to learner "
+                f"/update (cpu {1e3 * record['learner_cpu_s_per_update']:6.2f})  update "
+                f"{1e3 * record['update_s']:7.1f} ms  to learner "
                 f"{record['bytes_to_learner_per_update'] / 1e3:8.1f} kB  from learner "
                 f"{record['bytes_from_learner_per_update'] / 1e3:8.1f} kB  store peak "
                 f"{record['object_store_peak_bytes'] / 1e3:7.1f} kB  staleness max "
-                f"{record['staleness_max']}",
+                f"{record['staleness_max']}  load {record['load_average']:.1f}",
                 flush=True,
             )
     finally:
