@@ -199,8 +199,9 @@ class Learner:
       data_dir: dataset folder given to the workers.
       faults: test-only fault injection for the workers.
       poll_s: ``ray.wait`` timeout of one loop turn (how often call deadlines are checked).
-      worker_resources: Ray resources of one worker actor (default one CPU); benchmarks that
-        pack many light workers on one machine give fractions.
+      worker_resources: Ray resources of one worker actor (default one CPU, and one GPU for
+        ``device = "cuda"``); benchmarks that pack many light workers on one machine give
+        fractions.
     """
 
     worker_class: type = GradientWorker  # the actor class (a benchmark may use a stand-in)
@@ -221,7 +222,7 @@ class Learner:
         self.data_dir = None if data_dir is None else str(data_dir)
         self.faults = faults
         self.poll_s = poll_s
-        self.worker_resources = dict(worker_resources or {"num_cpus": 1})
+        self.worker_resources = dict(worker_resources or default_worker_resources(config))
         self.start_timeout_s = config.worker_start_timeout_s
         self.meta_batch: int = config.meta_batch  # type: ignore[assignment]
         self.num_workers: int = config.workers  # type: ignore[assignment]
@@ -550,6 +551,14 @@ class Learner:
         else:
             for versions, result in zip(self._versions, results, strict=True):
                 versions.append(result.version)
+
+
+def default_worker_resources(config: RunConfig) -> dict[str, float]:
+    """One CPU per worker, and one GPU for ``device = "cuda"`` (Ray ``num_gpus``)."""
+    resources = {"num_cpus": 1.0}
+    if config.device == "cuda":
+        resources["num_gpus"] = 1.0
+    return resources
 
 
 def _check_replay_records(state: LearnerState, config: RunConfig) -> None:

@@ -41,6 +41,7 @@ except ModuleNotFoundError:  # Python 3.10: JSON config files only
     tomllib = None  # type: ignore[assignment]
 
 OPTIMIZERS = ("hyperadam", "rnnprop", "dm")
+DEVICES = ("cpu", "cuda")  # where gradient workers meta-train
 TASKS = ("mnist", "quadratic")  # meta-training task families
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "hyperadam"
@@ -67,6 +68,8 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "init.pre_kernel_scale": 1.0,
     "validation.score": "loss",
     "meta_optim.half_life": None,
+    "device": "cpu",
+    "batch_slots": False,
     **{f"family.{name}": value for name, value in LEGACY_SETTINGS.items()},
 }
 
@@ -191,6 +194,10 @@ class RunConfig:
       worker_start_timeout_s: how long the workers may take to start (an autoscaling cluster
         may have to launch nodes first).
       max_worker_restarts: the run fails after this many worker replacements.
+      device: where workers meta-train: "cpu", or "cuda" (one GPU per worker, Ray
+        ``num_gpus``; its slots batched, ``batched.py``).
+      batch_slots: a CPU worker computes its slots as one batch (the GPU path on the CPU).
+        Batched results agree with unbatched ones to round-off, so both are identity.
     """
 
     optimizer: str = "hyperadam"
@@ -212,6 +219,8 @@ class RunConfig:
     call_timeout_s: float = 900.0
     worker_start_timeout_s: float = 900.0
     max_worker_restarts: int = 20
+    device: str = "cpu"
+    batch_slots: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -247,8 +256,22 @@ class RunConfig:
         _check_positive("call_timeout_s", self.call_timeout_s)
         _check_positive("worker_start_timeout_s", self.worker_start_timeout_s)
         _check_int("max_worker_restarts", self.max_worker_restarts, 0)
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not isinstance(self.batch_slots, bool):
+            raise ValueError(f"batch_slots must be true or false, got {self.batch_slots!r}")
+        if self.batched and self.optimizer == "hyperadam" and self.implementation != "reference":
+            raise ValueError(
+                "batched workers (device 'cuda' or batch_slots) run HyperAdam's torch reference "
+                "step: set implementation = \"reference\""
+            )
 
     # -- derived views ----------------------------------------------------------------------
+
+    @property
+    def batched(self) -> bool:
+        """Whether workers compute their slots as one batch (``batched.py``)."""
+        return self.batch_slots or self.device != "cpu"
 
     @property
     def resolved(self) -> bool:

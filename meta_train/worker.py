@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .batched import slots_work_batched, to_device
 from .messages import Rebuild, SlotResult, SlotWork, TrajectoryArrays, WorkerResult
 from .optimizers.base import LearnedOptimizer
 from .tasks.base import TaskFamily
 from .training import position, slot_work, task_seed
-from .unroll import Trajectory, UnrollConfig
+from .unroll import Trajectory, UnrollConfig, UnrollResult
 
 __all__ = [  # the messages, importable from here as before
     "FaultInjection",
@@ -83,7 +84,7 @@ def compute_slot(
     Raises:
       ValueError: the trajectory given is not where the slot's schedule says it must be.
     """
-    traj_index, trunc_index = position(work.step, unroll)
+    _, trunc_index = position(work.step, unroll)
     expected_inner = trunc_index * unroll.truncation
     if trunc_index and trajectory is not None and trajectory.step != expected_inner:
         raise ValueError(
@@ -94,11 +95,30 @@ def compute_slot(
     out = slot_work(
         optimizer, family, unroll, theta, run_seed, work.slot, work.step, trajectory
     )
-    grad = out.meta_grad.detach().numpy()
+    message = pack_result(
+        out, work, unroll, run_seed=run_seed, version=version, faults=faults,
+        compute_s=time.perf_counter() - start,
+    )
+    return message, out.trajectory
+
+
+def pack_result(
+    out: UnrollResult,
+    work: SlotWork,
+    unroll: UnrollConfig,
+    *,
+    run_seed: int,
+    version: int,
+    faults: FaultInjection | None,
+    compute_s: float,
+) -> SlotResult:
+    """The message of one slot's truncation (the meta-gradient leaves the device here)."""
+    traj_index, _ = position(work.step, unroll)
+    grad = out.meta_grad.detach().cpu().numpy()
     if faults is not None and (work.step, work.slot) in faults.nan_grads:
         grad = np.full_like(grad, np.nan)
     finite = bool(np.isfinite(grad).all())
-    message = SlotResult(
+    return SlotResult(
         slot=work.slot,
         step=work.step,
         version=version,
@@ -108,9 +128,8 @@ def compute_slot(
         inner_step=int(out.trajectory.step),
         inner_losses=tuple(out.inner_losses),
         grad_norm=float(np.linalg.norm(grad)) if finite else float("nan"),
-        compute_s=time.perf_counter() - start,
+        compute_s=compute_s,
     )
-    return message, out.trajectory
 
 
 def rebuild_trajectory(
@@ -135,6 +154,26 @@ def rebuild_trajectory(
       ValueError: the replay would not start at the trajectory's start or at ``base``, or a θ
         version it needs was not sent.
     """
+    first, trajectory = replay_start(
+        unroll, thetas, slot=slot, step=step, rebuild=rebuild, state_type=state_type
+    )
+    for replayed_step, version in enumerate(rebuild.versions, start=first):
+        trajectory = slot_work(
+            optimizer, family, unroll, thetas[version], run_seed, slot, replayed_step, trajectory
+        ).trajectory
+    return trajectory
+
+
+def replay_start(
+    unroll: UnrollConfig,
+    thetas: Mapping[int, torch.Tensor],
+    *,
+    slot: int,
+    step: int,
+    rebuild: Rebuild,
+    state_type: type,
+) -> tuple[int, Trajectory | None]:
+    """The first meta-step a replay runs and the state it starts from (checked)."""
     first = step - len(rebuild.versions)
     _, trunc_index = position(step, unroll)
     start = step - trunc_index
@@ -155,11 +194,7 @@ def rebuild_trajectory(
     missing = sorted(set(rebuild.versions) - set(thetas))
     if missing:
         raise ValueError(f"slot {slot}: θ versions {missing} are needed to replay, not sent")
-    for replayed_step, version in enumerate(rebuild.versions, start=first):
-        trajectory = slot_work(
-            optimizer, family, unroll, thetas[version], run_seed, slot, replayed_step, trajectory
-        ).trajectory
-    return trajectory
+    return first, trajectory
 
 
 class GradientWorker:
@@ -188,6 +223,8 @@ class GradientWorker:
         self.optimizer = config.make_optimizer()
         self.family = config.make_family(data_dir)
         self.faults = faults
+        self.device = torch.device(config.device)
+        self.batched = config.batched
         self._state_type = type(self.optimizer.init_state(1))
         self._trajectories: dict[int, Trajectory] = {}
         self._theta: torch.Tensor | None = None
@@ -219,12 +256,21 @@ class GradientWorker:
         computed_version = version
         stale = self._stale_fault(work)
         if not stale and (version != self._theta_version or self._theta is None):
-            self._theta = torch.tensor(np.asarray(theta, dtype=np.float32))
+            self._theta = torch.tensor(np.asarray(theta, dtype=np.float32), device=self.device)
             self._theta_version = version
         elif stale:
             computed_version = self._theta_version
-        replay = {v: torch.tensor(np.asarray(t, dtype=np.float32))
+        replay = {v: torch.tensor(np.asarray(t, dtype=np.float32), device=self.device)
                   for v, t in (replay_thetas or {}).items()}
+        if self.batched:
+            results = self._compute_batched(computed_version, work, replay)
+            return WorkerResult(
+                worker_id=self.worker_id,
+                pid=os.getpid(),
+                version=version,
+                results=tuple(results),
+                compute_s=time.perf_counter() - start,
+            )
         results = []
         for item in work:
             replayed = 0
@@ -258,6 +304,59 @@ class GradientWorker:
             compute_s=time.perf_counter() - start,
         )
 
+    def _compute_batched(
+        self, version: int, work: tuple[SlotWork, ...], replay: Mapping[int, torch.Tensor]
+    ) -> list[SlotResult]:
+        """Every slot of ``work`` (one meta-step) as one batch on the device (``batched.py``).
+
+        Slots to rebuild are replayed as one batch per replay plan, the composition they were
+        first computed in when the worker kept its slots: the same round-off as the lost state
+        (bitwise on the CPU); across another grouping it agrees to round-off.
+        """
+        steps = {item.step for item in work}
+        if len(steps) != 1:
+            raise ValueError(f"a batched call computes one meta-step, got steps {sorted(steps)}")
+        (step,) = steps
+        trajectories = {item.slot: self._trajectories.get(item.slot) for item in work}
+        plans: dict[tuple[int, ...], list[SlotWork]] = {}
+        for item in work:
+            if item.rebuild is not None:
+                plans.setdefault(item.rebuild.versions, []).append(item)
+        for versions, members in plans.items():
+            rebuilt = []
+            for item in members:
+                assert item.rebuild is not None
+                first, trajectory = replay_start(
+                    self.unroll, replay, slot=item.slot, step=step, rebuild=item.rebuild,
+                    state_type=self._state_type,
+                )
+                rebuilt.append(None if trajectory is None else to_device(trajectory, self.device))
+            for replayed_step, used in enumerate(versions, start=first):
+                outs = slots_work_batched(
+                    self.optimizer, self.family, self.unroll, replay[used], self.run_seed,
+                    [item.slot for item in members], replayed_step, rebuilt, self.device,
+                )
+                rebuilt = [out.trajectory for out in outs]
+            trajectories.update((item.slot, t) for item, t in zip(members, rebuilt, strict=True))
+        start = time.perf_counter()
+        assert self._theta is not None
+        outs = slots_work_batched(
+            self.optimizer, self.family, self.unroll, self._theta, self.run_seed,
+            [item.slot for item in work], step, [trajectories[item.slot] for item in work],
+            self.device,
+        )
+        compute_s = (time.perf_counter() - start) / len(work)
+        results = []
+        for item, out in zip(work, outs, strict=True):
+            self._trajectories[item.slot] = out.trajectory
+            message = pack_result(
+                out, item, self.unroll, run_seed=self.run_seed, version=version,
+                faults=self.faults, compute_s=compute_s,
+            )
+            replayed = 0 if item.rebuild is None else len(item.rebuild.versions)
+            results.append(dataclasses.replace(message, replayed=replayed))
+        return results
+
     def trajectory(self, slot: int) -> TrajectoryArrays | None:
         """The state the worker holds for ``slot`` (tests compare replayed and lost states)."""
         held = self._trajectories.get(slot)
@@ -269,3 +368,4 @@ class GradientWorker:
         steps = {item.step for item in work} & (self.faults.stale_theta - self._faults_fired)
         self._faults_fired |= steps
         return bool(steps)
+
