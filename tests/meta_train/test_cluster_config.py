@@ -48,3 +48,26 @@ def test_setup_installs_torch_cpu_first_then_the_project_then_mnist(config):
     assert "download.pytorch.org/whl/cpu" in commands[torch_at]
     assert "--no-deps" in commands[mnist_at]
     assert config["file_mounts"]["~/hyperadam"] == "."
+
+
+def uncommented_gpu_worker() -> dict:
+    """The commented ``gpu_worker`` node type of cluster.yaml, uncommented."""
+    lines = CLUSTER_YAML.read_text().splitlines()
+    start = lines.index("  # gpu_worker:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  # "):
+            break
+        block.append("  " + line[len("  # "):])
+    return yaml.safe_load("\n".join(block))["gpu_worker"]
+
+
+def test_the_commented_gpu_worker_node_type_is_valid_once_uncommented(config):
+    gpu = uncommented_gpu_worker()
+    assert gpu["resources"] == {"CPU": 1, "GPU": 1}
+    assert gpu["docker"]["worker_image"] == config["docker"]["image"].replace("-cpu", "-gpu")
+    assert any("torch==" in c and "whl/cu" in c for c in gpu["worker_setup_commands"])
+    with_gpu = dict(config)
+    with_gpu["available_node_types"] = {**config["available_node_types"], "gpu_worker": gpu}
+    jsonschema.validate(with_gpu, json.loads(SCHEMA.read_text()))
+    assert list(config["available_node_types"])[-1] == "cpu_worker"  # commented out by default
