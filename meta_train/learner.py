@@ -278,10 +278,15 @@ class Learner:
         try:
             pids = ray.get(pings, timeout=self.start_timeout_s)
         except GetTimeoutError:
-            cpus = ray.cluster_resources().get("CPU", 0)
+            have = ray.cluster_resources()
+            needs = ", ".join(
+                f"{amount:g} {name.removeprefix('num_').removesuffix('s').upper()}"
+                for name, amount in self.worker_resources.items()
+            )
+            cluster = ", ".join(f"{have.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
             raise WorkerError(
                 f"{self.num_workers} workers did not start within {self.start_timeout_s:.0f} s; "
-                f"each needs 1 CPU and the Ray cluster has {cpus:g}"
+                f"each needs {needs} and the Ray cluster has {cluster}"
             ) from None
         except RayActorError as error:
             raise WorkerError(f"a worker failed to start: {_cause(error)}") from None

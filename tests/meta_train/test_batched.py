@@ -111,3 +111,44 @@ def test_the_learner_with_batched_workers_tracks_the_single_process_loop(ray_add
         learner.close()
     np.testing.assert_allclose(theta, local.numpy(), rtol=1e-5, atol=1e-7)
     assert not np.array_equal(theta, init_theta_flat(config.make_optimizer(), 0).numpy())
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--batch-slots"], {"batch_slots": True, "implementation": "reference"}),
+        (["--device", "cuda"], {"device": "cuda", "implementation": "reference"}),
+        ([], {}),
+    ],
+    ids=["batch-slots", "cuda", "neither"],
+)
+def test_the_cli_flags_select_the_batched_path(flags, expected):
+    import argparse
+
+    from meta_train.commands.meta_train_cmd import _flag_layer, register
+
+    parser = argparse.ArgumentParser()
+    register(parser)
+    layer = _flag_layer(parser.parse_args(flags))
+    assert {k: layer[k] for k in ("device", "batch_slots", "implementation") if k in layer} == (
+        expected
+    )
+    config = build_config({"task": "quadratic", **layer})
+    assert config.batched == bool(expected)
+
+
+def test_cuda_workers_ask_ray_for_a_gpu_each(ray_address):
+    """The session's cluster has no GPU: the learner says what its workers wait for."""
+    from meta_train.learner import WorkerError
+
+    config = dataclasses.replace(
+        config_for(device="cuda", batch_slots=False, meta_batch=2, worker_start_timeout_s=2.0),
+        workers=2,
+    )
+    learner = Learner(config)
+    try:
+        message = r"2 workers did not start within 2 s; each needs 1 CPU, 1 GPU and the Ray "
+        with pytest.raises(WorkerError, match=message + r"cluster has \d+ CPU, 0 GPU"):
+            learner.start()
+    finally:
+        learner.close()
