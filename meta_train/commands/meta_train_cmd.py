@@ -27,7 +27,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     add("--optimizer", help="hyperadam|rnnprop|dm; chooses the recipe (default hyperadam)")
     add("--task", help="meta-training task family: mnist|quadratic (default mnist)")
     add("--steps", type=int, help="meta-updates to reach (default 100)")
-    add("--workers", type=int, help="Ray gradient workers, 1 CPU each (default: the CPUs)")
+    add("--workers", type=int, help="Ray gradient workers, 1 CPU each, and 1 GPU with "
+        "--device cuda (default: the CPUs)")
     add("--meta-batch", type=int, help="trajectories per meta-update (default: --workers)")
     add("--staleness", type=int, help="max θ versions a gradient may lag; 0 = synchronous")
     add("--device", choices=("cpu", "cuda"), help="where workers meta-train; cuda: one GPU per "
