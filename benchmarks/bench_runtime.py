@@ -8,6 +8,9 @@ At p = 10⁴, 10⁵ and 10⁶ coordinates (one float32 array), in one process an
 * ``runtime fused``: the fused graph over the whole model (``chunk_size=p``), with T onnxruntime
   intra-op threads instead (one chunk leaves nothing to spread);
 * ``torch reference``: ``meta_train.optimizers.hyperadam.hyperadam_step``, eager, the same math;
+* ``torch.compile reference``: the same function through ``torch.compile`` (inductor, C++ CPU
+  kernels; compiled once per size in the warm-up, not timed): what a PyTorch user would reach
+  for instead of the runtime (``--no-compile`` leaves it out);
 * ``torch fast kernel``: ``hyperadam_step_fast``, meta-training's fused C++ kernel (a column for
   what a hand-fused kernel reaches on this machine);
 * ``torch Adam``: ``torch.optim.Adam`` (default implementation);
@@ -25,6 +28,14 @@ subprocesses: the growth of the peak RSS (``VmHWM``, reset through ``/proc/self/
 over two steady-state steps of one contender.
 
     .venv/bin/python benchmarks/bench_runtime.py [--quick] [--rounds 5] [--json out.json]
+        [--no-compile] [--transformer-only]
+
+After the sizes, the **optimizer-step share of a training iteration** on a small transformer
+(``transformer_step_share``: a 2-layer encoder, d_model 128, vocabulary 1 000, batch 16 × 64
+tokens, ~0.6 M parameters): seconds of forward + backward and of ``opt.step`` for
+``runtime.torch.LearnedOptimizer``, the eager reference as a ``torch.optim.Optimizer``
+(``meta_train.optimizers.hyperadam.HyperAdam``) and ``torch.optim.AdamW``, and the step's share
+of the iteration. ``--transformer-only`` runs just that.
 
 ``--subnormals`` instead times one step at p = 117,434 from a normal state against one from a
 stalled network's state (moments in the subnormal range, zero gradient), chunked and fused: what
@@ -150,7 +161,7 @@ def _problem(p: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_contenders(
-    folder: Path, p: int, threads: int, with_fast: bool
+    folder: Path, p: int, threads: int, with_fast: bool, with_compile: bool = False
 ) -> dict[str, Callable[[], None]]:
     w0, g = _problem(p)
     chunked_opt = runtime.load(folder, threads=threads, intra_op_threads=1)
@@ -186,6 +197,10 @@ def make_contenders(
 
         fast_state = [reference.init_state(p)]
         contenders["torch fast kernel"] = lambda: ref_step(hyperadam_step_fast, fast_state)
+    if with_compile:
+        compiled = torch.compile(hyperadam_step, dynamic=False)
+        compiled_state = [reference.init_state(p)]
+        contenders["torch.compile reference"] = lambda: ref_step(compiled, compiled_state)
     return contenders
 
 
@@ -331,6 +346,114 @@ def time_subnormal_states(folder: Path, threads: int, p: int = 117_434) -> dict[
     return out
 
 
+class ReferenceOptimizer:
+    """The eager reference step as a user would wrap it: every gradient concatenated into one
+    vector (HyperAdam's step is global), one ``hyperadam_step``, the update scattered back."""
+
+    def __init__(self, params: list[torch.Tensor], theta: dict[str, torch.Tensor]) -> None:
+        self.params, self.theta = params, theta
+        self.state = HyperAdam(20).init_state(sum(p.numel() for p in params))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in self.params
+            ]
+        )
+        delta, self.state = hyperadam_step(self.theta, grad, self.state, lr=DEFAULT_LR)
+        start = 0
+        for p in self.params:
+            p.add_(delta[start : start + p.numel()].view_as(p))
+            start += p.numel()
+
+
+def transformer_step_share(folder: Path, threads: int, iterations: int = 10) -> dict:
+    """Seconds of forward + backward and of ``opt.step`` per training iteration of a small
+    transformer, per optimizer (medians over ``iterations`` after 2 warm-up iterations; the
+    optimizers take turns within each iteration, on the same batch, each on its own copy)."""
+    torch.manual_seed(0)
+    vocab, d_model, batch, tokens = 1000, 128, 16, 64
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, d_model)
+            layer = torch.nn.TransformerEncoderLayer(d_model, 4, 512, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(d_model, vocab)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(self.embed(x)))
+
+    template = Model()
+    count = sum(p.numel() for p in template.parameters())
+    theta = {k: torch.from_numpy(v) for k, v in load_theta(folder / mf.THETA_FILE).theta.items()}
+    from runtime.torch import LearnedOptimizer
+
+    makers = {
+        "runtime (LearnedOptimizer)": lambda ps: LearnedOptimizer(
+            ps, runtime.load(folder, threads=threads)
+        ),
+        "torch reference (eager)": lambda ps: ReferenceOptimizer(ps, theta),
+        "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    }
+    models, optimizers = {}, {}
+    for name, make in makers.items():
+        models[name] = Model()
+        models[name].load_state_dict(template.state_dict())
+        optimizers[name] = make(list(models[name].parameters()))
+    generator = torch.Generator().manual_seed(0)
+    keys = ("fwd+bwd", "step", "fwd+bwd cpu", "step cpu")
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in makers}
+    for it in range(iterations + 2):
+        x = torch.randint(0, vocab, (batch, tokens), generator=generator)
+        y = torch.randint(0, vocab, (batch, tokens), generator=generator)
+        names = list(makers)
+        for name in names[it % len(names) :] + names[: it % len(names)]:
+            model, optimizer = models[name], optimizers[name]
+            time.sleep(0.02)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            middle, middle_cpu = time.perf_counter(), time.process_time()
+            optimizer.step()
+            end, end_cpu = time.perf_counter(), time.process_time()
+            if it >= 2:
+                times[name]["fwd+bwd"].append(middle - start)
+                times[name]["step"].append(end - middle)
+                times[name]["fwd+bwd cpu"].append(middle_cpu - start_cpu)
+                times[name]["step cpu"].append(end_cpu - middle_cpu)
+    # forward + backward is the same work whichever optimizer follows: one median over all
+    fwd = statistics.median(v for t in times.values() for v in t["fwd+bwd"])
+    fwd_cpu = statistics.median(v for t in times.values() for v in t["fwd+bwd cpu"])
+    print(
+        f"\ntransformer (2 layers, d_model {d_model}, {count:,} parameters, batch {batch} x "
+        f"{tokens} tokens), {threads} threads, medians of {iterations} iterations; load "
+        f"{os.getloadavg()[0]:.1f}; forward+backward {fwd:.4f} s wall, {fwd_cpu:.4f} s CPU:"
+    )
+    out: dict = {"parameters": count, "fwd_bwd_s": fwd, "fwd_bwd_cpu_s": fwd_cpu}
+    for name, t in times.items():
+        step, step_cpu = statistics.median(t["step"]), statistics.median(t["step cpu"])
+        out[name] = {
+            "step_s": step,
+            "step_cpu_s": step_cpu,
+            "step_share": step / (fwd + step),
+            "step_share_cpu": step_cpu / (fwd_cpu + step_cpu),
+        }
+        print(
+            f"  {name:>28}: opt.step {step:.4f} s wall, {step_cpu:.4f} s CPU; share of the "
+            f"iteration {step / (fwd + step):.1%} wall, {step_cpu / (fwd_cpu + step_cpu):.1%} CPU"
+        )
+    return out
+
+
 def _spread(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–" + (
         f"{fmt.format(max(values))})"
@@ -350,6 +473,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: all usable CPUs")
     parser.add_argument("--no-fast", action="store_true", help="skip the C++ fast-kernel column")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--transformer-only", action="store_true", help="only the transformer step share"
+    )
     parser.add_argument("--folder", type=Path, default=None, help="an exported folder to time")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument(
@@ -377,6 +504,11 @@ def main() -> None:
     if args.subnormals:
         time_subnormal_states(folder, threads)
         return
+    if args.transformer_only:
+        share = transformer_step_share(folder, threads, iterations=5 if args.quick else 10)
+        if args.json:
+            args.json.write_text(json.dumps({"threads": threads, "transformer": share}, indent=2))
+        return
     staged_bytes = io_bytes_per_coordinate((mf.STATE_STAGE, mf.UPDATE_STAGE))
     bandwidth = copy_bandwidth_gbps()
     print(
@@ -393,7 +525,7 @@ def main() -> None:
         "sizes": {},
     }
     for p in sizes:
-        contenders = make_contenders(folder, p, threads, with_fast)
+        contenders = make_contenders(folder, p, threads, with_fast, not args.no_compile)
         step_flops = flops[mf.FUSED] * p
         matmuls, mm_flops = make_matmuls(step_flops)
         contenders.update(matmuls)
@@ -415,6 +547,18 @@ def main() -> None:
                 "chunked / fused": _per_round(times, "runtime chunked", "runtime fused"),
                 "reference / chunked": _per_round(times, "torch reference", "runtime chunked"),
                 "reference / fused": _per_round(times, "torch reference", "runtime fused"),
+                **(
+                    {
+                        "torch.compile / chunked": _per_round(
+                            times, "torch.compile reference", "runtime chunked"
+                        ),
+                        "torch.compile / fused": _per_round(
+                            times, "torch.compile reference", "runtime fused"
+                        ),
+                    }
+                    if "torch.compile reference" in times
+                    else {}
+                ),
                 "chunked GFLOP/s": [step_flops / t / 1e9 for t in times["runtime chunked"]],
                 "matmul torch GFLOP/s": [mm_flops / t / 1e9 for t in times["matmul torch"]],
                 "matmul numpy GFLOP/s": [mm_flops / t / 1e9 for t in times["matmul numpy"]],
@@ -456,6 +600,7 @@ def main() -> None:
         print(f"peak RSS growth over the first two steps at p = {p:,}, beyond the state:")
         for name, mib in memory.items():
             print(f"  {name:>18}: {mib:8.1f} MiB  ({mib * 2**20 / p:.0f} B per parameter)")
+    results["transformer"] = transformer_step_share(folder, threads, 5 if args.quick else 10)
     print(f"\nload average {os.getloadavg()[0]:.1f} at end")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,5 +1,7 @@
 """Every GPU path in one run: the runtime's CUDA provider, torch CUDA tensors, CuPy, stream sync,
-and meta-training on a GPU worker (``meta_train/batched.py``).
+the training-loop paths of ``runtime.torch`` (param groups, weight decay, bf16 masters, the
+guard's restore and Adam fallback) on CUDA tensors, and meta-training on a GPU worker
+(``meta_train/batched.py``).
 
     python benchmarks/gpu_check.py [FOLDER]      # default: the built-in hyperadam
 
@@ -223,6 +225,46 @@ def check_meta_training(folder: Path) -> str:
     )
 
 
+def _training_loop(torch, device: str, folder: Path) -> list[np.ndarray]:
+    """runtime.torch.LearnedOptimizer on ``device`` with what real loops use: two param groups
+    (own lr and weight decay), a bf16 parameter (fp32 master), the guard (a NaN loss at step
+    3 restores the snapshot, then Adam, weight decay included, runs the fallback)."""
+    from runtime.guard import GuardConfig
+    from runtime.torch import LearnedOptimizer
+
+    params, grads = _inputs()
+    tensors = [torch.nn.Parameter(torch.from_numpy(p).to(device)) for p in params]
+    tensors[1] = torch.nn.Parameter(tensors[1].detach().to(torch.bfloat16))
+    groups = [
+        {"params": tensors[:2], "weight_decay": 0.1},
+        {"params": tensors[2:], "lr": 0.002, "weight_decay": 0.0},
+    ]
+    guard = GuardConfig(snapshot_every=1, fallback_steps=2, smoothing=0.0)
+    opt = LearnedOptimizer(groups, runtime.load(folder, threads=1), lr=0.01, guard=guard,
+                           guard_hook=None)  # fmt: skip
+    seen = []
+    for t, g in enumerate(grads):
+        seen.append([p.detach().clone() for p in tensors])
+        for p, x in zip(tensors, g, strict=True):
+            p.grad = torch.from_numpy(x).to(device=device, dtype=p.dtype)
+        opt.step(loss=float("nan") if t == 3 else 1.0 / (t + 1))
+    # the NaN at step 3 took the parameters back to the snapshot of step 2, bit for bit
+    if not all(torch.equal(a, b) for a, b in zip(seen[4], seen[2], strict=True)):
+        raise AssertionError(f"the guard did not restore the parameters bitwise on {device}")
+    if opt.num_fallbacks != 1 or opt.stepper.num_adam_steps != 1:
+        raise AssertionError(f"{opt.num_fallbacks} fallbacks, {opt.stepper.num_adam_steps} Adam")
+    return [p.detach().float().cpu().numpy() for p in tensors]
+
+
+def check_training_loop(folder: Path) -> str:
+    """Param groups, weight decay, bf16 masters and the guard on CUDA equal them on the CPU."""
+    torch = _torch_cuda()
+    got = _training_loop(torch, "cuda", folder)
+    expected = _training_loop(torch, "cpu", folder)
+    _close(got, expected, "CUDA training loop (groups, weight decay, bf16, guard)")
+    return "training loop (groups + weight decay + bf16 master + guard fallback): ok"
+
+
 CHECKS: dict[str, Callable[[Path], str]] = {
     "torch-cuda-fused": check_torch_cuda,
     "torch-cuda-chunked": lambda folder: check_torch_cuda(folder, chunk_size=2048),
@@ -230,6 +272,7 @@ CHECKS: dict[str, Callable[[Path], str]] = {
     "cupy": check_cupy,
     "meta-training": check_meta_training,
     "refusals": check_refusals,
+    "training-loop": check_training_loop,
 }
 
 

@@ -123,6 +123,8 @@ def export_optimizer(
         theta, file_meta = artifact.theta, artifact.meta
     arrays = as_numpy_theta(theta)
     config, reference = check_theta(method, arrays)
+    if method not in EXPORT_METHODS:
+        raise ValueError(f"{method} has no ONNX export yet; its θ file is evaluated in meta_train")
     if default_lr is None:  # the α θ was meta-trained with, else the method's
         default_lr = file_meta.get("lr", reference.default_lr)
     lr = float(default_lr)

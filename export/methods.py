@@ -49,6 +49,29 @@ EXPORT_METHODS: dict[str, ExportMethod] = {
 }
 
 
+def _tensorwise(bounded: bool) -> ExportMethod:
+    from meta_train.optimizers.hyperadam_tensor import TensorwiseHyperAdam
+
+    def no_graphs(theta: dict[str, np.ndarray]) -> dict[str, onnx.ModelProto]:
+        raise ValueError(
+            "the tensor-wise HyperAdam variant has no ONNX export yet (issue 15); "
+            "evaluate its θ file with hyperadam benchmark/evaluate"
+        )
+
+    return ExportMethod(
+        lambda theta: {"num_candidates": _size(theta, "pre_bias")},
+        lambda num_candidates: TensorwiseHyperAdam(num_candidates, bounded=bounded),
+        no_graphs,
+    )
+
+
+# Methods whose θ files load for evaluation in meta_train but that are not exported (yet).
+EXPERIMENTAL_METHODS: dict[str, ExportMethod] = {
+    "hyperadam-tensor": _tensorwise(bounded=True),
+    "hyperadam-tensor-unbounded": _tensorwise(bounded=False),
+}
+
+
 def check_theta(
     method: str, theta: dict[str, np.ndarray]
 ) -> tuple[dict[str, int], LearnedOptimizer]:
@@ -57,9 +80,10 @@ def check_theta(
     Raises:
       ValueError: naming the method, and the missing, unexpected or misshapen tensors.
     """
-    if method not in EXPORT_METHODS:
-        raise ValueError(f"method must be one of {sorted(EXPORT_METHODS)}, got {method!r}")
-    spec = EXPORT_METHODS[method]
+    known = {**EXPORT_METHODS, **EXPERIMENTAL_METHODS}
+    if method not in known:
+        raise ValueError(f"method must be one of {sorted(known)}, got {method!r}")
+    spec = known[method]
     config = spec.config_from_theta(theta)
     reference = spec.reference(**config)
     shapes = reference.theta_shapes()

@@ -238,12 +238,9 @@ def _start_evaluation_run(client: MlflowClient, mv: ModelVersion, experiment: st
         except MlflowException:
             experiment_id = None  # the source run is gone: use the default experiment
     if experiment_id is None:
-        found = client.get_experiment_by_name(experiment or DEFAULT_EXPERIMENT)
-        experiment_id = (
-            found.experiment_id
-            if found is not None
-            else client.create_experiment(experiment or DEFAULT_EXPERIMENT)
-        )
+        from meta_train.tracking import get_or_create_experiment  # export depends on meta_train
+
+        experiment_id = get_or_create_experiment(client, experiment or DEFAULT_EXPERIMENT)
     run = client.create_run(
         experiment_id,
         run_name=f"promote {mv.name} v{mv.version}",

@@ -77,9 +77,14 @@ def check_model_name(name: str) -> str:
 
 
 def make_client(tracking_uri: str, registry_uri: str | None = None) -> MlflowClient:
+    """An ``MlflowClient``; an unusable URI raises ``ValueError`` in one line."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+    try:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+    except Exception as error:  # noqa: BLE001 - MLflow raises several types for a bad URI
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot open the MLflow store {tracking_uri}: {first}") from None
 
 
 def log_exported(client: MlflowClient, run_id: str, folder: str | os.PathLike[str]) -> LoggedExport:

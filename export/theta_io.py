@@ -131,8 +131,13 @@ def load_theta(path: str | os.PathLike[str]) -> ThetaArtifact:
 def theta_path(source: str | os.PathLike[str]) -> Path:
     """The θ file a source names: a file, a folder holding ``theta.npz``, or a built-in name.
 
+    An exported-optimizer folder (one with ``manifest.json``, the built-ins included) is
+    verified first, as ``runtime.load`` would: a swapped θ or a tampered file is refused, not
+    read.
+
     Raises:
       FileNotFoundError: nothing at ``source`` (for a name: no θ shipped under that name).
+      ManifestError: an exported folder that fails verification.
     """
     from runtime import manifest as mf
     from runtime.sources import BUILTIN_DIR
@@ -143,6 +148,8 @@ def theta_path(source: str | os.PathLike[str]) -> Path:
         if not (path / mf.THETA_FILE).is_file():
             raise FileNotFoundError(f"no built-in θ for {source!r} is shipped in {BUILTIN_DIR}")
     if path.is_dir():
+        if (path / mf.MANIFEST_FILE).is_file():
+            mf.load_manifest(path)
         path = path / mf.THETA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no θ artifact at {path}")

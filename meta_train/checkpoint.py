@@ -22,9 +22,10 @@ step. Version 1 files still load: their trajectories become the slots' replay ba
 those trajectories end (a checkpoint written in that window stores them again).
 
 Loading checks the magic, the version, the payload length and its sha256 before reading any
-array, and reads with ``allow_pickle=False``: a truncated or altered file is refused with a
-``CheckpointError`` that says what is wrong, never loaded half-way. Writing goes to a temporary
-file in the same folder, is fsynced, then renamed over the target (atomic on POSIX).
+array, and reads with ``allow_pickle=False``: a truncated or altered file, or one whose θ or Adam
+state is not finite, is refused with a ``CheckpointError`` that says what is wrong, never loaded
+half-way. Writing goes to a temporary file in the same folder, is fsynced, then renamed over the
+target (atomic on POSIX).
 """
 
 from __future__ import annotations
@@ -297,6 +298,7 @@ def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
         raise
     except (KeyError, ValueError, TypeError, OSError) as error:
         raise CheckpointError(f"{name} is malformed: {type(error).__name__}: {error}") from None
+    _check_finite(name, arrays)
     return Checkpoint(
         config=meta["config"],
         learner=learner,
@@ -305,6 +307,19 @@ def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
         run_id=meta.get("run_id"),
         family_digest=meta.get("family_digest", ""),
     )
+
+
+def _check_finite(name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Refuses a non-finite θ, best θ, Adam moment or replay θ: training on from it would reject
+    every meta-gradient (NaN in, NaN out) and still end "finished"."""
+    kept = ("adam/", "theta_history/")
+    for key in ("theta", "best/theta", *(k for k in arrays if k.startswith(kept))):
+        value = arrays.get(key)
+        if value is None or not np.issubdtype(value.dtype, np.floating):
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(value)))
+        if bad:
+            raise CheckpointError(f"{name} holds {bad} non-finite values in {key!r}")
 
 
 def load(path: str | Path) -> Checkpoint:

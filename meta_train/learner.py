@@ -158,6 +158,33 @@ class Traffic:
     calls: int = 0
 
 
+def check_state(config: RunConfig, state: LearnerState) -> None:
+    """Refuses a state that ``config``'s learner cannot continue (e.g. a checkpoint whose file
+    verifies but whose θ or slots belong to another optimizer or meta-batch).
+
+    Raises:
+      ValueError: a slot count other than ``config.meta_batch``, a θ of another shape than the
+        optimizer's, a θ with non-finite values (every meta-gradient would be rejected), or
+        replay records that cannot rebuild every slot's trajectory at the state's step.
+    """
+    if len(state.trajectories) != config.meta_batch:
+        raise ValueError(
+            f"the state has {len(state.trajectories)} slots, the config's meta_batch is "
+            f"{config.meta_batch}"
+        )
+    optimizer = config.make_optimizer()
+    expected = (optimizer.num_meta_parameters(),)
+    if np.shape(state.theta) != expected:
+        raise ValueError(
+            f"the state's θ has shape {np.shape(state.theta)}, {optimizer.name} needs {expected}"
+        )
+    if not np.all(np.isfinite(state.theta)):
+        raise ValueError(
+            f"the state's θ has {int(np.sum(~np.isfinite(state.theta)))} non-finite values"
+        )
+    _check_replay_records(state, config)
+
+
 def adam_state_arrays(meta_opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     state = meta_opt.state_dict()["state"]
     if not state:
@@ -231,16 +258,7 @@ class Learner:
         if state is None:
             theta = init_theta_flat(optimizer, config.seed, config.init)
             state = LearnerState(0, theta.numpy(), {}, (None,) * self.meta_batch)
-        if len(state.trajectories) != self.meta_batch:
-            raise ValueError(
-                f"state has {len(state.trajectories)} slots, the config {self.meta_batch}"
-            )
-        if state.theta.shape != (optimizer.num_meta_parameters(),):
-            raise ValueError(
-                f"state θ has shape {state.theta.shape}, {optimizer.name} needs "
-                f"({optimizer.num_meta_parameters()},)"
-            )
-        _check_replay_records(state, config)
+        check_state(config, state)
         self.step = state.step
         self.theta = torch.tensor(state.theta).requires_grad_(True)
         self.meta_opt = make_meta_optimizer(self.theta, config.meta_optim)

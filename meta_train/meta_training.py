@@ -21,6 +21,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,8 +29,8 @@ from typing import Any, TextIO
 
 from . import checkpoint as ckpt_lib
 from .checkpoint import BestTheta, Checkpoint, CheckpointError, History
-from .errors import UsageError
-from .learner import Learner, StepReport, WorkerError
+from .errors import UsageError, os_error_line
+from .learner import Learner, StepReport, check_state
 from .plots import save_training_plot
 from .progress import ProgressBar
 from .ray_cluster import connect, resolve_workers
@@ -40,7 +41,7 @@ from .run_config import (
     identity_params,
     merge,
 )
-from .tracking import Tracker, TrackingError, get_run, make_client
+from .tracking import Tracker, TrackingError, get_run, make_client, require_store
 from .validation import VALIDATION_BEST, Validator
 from .worker import FaultInjection
 
@@ -77,6 +78,7 @@ class RunSummary:
     best: tuple[int, float] | None
     run_dir: Path
     spool: Path
+    optimizer: str = "hyperadam"  # the method meta-trained
 
 
 # -- entry points -----------------------------------------------------------------------------
@@ -93,8 +95,15 @@ def start_run(
             f"the checkpoint was trained on task family {checkpoint.family_digest[:12]}…, "
             f"this config builds {family.digest()[:12]}…"
         )
+    _check_work_dir(options.work_dir)
+    try:
+        client = make_client(config.tracking.uri)  # a bad URI is refused before Ray starts
+    except TrackingError as error:
+        raise UsageError(str(error)) from None
     with connect(options.ray_address) as cpus:
         config = resolve_workers(config, cpus, options.ray_address)
+        if checkpoint is not None:
+            _check_continuable(checkpoint, config)
         params = identity_params(config)
         params.update(family_digest=family.digest(), config_digest=config_digest(config))
         tags = _tags(config, family.digest())
@@ -108,14 +117,16 @@ def start_run(
             tags=tags,
             run_name=f"{config.optimizer}-{config.task}-seed{config.seed}",
             spool_root=options.work_dir / "spool",
+            client=client,
         )
-        run_dir = options.work_dir / tracker.run_id
-        _write_config(run_dir, config, family, tracker)
-        if options.announce is not None:
-            options.announce(
-                f"MLflow run {tracker.run_id} (experiment {config.tracking.experiment!r}, "
-                f"{config.tracking.uri})"
-            )
+        with _failed_on_error(tracker, config):
+            run_dir = options.work_dir / tracker.run_id
+            _write_config(run_dir, config, family, tracker)
+            if options.announce is not None:
+                options.announce(
+                    f"MLflow run {tracker.run_id} (experiment {config.tracking.experiment!r}, "
+                    f"{config.tracking.uri})"
+                )
         return _train(config, tracker, checkpoint, options, family.digest())
 
 
@@ -173,20 +184,28 @@ def resume_run(
     overrides: Sequence[Mapping[str, Any]],
     tracking_uri: str,
     options: Options = Options(),
+    *,
+    restart: bool = False,
 ) -> RunSummary:
     """Continues ``run_id`` from its newest valid checkpoint, with ``overrides`` applied.
 
+    ``restart`` allows starting the run again from step 0 when it has checkpoints but none of
+    them verifies (otherwise that is an error).
+
     Raises:
-      UsageError: unknown run id, no usable config, or a config that differs from the run's
-        logged identity (the message names the fields).
+      UsageError: no such store, unknown run id, no usable config, checkpoints of which none
+        verifies, or a config that differs from the run's logged identity (the message names
+        the fields).
     """
-    client = make_client(tracking_uri)
     try:
+        require_store(tracking_uri)
+        client = make_client(tracking_uri)
         run = get_run(client, tracking_uri, run_id)
     except (LookupError, TrackingError) as error:
         raise UsageError(str(error)) from None
+    _check_work_dir(options.work_dir)
     run_dir = options.work_dir / run_id
-    checkpoint = _newest_checkpoint(client, run_id, run_dir, options)
+    checkpoint = _newest_checkpoint(client, run_id, run_dir, options, restart=restart)
     if checkpoint is not None:
         logged_config = checkpoint.config
     else:
@@ -203,17 +222,22 @@ def resume_run(
     with connect(options.ray_address) as cpus:
         given = dataclasses.replace(config, workers=_given_workers(overrides))
         config = resolve_workers(given, cpus, options.ray_address)
+        if checkpoint is not None:
+            _check_continuable(checkpoint, config)
         try:
             tracker = Tracker.open_run(
                 tracking_uri, run_id, spool_root=options.work_dir / "spool", client=client
             )
         except (LookupError, TrackingError) as error:
             raise UsageError(str(error)) from None
-        tracker.set_tags({"hyperadam.steps": config.steps, "hyperadam.workers": config.workers})
-        _write_local_config(run_dir, config)
-        if options.announce is not None:
-            start = checkpoint.step if checkpoint is not None else 0
-            options.announce(f"MLflow run {run_id} resumed at step {start} ({tracking_uri})")
+        with _failed_on_error(tracker, config):
+            tracker.set_tags(
+                {"hyperadam.steps": config.steps, "hyperadam.workers": config.workers}
+            )
+            _write_local_config(run_dir, config)
+            if options.announce is not None:
+                start = checkpoint.step if checkpoint is not None else 0
+                options.announce(f"MLflow run {run_id} resumed at step {start} ({tracking_uri})")
         return _train(config, tracker, checkpoint, options, family.digest())
 
 
@@ -259,16 +283,17 @@ def _train(
     run_dir = options.work_dir / tracker.run_id
     history = checkpoint.history if checkpoint is not None else History()
     best = checkpoint.best if checkpoint is not None else None
-    learner = Learner(
-        config,
-        state=checkpoint.learner if checkpoint is not None else None,
-        data_dir=options.data_dir,
-        faults=options.faults,
-    )
-    optimizer = config.make_optimizer()
-    validator = Validator(
-        config.validation, optimizer, lr=config.unroll.lr, data_dir=options.data_dir
-    )
+    with _failed_on_error(tracker, config):
+        learner = Learner(
+            config,
+            state=checkpoint.learner if checkpoint is not None else None,
+            data_dir=options.data_dir,
+            faults=options.faults,
+        )
+        optimizer = config.make_optimizer()
+        validator = Validator(
+            config.validation, optimizer, lr=config.unroll.lr, data_dir=options.data_dir
+        )
     progress = ProgressBar(
         config.steps, start=learner.step, stream=stream, enabled=options.progress
     )
@@ -339,7 +364,9 @@ def _train(
             learner.start()
             learner.run(config.steps, on_step, should_stop=stop.is_set)
             interrupted = learner.step < config.steps
-        except WorkerError:
+        except Exception:
+            # Whatever stops the loop (a dead cluster, a full disk, a bug) ends the run FAILED,
+            # never FINISHED or RUNNING; the committed state is still checkpointed below.
             status = "FAILED"
             raise
         except KeyboardInterrupt:
@@ -367,6 +394,9 @@ def _train(
                 if not aborted:
                     write_plot()
                 tracker.set_tags({"hyperadam.last_step": learner.step})
+            except Exception:
+                status = "FAILED"  # the final checkpoint, θ or plot could not be written
+                raise
             finally:
                 learner.close()
                 delivered = _close_tracker(tracker, status, config, progress, aborted)
@@ -382,7 +412,38 @@ def _train(
         best=None if best_final is None else (best_final.step, best_final.loss),
         run_dir=run_dir,
         spool=tracker.spool,
+        optimizer=config.optimizer,
     )
+
+
+@contextlib.contextmanager
+def _failed_on_error(tracker: Tracker, config: RunConfig) -> Iterator[None]:
+    """Ends the run FAILED (KILLED on Ctrl-C) when the code inside raises, so that a run whose
+    setup failed after MLflow created it never stays RUNNING; the error goes on to the caller."""
+    try:
+        yield
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        tracker.close(status, timeout=config.tracking.flush_timeout_s)
+        raise
+
+
+def _check_work_dir(work_dir: Path) -> None:
+    """Creates the work folder up front: an unusable one is refused before any run exists."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot use --work-dir {work_dir}: {os_error_line(error)}") from None
+
+
+def _check_continuable(checkpoint: Checkpoint, config: RunConfig) -> None:
+    """Refuses, before a run is created or reopened, a checkpoint this config cannot continue."""
+    try:
+        check_state(config, checkpoint.learner)
+    except ValueError as error:
+        raise UsageError(
+            f"cannot continue the checkpoint of step {checkpoint.step}: {error}"
+        ) from None
 
 
 def _close_tracker(
@@ -416,38 +477,66 @@ def _experiment_id(tracker: Tracker) -> str:
 
 
 def _newest_checkpoint(
-    client: Any, run_id: str, run_dir: Path, options: Options
+    client: Any, run_id: str, run_dir: Path, options: Options, *, restart: bool = False
 ) -> Checkpoint | None:
-    """The newest checkpoint that verifies, local copies first; broken ones are reported."""
+    """The newest checkpoint of ``run_id`` that verifies, from the work folder or MLflow.
+
+    Each step is tried locally first, then from MLflow, so a corrupted local copy of the newest
+    step falls back to its MLflow copy before any older step. Broken copies are reported.
+
+    Returns:
+      The checkpoint, or None when the run has none (it stopped before its first one).
+
+    Raises:
+      UsageError: the run has checkpoints but none verifies, and ``restart`` is False
+        (restarting from step 0 would silently throw away its progress).
+    """
     local_dir = run_dir / CHECKPOINT_DIR
-    candidates: dict[int, tuple[str, Any]] = {}
-    try:
-        for info in client.list_artifacts(run_id, CHECKPOINT_DIR):
-            step = ckpt_lib.step_of(Path(info.path).name)
-            if step is not None:
-                candidates[step] = ("mlflow", info.path)
-    except Exception as error:  # noqa: BLE001 - the server may be away; local copies remain
-        _note(options, f"hyperadam: warning: cannot list the run's checkpoints: {error}")
+    sources: dict[int, list[tuple[str, Any]]] = {}
     if local_dir.is_dir():
         for path in local_dir.iterdir():
             step = ckpt_lib.step_of(path.name)
             if step is not None:
-                candidates[step] = ("local", path)
-    for step in sorted(candidates, reverse=True):
-        where, ref = candidates[step]
-        try:
-            if where == "mlflow":
-                local_dir.mkdir(parents=True, exist_ok=True)
-                ref = client.download_artifacts(run_id, ref, str(local_dir))
-            loaded = ckpt_lib.load(ref)
-        except CheckpointError as error:
-            _note(options, f"hyperadam: warning: skipping a bad checkpoint: {error}")
-            continue
-        if loaded.run_id not in (None, run_id):
-            _note(options, f"hyperadam: warning: {ref} belongs to run {loaded.run_id}; skipped")
-            continue
-        return loaded
+                sources.setdefault(step, []).append(("local", path))
+    try:
+        for info in client.list_artifacts(run_id, CHECKPOINT_DIR):
+            step = ckpt_lib.step_of(Path(info.path).name)
+            if step is not None:
+                sources.setdefault(step, []).append(("mlflow", info.path))
+    except Exception as error:  # noqa: BLE001 - the server may be away; local copies remain
+        _note(options, f"hyperadam: warning: cannot list the run's checkpoints: {error}")
+    for step in sorted(sources, reverse=True):
+        for where, ref in sources[step]:
+            try:
+                loaded = _load_checkpoint_copy(client, run_id, run_dir, where, ref)
+            except (CheckpointError, OSError) as error:
+                _note(options, f"hyperadam: warning: skipping a bad checkpoint ({where}): {error}")
+                continue
+            if loaded.run_id not in (None, run_id):
+                _note(options, f"hyperadam: warning: {ref} belongs to run {loaded.run_id}; skipped")
+                continue
+            return loaded
+    if sources and not restart:
+        raise UsageError(
+            f"run {run_id} has {len(sources)} checkpoint step(s) but no copy verifies (local "
+            f"{local_dir} or MLflow); --allow-restart starts it again from step 0"
+        )
     return None
+
+
+def _load_checkpoint_copy(
+    client: Any, run_id: str, run_dir: Path, where: str, ref: Any
+) -> Checkpoint:
+    if where == "local":
+        return ckpt_lib.load(ref)
+    # Downloaded beside the local copies, never over them, and removed once read.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=run_dir) as tmp:
+        try:
+            path = client.download_artifacts(run_id, ref, tmp)
+        except Exception as error:  # noqa: BLE001 - one store's failure is one bad copy
+            raise CheckpointError(f"cannot download {ref}: {error}") from None
+        return ckpt_lib.load(path)
 
 
 def _logged_config(client: Any, run_id: str, run_dir: Path) -> dict[str, Any]:

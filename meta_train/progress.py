@@ -2,6 +2,10 @@
 
 On a terminal it redraws one line (``\\r``) at most every ``interval_s``; elsewhere (CI, log files,
 ``ray job`` output) it prints a full line every ``log_interval_s`` and at the end.
+
+The remaining time is extrapolated from the steps after the first one this process ran: the first
+step also pays for starting the workers and building their tasks, so counting it would predict
+a one-minute run to take many minutes.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 BAR_WIDTH = 24
@@ -34,6 +39,7 @@ class ProgressBar:
         interval_s: float = 0.2,
         log_interval_s: float = 10.0,
         enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total = total
         self.start_step = start
@@ -42,7 +48,9 @@ class ProgressBar:
         self.interval_s = interval_s if self.tty else log_interval_s
         self.enabled = enabled
         self.validation: str = "-"
-        self._started = time.monotonic()
+        self.clock = clock
+        self._started = clock()
+        self._first: tuple[int, float] | None = None  # (step, time) of the first update
         self._last_draw = -math.inf
         self._line = ""
         self._inner_steps = 0
@@ -54,9 +62,11 @@ class ProgressBar:
         """The bar's text; the rate shown is the mean since this process started."""
         fraction = step / self.total if self.total else 1.0
         filled = int(round(BAR_WIDTH * fraction))
-        done = step - self.start_step
-        elapsed = time.monotonic() - self._started
-        eta = elapsed / done * (self.total - step) if done > 0 else math.nan
+        eta = math.nan if step < self.total else 0.0
+        if self._first is not None and step > self._first[0]:
+            first_step, first_at = self._first
+            per_step = (self.clock() - first_at) / (step - first_step)
+            eta = per_step * (self.total - step)
         return (
             f"step {step}/{self.total} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
             f"meta-loss {meta_loss:.4f} | val {self.validation} | "
@@ -66,9 +76,11 @@ class ProgressBar:
     def update(self, step: int, meta_loss: float, inner_steps: int) -> None:
         """Records a finished meta-step that consumed ``inner_steps`` optimizee steps."""
         self._inner_steps += inner_steps
+        now = self.clock()
+        if self._first is None:
+            self._first = (step, now)
         if not self.enabled:
             return
-        now = time.monotonic()
         if now - self._last_draw < self.interval_s and step < self.total:
             return
         self._last_draw = now

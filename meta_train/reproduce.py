@@ -388,12 +388,36 @@ def changed_optimizers(previous: dict[str, Any], current: dict[str, str]) -> lis
     return [name for name, info in current.items() if name in before and before[name] != info]
 
 
+def report_json(report: dict[str, Any]) -> str:
+    """``report`` as JSON text, keys sorted: one line per key, a list of numbers on one line.
+
+    The loss curves (up to 10 000 floats per cell) are nearly all of the report; one value per
+    line made the committed ``docs/results.json`` 5.8 MB and its diffs unreadable. Numbers are
+    written with Python's shortest round-trip repr, so reading the file back gives every value
+    bit for bit.
+    """
+    return _json_block(report, 0) + "\n"
+
+
+def _json_block(value: Any, depth: int) -> str:
+    inner, outer = " " * (depth + 1), " " * depth
+    if isinstance(value, dict) and value:
+        items = [
+            f"{inner}{json.dumps(k)}: {_json_block(v, depth + 1)}" for k, v in sorted(value.items())
+        ]
+        return "{\n" + ",\n".join(items) + f"\n{outer}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        items = [inner + _json_block(v, depth + 1) for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{outer}]"
+    return json.dumps(value, separators=(",", ":"))
+
+
 def write_report(report: dict[str, Any], config: ReproduceConfig, out_dir: Path) -> list[Path]:
     """Writes results.json, results.md and figures/*.png into ``out_dir``; returns the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path = out_dir / "results.md"
     analysis = existing_analysis(md_path)
     json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    json_path.write_text(report_json(report))
     md_path.write_text(render_markdown(report, config.report_rows(), analysis))
     return [md_path, json_path, *plot_curves(report, out_dir / "figures")]

@@ -29,6 +29,8 @@ def resolve_optimizer(
 
     Adam uses the task's tuned lr from the paper (spec §5) unless ``lr`` is given; learned
     optimizers use their own default step size (α = 0.005 for HyperAdam, 0.1 for DM/RNNprop).
+    An exported folder is verified like ``runtime.load`` does (every hash, θ required) before
+    its θ is read; its rule is labelled ``METHOD (PATH)``, not like the built-in.
     """
     if lr is not None and not lr > 0:
         raise UsageError(f"--lr must be > 0, got {lr}")
@@ -62,4 +64,7 @@ def resolve_optimizer(
         # which is what makes the 2 000- and 10 000-step rows affordable on CPUs.
         optimizer = HyperAdam(optimizer.num_candidates, implementation="fast")
     rule = optimizer.bind(theta, lr=lr)
+    if name not in LEARNED:
+        # Not the built-in of that name: the label says which method and which file or folder.
+        rule.name = f"{optimizer.name} ({source})"
     return rule, rule.lr

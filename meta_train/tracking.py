@@ -19,6 +19,7 @@ continuous history per metric.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -45,10 +46,52 @@ class TrackingError(RuntimeError):
     """The tracking store refused the run: unknown run id, unreachable at start, bad URI."""
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, made absolute; None for other stores."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    path = uri[len(SQLITE_PREFIX) :].split("?", 1)[0]
+    return Path(path).absolute() if path and path != ":memory:" else None
+
+
+def absolute_store_uri(uri: str) -> str:
+    """``uri`` with a relative sqlite path made absolute (``sqlite:///mlflow.db`` →
+    ``sqlite:////here/mlflow.db``), so that every message names the real file."""
+    path = sqlite_path(uri)
+    if path is None or uri.startswith(SQLITE_PREFIX + "/"):
+        return uri
+    query = uri.partition("?")[2]
+    return f"{SQLITE_PREFIX}{path}" + (f"?{query}" if query else "")
+
+
+def require_store(uri: str) -> None:
+    """Refuses a sqlite store whose file does not exist, before MLflow would create an empty one.
+
+    Read-only commands (``registry list``, ``export --run``, ``--resume``) call this: looking
+    something up must never leave an empty ``mlflow.db`` behind in the current folder.
+
+    Raises:
+      LookupError: the store's file is absent (the message names its absolute path).
+    """
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise LookupError(
+            f"no MLflow store at {path} ({uri}); pass --tracking-uri or set MLFLOW_TRACKING_URI "
+            "to the store your runs are in"
+        )
+
+
 def make_client(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` for ``uri``; an unusable URI is a ``TrackingError`` (one line)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as error:  # noqa: BLE001 - MLflow raises several types for a bad URI
+        raise TrackingError(f"cannot open the MLflow store {uri}: {_one_line(error)}") from None
 
 
 def _now_ms() -> int:
@@ -110,17 +153,21 @@ class Tracker:
 
         client = client or make_client(uri)
         try:
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = (
-                found.experiment_id if found is not None else client.create_experiment(experiment)
-            )
+            experiment_id = get_or_create_experiment(client, experiment)
             run = client.create_run(experiment_id, tags=dict(tags), run_name=run_name)
             items = [Param(k, str(v)) for k, v in sorted(params.items())]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                 client.log_batch(run.info.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
         except Exception as error:  # noqa: BLE001 - any failure here means: cannot track
             raise TrackingError(f"cannot create a run in {uri}: {_one_line(error)}") from None
-        return cls(client, run.info.run_id, spool_root)
+        try:
+            return cls(client, run.info.run_id, spool_root)
+        except OSError as error:  # the spool folder: the run must not stay RUNNING
+            mark_failed(client, run.info.run_id)
+            raise TrackingError(
+                f"run {run.info.run_id} failed: cannot write its spool under {spool_root}: "
+                f"{_one_line(error)}"
+            ) from None
 
     @classmethod
     def open_run(
@@ -351,6 +398,30 @@ class Tracker:
                 self._mark_delivered(len(ops))
 
 
+def get_or_create_experiment(
+    client: Any, name: str, *, attempts: int = 5, backoff_s: float = 0.2, **create: Any
+) -> str:
+    """The id of experiment ``name``, created if absent; safe when processes race to create it.
+
+    Between "absent" and "create" another process may create it (sqlite then answers ``UNIQUE
+    constraint failed``, a server ``RESOURCE_ALREADY_EXISTS``): a failed create is answered by
+    looking the name up again, with a short backoff while the winner's transaction commits.
+    ``create`` goes to ``create_experiment`` (e.g. ``artifact_location``).
+    """
+    error: Exception | None = None
+    for attempt in range(attempts):
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(name, **create)
+        except Exception as raised:  # noqa: BLE001 - the store's type for "exists" varies
+            error = raised
+            time.sleep(backoff_s * (attempt + 1))
+    assert error is not None
+    raise error
+
+
 def get_run(client: Any, uri: str, run_id: str) -> Any:
     """``client.get_run`` with one-line errors: unknown id → LookupError, else TrackingError."""
     from mlflow.exceptions import MlflowException
@@ -363,6 +434,13 @@ def get_run(client: Any, uri: str, run_id: str) -> Any:
         raise TrackingError(f"cannot read run {run_id} from {uri}: {_one_line(error)}") from None
     except Exception as error:  # noqa: BLE001
         raise TrackingError(f"cannot read run {run_id} from {uri}: {_one_line(error)}") from None
+
+
+def mark_failed(client: Any, run_id: str) -> None:
+    """Best effort: ends ``run_id`` as FAILED (it must not stay RUNNING after a failed start)."""
+    # The store may be away: the run's status is then all that is lost.
+    with contextlib.suppress(Exception):
+        client.set_terminated(run_id, "FAILED")
 
 
 def _is_client_error(error: Exception) -> bool:

@@ -23,7 +23,11 @@ from .optimizers.base import LearnedOptimizer
 from .seeding import generator
 from .tasks.base import Task
 
-META_LOSSES = ("mean", "last")
+# "mean" of the n iterates' losses (the paper), the "last" one (RNNprop), or the mean of their
+# logarithms, "log": log L is comparable across tasks whose losses differ in scale (its
+# gradient g/L weighs every task by its relative progress), so no task dominates the average.
+META_LOSSES = ("mean", "last", "log")
+LOG_FLOOR = 1e-12  # the "log" meta-loss clamps L here (a task at zero loss has nothing to learn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +81,11 @@ def batch_generator(task_seed: int, step: int) -> torch.Generator:
 def start_trajectory(optimizer: LearnedOptimizer, task: Task, seed: int) -> Trajectory:
     """Draws w_0 for the task (from ``seed``) and the optimizer's zero state."""
     params = task.init_params(generator(seed, 0))
-    return Trajectory(seed, 0, params, optimizer.init_state(params.numel()))
+    if getattr(optimizer, "per_tensor", False):  # normalises within each of the task's tensors
+        state = optimizer.init_state(params.numel(), tensor_sizes=task.tensor_sizes)
+    else:
+        state = optimizer.init_state(params.numel())
+    return Trajectory(seed, 0, params, state)
 
 
 def unroll_truncation(
@@ -115,6 +123,8 @@ def unroll_truncation(
             losses.append(loss)
             if config.meta_loss == "mean":
                 surrogate = surrogate + torch.dot(grad, w)
+            elif config.meta_loss == "log":  # ∂ log L / ∂w = g / L, L held constant
+                surrogate = surrogate + torch.dot(grad, w) / loss.clamp_min(LOG_FLOOR)
             delta, state = optimizer.step(theta, grad, state, lr=lr)
             w = w + delta
         end = trajectory.step + config.truncation
@@ -125,6 +135,9 @@ def unroll_truncation(
             )
             surrogate = torch.dot(last_grad, w)
             meta_loss = float(last_loss)
+        elif config.meta_loss == "log":
+            surrogate = surrogate / config.truncation
+            meta_loss = float(torch.stack(losses).clamp_min(LOG_FLOOR).log().mean())
         else:
             surrogate = surrogate / config.truncation
             meta_loss = float(torch.stack(losses).mean())

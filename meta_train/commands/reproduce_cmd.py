@@ -74,9 +74,10 @@ def describe_optimizers(names: tuple[str, ...]) -> dict[str, str]:
 def log_to_mlflow(uri: str, experiment: str, files: list[Path], report: dict) -> str:
     from mlflow.tracking import MlflowClient
 
+    from ..tracking import get_or_create_experiment
+
     client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = get_or_create_experiment(client, experiment)
     run = client.create_run(
         experiment_id, run_name="reproduce" + ("-quick" if report["config"]["quick"] else "")
     )

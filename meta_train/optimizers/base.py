@@ -97,13 +97,29 @@ class LearnedOptimizer(abc.ABC):
 class BoundLearnedOptimizer:
     """A learned optimizer with fixed θ, usable wherever an ``UpdateRule`` is."""
 
-    def __init__(self, optimizer: LearnedOptimizer, theta: Theta, lr: float) -> None:
+    def __init__(
+        self,
+        optimizer: LearnedOptimizer,
+        theta: Theta,
+        lr: float,
+        tensor_sizes: tuple[int, ...] | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.theta = {k: v.detach() for k, v in theta.items()}
         self.lr = lr
         self.name = optimizer.name
+        self.tensor_sizes = tensor_sizes
+
+    def for_tensors(self, tensor_sizes: tuple[int, ...]) -> BoundLearnedOptimizer:
+        """This rule over a vector packed from tensors of these sizes (per-tensor optimizers
+        normalise within each; the others ignore the layout)."""
+        return BoundLearnedOptimizer(self.optimizer, self.theta, self.lr, tuple(tensor_sizes))
 
     def init(self, num_coords: int, *, device: torch.device | str = "cpu") -> NamedTuple:
+        if self.tensor_sizes is not None and getattr(self.optimizer, "per_tensor", False):
+            return self.optimizer.init_state(
+                num_coords, device=device, tensor_sizes=self.tensor_sizes
+            )
         return self.optimizer.init_state(num_coords, device=device)
 
     def update(self, grad: Tensor, state: Any) -> tuple[Tensor, Any]:

@@ -30,8 +30,16 @@ the derivation, is exact to ~1e-15.
 
 The C++ source is compiled on first use with the system compiler (``$CXX``, default ``c++``; g++
 or clang++ with OpenMP) into a per-machine cache (``$HYPERADAM_KERNEL_CACHE``, default
-``~/.cache/hyperadam/kernels``), which takes a few seconds; no Python build tool is needed. It uses
-torch's OpenMP thread pool, with ``torch.get_num_threads()`` threads.
+``~/.cache/hyperadam/kernels``, else ``<tmp>/hyperadam-kernels-<uid>``), which takes a few seconds;
+no Python build tool is needed. It uses torch's OpenMP thread pool, with ``torch.get_num_threads()``
+threads.
+
+Loading a library runs its code, so the cache must be private: a folder is used only if this
+user owns it and nobody else can write it (created 0700; a group- or world-writable or
+foreign-owned folder, or one in a world-writable parent without the sticky bit, is refused),
+and a library is loaded only if it is this user's, private, and matches the sha256 recorded
+beside it when it was built. Anything else is rebuilt, never loaded; the verified file is
+loaded through the descriptor that was hashed, so it cannot be swapped in between.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import hashlib
 import math
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -71,6 +80,7 @@ CXX_FLAGS = (
     "-std=c++17",
 )
 CACHE_ENV = "HYPERADAM_KERNEL_CACHE"
+DIGEST_SUFFIX = ".sha256"  # beside each library: the sha256 of the bytes this user built
 COMPILE_TIMEOUT_S = 300
 
 THETA_ORDER = (
@@ -121,19 +131,96 @@ BACKWARD_SLOTS = (
 # -- building and loading the kernels ----------------------------------------------------------
 
 
+class UnsafeCacheError(PermissionError):
+    """A kernel folder or file that another user could have written."""
+
+
+def _check_private(path: Path, what: str) -> os.stat_result:
+    """Refuses ``path`` unless it is no symlink, this user's, and not group/world-writable."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeCacheError(f"{what} {path} is a symbolic link")
+    if st.st_uid != os.getuid():
+        raise UnsafeCacheError(f"{what} {path} is owned by uid {st.st_uid}, not {os.getuid()}")
+    if st.st_mode & 0o022:
+        raise UnsafeCacheError(
+            f"{what} {path} is writable by its group or others (mode {stat.S_IMODE(st.st_mode):o})"
+        )
+    return st
+
+
+def _private_folder(folder: Path) -> Path:
+    """``folder``, created 0700 if absent, if only this user can change what is in it.
+
+    Raises:
+      OSError: it cannot be created or written, or another user could write it (or replace it:
+        a world-writable parent needs the sticky bit).
+    """
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(folder, "kernel folder")
+    parent = os.stat(folder.parent)
+    if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
+        raise UnsafeCacheError(
+            f"kernel folder {folder} is in {folder.parent}, which others can write (mode "
+            f"{stat.S_IMODE(parent.st_mode):o}, no sticky bit)"
+        )
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"kernel folder {folder} is not writable")
+    return folder
+
+
 def _cache_dir() -> Path:
-    """$HYPERADAM_KERNEL_CACHE, else ~/.cache/hyperadam/kernels, else a per-user temp folder."""
+    """$HYPERADAM_KERNEL_CACHE, else ~/.cache/hyperadam/kernels, else a per-user temp folder;
+    only a private one (see ``_private_folder``)."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+        folder = Path(os.environ[CACHE_ENV])
+        try:
+            return _private_folder(folder)
+        except OSError as error:
+            raise RuntimeError(f"${CACHE_ENV}: {error}") from None
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "hyperadam" / "kernels"
+    refused = []
+    for folder in (
+        base / "hyperadam" / "kernels",
+        Path(tempfile.gettempdir()) / f"hyperadam-kernels-{os.getuid()}",
+    ):
+        try:
+            return _private_folder(folder)
+        except OSError as error:
+            refused.append(str(error))
+    raise RuntimeError(
+        "no private folder to build the HyperAdam kernels in (" + "; ".join(refused) + f"); set "
+        f"${CACHE_ENV} to a folder only you can write, or use implementation='reference'"
+    )
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_verified(path: Path) -> int | None:
+    """An open descriptor of the library at ``path`` if it is this user's, private, and has the
+    sha256 recorded beside it at build time; None otherwise (the caller rebuilds)."""
+    digest_path = path.with_name(path.name + DIGEST_SUFFIX)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if os.access(folder, os.W_OK):
-            return folder
+        _check_private(digest_path, "kernel digest")
+        recorded = digest_path.read_text().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        private = st.st_uid == os.getuid() and not st.st_mode & 0o022
+        if stat.S_ISREG(st.st_mode) and private and _sha256_fd(fd) == recorded:
+            return fd
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"hyperadam-kernels-{os.getuid()}"
+    os.close(fd)
+    return None
 
 
 def _cpu_signature() -> str:
@@ -186,17 +273,27 @@ def build(path: Path) -> None:
             raise RuntimeError(
                 f"compiling the HyperAdam kernels failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}"
             )
+        os.chmod(tmp, 0o700)
+        with open(tmp, "rb") as built:
+            digest = _sha256_fd(built.fileno())
+        # The digest first: a reader that sees the new library also sees its digest (or, in a
+        # race with another builder, a mismatch, which only means one more build).
+        digest_tmp = Path(f"{tmp}{DIGEST_SUFFIX}")
+        digest_tmp.write_text(digest + "\n")
+        os.chmod(digest_tmp, 0o600)
+        os.replace(digest_tmp, path.with_name(path.name + DIGEST_SUFFIX))
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, f"{tmp}{DIGEST_SUFFIX}"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 class _Kernels:
     """The loaded library: its block size and the four entry points."""
 
-    def __init__(self, path: Path) -> None:
-        lib = ctypes.CDLL(str(path))
+    def __init__(self, path: Path, load_from: str | None = None) -> None:
+        lib = ctypes.CDLL(load_from or str(path))
         self.path = path
         self.block_rows = int(lib.hyperadam_block_rows())
         counts = (lib.hyperadam_forward_slots(), lib.hyperadam_backward_slots())
@@ -234,11 +331,25 @@ class _Kernels:
 
 @functools.cache
 def kernels() -> _Kernels:
-    """Builds (first time on this machine) and loads the kernels; cached per process."""
+    """Builds (first time on this machine) and loads the kernels; cached per process.
+
+    Only a library that verifies (``_open_verified``) is loaded; any other is rebuilt over. A
+    second build covers a race with another process building at the same moment.
+    """
     path = library_path()
-    if not path.exists():
+    fd, builds = _open_verified(path), 0
+    while fd is None:
+        if builds == 2:
+            raise RuntimeError(f"the kernel library {path} does not match the digest built for it")
         build(path)
-    return _Kernels(path)
+        builds += 1
+        fd = _open_verified(path)
+    try:
+        # Load the very file that was hashed (Linux); elsewhere the private folder suffices.
+        by_fd = f"/proc/self/fd/{fd}"
+        return _Kernels(path, by_fd if os.path.exists(by_fd) else None)
+    finally:
+        os.close(fd)
 
 
 def block_rows() -> int:

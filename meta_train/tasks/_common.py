@@ -96,6 +96,10 @@ class ImageClassificationTask(Task):
     def num_params(self) -> int:
         return self.layout.num_params
 
+    @property
+    def tensor_sizes(self) -> tuple[int, ...]:
+        return self.layout.sizes
+
     def init_params(self, generator: torch.Generator) -> Tensor:
         return normal_init(self.num_params, generator)
 

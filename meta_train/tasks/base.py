@@ -47,6 +47,14 @@ class Task(abc.ABC):
             (grad,) = torch.autograd.grad(loss, w)
         return loss.detach(), grad
 
+    @property
+    def tensor_sizes(self) -> tuple[int, ...]:
+        """Sizes of the model's tensors, in flat order (one tensor unless a task says more).
+
+        Per-tensor learned optimizers normalise within each of these pieces.
+        """
+        return (self.num_params,)
+
     def test_metrics(self, params: Tensor) -> dict[str, float]:
         """Held-out metrics of ``params`` (test loss, top-1/top-2 accuracy); empty if none."""
         del params

@@ -82,6 +82,10 @@ class MixedTask(Task):
     def num_params(self) -> int:
         return self.num_inner + self.num_convex
 
+    @property
+    def tensor_sizes(self) -> tuple[int, ...]:
+        return tuple(self.inner.tensor_sizes) + ((self.num_convex,) if self.num_convex else ())
+
     def init_params(self, generator: torch.Generator) -> Tensor:
         """``[w_init / c1 ; 0]`` with w_init from the inner task's initialiser."""
         w0 = self.inner.init_params(generator) / self.c1

@@ -215,3 +215,21 @@ def test_list_and_promote_refuse_unknown_names(tracking_uri):
         promotion.promote(tracking_uri, "nope", 1, tasks=["mnist-nope"])
     with pytest.raises(ValueError, match="model name must start with a letter or digit"):
         registry.check_model_name("a/b")
+
+
+def test_a_fresh_download_is_held_to_the_registered_manifest_digest(tracking_uri, tmp_path):
+    """The artifact store's copy was edited consistently (default_lr 100× larger, its own file
+    list intact): the registry's manifest_sha256 refuses it on the first download too."""
+    import json
+
+    client = registry.make_client(tracking_uri)
+    run_id = new_run(client)
+    registry.register(client, "opt", export_and_log(client, run_id, tmp_path / "a", adam_theta()))
+    (stored,) = (tmp_path / "artifacts").rglob(mf.MANIFEST_FILE)
+    raw = json.loads(stored.read_text())
+    raw["default_lr"] = 0.5
+    stored.write_text(json.dumps(raw))
+    cache = tmp_path / "cache"
+    with pytest.raises(mf.ManifestError, match=r"manifest\.json has sha256 [0-9a-f]{64}, expected"):
+        registry.download("models:/opt@candidate", tracking_uri=tracking_uri, cache_dir=cache)
+    assert not cache.exists()  # nothing kept

@@ -228,3 +228,28 @@ def test_a_learner_checkpoint_holds_no_optimizee_or_optimizer_state(ray_address,
         "theta_history/0", "theta_history/1"}
     assert max(sizes.values()) <= theta_size  # nothing of size p·J (40 000 per state tensor)
     assert path.stat().st_size < 10 * 4 * theta_size
+
+
+@pytest.mark.parametrize("where", ["theta", "adam", "best"])
+def test_a_non_finite_theta_or_adam_state_is_refused(tmp_path, where):
+    """A NaN θ would train to "finished" with every meta-gradient rejected: refused at load,
+    even when the file's hash is consistent."""
+    import dataclasses
+
+    good = sample_checkpoint()
+    learner, best = good.learner, good.best
+    if where == "theta":
+        theta = learner.theta.copy()
+        theta[3] = np.nan
+        learner = dataclasses.replace(learner, theta=theta)
+    elif where == "adam":
+        moment = learner.adam["exp_avg"].copy()
+        moment[:2] = np.inf
+        learner = dataclasses.replace(learner, adam={**learner.adam, "exp_avg": moment})
+    else:
+        best = BestTheta(best.step, best.loss, np.full_like(best.theta, np.nan))
+    path = ckpt.save(tmp_path / "bad.ckpt", dataclasses.replace(good, learner=learner, best=best))
+    key = {"theta": "'theta'", "adam": "'adam/exp_avg'", "best": "'best/theta'"}[where]
+    count = {"theta": 1, "adam": 2, "best": 30}[where]
+    with pytest.raises(CheckpointError, match=rf"holds {count} non-finite values in {key}"):
+        ckpt.load(path)

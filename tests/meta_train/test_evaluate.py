@@ -2,6 +2,8 @@
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,8 @@ from meta_train.cli import main
 from meta_train.evaluate import evaluate, run_once, run_seed
 from meta_train.optimizers import make_baseline
 from meta_train.tasks.quadratic import QuadraticTask
+from runtime import manifest as mf
+from runtime.sources import BUILTIN_DIR
 
 # An independent plain-PyTorch Adam loop of the same protocol (MNIST 60k train images, batch 128,
 # init N(0, 0.1²), lr of spec §5), 20 runs, measured once before this code existed (issue 2).
@@ -103,3 +107,42 @@ def test_sine_task_and_text_output(capsys):
         "20",
     )
     assert code == 0 and "sin-lstm  adam (lr 0.0220971)  2 runs × 20 steps  final loss" in out
+
+
+def exported_copy(tmp_path):
+    folder = tmp_path / "exported-opt"
+    shutil.copytree(BUILTIN_DIR / "hyperadam", folder)
+    return folder
+
+
+@pytest.mark.parametrize("tamper", ["swapped-theta", "corrupted-graph"])
+def test_an_exported_folder_is_verified_before_it_is_evaluated(capsys, tmp_path, tamper):
+    folder = exported_copy(tmp_path)
+    if tamper == "swapped-theta":  # a valid θ file of the same method, but not the exported one
+        checkpoints = Path(__file__).parents[2] / "checkpoints"
+        other = checkpoints / "hyperadam-seed0-step6200-best-theta.npz"
+        (folder / "theta.npz").write_bytes(other.read_bytes())
+        name = "theta.npz"
+    else:
+        graph = folder / "fused.onnx"
+        graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+        name = "fused.onnx"
+    code, out, err = run_cli(capsys, "evaluate", "--task", "sin-lstm", "--optimizer", str(folder),
+                             "--runs", "1", "--steps", "2")
+    assert code == 2 and out == ""
+    listed = json.loads((folder / mf.MANIFEST_FILE).read_text())["files"][name]
+    assert err == (
+        f"hyperadam: error: {name} does not match its sha256 in manifest.json (expected {listed}, "
+        f"file has {mf.sha256_file(folder / name)}): the folder was modified after export\n"
+    )
+
+
+def test_an_exported_folder_is_labelled_by_its_method_and_path(capsys, tmp_path):
+    folder = exported_copy(tmp_path)
+    code, out, _ = run_cli(capsys, "evaluate", "--task", "sin-lstm", "--optimizer", str(folder),
+                           "--runs", "1", "--steps", "2", "--json")
+    assert code == 0
+    assert json.loads(out)["optimizer"] == f"hyperadam ({folder})"
+    code, out, _ = run_cli(capsys, "evaluate", "--task", "sin-lstm", "--optimizer", "hyperadam",
+                           "--runs", "1", "--steps", "2", "--json")
+    assert json.loads(out)["optimizer"] == "hyperadam"  # the built-in

@@ -20,6 +20,9 @@ from meta_train.learner import LearnerState
 from meta_train.run_config import RunConfig, config_digest
 from meta_train.seeding import generator
 from runtime import manifest as mf
+from runtime.sources import BUILTIN_DIR
+
+BUILTIN_THETA = BUILTIN_DIR / "hyperadam" / mf.THETA_FILE
 
 EXPERIMENT = "hyperadam-tests"  # made by the tracking_uri fixture, artifacts under tmp_path
 FAMILY = "f" * 64
@@ -137,20 +140,22 @@ ERRORS = [
      r"--checkpoint applies to --run"),
     (["export", "--run", "{run}", "--out", "{tmp}/x", "--register", "a/b"],
      r"--register: model name must start with a letter or digit"),
-    (["registry", "list", "nope"], r"no registered model named 'nope'$"),
+    (["registry", "list", "nope"], r"no registered model named 'nope' in sqlite:////\S+\.db$"),
     (["registry", "promote", "nope", "--version", "1", "--tasks", "mnist-nn-relu-100"],
-     r"no registered model named 'nope'$"),
+     r"no registered model named 'nope' in sqlite:////\S+\.db$"),
     (["registry", "promote", "nope", "--version", "1", "--tasks", "mnist-nope"],
      r"unknown task\(s\) \['mnist-nope'\]"),
     (["registry", "promote", "nope", "--version", "1", "--gate", "0"],
      r"gate must be a finite ratio > 0, got 0.0$"),
+    (["export", "--theta", str(BUILTIN_THETA), "--out", "/proc/hyperadam/out"],
+     r"cannot write --out /proc/hyperadam/out: No such file or directory: /proc/hyperadam$"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "match"), ERRORS, ids=[
     "unknown-run", "missing-step", "bad-checkpoint", "non-empty-out", "missing-theta",
     "checkpoint-with-theta", "bad-name", "list-unknown", "promote-unknown", "unknown-task",
-    "bad-gate",
+    "bad-gate", "unwritable-out",
 ])
 def test_errors_are_one_line_with_status_2(tracking_uri, run_id, tmp_path, capsys, argv, match):
     import re

@@ -292,3 +292,85 @@ def bad_inputs():
 def test_rejects_bad_inputs(theta, grad, state, error, match):
     with pytest.raises(error, match=match):
         hyperadam_step_fast(theta, grad, state)
+
+
+# -- the kernel cache: only a library this user built, in a folder only this user writes -------
+
+PLANTED_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("planted code ran", f); fclose(f); }
+}
+int hyperadam_block_rows(void) { return 7; }
+"""
+LOAD_KERNELS = (
+    "from meta_train.optimizers import hyperadam_fast as f\n"
+    "print('block rows', f.kernels().block_rows)\n"
+)
+
+
+def plant_library(folder, name, marker):
+    """A shared library whose constructor writes ``marker``, at the kernels' expected name."""
+    import shutil
+    import subprocess
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    source = folder.parent / "planted.c"
+    source.write_text(PLANTED_C)
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(folder / name),
+                    str(source)], check=True)
+    return folder / name
+
+
+@pytest.mark.parametrize("case", ["foreign-owned", "world-writable", "ours-without-digest"])
+def test_a_planted_kernel_library_is_never_loaded(tmp_path, case):
+    """Another local user plants a library at the computable name in the temp-folder fallback
+    (or in a folder of ours, with no digest of ours beside it): its code must never run."""
+    import os
+    import subprocess
+    import sys
+
+    from meta_train.optimizers import hyperadam_fast
+
+    if os.getuid() != 0 and case == "foreign-owned":
+        pytest.skip("chown to another user needs root")
+    name = hyperadam_fast.library_path().name  # the name depends on source, compiler and CPU
+    marker = tmp_path / "planted-ran"
+    tmp = tmp_path / "tmp"  # stands for /tmp: sticky and world-writable
+    tmp.mkdir()
+    os.chmod(tmp, 0o1777)
+    env = {**os.environ, "TMPDIR": str(tmp), "XDG_CACHE_HOME": "/proc/no-cache-here"}
+    env.pop(hyperadam_fast.CACHE_ENV, None)
+    if case == "ours-without-digest":
+        folder = tmp_path / "private"
+        env[hyperadam_fast.CACHE_ENV] = str(folder)
+        plant_library(folder, name, marker)
+        os.chmod(folder, 0o700)
+    else:
+        folder = tmp / f"hyperadam-kernels-{os.getuid()}"
+        plant_library(folder, name, marker)
+        os.chmod(folder, 0o777)
+        if case == "foreign-owned":
+            os.chmod(folder, 0o755)
+            for path in (folder, folder / name):
+                os.chown(path, 65534, 65534)  # nobody
+    proc = subprocess.run([sys.executable, "-c", LOAD_KERNELS], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert not marker.exists(), "the planted library was loaded"
+    if case == "ours-without-digest":
+        # Rebuilt over the planted file, then loaded: the real kernels (512-row blocks).
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == f"block rows {hyperadam_fast.block_rows()}\n"
+        assert (folder / f"{name}.sha256").is_file()
+    else:
+        assert proc.returncode != 0
+        refusal = (
+            f"is owned by uid 65534, not {os.getuid()}" if case == "foreign-owned"
+            else "is writable by its group or others (mode 777)"
+        )
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("RuntimeError: no private folder to build the HyperAdam kernels")
+        assert f"kernel folder {folder} {refusal}" in last

@@ -271,28 +271,22 @@ def test_a_worker_that_cannot_start_is_a_clear_error(ray_address, tmp_path):
 
 
 def test_a_format_1_checkpoint_of_the_repository_continues_exactly(ray_address):
-    """DMoptimizer's checkpoint stored its slot at step 4078, truncation 3 of 5: the learner
-    continues from that state, and a worker killed in step 4079 replays 4078 from it."""
+    """The shipped HyperAdam run's checkpoint stored its slot at step 8774, truncation 5 of 5
+    (inner step 80): the learner sends that state as the slot's replay base and continues
+    exactly as the old format's path (the stored trajectory continued in place) would."""
     from pathlib import Path
 
     from meta_train import checkpoint as ckpt
     from meta_train.learner import load_adam_state
     from meta_train.run_config import RunConfig
 
-    kept = ckpt.load(Path(__file__).parents[2] / "checkpoints" / "dm-seed0-step4078.ckpt")
+    kept = ckpt.load(Path(__file__).parents[2] / "checkpoints" / "hyperadam-seed0-step8774.ckpt")
     config = dataclasses.replace(RunConfig.from_dict(kept.config), workers=1)
     state = kept.learner
-    assert state.versions == () and state.trajectories[0].step == 60
+    assert state.versions == () and state.trajectories[0].step == 80
 
-    killed = []
-
-    def kill_once(learner, report):
-        if not killed:
-            killed.append(learner.worker_pids()[0])
-            os.kill(killed[0], signal.SIGKILL)
-
-    theta, reports, learner = run_learner(config, state=state, on_step=kill_once, until=4080)
-    assert [r.step for r in reports] == [4078, 4079] and learner.worker_restarts == 1
+    theta, reports, learner = run_learner(config, state=state, until=8775)
+    assert [r.step for r in reports] == [8774]
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' setting
@@ -302,13 +296,11 @@ def test_a_format_1_checkpoint_of_the_repository_continues_exactly(ray_address):
         meta_opt = make_meta_optimizer(expected, config.meta_optim)
         load_adam_state(meta_opt, state.adam)
         trajectory = state.trajectories[0].to_trajectory(type(optimizer.init_state(1)))
-        for step in (4078, 4079):
-            out = slot_work(optimizer, family, config.unroll, expected.detach(), config.seed, 0,
-                            step, trajectory)
-            trajectory = out.trajectory
-            grad, _ = average_gradients([out.meta_grad], config.meta_optim.clip_norm)
-            apply_meta_gradient(expected, meta_opt, grad, config.meta_optim.lr_at(step))
+        out = slot_work(optimizer, family, config.unroll, expected.detach(), config.seed, 0,
+                        8774, trajectory)
+        grad, _ = average_gradients([out.meta_grad], config.meta_optim.clip_norm)
+        apply_meta_gradient(expected, meta_opt, grad, config.meta_optim.lr_at(8774))
     finally:
         torch.set_num_threads(previous)
     assert np.array_equal(theta, expected.detach().numpy())
-    assert learner.state().trajectories == (None,)  # the trajectory ended with step 4079
+    assert learner.state().trajectories == (None,)  # the trajectory ended with step 8774

@@ -5,6 +5,7 @@ joining the session's Ray cluster) wherever it gets killed: SIGKILL then ``--res
 and a tracking-server outage against a real ``mlflow server``.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -126,6 +127,8 @@ BAD = [
     (["--config", "bad.json"], r"unknown config field\(s\): unroll.horizonn"),
     (["--config", "bad.yaml"], r"config file 'bad.yaml' must end in .json or .toml"),
     (["--task", "mnist", "--data-dir", "no-such-dir"], r"MNIST IDX files missing in "),
+    (["--tracking-uri", "bogus://x"], r"cannot open the MLflow store bogus://x: "),
+    (["--allow-restart"], r"--allow-restart applies to --resume"),
 ]
 
 
@@ -409,3 +412,282 @@ def test_a_continued_checkpoint_may_validate_differently_and_restarts_its_best()
         _continued_config(kept.config, [{"validation": {"seed": seed}}], identity, refusal)
     with pytest.raises(UsageError, match=r"differs in seed \(run: 0, given: 4\)"):
         _continued_config(kept.config, [{"seed": 4}], identity, refusal, free=("validation.",))
+
+
+
+# -- failures after the run exists: FAILED, one line, exit 2 ------------------------------------
+
+FAST_QUADRATIC = {
+    "task": "quadratic",
+    "num_candidates": 4,
+    "unroll": {"horizon": 6, "truncation": 2},
+    "validation": {"every": 0},
+}
+
+
+def run_statuses(uri):
+    client = MlflowClient(uri)
+    return [r.info.status for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id])]
+
+
+def test_an_unusable_work_dir_is_one_line_and_leaves_no_running_run(
+    ray_address, tracking_uri, tmp_path, capsys
+):
+    args = common_args(tmp_path, ray_address, tracking_uri, FAST_QUADRATIC)
+    rc = cli.main(["meta-train", *args, "--steps", "2", "--work-dir", "/proc/hyperadam/work"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == (
+        "hyperadam: error: cannot use --work-dir /proc/hyperadam/work: No such file or "
+        "directory: /proc/hyperadam\n"
+    )
+    assert "RUNNING" not in run_statuses(tracking_uri)
+
+
+def misfit_checkpoint(path, *, theta_size=None, slots=2):
+    """A checkpoint whose file verifies but whose θ or slot count does not fit its config."""
+    from meta_train.learner import LearnerState
+
+    config = build_config(FAST_QUADRATIC, {"workers": 2, "meta_batch": 2}).resolve(2)
+    size = config.make_optimizer().num_meta_parameters() if theta_size is None else theta_size
+    state = LearnerState(4, np.zeros(size, np.float32), {}, (None,) * slots)
+    ckpt.save(path, ckpt.Checkpoint(config.to_dict(), state, run_id="r0"))
+    return path, config.make_optimizer().num_meta_parameters()
+
+
+@pytest.mark.parametrize("misfit", ["theta", "slots"])
+def test_a_checkpoint_that_does_not_fit_its_config_is_refused_before_a_run_exists(
+    ray_address, tracking_uri, tmp_path, capsys, misfit
+):
+    path, size = misfit_checkpoint(
+        tmp_path / "misfit.ckpt", **({"theta_size": 5} if misfit == "theta" else {"slots": 3})
+    )
+    args = common_args(tmp_path, ray_address, tracking_uri, FAST_QUADRATIC)[2:]  # no --config
+    rc = cli.main(["meta-train", *args, "--from-checkpoint", str(path), "--steps", "6"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    expected = (
+        f"the state's θ has shape (5,), hyperadam needs ({size},)" if misfit == "theta"
+        else "the state has 3 slots, the config's meta_batch is 2"
+    )
+    assert err == f"hyperadam: error: cannot continue the checkpoint of step 4: {expected}\n"
+    assert "RUNNING" not in run_statuses(tracking_uri)
+
+
+def test_a_failure_during_training_ends_the_run_failed_with_one_line(
+    ray_address, tracking_uri, tmp_path, capsys, monkeypatch
+):
+    """A full disk at the first checkpoint: the run must end FAILED, not RUNNING or FINISHED."""
+    import errno
+
+    def disk_full(path, checkpoint):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt, "save", disk_full)
+    args = common_args(tmp_path, ray_address, tracking_uri, FAST_QUADRATIC)
+    rc = cli.main(["meta-train", *args, "--steps", "4", "--checkpoint-every", "2"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.startswith("hyperadam: error: No space left on device: ")
+    assert captured.err.count("\n") == 1 and "step-00000002.ckpt" in captured.err
+    run_id = captured.out.split("MLflow run ")[1].split()[0]
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_a_nan_checkpoint_is_refused_with_one_line(ray_address, tracking_uri, tmp_path, capsys):
+    path, size = misfit_checkpoint(tmp_path / "nan.ckpt")
+    data = ckpt.load(path)
+    theta = np.full(size, np.nan, np.float32)
+    ckpt.save(path, ckpt.Checkpoint(data.config, dataclasses.replace(data.learner, theta=theta),
+                                    run_id="r0"))
+    args = common_args(tmp_path, ray_address, tracking_uri, FAST_QUADRATIC)[2:]
+    assert cli.main(["meta-train", *args, "--from-checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "hyperadam: error: cannot continue from the checkpoint: checkpoint "
+        f"{str(path)!r} holds {size} non-finite values in 'theta'\n"
+    )
+    assert run_statuses(tracking_uri) == []
+
+
+# -- --resume takes the newest valid copy, local or MLflow ---------------------------------------
+
+
+def test_resume_takes_the_newest_valid_copy_and_refuses_when_none_verifies(
+    ray_address, tracking_uri, tmp_path, capsys
+):
+    args = common_args(tmp_path, ray_address, tracking_uri, FAST_QUADRATIC)
+    assert cli.main(["meta-train", *args, "--steps", "10", "--checkpoint-every", "5"]) == 0
+    run_id = capsys.readouterr().out.split("MLflow run ")[1].split()[0]
+    local = tmp_path / "work" / run_id / "checkpoints"
+    assert local_checkpoint_steps(tmp_path, run_id) == [5, 10]
+    newest = local / ckpt.checkpoint_name(10)
+    newest.write_bytes(newest.read_bytes()[:-7])  # the local copy of the newest is broken
+
+    resume = ["meta-train", "--resume", run_id, "--ray-address", ray_address,
+              "--tracking-uri", tracking_uri, "--work-dir", str(tmp_path / "work"),
+              "--no-progress"]
+    assert cli.main([*resume, "--steps", "12"]) == 0
+    captured = capsys.readouterr()
+    assert f"MLflow run {run_id} resumed at step 10" in captured.out  # MLflow's copy of step 10
+    assert "skipping a bad checkpoint (local)" in captured.err
+    final = ckpt.load(local / ckpt.checkpoint_name(12))
+    assert np.array_equal(final.learner.theta, reference_theta(FAST_QUADRATIC, 12))
+
+    # Every copy broken, local and in MLflow: an error, not a silent restart at step 0.
+    stored = tmp_path / "artifacts"
+    broken = [p for p in [*local.iterdir(), *stored.rglob("*.ckpt")] if ckpt.step_of(p.name)]
+    assert len(broken) >= 4
+    for path in broken:
+        path.write_bytes(b"HYPERADAM-CKPT\n" + b"\0" * 20)
+    assert cli.main([*resume, "--steps", "14"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"hyperadam: error: run {run_id} has 3 checkpoint step(s) but no copy")
+    assert err.endswith("--allow-restart starts it again from step 0")
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"  # untouched
+
+    assert cli.main([*resume, "--steps", "2", "--allow-restart"]) == 0
+    assert f"MLflow run {run_id} resumed at step 0" in capsys.readouterr().out
+
+
+# -- the store: read-only commands never create one; messages name its absolute path ----------
+
+READ_ONLY = [
+    ["registry", "list"],
+    ["registry", "promote", "hyperadam", "--version", "1"],
+    ["export", "--run", "0123456789abcdef", "--out", "exported"],
+    ["meta-train", "--resume", "0123456789abcdef", "--no-progress"],
+]
+
+
+@pytest.mark.parametrize("command", READ_ONLY, ids=[" ".join(c[:2]) for c in READ_ONLY])
+def test_read_only_commands_never_create_a_store(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(command) == 2
+    db = tmp_path / "mlflow.db"
+    assert capsys.readouterr().err == (
+        f"hyperadam: error: no MLflow store at {db} (sqlite:///{db}); pass --tracking-uri or "
+        "set MLFLOW_TRACKING_URI to the store your runs are in\n"
+    )
+    assert not db.exists() and not (tmp_path / "exported").exists()
+
+
+def test_messages_name_the_store_by_its_absolute_path(tracking_uri, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: ./mlflow.db
+    assert cli.main(["registry", "list"]) == 0
+    assert capsys.readouterr().out == f"no registered optimizers in sqlite:///{tmp_path}/mlflow.db\n"
+    assert cli.main(["export", "--run", "0123456789abcdef", "--out", "exported"]) == 2
+    assert capsys.readouterr().err == (
+        f"hyperadam: error: unknown run id '0123456789abcdef' in sqlite:///{tmp_path}/mlflow.db\n"
+    )
+
+
+# -- a short run says what it is ---------------------------------------------------------------
+
+
+def test_the_eta_leaves_out_the_first_steps_start_up():
+    import io
+
+    from meta_train.progress import ProgressBar
+
+    now = [0.0]
+    stream = io.StringIO()
+    bar = ProgressBar(100, stream=stream, log_interval_s=0, clock=lambda: now[0])
+    now[0] = 30.0  # the first step: starting workers, building tasks
+    bar.update(1, 0.5, 40)
+    now[0] = 31.0  # then 0.5 s per step
+    bar.update(3, 0.5, 80)
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith("eta ?")  # unknown yet, not 99 × 30 s
+    assert second.endswith("eta 0:48")  # 97 steps × 0.5 s
+
+
+def test_a_short_run_ends_by_saying_so_and_pointing_to_trained_optimizers(
+    ray_address, tracking_uri, tmp_path, capsys
+):
+    args = common_args(tmp_path, ray_address, tracking_uri, FAST_QUADRATIC)
+    assert cli.main(["meta-train", *args, "--steps", "2"]) == 0
+    last = capsys.readouterr().out.splitlines()[-3:]
+    assert last[0].startswith("note: 2 meta-updates is a short run")
+    assert "is not expected to beat Adam" in last[0]
+    assert "--optimizer hyperadam" in last[1] and "runtime.load('hyperadam')" in last[1]
+    assert last[2].startswith("  a longer run: hyperadam meta-train --optimizer hyperadam --steps")
+
+    from meta_train.commands.meta_train_cmd import SHORT_RUN_STEPS, describe
+    from meta_train.meta_training import RunSummary
+
+    long = RunSummary("r", "0", tracking_uri, SHORT_RUN_STEPS, SHORT_RUN_STEPS, False, True,
+                      None, tmp_path, tmp_path)
+    assert "short run" not in describe(long)
+
+
+# -- a Ray cluster of the user's already runs on the machine -------------------------------------
+
+
+@pytest.fixture
+def users_ray_cluster(tmp_path):
+    """`ray start --head` on 127.0.0.1, as Ray users often leave running; its files live in a
+    private RAY_TMPDIR, so only processes given that folder can see it. Stopped by process
+    group, never with `ray stop` (which stops every Ray cluster of this user)."""
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115 - closed below
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", "--port=0", "--num-cpus=1", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (ray_tmp / "ray" / "ray_current_cluster").is_file() or head.poll(),
+                 180, "the user's Ray head")
+        assert head.poll() is None, (tmp_path / "ray-head.log").read_text()
+        yield ray_tmp
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow  # ≈ 40-60 s: a Ray head, then a private local cluster beside it
+def test_default_meta_train_starts_a_private_cluster_beside_a_running_one(
+    users_ray_cluster, tracking_uri, tmp_path
+):
+    """No --ray-address: a cluster already running must neither be joined (Ray refuses our CPU
+    count and the run dies) nor make Ray warn that it chose token authentication."""
+    env = {**os.environ, "RAY_TMPDIR": str(users_ray_cluster), "HOME": str(tmp_path / "home"),
+           "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # Ray's own defaults, as a new user has them
+        env.pop(name, None)
+    config = write_json(tmp_path / "fast.json", FAST_QUADRATIC)
+    done = subprocess.run(
+        [sys.executable, "-m", "meta_train.cli", "meta-train", "--config", str(config),
+         "--steps", "2", "--workers", "1", "--tracking-uri", tracking_uri,
+         "--work-dir", str(tmp_path / "work"), "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "finished at step 2/2" in done.stdout
+    assert "Token authentication is enabled" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", READ_ONLY[:3], ids=[" ".join(c[:2]) for c in READ_ONLY[:3]])
+def test_an_unusable_tracking_uri_is_one_line(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*command, "--tracking-uri", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hyperadam: error: cannot open the MLflow store bogus://x: ")
+    assert err.count("\n") == 1

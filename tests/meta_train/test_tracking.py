@@ -144,3 +144,49 @@ def test_delivery_does_not_block_logging(tracking_uri, tmp_path):
     assert tracker.pending() > 0
     client.down = False
     assert tracker.close("FINISHED", timeout=60)
+
+
+class LosesTheRace:
+    """A real client whose first lookup of the experiment is answered just before another
+    process creates it (the window between check and create)."""
+
+    def __init__(self, uri: str, name: str) -> None:
+        self.inner = MlflowClient(tracking_uri=uri)
+        self.other = MlflowClient(tracking_uri=uri)
+        self.name = name
+        self.raced = False
+
+    def __getattr__(self, attribute):
+        return getattr(self.inner, attribute)
+
+    def get_experiment_by_name(self, name):
+        found = self.inner.get_experiment_by_name(name)
+        if name == self.name and not self.raced:
+            self.raced = True
+            self.other.create_experiment(name)  # the other process wins
+        return found
+
+
+def test_a_run_in_a_new_experiment_survives_losing_the_creation_race(tracking_uri, tmp_path):
+    client = LosesTheRace(tracking_uri, "brand-new")
+    tracker = Tracker.start_run(
+        tracking_uri, "brand-new", params={"a": "1"}, tags={}, run_name="racer",
+        spool_root=tmp_path / "spool", client=client,
+    )
+    assert client.raced
+    tracker.close()
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name("brand-new")
+    run = MlflowClient(tracking_uri).get_run(tracker.run_id)
+    assert run.info.experiment_id == experiment.experiment_id
+    assert run.info.status == "FINISHED"
+
+
+def test_a_spool_that_cannot_be_written_ends_the_new_run_failed(tracking_uri, tmp_path):
+    from meta_train.tracking import TrackingError
+
+    client = MlflowClient(tracking_uri)
+    with pytest.raises(TrackingError, match=r"failed: cannot write its spool under /proc/x/spool"):
+        Tracker.start_run(tracking_uri, EXPERIMENT, params={}, tags={}, run_name="no-spool",
+                          spool_root="/proc/x/spool", client=client)
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FAILED"

@@ -111,3 +111,49 @@ def test_not_a_folder_of_an_exported_optimizer(tmp_path):
     (tmp_path / mf.MANIFEST_FILE).write_text("{not json")
     with pytest.raises(mf.ManifestError, match=r"manifest\.json is not valid JSON"):
         mf.load_manifest(tmp_path)
+
+
+def test_an_edited_default_lr_is_refused_when_the_manifest_is_pinned(folder):
+    """Nothing in the folder can vouch for manifest.json: a consistent edit (0.005 → 0.5, a 100×
+    larger step) passes the folder's own checks, so the digest comes from outside."""
+    pinned = mf.sha256_file(folder / mf.MANIFEST_FILE)
+    assert runtime.load(folder, sha256=pinned).manifest.default_lr == 0.005
+    edit_manifest(folder, lambda raw: raw.update(default_lr=0.5))
+    edited = mf.sha256_file(folder / mf.MANIFEST_FILE)
+    with pytest.raises(
+        mf.ManifestError,
+        match=rf"manifest\.json has sha256 {edited}, expected {pinned}: the manifest was modified "
+        r"or this is another exported optimizer$",
+    ):
+        runtime.load(folder, sha256=pinned)
+
+
+def test_theta_is_required(folder):
+    edit_manifest(folder, lambda raw: raw["files"].pop(mf.THETA_FILE))
+    (folder / mf.THETA_FILE).unlink()
+    with pytest.raises(
+        mf.ManifestError, match=r"manifest\.json: theta\.npz has no sha256 in 'files' \(θ is req"
+    ):
+        runtime.load(folder)
+
+
+def test_every_graph_the_manifest_names_is_required(folder):
+    edit_manifest(folder, lambda raw: raw["files"].pop(mf.GRAPH_FILES[mf.UPDATE_STAGE]))
+    (folder / mf.GRAPH_FILES[mf.UPDATE_STAGE]).unlink()
+    with pytest.raises(
+        mf.ManifestError,
+        match=r"graph 'update_stage' file update_stage\.onnx has no sha256 in 'files'",
+    ):
+        runtime.load(folder)
+
+
+@pytest.mark.parametrize("stray", ["extra.onnx", ".hidden", "sub"])
+def test_files_the_manifest_does_not_list_are_refused(folder, stray):
+    if stray == "sub":
+        (folder / stray).mkdir()
+    else:
+        (folder / stray).write_bytes(b"not listed")
+    with pytest.raises(
+        mf.ManifestError, match=rf"holds files that manifest\.json does not list: {stray}$"
+    ):
+        runtime.load(folder)

@@ -24,13 +24,16 @@ def node_or_skip() -> str:
     return node
 
 
-def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["plain", "weight-decay"])
+def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path, weight_decay):
     node = node_or_skip()
     rng = np.random.default_rng(0)
     w = rng.normal(size=50).astype(np.float32)
     grads = [(rng.normal(size=50) * 0.1).astype(np.float32) for _ in range(4)]
     python_w = w.copy()
-    stepper = runtime.load(hyperadam_folder, threads=1).bind([python_w], lr=0.01)
+    stepper = runtime.load(hyperadam_folder, threads=1).bind(
+        [python_w], lr=0.01, weight_decay=weight_decay
+    )
     for g in grads[:3]:
         stepper.step([g])
     saved = stepper.state_dict()  # the state before the 4th step, handed to node
@@ -38,7 +41,8 @@ def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path):
         name: (value.T if value.ndim == 2 and value.shape[0] == 50 else value).ravel().tolist()
         for name, value in saved["state"].items()
     }
-    inputs = {"w": python_w.tolist(), "grad": grads[3].tolist(), "lr": 0.01, "state": state}
+    inputs = {"w": python_w.tolist(), "grad": grads[3].tolist(), "lr": 0.01, "state": state,
+              "weight_decay": weight_decay}  # fmt: skip
     (tmp_path / "in.json").write_text(json.dumps(inputs))
     stepper.step([grads[3]])
 
@@ -68,3 +72,49 @@ def test_node_refuses_a_tampered_folder(hyperadam_folder, tmp_path):
         capture_output=True, text=True, timeout=120, cwd=EXAMPLE,
     )  # fmt: skip
     assert result.returncode == 2 and "does not match its sha256" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+def test_node_refuses_a_graph_file_that_is_not_a_plain_name(hyperadam_folder, tmp_path, where):
+    """An edited manifest that names a graph outside the folder (with that file's own sha256
+    listed) must not get that graph loaded and run."""
+    node = node_or_skip()
+    folder = tmp_path / "copy"
+    shutil.copytree(hyperadam_folder, folder)
+    evil = tmp_path / "evil.onnx"
+    evil.write_bytes((folder / "fused.onnx").read_bytes())
+    graph_file = {"parent": "../evil.onnx", "absolute": str(evil), "subfolder": "sub/x.onnx"}
+    graph_file = graph_file[where]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["graphs"]["fused"]["file"] = graph_file
+    manifest["files"][graph_file] = runtime.manifest.sha256_file(evil)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "sub").mkdir()
+    shutil.copy(evil, folder / "sub" / "x.onnx")
+    (tmp_path / "in.json").write_text(json.dumps({"w": [0.5, 1.0], "grad": [0.1, -0.1]}))
+    result = subprocess.run(
+        [node, str(EXAMPLE / "step.mjs"), str(folder), str(tmp_path / "in.json"),
+         str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=120, cwd=EXAMPLE,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    refusal = f'graph file "{graph_file}" is not a plain file name listed in manifest.json'
+    assert refusal in result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_the_readme_node_command_runs_on_the_shipped_input(tmp_path):
+    """README: `cd examples/node && npm ci` then this command; in.json ships with the example."""
+    node = node_or_skip()
+    command = "node step.mjs ../../runtime/builtin/hyperadam in.json out.json"
+    assert command in (EXAMPLE.parents[1] / "README.md").read_text()
+    given = json.loads((EXAMPLE / "in.json").read_text())
+    args = command.split()[1:-1] + [str(tmp_path / "out.json")]
+    result = subprocess.run([node, *args], capture_output=True, text=True, timeout=120,
+                            cwd=EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    python_w = np.asarray(given["w"], np.float32)
+    stepper = runtime.load("hyperadam", threads=1).bind([python_w], lr=given["lr"])
+    stepper.step([np.asarray(given["grad"], np.float32)])
+    np.testing.assert_allclose(np.asarray(out["w"], np.float32), python_w, rtol=1e-6, atol=1e-7)

@@ -210,3 +210,65 @@ def test_closing_the_optimizer_keeps_its_steppers_working(hyperadam_folder):
         run(stepper, arrays, range(2))
     run(stepper, arrays, range(2, 4))  # chunks now run inline
     assert stepper.num_steps == 4
+
+
+def copies(stepper, arrays):
+    return [a.copy() for a in arrays], stepper.state_dict()
+
+
+def assert_unchanged(stepper, arrays, before):
+    params, state = before
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, params, strict=True))
+    now = stepper.state_dict()
+    assert now["num_steps"] == state["num_steps"]
+    assert all(np.array_equal(now["state"][k], v) for k, v in state["state"].items())
+
+
+@pytest.mark.parametrize("chunk_size", [8, 4096], ids=["staged", "fused"])
+def test_a_step_whose_result_overflows_changes_nothing_and_raises(opt, chunk_size):
+    """An lr near float32's largest value makes w − lr·d overflow (the built-in already does at
+    1e38): the step must not write inf into the parameters."""
+    arrays = make_arrays()
+    stepper = opt.bind(arrays, chunk_size=chunk_size)
+    run(stepper, arrays, range(2))
+    before = copies(stepper, arrays)
+    stepper.lr = 3e38
+    with pytest.raises(
+        runtime.NonFiniteStepError,
+        match=r"^the step with lr 3e\+38 would make the parameters non-finite \(overflow\); "
+        r"parameters and state are unchanged$",
+    ):
+        stepper.step(make_grads(2))
+    assert_unchanged(stepper, arrays, before)
+    # Still usable: the next step is the one an untouched twin takes.
+    twin_arrays = [a.copy() for a in arrays]
+    twin = opt.bind(twin_arrays, chunk_size=chunk_size)
+    twin.load_state_dict(before[1])
+    stepper.lr = twin.lr
+    run(stepper, arrays, range(2, 3))
+    run(twin, twin_arrays, range(2, 3))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, twin_arrays, strict=True))
+
+
+def test_an_overflowing_step_is_skipped_under_skip():
+    """The issue's case: the built-in at lr = 1e38 wrote inf and step() returned True."""
+    arrays = make_arrays()
+    stepper = runtime.load("hyperadam", threads=1).bind(arrays, lr=1e38, on_nonfinite="skip")
+    before = copies(stepper, arrays)
+    assert stepper.step(make_grads(0)) is False
+    assert_unchanged(stepper, arrays, before)
+    assert stepper.num_skipped == 1 and stepper.num_steps == 0
+
+
+def test_non_finite_parameters_are_refused_before_the_step(opt):
+    arrays = make_arrays()
+    arrays[1][0] = np.nan
+    stepper = opt.bind(arrays)
+    before = copies(stepper, arrays)
+    with pytest.raises(
+        runtime.NonFiniteStepError, match=r"^the parameters hold NaN or inf before the step$"
+    ):
+        stepper.step(make_grads(0))
+    assert np.isnan(arrays[1][0])
+    arrays[1][0] = before[0][1][0] = 0.0
+    assert_unchanged(stepper, arrays, before)

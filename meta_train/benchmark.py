@@ -1,0 +1,579 @@
+"""The held-out benchmark: a learned optimizer against a tuned Adam on tasks it never trained on.
+
+The yardstick of issue 15. For every task of ``HELDOUT_SUITE``:
+
+1. **Adam is tuned** on a log-spaced grid of half-decades (10^(k/2); 1e-4 … 1e-1 by default),
+   widened by a half-decade whenever the best lr sits at the grid's edge, on *tuning* runs whose
+   seeds come from another stream than the evaluation runs' (``TUNING_STREAM``).
+2. Every optimizer — tuned Adam, the learned ones at their default lr, no per-task tuning — runs
+   the same *evaluation* runs: run r of seed S starts from the same initialisation and sees the
+   same minibatches whatever the optimizer.
+3. Per run: the training curve L(w_t; batch_t) smoothed by a trailing mean over
+   ``smoothing_window(T)`` steps; the *final loss*, the loss of w_T averaged over
+   ``FINAL_EVAL_BATCHES`` batches of a third stream; and whether the run was *unstable*
+   (a non-finite loss or step, or a final loss above ``UNSTABLE_FACTOR`` × the lowest smoothed
+   loss it had reached).
+
+Per task and optimizer: the final-loss ratio to tuned Adam (mean over runs / Adam's mean over
+the same runs) with a paired bootstrap CI; the *speed-up* (the step at which tuned Adam's mean
+smoothed curve first reaches the optimizer's final smoothed loss, over T: below 1 means Adam
+got there sooner; "> 1" when Adam never does within T); unstable runs. Across tasks: the IQM of
+the ratios with a stratified bootstrap CI (runs resampled within each task), and the fraction
+of tasks with ratio < 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from .optimizers.base import UpdateRule
+from .seeding import derive_seed, generator
+from .tasks.base import Task
+
+FINAL_EVAL_BATCHES = 10
+UNSTABLE_FACTOR = 1.5
+CURVE_POINTS = 400  # stored points of each mean curve (the speed-up's resolution is T/400)
+BOOTSTRAP_SAMPLES = 2000
+
+# Seed streams: run r of seed S draws its init from (S, INIT, r), batch t from (S, BATCH, r, t).
+EVAL_STREAM = 3
+TUNING_STREAM = 5
+FINAL_STREAM = 7
+
+DEFAULT_GRID = tuple(range(-8, -1))  # exponents k of 10^(k/2): 1e-4 … 1e-1
+QUICK_GRID = (-6, -5, -4)  # 1e-3 … 1e-2
+WIDEST_GRID = (-14, 0)  # 1e-7 … 1: the grid never grows past these
+
+
+def grid_lr(k: int) -> float:
+    """The learning rate 10^(k/2) of grid exponent ``k`` (half-decades)."""
+    return float(10.0 ** (k / 2))
+
+
+def smoothing_window(horizon: int) -> int:
+    return max(1, horizon // 50)
+
+
+def run_seed(seed: int, stream: int, run_index: int) -> int:
+    return derive_seed(seed, stream, run_index)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One run: the smoothed curve (full resolution), final loss, instability."""
+
+    smoothed: list[float]
+    final_loss: float
+    min_smoothed: float
+    diverged: bool
+    unstable: bool
+
+
+def smooth(curve: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` steps (fewer at the start)."""
+    values = np.asarray(curve, dtype=np.float64)
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return list((sums[idx] - sums[lo]) / (idx - lo))
+
+
+@torch.no_grad()
+def run_task(task: Task, rule: UpdateRule, *, steps: int, seed: int) -> RunRecord:
+    """Runs ``rule`` for ``steps`` steps on ``task`` from the init and batches of ``seed``."""
+    rule = _for_task(rule, task)
+    w = task.init_params(generator(seed, 0))
+    state = rule.init(w.numel())
+    curve: list[float] = []
+    diverged = False
+    for t in range(steps):
+        loss, grad = task.loss_and_grad(w, task.sample_batch(generator(seed, 1, t)))
+        curve.append(float(loss))
+        if not math.isfinite(curve[-1]):
+            diverged = True
+            break
+        delta, state = rule.update(grad, state)
+        if not bool(torch.isfinite(delta).all()):
+            diverged = True
+            break
+        w = w + delta
+    if not diverged:
+        final = sum(
+            float(task.loss(w, task.sample_batch(generator(seed, FINAL_STREAM, e))))
+            for e in range(FINAL_EVAL_BATCHES)
+        ) / FINAL_EVAL_BATCHES
+        diverged = not math.isfinite(final)
+    smoothed = smooth([c if math.isfinite(c) else math.inf for c in curve], smoothing_window(steps))
+    lowest = min((s for s in smoothed if math.isfinite(s)), default=math.inf)
+    if diverged:
+        return RunRecord(smoothed, math.inf, lowest, True, True)
+    unstable = bool(final > UNSTABLE_FACTOR * lowest) if lowest > 0 else False
+    return RunRecord(smoothed, final, lowest, False, unstable)
+
+
+def _for_task(rule: UpdateRule, task: Task) -> UpdateRule:
+    """Gives a rule that normalises per tensor the task's tensor layout (others ignore it)."""
+    bind = getattr(rule, "for_tensors", None)
+    return bind(task.tensor_sizes) if callable(bind) else rule
+
+
+# -- optimizers ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer of the benchmark: ``source`` is a baseline/built-in name or a path."""
+
+    label: str
+    source: str
+    identity: str  # a digest of θ for learned optimizers; "" for hand-designed ones
+    lr: float | None = None  # None: the optimizer's own default
+
+
+def describe_optimizer(source: str) -> OptimizerSpec:
+    """Resolves a name or path and fingerprints its θ (so results are tied to the θ behind them)."""
+    from .resolve import BASELINES, LEARNED
+
+    if source in BASELINES:
+        return OptimizerSpec(source, source, "")
+    from export.theta_io import load_theta_source
+
+    from .errors import UsageError
+
+    try:
+        optimizer, theta = load_theta_source(source)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--optimizer {source}: {error}") from error
+    flat = optimizer.flatten(theta).detach().numpy().astype(np.float32).tobytes()
+    identity = hashlib.sha256(flat).hexdigest()[:16]
+    if source in LEARNED:
+        label = source
+    else:
+        from pathlib import Path
+
+        path = Path(source)
+        # An ablation arm's θ is <arm>/theta.npz: name it by its folder.
+        name = path.parent.name if path.name == "theta.npz" else path.name.removesuffix(".npz")
+        label = f"{name}@{identity[:8]}"
+    return OptimizerSpec(label, source, identity)
+
+
+def make_rule(spec: OptimizerSpec, lr: float | None) -> UpdateRule:
+    from .resolve import resolve_optimizer
+
+    rule, _ = resolve_optimizer(spec.source, None, lr=lr)
+    return rule
+
+
+# -- work units (picklable, so --jobs can farm them out) ----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    task: str
+    steps: int
+    optimizer: OptimizerSpec
+    lr: float | None
+    seed: int
+
+
+def _run_unit(unit: Unit) -> RunRecord:
+    task = _task_cache(unit.task)
+    return run_task(task, make_rule(unit.optimizer, unit.lr), steps=unit.steps, seed=unit.seed)
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def _task_cache(key: str) -> Task:
+    from .tasks.heldout import heldout_spec
+
+    if key not in _TASKS:
+        _TASKS[key] = heldout_spec(key).build()
+    return _TASKS[key]
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_units(units: Sequence[Unit], jobs: int) -> list[RunRecord]:
+    if jobs <= 1 or len(units) <= 1:
+        return [_run_unit(u) for u in units]
+    import multiprocessing
+
+    with ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(1,),
+    ) as pool:
+        return list(pool.map(_run_unit, units))
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+    """Everything that determines a benchmark's numbers (logged whole).
+
+    Attributes:
+      optimizers: sources (names or paths) to judge against tuned Adam.
+      tasks: task keys (empty: the whole suite).
+      runs: evaluation runs per task and optimizer.
+      tuning_runs: Adam tuning runs per grid lr (seeds disjoint from the evaluation runs').
+      seed: the seed of both streams.
+      grid: the starting Adam grid, exponents k of 10^(k/2).
+      quick: short horizons (each task's ``quick_horizon``) for tests and smoke runs.
+      jobs: processes.
+    """
+
+    optimizers: tuple[str, ...]
+    tasks: tuple[str, ...] = ()
+    runs: int = 5
+    tuning_runs: int = 2
+    seed: int = 0
+    grid: tuple[int, ...] = DEFAULT_GRID
+    quick: bool = False
+    jobs: int = 1
+
+    def __post_init__(self) -> None:
+        from .errors import UsageError
+
+        if self.runs < 2:
+            raise UsageError(f"--runs must be >= 2 (the CIs need two), got {self.runs}")
+        if self.tuning_runs < 1:
+            raise UsageError(f"tuning runs must be >= 1, got {self.tuning_runs}")
+        if self.seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {self.seed}")
+        if self.jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, got {self.jobs}")
+        if not self.grid or list(self.grid) != sorted(set(self.grid)):
+            raise UsageError(f"the Adam grid must be increasing exponents, got {self.grid}")
+
+
+def _horizon(spec: Any, quick: bool) -> int:
+    return spec.quick_horizon if quick else spec.horizon
+
+
+# -- Adam tuning --------------------------------------------------------------------------------
+
+
+def tune_adam(
+    key: str, steps: int, config: BenchmarkConfig, cached: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Adam's grid search on the tuning runs; widens the grid until the best lr is inside it.
+
+    ``cached`` is an earlier tuning of the same task, steps, seeds and runs: its grid points
+    are reused, not rerun.
+    """
+    adam = OptimizerSpec("adam", "adam", "")
+    scores: dict[int, float] = {}
+    if cached:
+        scores = {int(k): float(v) for k, v in cached["scores"].items()}
+    grid = sorted(set(config.grid) | set(scores))
+
+    def score_missing(exponents: Sequence[int]) -> None:
+        todo = [k for k in exponents if k not in scores]
+        units = [
+            Unit(key, steps, adam, grid_lr(k), run_seed(config.seed, TUNING_STREAM, r))
+            for k in todo
+            for r in range(config.tuning_runs)
+        ]
+        records = run_units(units, config.jobs)
+        n = config.tuning_runs
+        for i, k in enumerate(todo):
+            finals = [rec.final_loss for rec in records[i * n : (i + 1) * n]]
+            scores[k] = float(np.mean(finals)) if all(map(math.isfinite, finals)) else math.inf
+
+    score_missing(grid)
+    while True:
+        best = min(grid, key=lambda k: (scores[k], -k))
+        if best == grid[0] and grid[0] > WIDEST_GRID[0]:
+            grid.insert(0, grid[0] - 1)
+        elif best == grid[-1] and grid[-1] < WIDEST_GRID[1]:
+            grid.append(grid[-1] + 1)
+        else:
+            break
+        score_missing(grid)
+    return {
+        "steps": steps,
+        "tuning_runs": config.tuning_runs,
+        "seed": config.seed,
+        "scores": {str(k): scores[k] for k in grid},
+        "best_exponent": best,
+        "best_lr": grid_lr(best),
+        "at_edge": best in (grid[0], grid[-1]),
+    }
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def iqm(values: Sequence[float]) -> float:
+    """Interquartile mean: the mean of the middle half (⌊n/4⌋ trimmed from each end)."""
+    ordered = sorted(values)
+    cut = len(ordered) // 4
+    middle = ordered[cut : len(ordered) - cut]
+    return float(np.mean(middle)) if middle else math.nan
+
+
+def _ratio(opt: np.ndarray, adam: np.ndarray) -> float:
+    if not np.all(np.isfinite(opt)):
+        return math.inf
+    denominator = float(np.mean(adam))
+    return float(np.mean(opt)) / denominator if denominator > 0 else math.nan
+
+
+def paired_bootstrap(
+    opt: Sequence[float], adam: Sequence[float], rng: np.random.Generator
+) -> tuple[float, float]:
+    """95 % percentile CI of the ratio of means, resampling runs (paired by seed)."""
+    a, b = np.asarray(opt), np.asarray(adam)
+    draws = rng.integers(0, len(a), size=(BOOTSTRAP_SAMPLES, len(a)))
+    ratios = [_ratio(a[d], b[d]) for d in draws]
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def speedup(adam_curve: Sequence[float], opt_final_smoothed: float, horizon: int) -> dict:
+    """Where tuned Adam's mean smoothed curve first reaches the optimizer's final value."""
+    for t, value in enumerate(adam_curve):
+        if value <= opt_final_smoothed:
+            return {"adam_steps": t + 1, "speedup": (t + 1) / horizon, "adam_reaches": True}
+    return {"adam_steps": None, "speedup": None, "adam_reaches": False}
+
+
+def _mean_curve(records: Sequence[RunRecord], steps: int) -> list[float]:
+    out = []
+    for t in range(steps):
+        values = [r.smoothed[t] if t < len(r.smoothed) else math.inf for r in records]
+        out.append(float(np.mean(values)))
+    return out
+
+
+def _downsample(curve: Sequence[float]) -> dict[str, list]:
+    n = len(curve)
+    idx = sorted(set(np.linspace(0, n - 1, min(n, CURVE_POINTS)).round().astype(int).tolist()))
+    return {"steps": [i + 1 for i in idx], "loss": [_finite_or_none(curve[i]) for i in idx]}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _curve_values(stored: dict[str, list]) -> list[float]:
+    return [math.inf if v is None else v for v in stored["loss"]]
+
+
+def _stored_steps_to_reach(stored: dict[str, list], target: float, horizon: int) -> dict:
+    for step, value in zip(stored["steps"], _curve_values(stored), strict=True):
+        if value <= target:
+            return {"adam_steps": step, "speedup": step / horizon, "adam_reaches": True}
+    return {"adam_steps": None, "speedup": None, "adam_reaches": False}
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+def run_benchmark(
+    config: BenchmarkConfig,
+    previous: dict[str, Any] | None = None,
+    progress: Callable[[str], None] = print,
+    on_task: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Runs the suite and returns the report (the JSON every number of the document comes from).
+
+    ``previous`` is an earlier report with the same seed and runs: its Adam tunings and Adam
+    evaluations are reused where the task, horizon and seeds match, and its other optimizers'
+    results are kept unless this call reruns them.
+    """
+    from .tasks.heldout import HELDOUT_KEYS, heldout_spec
+
+    keys = config.tasks or HELDOUT_KEYS
+    specs = [describe_optimizer(name) for name in config.optimizers]
+    prev_tasks = (previous or {}).get("tasks", {})
+    report: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "optimizers": {s.label: {"source": s.source, "identity": s.identity} for s in specs},
+        "tasks": {},
+    }
+    if previous:
+        for label, info in previous.get("optimizers", {}).items():
+            report["optimizers"].setdefault(label, info)
+    for key, task in prev_tasks.items():  # tasks this sitting does not run are kept
+        if key not in keys and task.get("seed") == config.seed:
+            report["tasks"][key] = task
+    started = time.perf_counter()
+    for key in keys:
+        spec = heldout_spec(key)
+        steps = _horizon(spec, config.quick)
+        old = prev_tasks.get(key, {})
+        reusable = (
+            old.get("digest") == spec.digest()
+            and old.get("steps") == steps
+            and old.get("runs") == config.runs
+            and old.get("seed") == config.seed
+        )
+        entry: dict[str, Any] = {
+            "kind": spec.kind,
+            "digest": spec.digest(),
+            "steps": steps,
+            "runs": config.runs,
+            "seed": config.seed,
+            "results": dict(old.get("results", {})) if reusable else {},
+        }
+        t0 = time.perf_counter()
+        cached = old.get("adam_tuning") if reusable else None
+        if cached and cached.get("tuning_runs") != config.tuning_runs:
+            cached = None
+        entry["adam_tuning"] = tune_adam(key, steps, config, cached)
+        lr = entry["adam_tuning"]["best_lr"]
+        adam_prev = entry["results"].get("adam")
+        todo = [
+            s
+            for s in specs
+            if s.label != "adam"
+            and entry["results"].get(s.label, {}).get("identity") != s.identity
+        ]  # a result of the same θ on the same runs is kept, not rerun
+        if adam_prev is None or adam_prev.get("lr") != lr:
+            todo.insert(0, OptimizerSpec("adam", "adam", "", lr))
+        seeds = [run_seed(config.seed, EVAL_STREAM, r) for r in range(config.runs)]
+        units = [
+            Unit(key, steps, s, s.lr if s.label == "adam" else None, seed)
+            for s in todo
+            for seed in seeds
+        ]
+        records = run_units(units, config.jobs)
+        for i, s in enumerate(todo):
+            runs = records[i * config.runs : (i + 1) * config.runs]
+            entry["results"][s.label] = {
+                "identity": s.identity,
+                "lr": s.lr if s.label == "adam" else None,
+                "final_losses": [_finite_or_none(r.final_loss) for r in runs],
+                "unstable": [r.unstable for r in runs],
+                "diverged": [r.diverged for r in runs],
+                "curve": _downsample(_mean_curve(runs, steps)),
+                "final_smoothed": _finite_or_none(
+                    float(np.mean([r.smoothed[-1] if len(r.smoothed) == steps else math.inf
+                                   for r in runs]))
+                ),
+            }  # fmt: skip
+        # CPU-seconds of every sitting that worked on this task (the suite's cost adds these).
+        entry["seconds"] = (old.get("seconds", 0.0) if reusable else 0.0) + (
+            time.perf_counter() - t0
+        )
+        report["tasks"][key] = entry
+        progress(f"{key}: Adam lr {lr:.3g}, {len(todo)} optimizer(s) in {entry['seconds']:.0f} s")
+        if on_task is not None:  # lets a caller save the report so far (a sitting can stop)
+            on_task(report)
+    order = {k: i for i, k in enumerate(HELDOUT_KEYS)}
+    report["tasks"] = dict(sorted(report["tasks"].items(), key=lambda kv: order.get(kv[0], 0)))
+    report["wall_seconds"] = time.perf_counter() - started
+    report["suite_seconds"] = sum(t.get("seconds", 0.0) for t in report["tasks"].values())
+    report["summary"] = summarise(report)
+    return report
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """Per task and optimizer: ratio with CI, speed-up, unstable runs; across tasks: IQM, CI."""
+    rng = np.random.default_rng(0)
+    labels = sorted({lb for t in report["tasks"].values() for lb in t["results"]} - {"adam"})
+    per_task: dict[str, dict[str, Any]] = {}
+    finals: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {lb: {} for lb in labels}
+    for key, task in report["tasks"].items():
+        adam = task["results"]["adam"]
+        adam_final = np.array([math.inf if v is None else v for v in adam["final_losses"]])
+        per_task[key] = {}
+        for label in labels:
+            res = task["results"].get(label)
+            if res is None:
+                continue
+            opt_final = np.array([math.inf if v is None else v for v in res["final_losses"]])
+            finals[label][key] = (opt_final, adam_final)
+            ratio = _ratio(opt_final, adam_final)
+            lo, hi = paired_bootstrap(opt_final, adam_final, rng)
+            target = res["final_smoothed"]
+            speed = (
+                _stored_steps_to_reach(adam["curve"], target, task["steps"])
+                if target is not None
+                else {"adam_steps": None, "speedup": None, "adam_reaches": True}
+            )
+            per_task[key][label] = {
+                "ratio": ratio,
+                "ci": [lo, hi],
+                **speed,
+                "unstable_runs": int(sum(res["unstable"])),
+                "runs": len(res["final_losses"]),
+            }
+    from .tasks.heldout import HELDOUT_FAST
+
+    overall = _overall(labels, finals, per_task, rng)
+    fast = {
+        lb: {k: v for k, v in finals[lb].items() if k in HELDOUT_FAST}
+        for lb in labels
+        if set(HELDOUT_FAST) <= set(finals[lb])
+    }
+    return {
+        "per_task": per_task,
+        "overall": overall,
+        "overall_fast": _overall(sorted(fast), fast, per_task, rng),
+    }
+
+
+def _overall(
+    labels: Sequence[str],
+    finals: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    per_task: dict[str, dict[str, Any]],
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """IQM of the per-task ratios with a stratified bootstrap CI (runs resampled per task)."""
+    overall: dict[str, Any] = {}
+    for label in labels:
+        tasks = finals[label]
+        if not tasks:
+            continue
+        ratios = [_ratio(o, a) for o, a in tasks.values()]
+        boot = []
+        for _ in range(BOOTSTRAP_SAMPLES // 4):
+            sample = []
+            for o, a in tasks.values():
+                d = rng.integers(0, len(o), size=len(o))
+                sample.append(_ratio(o[d], a[d]))
+            boot.append(iqm(sample))
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        overall[label] = {
+            "tasks": len(ratios),
+            "iqm_ratio": iqm(ratios),
+            "iqm_ci": [float(lo), float(hi)],
+            "fraction_below_1": float(np.mean([r < 1 for r in ratios])),
+            "unstable_runs": int(sum(per_task[k][label]["unstable_runs"] for k in tasks)),
+        }
+    return overall
+
+
+def dumps(report: dict[str, Any]) -> str:
+    """The report as compact JSON (one line per task), non-finite numbers as null."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, np.generic):
+            x = x.item()
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(report), separators=(",", ":"), sort_keys=True) + "\n"

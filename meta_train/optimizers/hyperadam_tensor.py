@@ -1,0 +1,220 @@
+"""HyperAdam, tensor-wise: a variant whose cells see the gradient, with a bounded step (issue 15).
+
+The paper's cells see ĝ = g/‖g‖₂ over the whole model, which is ~1/√p per coordinate, and
+column norms over all p coordinates in the decay gates: at p ≈ 10⁴–10⁶ every input is ~0 and
+the cells act as one fixed per-step schedule (docs/results.md, the adaptivity trace). This
+variant keeps the architecture (StateCell LSTM → AdamCell with J learned-decay Adams →
+WeightCell) and changes what the cells see and how large a step can be:
+
+* **Inputs per coordinate** (``NUM_FEATURES`` of them, each O(1) whatever p is):
+  g / rms_T(g), the gradient over the RMS of *its own tensor* T (the array a user binds);
+  Adam-normalised momenta m̂_k / √v̂ at three fixed timescales (β = 0.5, 0.9, 0.99; v̂ with
+  β₂ = 0.999), bias-corrected; and the training progress tanh(t / τ) for τ = 10, 100, 1000.
+  Features are clipped to ±``FEATURE_CLIP``. A FC K → J with ELU feeds the LSTM as in the paper.
+* **Decay gates** see [s_t, M̂_{t−1}] — the LSTM state (bounded by tanh) and the previous
+  candidate directions (Adam-normalised per coordinate, clipped) — instead of the paper's
+  column norms over all p coordinates.
+* **Bounded step**: ρ = (``RHO_MAX`` / J)·tanh(s W_q + b_q), so |Σ_j ρ_j M̂_j| ≤ RHO_MAX·max_j
+  |M̂_j|: the update is at most RHO_MAX times an Adam step of size α per coordinate, whatever θ
+  learns. (``bounded=False`` keeps the paper's unnormalised ELU weights, for the ablation.)
+
+The state adds the fixed-timescale accumulators, the step count and each coordinate's tensor
+index; with no tensor layout given the whole vector is one tensor. ``adam_reduction`` gives θ
+on which the step is exactly Adam(lr, β₁, β₂) (with ε inside the root, as the paper's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import LearnedOptimizer, Theta
+from .hyperadam import FORGET_BIAS, MOMENT_EPS
+
+FEATURE_BETAS = (0.5, 0.9, 0.99)  # timescales of the momentum features
+FEATURE_BETA2 = 0.999
+PROGRESS_SCALES = (10.0, 100.0, 1000.0)
+NUM_FEATURES = 1 + len(FEATURE_BETAS) + len(PROGRESS_SCALES)
+FEATURE_CLIP = 10.0
+RHO_MAX = 10.0  # the step is at most this many Adam steps of size α, per coordinate
+# α: the Adam-reduction start is Adam at 3e-3 (a good Adam lr for CNNs and transformers), and
+# the bounded step reaches at most Adam at 3e-2 (what small MLPs and convex problems want).
+TENSORWISE_DEFAULT_LR = 0.003
+RMS_EPS = 1e-30  # inside rms_T: a zero tensor gives a zero feature, not NaN
+
+
+class TensorwiseState(NamedTuple):
+    """Per-coordinate state; ``segment`` and ``t`` say where the coordinate is and when."""
+
+    h: Tensor  # [p, J] StateCell LSTM hidden state
+    c: Tensor  # [p, J] StateCell LSTM cell state
+    m: Tensor  # [p, J] first moments of the J Adams
+    v: Tensor  # [p, J] second moments
+    b: Tensor  # [p, J] learned bias-correction accumulator B
+    gamma: Tensor  # [p, J] learned bias-correction accumulator Γ
+    feat_m: Tensor  # [p, 3] momenta at FEATURE_BETAS
+    feat_v: Tensor  # [p, 1] second moment at FEATURE_BETA2
+    t: Tensor  # [1] float32 steps taken
+    segment: Tensor  # [p] int64 index of the coordinate's tensor
+    segment_size: Tensor  # [num_tensors] float32 coordinates per tensor
+
+
+def segments_for(num_coords: int, tensor_sizes: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+    """The per-coordinate tensor index and the tensor sizes of a flat layout."""
+    sizes = list(tensor_sizes) if tensor_sizes else [num_coords]
+    if any(s < 1 for s in sizes) or sum(sizes) != num_coords:
+        raise ValueError(f"tensor sizes {sizes} do not add up to {num_coords} coordinates")
+    segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return segment, torch.tensor(sizes, dtype=torch.float32)
+
+
+def tensor_rms(x: Tensor, segment: Tensor, segment_size: Tensor) -> Tensor:
+    """RMS of x over each coordinate's tensor, broadcast back to the coordinates ([p])."""
+    sums = torch.zeros(segment_size.shape, dtype=x.dtype, device=x.device)
+    sums = sums.index_add(0, segment, x.square())
+    return torch.sqrt(sums / segment_size + RMS_EPS).index_select(0, segment)
+
+
+def input_features(grad: Tensor, state: TensorwiseState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The K features of every coordinate ([p, K]) and the updated feature accumulators."""
+    t = state.t + 1.0
+    betas = torch.tensor(FEATURE_BETAS, dtype=grad.dtype, device=grad.device)
+    g = grad.unsqueeze(1)
+    feat_m = betas * state.feat_m + (1.0 - betas) * g
+    feat_v = FEATURE_BETA2 * state.feat_v + (1.0 - FEATURE_BETA2) * g.square()
+    m_hat = feat_m / (1.0 - betas**t)
+    v_hat = feat_v / (1.0 - FEATURE_BETA2**t)
+    momenta = m_hat * torch.rsqrt(v_hat + MOMENT_EPS)
+    scaled = (grad / tensor_rms(grad, state.segment, state.segment_size)).unsqueeze(1)
+    scales = torch.tensor(PROGRESS_SCALES, dtype=grad.dtype, device=grad.device)
+    progress = torch.tanh(t / scales).expand(grad.shape[0], -1)
+    features = torch.cat([scaled, momenta, progress], dim=1).clamp(-FEATURE_CLIP, FEATURE_CLIP)
+    return features, feat_m, feat_v, t
+
+
+def candidate_directions(m: Tensor, v: Tensor, b: Tensor, gamma: Tensor) -> Tensor:
+    """M̂ = M̃ / √(Ṽ + ε) of the J Adams (the paper's moment field, spec §2.2.3)."""
+    return (m / (b + MOMENT_EPS)) * torch.rsqrt(v / (gamma + MOMENT_EPS) + MOMENT_EPS)
+
+
+def tensorwise_step(
+    theta: Theta, grad: Tensor, state: TensorwiseState, *, lr: float | Tensor, bounded: bool
+) -> tuple[Tensor, TensorwiseState]:
+    """One step of the tensor-wise variant over a flat gradient; returns ``(delta, state)``."""
+    features, feat_m, feat_v, t = input_features(grad, state)
+    e = F.elu(features @ theta["pre_kernel"] + theta["pre_bias"])
+    gates = torch.cat([e, state.h], dim=1) @ theta["lstm_kernel"] + theta["lstm_bias"]
+    i, u, f, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f + FORGET_BIAS) * state.c + torch.sigmoid(i) * torch.tanh(u)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    previous = candidate_directions(state.m, state.v, state.b, state.gamma)
+    z = torch.cat([h, previous.clamp(-FEATURE_CLIP, FEATURE_CLIP)], dim=1)
+    beta, gamma = torch.sigmoid(z @ theta["decay_kernel"] + theta["decay_bias"]).chunk(2, dim=1)
+    g = grad.unsqueeze(1)
+    m = beta * state.m + (1.0 - beta) * g
+    v = gamma * state.v + (1.0 - gamma) * g.square()
+    b = beta * state.b + (1.0 - beta)
+    gam = gamma * state.gamma + (1.0 - gamma)
+    directions = candidate_directions(m, v, b, gam)
+    logits = h @ theta["weight_kernel"] + theta["weight_bias"]
+    j = logits.shape[1]
+    rho = torch.tanh(logits) * (RHO_MAX / j) if bounded else F.elu(logits)
+    delta = -lr * (rho * directions).sum(dim=1)
+    new_state = TensorwiseState(
+        h, c, m, v, b, gam, feat_m, feat_v, t, state.segment, state.segment_size
+    )
+    return delta, new_state
+
+
+class TensorwiseHyperAdam(LearnedOptimizer):
+    """The tensor-wise HyperAdam variant (see the module docstring); J candidates."""
+
+    default_lr = TENSORWISE_DEFAULT_LR
+    per_tensor = True  # init_state takes the tensor layout
+
+    def __init__(self, num_candidates: int = 20, *, bounded: bool = True) -> None:
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        self.num_candidates = num_candidates
+        self.bounded = bounded
+        self.name = "hyperadam-tensor" if bounded else "hyperadam-tensor-unbounded"
+
+    def theta_shapes(self) -> dict[str, tuple[int, ...]]:
+        j = self.num_candidates
+        return {
+            "pre_kernel": (NUM_FEATURES, j),
+            "pre_bias": (j,),
+            "lstm_kernel": (2 * j, 4 * j),
+            "lstm_bias": (4 * j,),
+            "decay_kernel": (2 * j, 2 * j),
+            "decay_bias": (2 * j,),
+            "weight_kernel": (j, j),
+            "weight_bias": (j,),
+        }
+
+    def init_theta(self, generator: torch.Generator) -> Theta:
+        """The paper's initialisation (spec §2.4), shapes aside."""
+        theta = {name: torch.zeros(shape) for name, shape in self.theta_shapes().items()}
+        for name in ("pre_kernel", "weight_kernel"):
+            torch.nn.init.trunc_normal_(theta[name], std=0.1, a=-0.2, b=0.2, generator=generator)
+        for name in ("lstm_kernel", "decay_kernel"):
+            torch.nn.init.xavier_uniform_(theta[name], generator=generator)
+        return theta
+
+    def adam_reduction(
+        self, theta: Theta, *, lr: float, beta1: float = 0.9, beta2: float = 0.999
+    ) -> Theta:
+        """θ on which the step at α = ``default_lr`` is Adam(lr, β₁, β₂), ε inside the root.
+
+        Constant decay rates (zero kernel, logit biases) make B, Γ Adam's bias corrections;
+        constant weights ρ_j = lr/(α J) sum the J identical candidates to lr/α · M̂. The
+        StateCell keeps ``theta``'s values, so meta-training starts at Adam with cells that
+        already see the inputs. Bounded: needs lr < RHO_MAX · α.
+        """
+        if not lr > 0 or not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"Adam needs lr > 0 and betas in (0, 1), got {lr}, {beta1}, {beta2}")
+        j = self.num_candidates
+        share = lr / self.default_lr  # Σ_j ρ_j
+        if self.bounded and not share < RHO_MAX:
+            raise ValueError(f"a bounded step reaches at most lr = {RHO_MAX * self.default_lr}")
+
+        def logit(p: float) -> float:
+            return math.log(p / (1.0 - p))
+
+        out = dict(theta)
+        out["decay_kernel"] = torch.zeros(2 * j, 2 * j)
+        out["decay_bias"] = torch.cat(
+            [torch.full((j,), logit(beta1)), torch.full((j,), logit(beta2))]
+        )
+        out["weight_kernel"] = torch.zeros(j, j)
+        bias = math.atanh(share / RHO_MAX) if self.bounded else share / j
+        out["weight_bias"] = torch.full((j,), bias)
+        return out
+
+    def init_state(
+        self,
+        num_coords: int,
+        *,
+        device: torch.device | str = "cpu",
+        tensor_sizes: Sequence[int] | None = None,
+    ) -> TensorwiseState:
+        zeros = torch.zeros(num_coords, self.num_candidates, device=device)
+        segment, sizes = segments_for(num_coords, tensor_sizes)
+        return TensorwiseState(
+            *(zeros.clone() for _ in range(6)),
+            torch.zeros(num_coords, len(FEATURE_BETAS), device=device),
+            torch.zeros(num_coords, 1, device=device),
+            torch.zeros(1, device=device),
+            segment.to(device),
+            sizes.to(device),
+        )
+
+    def step(
+        self, theta: Theta, grad: Tensor, state: TensorwiseState, *, lr: float
+    ) -> tuple[Tensor, TensorwiseState]:
+        return tensorwise_step(theta, grad, state, lr=lr, bounded=self.bounded)

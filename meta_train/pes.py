@@ -1,0 +1,129 @@
+"""Persistent evolution strategies (PES): a forward-only meta-gradient estimator (issue 15).
+
+Truncated backpropagation (``unroll.unroll_truncation``) differentiates each truncation alone,
+so it is biased toward short horizons: what θ does in truncation k to truncation k+1's loss is
+never credited. PES (Vicol, Metz, Sohl-Dickstein, ICML 2021) removes that bias. Each slot
+carries an *antithetic pair* of inner trajectories, one run with θ + ε_k and one with θ − ε_k
+in every truncation k (fresh Gaussian ε_k ~ N(0, σ²I) per truncation), and the sum ξ = Σ_k ε_k
+of every perturbation the pair has seen since its trajectory started. The estimate of the
+truncation's contribution to the full-horizon loss gradient is
+
+    ĝ_k = ξ · (L⁺_k − L⁻_k) / (2σ²),
+
+and Σ_k ĝ_k is unbiased for the gradient of the Gaussian-smoothed whole-trajectory loss. No
+backward pass runs, so any step (the fused kernel included) works, and a worker returns only
+that vector. Every ε derives from (run seed, slot, step), so redone work is bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .optimizers.base import LearnedOptimizer
+from .seeding import derive_seed, generator
+from .tasks.base import Task
+from .unroll import LOG_FLOOR, Trajectory, UnrollConfig, batch_generator, start_trajectory
+
+NOISE_STREAM = 17  # ε of (run seed, slot, step) is drawn from derive_seed(run_seed, 17, slot, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class PESConfig:
+    """σ of the perturbations (in θ's units)."""
+
+    sigma: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not (self.sigma > 0 and math.isfinite(self.sigma)):
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
+
+
+class PESParticle(NamedTuple):
+    """An antithetic pair of trajectories and the perturbation they have accumulated."""
+
+    positive: Trajectory
+    negative: Trajectory
+    xi: Tensor  # Σ of the ε applied since the trajectories started (θ's flat shape)
+
+
+class PESResult(NamedTuple):
+    meta_grad: Tensor
+    particle: PESParticle
+    meta_loss: float  # the mean of the pair's two truncation losses
+
+
+def start_particle(
+    optimizer: LearnedOptimizer, task: Task, seed: int, num_theta: int
+) -> PESParticle:
+    """Both trajectories start where a TBPTT trajectory of ``seed`` would; ξ = 0."""
+    trajectory = start_trajectory(optimizer, task, seed)
+    return PESParticle(trajectory, trajectory, torch.zeros(num_theta))
+
+
+def perturbation(run_seed: int, slot: int, step: int, num_theta: int, sigma: float) -> Tensor:
+    """ε of one slot at one meta-step: N(0, σ²) per θ coordinate, from the logged seeds."""
+    g = generator(derive_seed(run_seed, NOISE_STREAM, slot, step))
+    return torch.randn(num_theta, generator=g) * sigma
+
+
+@torch.no_grad()
+def run_truncation(
+    optimizer: LearnedOptimizer,
+    theta_flat: Tensor,
+    task: Task,
+    trajectory: Trajectory,
+    config: UnrollConfig,
+) -> tuple[float, Trajectory]:
+    """Forward only: n steps from ``trajectory``; returns the truncation's meta-loss."""
+    lr = optimizer.default_lr if config.lr is None else config.lr
+    theta = optimizer.unflatten(theta_flat)
+    w, state = trajectory.params, trajectory.opt_state
+    losses = []
+    for k in range(config.truncation):
+        batch = task.sample_batch(batch_generator(trajectory.seed, trajectory.step + k))
+        loss, grad = task.loss_and_grad(w, batch)
+        losses.append(float(loss))
+        delta, state = optimizer.step(theta, grad, state, lr=lr)
+        w = w + delta
+    end = trajectory.step + config.truncation
+    if config.meta_loss == "last":
+        batch = task.sample_batch(batch_generator(trajectory.seed, end))
+        value = float(task.loss(w, batch))
+    elif config.meta_loss == "log":
+        value = sum(math.log(max(x, LOG_FLOOR)) for x in losses) / len(losses)
+    else:
+        value = sum(losses) / len(losses)
+    return value, Trajectory(trajectory.seed, end, w, state)
+
+
+def pes_truncation(
+    optimizer: LearnedOptimizer,
+    theta_flat: Tensor,
+    task: Task,
+    particle: PESParticle,
+    config: UnrollConfig,
+    epsilon: Tensor,
+    sigma: float,
+) -> PESResult:
+    """One PES truncation of an antithetic pair with perturbation ``epsilon`` ~ N(0, σ²I)."""
+    positive_loss, positive = run_truncation(
+        optimizer, theta_flat + epsilon, task, particle.positive, config
+    )
+    negative_loss, negative = run_truncation(
+        optimizer, theta_flat - epsilon, task, particle.negative, config
+    )
+    xi = particle.xi + epsilon
+    difference = positive_loss - negative_loss
+    if not math.isfinite(difference):
+        grad = torch.full_like(xi, math.nan)  # rejected and counted by the meta-update
+    else:
+        grad = xi * (difference / (2.0 * sigma * sigma))
+    return PESResult(
+        grad, PESParticle(positive, negative, xi), 0.5 * (positive_loss + negative_loss)
+    )
+

@@ -1,0 +1,166 @@
+"""``hyperadam benchmark --suite heldout``: the metrics, the Adam tuning, and the report's cells."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from meta_train import cli
+from meta_train.benchmark import (
+    EVAL_STREAM,
+    TUNING_STREAM,
+    BenchmarkConfig,
+    iqm,
+    paired_bootstrap,
+    run_seed,
+    run_task,
+    smooth,
+    speedup,
+    tune_adam,
+)
+from meta_train.optimizers import make_baseline
+from meta_train.tasks.heldout import HELDOUT_FAST, HELDOUT_KEYS, heldout_spec
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(["benchmark", "--suite", "heldout", "--quick", "--optimizer",
+                         "hyperadam", "--out", str(out / "docs"), "--tracking-uri", uri])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out / "docs", uri
+
+
+def test_metrics_by_hand():
+    assert iqm([1, 2, 3, 4, 5, 6, 7, 100]) == pytest.approx(4.5)  # 2 trimmed from each end
+    assert iqm([2.0]) == 2.0
+    assert smooth([4, 2, 0, 2], 2) == [4, 3, 1, 1]
+    assert speedup([5, 4, 3, 2], 3.5, 4) == {"adam_steps": 3, "speedup": 0.75, "adam_reaches": True}
+    assert speedup([5, 4], 1.0, 2)["adam_reaches"] is False
+    rng = np.random.default_rng(0)
+    lo, hi = paired_bootstrap([1.0, 2.0, 3.0], [2.0, 2.0, 2.0], rng)
+    assert lo < 1.0 < hi and lo >= 0.5 and hi <= 1.5
+    assert paired_bootstrap([1.0, 1.0], [2.0, 2.0], rng) == (0.5, 0.5)
+
+
+def test_tuning_and_evaluation_seeds_are_disjoint():
+    tuning = {run_seed(0, TUNING_STREAM, r) for r in range(100)}
+    evaluation = {run_seed(0, EVAL_STREAM, r) for r in range(100)}
+    assert not tuning & evaluation
+
+
+def test_a_run_that_blows_up_is_unstable_and_a_good_one_is_not():
+    task = heldout_spec("leastsq-cond1e6-10000").build()
+    good = run_task(task, make_baseline("adam", 0.1), steps=200, seed=1)
+    assert not good.unstable and not good.diverged and good.final_loss < good.smoothed[0]
+    bad = run_task(task, make_baseline("sgd", 10.0), steps=200, seed=1)
+    assert bad.diverged and bad.unstable and math.isinf(bad.final_loss)
+    # Rising far above the best it had reached, while finite, is unstable too.
+    osc = run_task(task, make_baseline("adam", 3.0), steps=300, seed=1)
+    assert osc.unstable == (osc.final_loss > 1.5 * osc.min_smoothed)
+
+
+def test_the_adam_grid_widens_until_the_best_lr_is_inside():
+    config = BenchmarkConfig(optimizers=(), runs=2, tuning_runs=1, grid=(-8, -7))
+    tuned = tune_adam("leastsq-cond1e6-10000", 50, config)
+    exponents = sorted(int(k) for k in tuned["scores"])
+    assert exponents[0] == -8 and exponents[-1] > -7  # it grew upwards from 3e-4
+    assert not tuned["at_edge"]
+    assert tuned["best_exponent"] not in (exponents[0], exponents[-1])
+    best = min(tuned["scores"].values())
+    assert tuned["scores"][str(tuned["best_exponent"])] == best
+
+
+def test_quick_report_covers_every_task_and_logs_to_mlflow(quick):
+    docs, uri = quick
+    report = json.loads((docs / "generalisation.json").read_text())
+    assert list(report["tasks"]) == list(HELDOUT_KEYS)
+    for name in ("generalisation.md", "figures/heldout-ratios.png", "figures/heldout-curves.png"):
+        assert (docs / name).stat().st_size > 0
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("hyperadam-benchmark")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["hyperadam/iqm_ratio"] == pytest.approx(
+        report["summary"]["overall"]["hyperadam"]["iqm_ratio"]
+    )
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "generalisation.md", "generalisation.json", "figures"
+    }
+
+
+def _num(text: str) -> float:
+    return math.inf if text == "∞" else float(text)
+
+
+def test_every_cell_is_traceable_to_the_json(quick):
+    docs, _ = quick
+    report = json.loads((docs / "generalisation.json").read_text())
+    markdown = (docs / "generalisation.md").read_text()
+    rows = [line for line in markdown.split("## Per task")[1].splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[5:] == ["hyperadam"]
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        key = cells[0]
+        task = report["tasks"][key]
+        adam = task["results"]["adam"]["final_losses"]
+        opt = task["results"]["hyperadam"]["final_losses"]
+        # The ratio is recomputed from the raw final losses of the same seeded runs.
+        expected = (
+            math.inf if None in opt else float(np.mean(opt)) / float(np.mean(adam))
+        )
+        ratio, lo, hi = (_num(x) for x in re.findall(r"[\d.e+-]+|∞", cells[5].split("·")[0]))
+        assert ratio == pytest.approx(expected, rel=2e-3)
+        assert float(cells[3].removesuffix(" (edge)")) == pytest.approx(
+            task["adam_tuning"]["best_lr"], rel=2e-3
+        )
+        assert float(cells[4]) == pytest.approx(float(np.mean(adam)), rel=2e-3)
+        unstable = cells[5].split("·")[2].strip()
+        assert unstable == f"{sum(task['results']['hyperadam']['unstable'])}/{len(opt)}"
+    summary = report["summary"]["overall"]["hyperadam"]
+    ratios = [report["summary"]["per_task"][k]["hyperadam"]["ratio"] for k in report["tasks"]]
+    assert summary["iqm_ratio"] == pytest.approx(iqm(ratios))
+    assert summary["fraction_below_1"] == pytest.approx(np.mean([r < 1 for r in ratios]))
+    fast = [report["summary"]["per_task"][k]["hyperadam"]["ratio"] for k in HELDOUT_FAST]
+    assert report["summary"]["overall_fast"]["hyperadam"]["iqm_ratio"] == pytest.approx(iqm(fast))
+    assert "On the fast subset (7 tasks" in markdown
+
+
+def test_merge_reuses_the_tuning_and_keeps_earlier_optimizers(quick, tmp_path, capsys):
+    import shutil
+
+    docs, _ = quick
+    out = tmp_path / "docs"
+    shutil.copytree(docs, out)
+    before = json.loads((out / "generalisation.json").read_text())
+    key = "leastsq-cond1e6-10000"
+    code = cli.main(["benchmark", "--quick", "--merge", "--tasks", key, "--optimizer",
+                     "hyperadam", "adam", "--out", str(out), "--tracking-uri", "none"])
+    assert code == 0
+    after = json.loads((out / "generalisation.json").read_text())
+    assert list(after["tasks"]) == list(before["tasks"])  # the other tasks are kept
+    assert after["tasks"][key]["adam_tuning"] == before["tasks"][key]["adam_tuning"]
+    # The same θ on the same runs is not rerun: its numbers are the earlier ones, exactly.
+    assert after["tasks"][key]["results"] == before["tasks"][key]["results"]
+
+
+def test_bad_input_is_a_one_line_error(capsys, tmp_path):
+    assert cli.main(["benchmark", "--quick", "--tasks", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown task(s) nope" in capsys.readouterr().err
+    assert cli.main(["benchmark", "--quick", "--runs", "1", "--out", str(tmp_path)]) == 2
+    assert "--runs must be >= 2" in capsys.readouterr().err
+    assert cli.main(["benchmark", "--optimizer", str(tmp_path / "missing.npz"),
+                     "--out", str(tmp_path)]) == 2
+    assert "missing.npz" in capsys.readouterr().err
