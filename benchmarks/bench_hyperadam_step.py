@@ -25,16 +25,11 @@ import time
 import torch
 from machine import describe_machine  # benchmarks/machine.py, beside this script
 
+from meta_train.meta_update import init_meta_state, meta_update
 from meta_train.optimizers.hyperadam import HyperAdam, HyperAdamState, hyperadam_step
 from meta_train.optimizers.hyperadam_fast import kernels
 from meta_train.run_config import build_config
-from meta_train.training import (
-    apply_meta_gradient,
-    average_gradients,
-    init_theta_flat,
-    make_meta_optimizer,
-    slot_work,
-)
+from meta_train.training import init_theta_flat, slot_work
 
 
 class Variant(HyperAdam):
@@ -102,21 +97,19 @@ def main() -> None:
     variants = [Variant("reference", config.num_candidates), Variant("fast", config.num_candidates)]
     if args.compile:
         variants.append(Variant("compile", config.num_candidates, torch.compile(hyperadam_step)))
-    theta = init_theta_flat(variants[0], config.seed).requires_grad_(True)
-    meta_opt = make_meta_optimizer(theta, config.meta_optim)
+    meta = init_meta_state(init_theta_flat(variants[0], config.seed))
+    theta = meta.theta
 
-    def meta_update(variant: Variant, trajectory) -> float:
+    def one_update(variant: Variant, trajectory) -> float:
+        nonlocal meta
         t0 = time.perf_counter()
-        out = slot_work(
-            variant, family, config.unroll, theta.detach(), config.seed, 0, 1, trajectory
-        )
-        grad, _ = average_gradients([out.meta_grad], config.meta_optim.clip_norm)
-        apply_meta_gradient(theta, meta_opt, grad)
+        out = slot_work(variant, family, config.unroll, meta.theta, config.seed, 0, 1, trajectory)
+        meta, _ = meta_update(meta, [out.meta_grad], config.meta_optim)
         return time.perf_counter() - t0
 
     # Each variant's own first truncation gives the mid-trajectory state it continues from.
     first = {
-        v.label: slot_work(v, family, config.unroll, theta.detach(), config.seed, 0, 0, None)
+        v.label: slot_work(v, family, config.unroll, theta, config.seed, 0, 0, None)
         for v in variants
     }
     p = first["reference"].trajectory.params.numel()
@@ -130,7 +123,7 @@ def main() -> None:
         times: dict[str, list[float]] = {v.label: [] for v in variants}
         for repeat in range(args.repeats + 1):  # the first round warms up (and compiles)
             for variant in variants:
-                seconds = meta_update(variant, first[variant.label].trajectory)
+                seconds = one_update(variant, first[variant.label].trajectory)
                 if repeat:
                     times[variant.label].append(seconds)
         ref = statistics.median(times["reference"])
@@ -151,7 +144,7 @@ def main() -> None:
     fast = variants[1]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(3):
-            meta_update(fast, first["fast"].trajectory)
+            one_update(fast, first["fast"].trajectory)
     events = {e.key: e for e in prof.key_averages()}
     total = sum(e.self_cpu_time_total for e in events.values())
     fwd = events["_HyperAdamStep"].self_cpu_time_total

@@ -40,16 +40,10 @@ from machine import describe_machine  # benchmarks/machine.py, beside this scrip
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from meta_train.learner import Learner
+from meta_train.meta_update import MetaState, init_meta_state, meta_update
 from meta_train.run_config import RunConfig, build_config
 from meta_train.tasks.base import TaskFamily
-from meta_train.training import (
-    apply_meta_gradient,
-    average_gradients,
-    init_theta_flat,
-    make_meta_optimizer,
-    slot_work,
-    train_local,
-)
+from meta_train.training import init_theta_flat, slot_work, train_local
 
 PHASES = ("optimizee fwd/bwd", "optimizer step fwd", "meta-backward")
 
@@ -193,23 +187,21 @@ def labelled(fn, label: str):
     return call
 
 
-def meta_update(config: RunConfig, optimizer, family, theta, meta_opt, trajectory) -> None:
-    out = slot_work(optimizer, family, config.unroll, theta.detach(), config.seed, 0, 1, trajectory)
-    grad, _ = average_gradients([out.meta_grad], config.meta_optim.clip_norm)
-    apply_meta_gradient(theta, meta_opt, grad)
+def one_update(config: RunConfig, optimizer, family, meta: MetaState, trajectory) -> MetaState:
+    out = slot_work(optimizer, family, config.unroll, meta.theta, config.seed, 0, 1, trajectory)
+    return meta_update(meta, [out.meta_grad], config.meta_optim)[0]
 
 
 def profile_optimizer(name: str, task: str, repeats: int) -> dict[str, Any]:
     config = build_config({"optimizer": name, "task": task, "meta_batch": 1})
     optimizer, family = config.make_optimizer(), config.make_family()
-    theta = init_theta_flat(optimizer, config.seed).requires_grad_(True)
-    meta_opt = make_meta_optimizer(theta, config.meta_optim)
-    first = slot_work(optimizer, family, config.unroll, theta.detach(), config.seed, 0, 0, None)
+    meta = init_meta_state(init_theta_flat(optimizer, config.seed))
+    first = slot_work(optimizer, family, config.unroll, meta.theta, config.seed, 0, 0, None)
     trajectory = first.trajectory  # time a mid-trajectory truncation (meta-step 1)
     plain = []
     for _ in range(repeats):
         start = time.perf_counter()
-        meta_update(config, optimizer, family, theta, meta_opt, trajectory)
+        meta = one_update(config, optimizer, family, meta, trajectory)
         plain.append(time.perf_counter() - start)
 
     labelled_family = LabelledFamily(family)
@@ -219,7 +211,7 @@ def profile_optimizer(name: str, task: str, repeats: int) -> dict[str, Any]:
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            meta_update(config, optimizer, labelled_family, theta, meta_opt, trajectory)
+            meta = one_update(config, optimizer, labelled_family, meta, trajectory)
             profiled = time.perf_counter() - start
     finally:
         torch.autograd.grad = original_grad

@@ -5,9 +5,10 @@
 inference-θ artifact that meta-training produces.
 """
 
+from runtime.theta import ThetaArtifact, load_theta, save_theta
+
 from .exporter import DEFAULT_PARITY_SIZES, FULL_PARITY_SIZES, export_optimizer
 from .parity import ParityError
-from .theta_io import ThetaArtifact, load_theta, save_theta
 
 __all__ = [
     "DEFAULT_PARITY_SIZES",

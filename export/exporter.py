@@ -20,11 +20,12 @@ import onnx
 import onnxruntime
 import torch
 
+from meta_train.theta_source import reference_for_theta
 from runtime import manifest as mf
+from runtime.theta import as_numpy_theta, load_theta, save_theta, theta_sha256
 
-from .methods import EXPORT_METHODS, check_theta
+from .methods import EXPORT_METHODS
 from .parity import check_parity
-from .theta_io import as_numpy_theta, load_theta, save_theta, theta_sha256
 
 # Where θ came from: the run and its step, the task distribution and run config it was trained
 # on, and what the training cost (meta-updates, wall time, hardware; for a fine-tuned θ those
@@ -122,7 +123,7 @@ def export_optimizer(
             raise ValueError(f"{theta} holds θ of {artifact.method!r}, not {method!r}")
         theta, file_meta = artifact.theta, artifact.meta
     arrays = as_numpy_theta(theta)
-    config, reference = check_theta(method, arrays)
+    config, reference = reference_for_theta(method, arrays)
     if method not in EXPORT_METHODS:
         raise ValueError(f"{method} has no ONNX export yet; its θ file is evaluated in meta_train")
     if default_lr is None:  # the α θ was meta-trained with, else the method's
@@ -133,7 +134,7 @@ def export_optimizer(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     try:
-        models = EXPORT_METHODS[method].build(arrays)
+        models = EXPORT_METHODS[method](arrays)
         for role, model in models.items():
             onnx.save_model(model, str(work / mf.GRAPH_FILES[role]))
         save_theta(work / mf.THETA_FILE, method, arrays, **full_lineage, lr=lr)

@@ -91,7 +91,7 @@ def _update(b: GraphBuilder, theta: dict[str, np.ndarray], h_col_sum_sq: str) ->
         ),
         axis=1,
     )
-    beta_kernel, gamma_kernel = b.op("Split", kernel, b.const([j, j], "split2"), outputs=2)
+    beta_kernel, gamma_kernel = b.op_outputs("Split", kernel, b.const([j, j], "split2"), outputs=2)
     bias = theta["decay_bias"].reshape(-1, 1)
     h_and_m = b.op("Concat", H_NEW, "m", axis=0)
     beta = b.op("Sigmoid", b.op("Gemm", beta_kernel, h_and_m, b.const(bias[:j], "beta_bias")))

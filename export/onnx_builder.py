@@ -9,6 +9,7 @@ reference by the parity check that runs on every export (``export.parity``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,7 +19,8 @@ from runtime import manifest as mf
 
 
 class GraphBuilder:
-    """Collects nodes and fp32 initializers; ``op`` returns the output name(s) of a new node."""
+    """Collects nodes and fp32 initializers; ``op`` returns the output name of a new node
+    (``op_outputs`` the names, for a node with several)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -38,16 +40,24 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(array.astype(dtype), name))
         return name
 
-    def op(
-        self, op_type: str, *inputs: str, outputs: int | Sequence[str] = 1, **attrs
-    ) -> str | list[str]:
+    def op(self, op_type: str, *inputs: str, outputs: int | Sequence[str] = 1, **attrs: Any) -> str:
+        """Appends a node with one output and returns its name; ``outputs`` is 1 (a fresh name)
+        or the exact name in a one-element sequence."""
+        names = self.op_outputs(op_type, *inputs, outputs=outputs, **attrs)
+        if len(names) != 1:
+            raise ValueError(f"op gives one output, {op_type} has {len(names)}: use op_outputs")
+        return names[0]
+
+    def op_outputs(
+        self, op_type: str, *inputs: str, outputs: int | Sequence[str], **attrs: Any
+    ) -> list[str]:
         """Appends one node. ``outputs`` is a count (fresh names) or the exact output names."""
         if isinstance(outputs, int):
             names = [self._fresh(op_type.lower()) for _ in range(outputs)]
         else:
             names = list(outputs)
         self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
-        return names[0] if len(names) == 1 else names
+        return names
 
     def model(
         self, inputs: Sequence[mf.TensorSpec], outputs: Sequence[mf.TensorSpec], doc: str

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import runtime
-from meta_train.optimizers import LearnedOptimizer
+from meta_train.optimizers import LearnedUpdateRule
 from runtime import manifest as mf
 from runtime.plan import DEFAULT_CHUNK_SIZE
 
@@ -83,7 +83,7 @@ def to_runtime_state(
     return out
 
 
-def random_state(reference: LearnedOptimizer, p: int, rng: np.random.Generator) -> Any:
+def random_state(reference: LearnedUpdateRule, p: int, rng: np.random.Generator) -> Any:
     """A state a few steps into training: bounded LSTM states, positive second moments,
     bias accumulators in (0, 1], and ~10 % of coordinates with an all-zero state."""
     state = reference.init_state(p)
@@ -107,7 +107,7 @@ def random_state(reference: LearnedOptimizer, p: int, rng: np.random.Generator) 
         if name != mf.STEP:
             value[rng.random(p) < 0.1] = 0.0
         fresh[name] = torch.from_numpy(np.asarray(value, np.float32))
-    return type(state)(**fresh)
+    return type(state)(**fresh)  # type: ignore[call-overload]  # the state's own NamedTuple
 
 
 def real_gradient(p: int, rng: np.random.Generator) -> np.ndarray:
@@ -117,7 +117,7 @@ def real_gradient(p: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _runtime_step(
-    opt: runtime.LearnedOptimizer,
+    opt: runtime.ExportedOptimizer,
     state: dict[str, np.ndarray],
     grad: np.ndarray,
     lr: float,
@@ -133,8 +133,8 @@ def _runtime_step(
 
 
 def step_cases(
-    opt: runtime.LearnedOptimizer,
-    reference: LearnedOptimizer,
+    opt: runtime.ExportedOptimizer,
+    reference: LearnedUpdateRule,
     theta: dict[str, torch.Tensor],
     sizes: Sequence[int],
     seed: int,
@@ -157,7 +157,7 @@ def step_cases(
                 w, got, chunks = _runtime_step(opt, dict(start), grad, lr, chunk_size)
                 errors = {mf.PARAM: relative_error(w, delta.numpy())}
                 errors.update({k: relative_error(got[k], want[k]) for k in want})
-                worst = max(errors, key=errors.get)
+                worst = max(errors, key=errors.__getitem__)
                 results.append(
                     {
                         "case": f"p={p} {kind}-gradient {path}",
@@ -202,7 +202,7 @@ class _TinyMLP:
 
 
 def _reference_trajectory(
-    reference: LearnedOptimizer,
+    reference: LearnedUpdateRule,
     theta: dict[str, torch.Tensor],
     problem: _TinyMLP,
     steps: int,
@@ -213,7 +213,7 @@ def _reference_trajectory(
     w = problem.w0.to(dtype)
     state = reference.init_state(w.numel())
     state = type(state)(*(t.to(dtype) for t in state))
-    losses = []
+    losses: list[float] = []
     with torch.no_grad():
         for t in range(steps):
             loss, grad = problem.loss_and_grad(w, t)
@@ -238,8 +238,8 @@ def _trajectory_errors(
 
 
 def trajectory_cases(
-    opt: runtime.LearnedOptimizer,
-    reference: LearnedOptimizer,
+    opt: runtime.ExportedOptimizer,
+    reference: LearnedUpdateRule,
     theta: dict[str, torch.Tensor],
     steps: int,
     seed: int,
@@ -275,7 +275,7 @@ def trajectory_cases(
         errors = _trajectory_errors(
             layout, w0, final, stepper.state_dict()["state"], losses, runs[torch.float32]
         )
-        worst = max(errors, key=errors.get)
+        worst = max(errors, key=errors.__getitem__)
         results.append(
             {
                 "case": f"{steps}-step ReLU-MLP trajectory {path}",
@@ -291,7 +291,7 @@ def trajectory_cases(
 
 def check_parity(
     folder: str,
-    reference: LearnedOptimizer,
+    reference: LearnedUpdateRule,
     theta: dict[str, np.ndarray],
     *,
     sizes: Sequence[int],

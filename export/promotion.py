@@ -15,6 +15,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime import manifest as mf
@@ -120,11 +121,16 @@ def compare_with_adam(
     """
     from meta_train.evaluate import evaluate
     from meta_train.resolve import resolve_optimizer
+    from meta_train.tasks.heldout import HELDOUT_KEYS
     from meta_train.tasks.suite import TEST_TASKS, build_test_task
 
-    manifest = mf.load_manifest(folder)
+    manifest = mf.load_manifest(Path(folder))
     out = []
     for key in tasks:
+        if key in HELDOUT_KEYS:
+            lr = manifest.default_lr
+            out.append(_compare_heldout(folder, key, lr, runs=runs, steps=steps, seed=seed))
+            continue
         spec = TEST_TASKS[key]
         task = build_test_task(key, data_dir=data_dir)
         horizon = steps or spec.horizon
@@ -153,15 +159,65 @@ def compare_with_adam(
     return out
 
 
+def _compare_heldout(
+    folder: str | os.PathLike[str],
+    key: str,
+    candidate_lr: float,
+    *,
+    runs: int,
+    steps: int | None,
+    seed: int,
+) -> TaskComparison:
+    """A task of the held-out benchmark (``meta_train.benchmark``): Adam tuned on its grid with
+    tuning seeds, then both on the same evaluation runs; an unstable run counts as diverged."""
+    from meta_train.benchmark import (
+        EVAL_STREAM,
+        BenchmarkConfig,
+        make_rule,
+        run_seed,
+        run_task,
+        tune_adam,
+    )
+    from meta_train.benchmark import OptimizerSpec as Spec
+    from meta_train.tasks.heldout import heldout_spec
+
+    spec = heldout_spec(key)
+    horizon = steps or spec.horizon
+    tuned = tune_adam(key, horizon, BenchmarkConfig(optimizers=(), tuning_runs=1, seed=seed))
+    task = spec.build()
+    seeds = [run_seed(seed, EVAL_STREAM, r) for r in range(runs)]
+    results = {}
+    for which, source, lr in (
+        ("adam", "adam", tuned["best_lr"]),
+        ("candidate", str(folder), candidate_lr),
+    ):
+        rule = make_rule(Spec(which, source, ""), lr)
+        records = [run_task(task, rule, steps=horizon, seed=s) for s in seeds]
+        finals = [r.final_loss for r in records]
+        mean = sum(finals) / len(finals) if all(map(math.isfinite, finals)) else math.inf
+        results[which] = (mean, sum(r.unstable for r in records), lr)
+    (cand, cand_bad, cand_lr), (adam, adam_bad, adam_lr) = results["candidate"], results["adam"]
+    return TaskComparison(key, cand, adam, cand_bad, adam_bad, float(cand_lr), float(adam_lr))
+
+
+# `--tasks heldout-fast`: the fast subset of the held-out benchmark (issue 15's gate).
+HELDOUT_FAST_ALIAS = "heldout-fast"
+
+
 def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    from meta_train.tasks.heldout import HELDOUT_FAST, HELDOUT_KEYS
     from meta_train.tasks.suite import TEST_TASKS
 
     if not tasks:
         raise ValueError("at least one held-out task is needed")
-    unknown = [t for t in tasks if t not in TEST_TASKS]
+    expanded = [
+        t for name in tasks for t in (HELDOUT_FAST if name == HELDOUT_FAST_ALIAS else [name])
+    ]
+    unknown = [t for t in expanded if t not in TEST_TASKS and t not in HELDOUT_KEYS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(sorted(TEST_TASKS))}")
-    return tuple(dict.fromkeys(tasks))
+        known = sorted(TEST_TASKS) + list(HELDOUT_KEYS) + [HELDOUT_FAST_ALIAS]
+        raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(known)}")
+    return tuple(dict.fromkeys(expanded))
 
 
 def promote(
@@ -289,9 +345,9 @@ def _log_evaluation(client: MlflowClient, result: Promotion) -> None:
         "run_id": result.evaluation_run_id,
         "ratios": json.dumps({c.task: round(c.ratio, 6) for c in result.comparisons}),
     }
-    for key, value in version_tags.items():
+    for key, text in version_tags.items():
         tag = registry.EVAL_TAG + key
-        client.set_model_version_tag(result.name, str(result.version), tag, value)
+        client.set_model_version_tag(result.name, str(result.version), tag, text)
 
 
 def _finite(value: float) -> float:

@@ -222,7 +222,8 @@ def list_versions(client: MlflowClient, name: str | None = None) -> list[Version
 
 
 def _all_registered_models(client: MlflowClient) -> list[Any]:
-    models, token = [], None
+    models: list[Any] = []
+    token = None
     while True:
         page = client.search_registered_models(max_results=100, page_token=token)
         models.extend(page)

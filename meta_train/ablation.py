@@ -25,17 +25,13 @@ from typing import Any
 
 import torch
 
-from .optimizers.base import LearnedOptimizer
+from runtime.theta import save_theta
+
+from .experimental import AdamStart, ExperimentalConfig
+from .meta_update import MetaOptimConfig, init_meta_state, meta_update
+from .optimizers.base import LearnedUpdateRule
 from .tasks.base import TaskFamily
-from .training import (
-    MetaOptimConfig,
-    ThetaInitConfig,
-    apply_meta_gradient,
-    average_gradients,
-    init_theta_flat,
-    make_meta_optimizer,
-    slot_work,
-)
+from .training import init_theta_flat, slot_work
 from .unroll import Trajectory, UnrollConfig
 
 VARIANTS = ("paper", "tensor", "tensor-unbounded")
@@ -82,7 +78,7 @@ ARMS = {
 }
 
 
-def make_optimizer(variant: str) -> LearnedOptimizer:
+def make_optimizer(variant: str) -> LearnedUpdateRule:
     from .optimizers.hyperadam import HyperAdam
     from .optimizers.hyperadam_tensor import TensorwiseHyperAdam
 
@@ -105,20 +101,15 @@ def train_arm(
     arm: ArmConfig, *, minutes: float, out: Path, tracking_uri: str | None = None
 ) -> dict[str, Any]:
     """Meta-trains ``arm`` for ``minutes`` of wall time; writes ``out/<arm>/theta.npz``."""
-    from export.theta_io import save_theta
-
     optimizer = make_optimizer(arm.variant)
     family = make_family(arm.family)
     unroll = UnrollConfig(arm.horizon, arm.truncation, arm.meta_loss)
     meta = MetaOptimConfig(lr=arm.meta_lr, clip_norm=arm.clip_norm)
     # The Adam-reduction start is Adam at the variant's own α (lr = α: Σ_j ρ_j = 1).
-    init = (
-        ThetaInitConfig(kind="adam", adam_lr=optimizer.default_lr)
-        if arm.init == "adam"
-        else ThetaInitConfig()
+    start = ExperimentalConfig(
+        adam_start=AdamStart(lr=optimizer.default_lr) if arm.init == "adam" else None
     )
-    theta = init_theta_flat(optimizer, arm.seed, init).clone().requires_grad_(True)
-    meta_opt = make_meta_optimizer(theta, meta)
+    state = init_meta_state(init_theta_flat(optimizer, arm.seed, experimental=start))
     folder = out / arm.name
     folder.mkdir(parents=True, exist_ok=True)
     client, run_id = _start_run(tracking_uri, arm, minutes, family)
@@ -129,15 +120,15 @@ def train_arm(
     try:
         while time.perf_counter() < deadline:
             results = [
-                slot_work(optimizer, family, unroll, theta.detach(), arm.seed, slot, step,
+                slot_work(optimizer, family, unroll, state.theta, arm.seed, slot, step,
                           trajectories[slot])
                 for slot in range(arm.meta_batch)
             ]  # fmt: skip
             grads = [r.meta_grad for r in results]
             trajectories = [r.trajectory for r in results]
-            if all(bool(torch.isfinite(g).all()) for g in grads):
-                grad, _ = average_gradients(grads, meta.clip_norm)
-                apply_meta_gradient(theta, meta_opt, grad)
+            # An arm skips a whole step with any non-finite gradient (not only that one).
+            finite = all(bool(torch.isfinite(g).all()) for g in grads)
+            state, _ = meta_update(state, grads if finite else [], meta)
             loss = sum(r.meta_loss for r in results) / len(results)
             losses.append(loss)
             if client is not None and math.isfinite(loss):
@@ -149,7 +140,7 @@ def train_arm(
         path = save_theta(
             folder / "theta.npz",
             optimizer.name,
-            optimizer.unflatten(theta.detach()),
+            optimizer.unflatten(state.theta),
             arm=dataclasses.asdict(arm),
             updates=step,
             wall_seconds=wall,

@@ -23,6 +23,7 @@ from .optimizers import hyperadam as cells
 from .optimizers.base import Theta
 from .seeding import generator
 from .tasks.base import Task
+from .theta_source import load_theta_source
 from .unroll import batch_generator
 
 
@@ -94,8 +95,6 @@ def trace_decisions(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Prints the decisions of a θ on each named test task."""
-    from export.theta_io import load_theta_source  # export depends on meta_train
-
     from .tasks.suite import build_test_task
 
     parser = argparse.ArgumentParser(prog="python -m meta_train.adaptivity", description=__doc__)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .optimizers.base import LearnedOptimizer
+from .optimizers.base import LearnedUpdateRule
 from .tasks.base import Task, TaskFamily
 from .training import position, task_seed
 from .unroll import (
@@ -36,7 +36,7 @@ from .unroll import (
 
 
 def slots_work_batched(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     family: TaskFamily,
     unroll: UnrollConfig,
     theta_flat: Tensor,
@@ -88,7 +88,7 @@ def slots_work_batched(
 
 
 def unroll_truncation_batched(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     theta_flat: Tensor,
     tasks: Sequence[Task],
     trajectories: Sequence[Trajectory],

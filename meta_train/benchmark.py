@@ -146,9 +146,8 @@ def describe_optimizer(source: str) -> OptimizerSpec:
 
     if source in BASELINES:
         return OptimizerSpec(source, source, "")
-    from export.theta_io import load_theta_source
-
     from .errors import UsageError
+    from .theta_source import load_theta_source
 
     try:
         optimizer, theta = load_theta_source(source)
@@ -337,7 +336,7 @@ def _ratio(opt: np.ndarray, adam: np.ndarray) -> float:
 
 
 def paired_bootstrap(
-    opt: Sequence[float], adam: Sequence[float], rng: np.random.Generator
+    opt: Sequence[float] | np.ndarray, adam: Sequence[float] | np.ndarray, rng: np.random.Generator
 ) -> tuple[float, float]:
     """95 % percentile CI of the ratio of means, resampling runs (paired by seed)."""
     a, b = np.asarray(opt), np.asarray(adam)

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.theta import save_theta as write_theta
+
 from .learner import LearnerState
 from .worker import TrajectoryArrays
 
@@ -128,7 +130,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    payload: dict[str, Any] = dict(arrays)  # typed apart from savez's own keyword arguments
+    np.savez(buffer, **payload)
     return buffer.getvalue()
 
 
@@ -145,7 +148,7 @@ def encode(checkpoint: Checkpoint) -> bytes:
     arrays: dict[str, np.ndarray] = {"theta": np.asarray(state.theta, dtype=np.float32)}
     for name, value in state.adam.items():
         arrays[f"adam/{name}"] = np.asarray(value)
-    slots = []
+    slots: list[dict[str, Any] | None] = []
     for b, trajectory in enumerate(state.trajectories):
         if trajectory is None:
             slots.append(None)
@@ -255,7 +258,7 @@ def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
         meta = json.loads(arrays.pop("meta").tobytes())
-        slots = []
+        slots: list[TrajectoryArrays | None] = []
         for b, slot in enumerate(meta["slots"]):
             if slot is None:
                 slots.append(None)
@@ -351,17 +354,13 @@ def save_theta(
     lr: float | None,
     lineage: dict[str, Any],
 ) -> Path:
-    """Writes θ alone, in the export package's format (``export.theta_io``: one ``.npz`` of fp32
+    """Writes θ alone, in the runtime's θ format (``runtime.theta``: one ``.npz`` of fp32
     arrays by meta-parameter name plus a JSON header, read without pickle).
 
     The header's meta holds the lineage (``mlflow_run_id``, ``step``, ``task_digest``,
     ``config_digest``), the step size and, for HyperAdam, J.
     """
     import torch
-
-    # Imported here: export depends on meta_train, so meta_train never imports export at
-    # module level (the θ file format is export's contract with the runtime).
-    from export.theta_io import save_theta as write_theta
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

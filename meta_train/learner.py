@@ -43,13 +43,9 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from .meta_update import adam_arrays, init_meta_state, meta_update
 from .run_config import RunConfig
-from .training import (
-    apply_meta_gradient,
-    average_gradients,
-    init_theta_flat,
-    make_meta_optimizer,
-)
+from .training import init_theta_flat
 from .worker import (
     FaultInjection,
     GradientWorker,
@@ -185,21 +181,6 @@ def check_state(config: RunConfig, state: LearnerState) -> None:
     _check_replay_records(state, config)
 
 
-def adam_state_arrays(meta_opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
-    state = meta_opt.state_dict()["state"]
-    if not state:
-        return {}
-    return {k: np.array(torch.as_tensor(v).detach().numpy()) for k, v in state[0].items()}
-
-
-def load_adam_state(meta_opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
-    if not arrays:
-        return
-    state_dict = meta_opt.state_dict()
-    state_dict["state"] = {0: {k: torch.tensor(v) for k, v in arrays.items()}}
-    meta_opt.load_state_dict(state_dict)
-
-
 @dataclasses.dataclass
 class _Worker:
     index: int
@@ -256,13 +237,10 @@ class Learner:
         self.truncations = config.unroll.truncations_per_trajectory
         optimizer = config.make_optimizer()
         if state is None:
-            theta = init_theta_flat(optimizer, config.seed, config.init)
+            theta = init_theta_flat(optimizer, config.seed, config.init, config.experimental)
             state = LearnerState(0, theta.numpy(), {}, (None,) * self.meta_batch)
         check_state(config, state)
-        self.step = state.step
-        self.theta = torch.tensor(state.theta).requires_grad_(True)
-        self.meta_opt = make_meta_optimizer(self.theta, config.meta_optim)
-        load_adam_state(self.meta_opt, state.adam)
+        self._meta = init_meta_state(torch.tensor(state.theta), step=state.step, adam=state.adam)
         # What rebuilds every slot's trajectory: its replay base (None: the trajectory's start),
         # the θ version of each meta-step since, and the θs of every version still needed.
         self._bases: list[TrajectoryArrays | None] = list(state.trajectories)
@@ -285,10 +263,9 @@ class Learner:
 
     def start(self) -> None:
         """Creates the workers and waits until each has built its task family."""
-        remote_cls = ray.remote(max_restarts=0, max_task_retries=0, **self.worker_resources)(
-            self.worker_class
+        self._remote_cls: Any = ray.remote(self.worker_class).options(
+            max_restarts=0, max_task_retries=0, **self.worker_resources
         )
-        self._remote_cls = remote_cls
         for i in range(self.num_workers):
             slots = tuple(range(i, self.meta_batch, self.num_workers))
             self._workers.append(_Worker(i, slots, self._new_actor(i), self.step))
@@ -364,7 +341,7 @@ class Learner:
         return LearnerState(
             step=self.step,
             theta=self.theta_numpy(),
-            adam=adam_state_arrays(self.meta_opt),
+            adam=adam_arrays(self._meta),
             trajectories=tuple(self._bases),
             rejected_total=self.rejected_total,
             worker_restarts=self.worker_restarts,
@@ -373,8 +350,17 @@ class Learner:
             stale_rejected_total=self.stale_rejected_total,
         )
 
+    @property
+    def step(self) -> int:
+        """Meta-updates applied: θ is θ_step."""
+        return self._meta.step
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self._meta.theta
+
     def theta_numpy(self) -> np.ndarray:
-        return self.theta.detach().numpy().copy()
+        return self.theta.numpy().copy()
 
     def worker_pids(self) -> list[int | None]:
         """Process ids of the workers (as last reported; None for a fresh replacement)."""
@@ -418,7 +404,8 @@ class Learner:
 
     def _submit(self, w: _Worker) -> None:
         k = w.next_step
-        items, replay_thetas = [], {}
+        items: list[SlotWork] = []
+        replay_thetas: dict[int, np.ndarray] = {}
         for slot in w.slots:
             rebuild = None
             if k % self.truncations and w.held.get(slot) != k - 1:
@@ -536,27 +523,24 @@ class Learner:
     def _apply_update(self) -> StepReport:
         k = self.step
         results = [self._results.pop((k, b)) for b in range(self.meta_batch)]
-        # Same operations, same order as train_local: the mean over finite gradients in slot
-        # order, clip, one Adam step; nothing at all when every gradient is rejected.
-        grads = [torch.tensor(r.meta_grad) for r in results if r.finite]
-        rejected = len(results) - len(grads)
-        self.rejected_total += rejected
-        norm = math.nan
-        if grads:
-            grad, norm = average_gradients(grads, self.config.meta_optim.clip_norm)
-            lr = self.config.meta_optim.lr_at(k)
-            apply_meta_gradient(self.theta, self.meta_opt, grad, lr)
+        # The update train_local applies too (meta_update: reject, average, clip, Adam).
+        self._meta, update = meta_update(
+            self._meta,
+            [torch.from_numpy(np.asarray(r.meta_grad)) for r in results],
+            self.config.meta_optim,
+            self.config.experimental,
+        )
+        self.rejected_total += update.rejected
         self._record_versions(k, results)
-        self.step = k + 1
         self._put_theta()
         now = time.perf_counter()
         wall, self._last_update = now - self._last_update, now
         return StepReport(
             step=k,
             meta_loss=sum(r.meta_loss for r in results) / len(results),
-            grad_norm=norm,
-            accepted=len(grads),
-            rejected=rejected,
+            grad_norm=update.grad_norm,
+            accepted=update.accepted,
+            rejected=update.rejected,
             rejected_total=self.rejected_total,
             staleness=tuple(k - r.version for r in results),
             inner_steps=self.meta_batch * self.config.unroll.truncation,

@@ -12,7 +12,7 @@ and a few numbers. Trajectories (O(p·J)) stay on the workers.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class TrajectoryArrays:
             state_fields=tuple(state._fields),
         )
 
-    def to_trajectory(self, state_type: type) -> Trajectory:
+    def to_trajectory(self, state_type: Any) -> Trajectory:  # state_type: a NamedTuple class
         """Copies back into torch (arrays received from Ray are read-only views)."""
         import torch
 

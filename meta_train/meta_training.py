@@ -3,9 +3,10 @@
 ``start_run`` creates an MLflow run and trains; ``resume_run`` continues a run from its newest
 valid checkpoint (local work folder or MLflow artifacts), after checking that the given config
 matches the run's logged identity; ``continue_from_checkpoint`` continues a checkpoint file in a
-new run (when the original tracking store is gone). All go through ``_train``, which wires the
-learner's per-step reports to the tracker, the progress bar, periodic validation (best θ kept),
-periodic checkpoints and the plot. Ctrl-C (or SIGTERM) stops after the current step and writes a
+new run (when the original tracking store is gone). All go through ``_Training``, whose methods
+are the phases: each learner report goes to the tracker and the progress bar, then periodic
+validation (best θ kept), periodic checkpoints and the plot; ``finish`` ends the run. MLflow is
+reached only through ``tracking``. Ctrl-C (or SIGTERM) stops after the current step and writes a
 checkpoint; a second Ctrl-C aborts at once.
 
 Work folder layout (``<work_dir>/<run_id>/``): ``run_config.json``, ``checkpoints/``,
@@ -41,12 +42,23 @@ from .run_config import (
     identity_params,
     merge,
 )
-from .tracking import Tracker, TrackingError, get_run, make_client, require_store
+from .tracking import (
+    Tracker,
+    TrackingError,
+    download_artifact,
+    experiment_id_of,
+    get_run,
+    list_artifact_paths,
+    make_client,
+    require_store,
+)
 from .validation import VALIDATION_BEST, Validator
 from .worker import FaultInjection
 
 # Validation may differ in a new run that continues a checkpoint file (it does not steer θ).
 VALIDATION_PREFIX = "validation."
+# Identity params that only decide how θ is validated; a continued run may change them.
+VALIDATION_FREE = (VALIDATION_PREFIX, "experimental.validation_score")
 
 CHECKPOINT_DIR = "checkpoints"  # local folder and MLflow artifact path
 KEEP_LOCAL_CHECKPOINTS = 2
@@ -152,7 +164,7 @@ def continue_from_checkpoint(
         overrides,
         identity_params(checkpoint.config),
         f"cannot continue from {path}: the config differs from the checkpoint's in ",
-        free=(VALIDATION_PREFIX,),
+        free=VALIDATION_FREE,
     )
     config = dataclasses.replace(config, workers=_given_workers(overrides))
     checkpoint, restarted = validation_restarted(checkpoint, config)
@@ -173,7 +185,11 @@ def validation_restarted(checkpoint: Checkpoint, config: RunConfig) -> tuple[Che
     (e.g. on a held-out evaluation seed); but a best θ or a curve measured the old way cannot be
     compared with the new measurements, so both are dropped then.
     """
-    if RunConfig.from_dict(checkpoint.config).validation == config.validation:
+    saved = RunConfig.from_dict(checkpoint.config)
+    if (saved.validation, saved.experimental.validation_score) == (
+        config.validation,
+        config.experimental.validation_score,
+    ):
         return checkpoint, False
     history = dataclasses.replace(checkpoint.history, validation_steps=(), validation_loss=())
     return dataclasses.replace(checkpoint, history=history, best=None), True
@@ -279,141 +295,175 @@ def _train(
     options: Options,
     family_digest: str,
 ) -> RunSummary:
-    stream = options.stream if options.stream is not None else sys.stderr
-    run_dir = options.work_dir / tracker.run_id
-    history = checkpoint.history if checkpoint is not None else History()
-    best = checkpoint.best if checkpoint is not None else None
-    with _failed_on_error(tracker, config):
-        learner = Learner(
-            config,
-            state=checkpoint.learner if checkpoint is not None else None,
-            data_dir=options.data_dir,
-            faults=options.faults,
-        )
-        optimizer = config.make_optimizer()
-        validator = Validator(
-            config.validation, optimizer, lr=config.unroll.lr, data_dir=options.data_dir
-        )
-    progress = ProgressBar(
-        config.steps, start=learner.step, stream=stream, enabled=options.progress
-    )
-    if best is not None:
-        progress.set_validation(history.validation_loss[-1], best.loss)
-    lineage = {
-        "mlflow_run_id": tracker.run_id,
-        "tracking_uri": config.tracking.uri,
-        "task_digest": family_digest,
-        "config_digest": config_digest(config),
-    }
-    state = {"history": history, "best": best}
+    return _Training(config, tracker, checkpoint, options, family_digest).run()
 
-    def write_checkpoint() -> None:
-        path = run_dir / CHECKPOINT_DIR / ckpt_lib.checkpoint_name(learner.step)
+
+class _Training:
+    """One pass of training, from a fresh start or a checkpoint, to the end or a stop.
+
+    Owns what the phases share: the learner, the validator, the progress bar, the history of
+    losses and the best θ. ``run`` drives the learner; after each update ``on_step`` logs it
+    and runs the phases that are due (``validate``, ``write_checkpoint``); ``finish`` writes
+    the final checkpoint, θ and plot and closes the MLflow run with the right status.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        tracker: Tracker,
+        checkpoint: Checkpoint | None,
+        options: Options,
+        family_digest: str,
+    ) -> None:
+        self.config = config
+        self.tracker = tracker
+        self.family_digest = family_digest
+        self.run_dir = options.work_dir / tracker.run_id
+        self.history = checkpoint.history if checkpoint is not None else History()
+        self.best = checkpoint.best if checkpoint is not None else None
+        with _failed_on_error(tracker, config):
+            self.learner = Learner(
+                config,
+                state=checkpoint.learner if checkpoint is not None else None,
+                data_dir=options.data_dir,
+                faults=options.faults,
+            )
+            self.optimizer = config.make_optimizer()
+            self.validator = Validator(
+                config.validation,
+                self.optimizer,
+                lr=config.unroll.lr,
+                data_dir=options.data_dir,
+                score=config.experimental.validation_score,
+            )
+        self.progress = ProgressBar(
+            config.steps,
+            start=self.learner.step,
+            stream=options.stream if options.stream is not None else sys.stderr,
+            enabled=options.progress,
+        )
+        if self.best is not None:
+            self.progress.set_validation(self.history.validation_loss[-1], self.best.loss)
+        self.lineage = {
+            "mlflow_run_id": tracker.run_id,
+            "tracking_uri": config.tracking.uri,
+            "task_digest": family_digest,
+            "config_digest": config_digest(config),
+        }
+
+    # -- the phases --------------------------------------------------------------------------
+
+    def write_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT_DIR / ckpt_lib.checkpoint_name(self.learner.step)
         ckpt_lib.save(
             path,
             Checkpoint(
-                config=config.to_dict(),
-                learner=learner.state(),
-                history=state["history"],
-                best=state["best"],
-                run_id=tracker.run_id,
-                family_digest=family_digest,
+                config=self.config.to_dict(),
+                learner=self.learner.state(),
+                history=self.history,
+                best=self.best,
+                run_id=self.tracker.run_id,
+                family_digest=self.family_digest,
             ),
         )
-        tracker.log_artifact(path, CHECKPOINT_DIR)
+        self.tracker.log_artifact(path, CHECKPOINT_DIR)
         _prune_local_checkpoints(path.parent)
 
-    def write_plot() -> None:
-        path = run_dir / "plots" / "meta_training.png"
-        save_training_plot(path, state["history"], title=f"{config.optimizer} {tracker.run_id}")
-        tracker.log_artifact(path, "plots")
+    def write_plot(self) -> None:
+        path = self.run_dir / "plots" / "meta_training.png"
+        title = f"{self.config.optimizer} {self.tracker.run_id}"
+        save_training_plot(path, self.history, title=title)
+        self.tracker.log_artifact(path, "plots")
 
-    def validate(step: int) -> None:
-        result = validator(step, learner.theta_numpy())
-        state["history"] = state["history"].with_validation(step, result.final_loss)
-        current = state["best"]
-        if current is None or result.final_loss < current.loss:
-            state["best"] = BestTheta(step, result.final_loss, learner.theta_numpy())
-            path = ckpt_lib.save_theta(
-                run_dir / "theta" / "best" / ckpt_lib.THETA_FILE,
-                optimizer=optimizer,
-                theta=state["best"].theta,
-                lr=config.unroll.lr,
-                lineage={**lineage, "step": step, "validation_final_loss": result.final_loss},
-            )
-            tracker.log_artifact(path, "theta/best")
-        best_loss = state["best"].loss
-        tracker.log_metrics(step, {**result.metrics(), VALIDATION_BEST: best_loss})
-        progress.set_validation(result.final_loss, best_loss)
-        write_plot()
+    def write_theta(self, which: str, step: int, theta: Any, **lineage: Any) -> None:
+        """θ as ``theta/<which>/theta.npz``, locally and as an artifact."""
+        path = ckpt_lib.save_theta(
+            self.run_dir / "theta" / which / ckpt_lib.THETA_FILE,
+            optimizer=self.optimizer,
+            theta=theta,
+            lr=self.config.unroll.lr,
+            lineage={**self.lineage, "step": step, **lineage},
+        )
+        self.tracker.log_artifact(path, f"theta/{which}")
 
-    def on_step(report: StepReport) -> None:
+    def validate(self, step: int) -> None:
+        result = self.validator(step, self.learner.theta_numpy())
+        self.history = self.history.with_validation(step, result.score)
+        if self.best is None or result.score < self.best.loss:
+            self.best = BestTheta(step, result.score, self.learner.theta_numpy())
+            self.write_theta("best", step, self.best.theta, validation_score=result.score)
+        self.tracker.log_metrics(step, {**result.metrics(), VALIDATION_BEST: self.best.loss})
+        self.progress.set_validation(result.score, self.best.loss)
+        self.write_plot()
+
+    def on_step(self, report: StepReport) -> None:
         step = report.step + 1  # θ version after this update
-        tracker.log_metrics(report.step, report.metrics())
-        state["history"] = state["history"].with_step(report.step, report.meta_loss)
-        if validator.due(step, config.steps):
-            validate(step)
-        progress.update(step, report.meta_loss, report.inner_steps)
-        every = config.checkpoint_every
-        if every and step % every == 0 and step < config.steps:
-            write_checkpoint()
+        self.tracker.log_metrics(report.step, report.metrics())
+        self.history = self.history.with_step(report.step, report.meta_loss)
+        if self.validator.due(step, self.config.steps):
+            self.validate(step)
+        self.progress.update(step, report.meta_loss, report.inner_steps)
+        every = self.config.checkpoint_every
+        if every and step % every == 0 and step < self.config.steps:
+            self.write_checkpoint()
 
-    status, interrupted, aborted = "FINISHED", False, False
-    with _stop_on_signals(progress) as stop:
-        try:
-            learner.start()
-            learner.run(config.steps, on_step, should_stop=stop.is_set)
-            interrupted = learner.step < config.steps
-        except Exception:
-            # Whatever stops the loop (a dead cluster, a full disk, a bug) ends the run FAILED,
-            # never FINISHED or RUNNING; the committed state is still checkpointed below.
-            status = "FAILED"
-            raise
-        except KeyboardInterrupt:
-            # A second Ctrl-C: the learner may be mid-update, so no checkpoint is written;
-            # the last periodic one stays the resume point.
-            status, aborted = "KILLED", True
-            raise
-        finally:
-            progress.close()
-            if interrupted:
-                status = "KILLED"
-                progress.note(f"interrupted at step {learner.step}: writing a checkpoint")
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        status, interrupted, aborted = "FINISHED", False, False
+        with _stop_on_signals(self.progress) as stop:
             try:
-                if not aborted:
-                    write_checkpoint()
-                if status == "FINISHED":
-                    path = ckpt_lib.save_theta(
-                        run_dir / "theta" / "final" / ckpt_lib.THETA_FILE,
-                        optimizer=optimizer,
-                        theta=learner.theta_numpy(),
-                        lr=config.unroll.lr,
-                        lineage={**lineage, "step": learner.step},
-                    )
-                    tracker.log_artifact(path, "theta/final")
-                if not aborted:
-                    write_plot()
-                tracker.set_tags({"hyperadam.last_step": learner.step})
+                self.learner.start()
+                self.learner.run(self.config.steps, self.on_step, should_stop=stop.is_set)
+                interrupted = self.learner.step < self.config.steps
             except Exception:
-                status = "FAILED"  # the final checkpoint, θ or plot could not be written
+                # Whatever stops the loop (a dead cluster, a full disk, a bug) ends the run
+                # FAILED, never FINISHED or RUNNING; the committed state is still checkpointed.
+                status = "FAILED"
+                raise
+            except KeyboardInterrupt:
+                # A second Ctrl-C: the learner may be mid-update, so no checkpoint is written;
+                # the last periodic one stays the resume point.
+                status, aborted = "KILLED", True
                 raise
             finally:
-                learner.close()
-                delivered = _close_tracker(tracker, status, config, progress, aborted)
-    best_final = state["best"]
-    return RunSummary(
-        run_id=tracker.run_id,
-        experiment_id=_experiment_id(tracker),
-        tracking_uri=config.tracking.uri,
-        step=learner.step,
-        steps=config.steps,
-        interrupted=interrupted,
-        delivered=delivered,
-        best=None if best_final is None else (best_final.step, best_final.loss),
-        run_dir=run_dir,
-        spool=tracker.spool,
-        optimizer=config.optimizer,
-    )
+                delivered = self.finish(status, interrupted, aborted)
+        return RunSummary(
+            run_id=self.tracker.run_id,
+            experiment_id=experiment_id_of(self.tracker.client, self.tracker.run_id),
+            tracking_uri=self.config.tracking.uri,
+            step=self.learner.step,
+            steps=self.config.steps,
+            interrupted=interrupted,
+            delivered=delivered,
+            best=None if self.best is None else (self.best.step, self.best.loss),
+            run_dir=self.run_dir,
+            spool=self.tracker.spool,
+            optimizer=self.config.optimizer,
+        )
+
+    def finish(self, status: str, interrupted: bool, aborted: bool) -> bool:
+        """Writes what the end of a run keeps, then closes the MLflow run; True if everything
+        reached the tracking server."""
+        self.progress.close()
+        if interrupted:
+            status = "KILLED"
+            self.progress.note(f"interrupted at step {self.learner.step}: writing a checkpoint")
+        try:
+            if not aborted:
+                self.write_checkpoint()
+            if status == "FINISHED":
+                self.write_theta("final", self.learner.step, self.learner.theta_numpy())
+            if not aborted:
+                self.write_plot()
+            self.tracker.set_tags({"hyperadam.last_step": self.learner.step})
+        except Exception:
+            status = "FAILED"  # the final checkpoint, θ or plot could not be written
+            raise
+        finally:
+            self.learner.close()
+            delivered = _close_tracker(self.tracker, status, self.config, self.progress, aborted)
+        return delivered
 
 
 @contextlib.contextmanager
@@ -466,13 +516,6 @@ def _close_tracker(
     return delivered
 
 
-def _experiment_id(tracker: Tracker) -> str:
-    try:
-        return tracker.client.get_run(tracker.run_id).info.experiment_id
-    except Exception:  # noqa: BLE001 - only for the summary line
-        return "?"
-
-
 # -- checkpoints and configs ------------------------------------------------------------------
 
 
@@ -499,10 +542,10 @@ def _newest_checkpoint(
             if step is not None:
                 sources.setdefault(step, []).append(("local", path))
     try:
-        for info in client.list_artifacts(run_id, CHECKPOINT_DIR):
-            step = ckpt_lib.step_of(Path(info.path).name)
+        for artifact in list_artifact_paths(client, run_id, CHECKPOINT_DIR):
+            step = ckpt_lib.step_of(Path(artifact).name)
             if step is not None:
-                sources.setdefault(step, []).append(("mlflow", info.path))
+                sources.setdefault(step, []).append(("mlflow", artifact))
     except Exception as error:  # noqa: BLE001 - the server may be away; local copies remain
         _note(options, f"hyperadam: warning: cannot list the run's checkpoints: {error}")
     for step in sorted(sources, reverse=True):
@@ -533,7 +576,7 @@ def _load_checkpoint_copy(
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=run_dir) as tmp:
         try:
-            path = client.download_artifacts(run_id, ref, tmp)
+            path = download_artifact(client, run_id, ref, tmp)
         except Exception as error:  # noqa: BLE001 - one store's failure is one bad copy
             raise CheckpointError(f"cannot download {ref}: {error}") from None
         return ckpt_lib.load(path)
@@ -544,8 +587,8 @@ def _logged_config(client: Any, run_id: str, run_dir: Path) -> dict[str, Any]:
     if local.is_file():
         return json.loads(local.read_text())
     try:
-        path = client.download_artifacts(run_id, "config/run_config.json", str(run_dir))
-        return json.loads(Path(path).read_text())
+        path = download_artifact(client, run_id, "config/run_config.json", run_dir)
+        return json.loads(path.read_text())
     except Exception as error:  # noqa: BLE001
         raise UsageError(
             f"run {run_id} has neither a checkpoint nor config/run_config.json: {error}"

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .optimizers.base import LearnedOptimizer
+from .optimizers.base import LearnedUpdateRule
 from .seeding import derive_seed, generator
 from .tasks.base import Task
 from .unroll import LOG_FLOOR, Trajectory, UnrollConfig, batch_generator, start_trajectory
@@ -58,7 +58,7 @@ class PESResult(NamedTuple):
 
 
 def start_particle(
-    optimizer: LearnedOptimizer, task: Task, seed: int, num_theta: int
+    optimizer: LearnedUpdateRule, task: Task, seed: int, num_theta: int
 ) -> PESParticle:
     """Both trajectories start where a TBPTT trajectory of ``seed`` would; ξ = 0."""
     trajectory = start_trajectory(optimizer, task, seed)
@@ -73,7 +73,7 @@ def perturbation(run_seed: int, slot: int, step: int, num_theta: int, sigma: flo
 
 @torch.no_grad()
 def run_truncation(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     theta_flat: Tensor,
     task: Task,
     trajectory: Trajectory,
@@ -102,7 +102,7 @@ def run_truncation(
 
 
 def pes_truncation(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     theta_flat: Tensor,
     task: Task,
     particle: PESParticle,

@@ -221,7 +221,10 @@ def ratio_rows(rows: list[GridRow], results: dict[str, Any]) -> list[dict[str, A
             continue
         cells = results.get(row.task, {})
         learned, adam = cells.get("hyperadam"), cells.get("adam")
-        ours = runs = None
+        ours: float | None = None
+        runs: int | None = None
+        mean_learned: float | None
+        mean_adam: float | None
         if learned and adam and "status" not in learned and "status" not in adam:
             paired = _paired_final_losses(learned, adam) if row.metric == "final_loss" else None
             if paired is not None:
@@ -231,11 +234,15 @@ def ratio_rows(rows: list[GridRow], results: dict[str, Any]) -> list[dict[str, A
                 runs = min(learned["runs"], adam["runs"])
             if mean_learned is not None and mean_adam:
                 ours = mean_learned / mean_adam
-        paper = (row.paper.get("hyperadam"), row.paper.get("adam"))
+        paper_learned, paper_adam = row.paper.get("hyperadam"), row.paper.get("adam")
         out.append(
             {
                 "row": f"{row.section}: {row.label}",
-                "paper": paper[0] / paper[1] if None not in paper else None,
+                "paper": (
+                    paper_learned / paper_adam
+                    if paper_learned is not None and paper_adam is not None
+                    else None
+                ),
                 "ours": ours,
                 "runs": runs,
             }

@@ -7,6 +7,7 @@ from typing import Any
 
 from .errors import UsageError
 from .optimizers.base import UpdateRule
+from .theta_source import load_theta_source
 
 BASELINES = ("adam", "sgd", "momentum", "rmsprop", "adagrad", "adadelta")
 LEARNED = ("hyperadam", "rnnprop", "dm")
@@ -51,8 +52,6 @@ def resolve_optimizer(
                 f"unknown optimizer {name!r}: not one of {', '.join(BASELINES + LEARNED)} "
                 "and no such file or folder"
             )
-    from export.theta_io import load_theta_source
-
     try:
         optimizer, theta = load_theta_source(source)
     except (FileNotFoundError, ValueError) as error:

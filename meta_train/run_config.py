@@ -8,26 +8,37 @@ timeouts, checkpoint period, tracking location) may differ when a run is resumed
 The optimizer chooses its recipe (spec §3, §7): HyperAdam averages the meta-loss over the
 truncation and trains with both tricks; RNNprop scores the last step and uses both tricks;
 DMoptimizer averages and uses neither. ``build_config`` starts from that recipe and applies the
-values of a config file and of command-line flags on top.
+values of a config file and of command-line flags on top. Experiments beyond the recipe live in
+one section, ``experimental`` (``experimental.ExperimentalConfig``).
+
+The identity carries a schema version (``SCHEMA_VERSION``): at schema 2 it is the whole config
+but the execution fields, with ``"schema": 2`` (fields added since are left out at the value
+earlier runs used, ``_SCHEMA_2_OMITTED``). Runs recorded before schema versions (schema 1)
+left out every field added after them at its recorded value, and kept the experiments inside
+``init``, ``meta_optim`` and ``validation``; their identity is still computed exactly
+(``identity(config, schema=1)``), so their logged params, digests and θ lineage still verify,
+and their config files and checkpoints still load (``from_dict`` reads both layouts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import config as config_lib
+from .experimental import AdamStart, ExperimentalConfig
 from .optimizers.hyperadam import IMPLEMENTATIONS
 from .smoke_family import QuadraticFamily, QuadraticFamilyConfig
 from .tasks.base import TaskFamily
 from .tasks.family import (
     DM_FAMILY,
     HYPERADAM_FAMILY,
-    LEGACY_SETTINGS,
     RNNPROP_FAMILY,
     MetaTaskFamily,
     MetaTaskFamilyConfig,
@@ -35,10 +46,10 @@ from .tasks.family import (
 from .training import MetaOptimConfig, ThetaInitConfig
 from .unroll import UnrollConfig
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: JSON config files only
-    tomllib = None  # type: ignore[assignment]
+else:  # Python 3.10: JSON config files only
+    tomllib = None
 
 OPTIMIZERS = ("hyperadam", "rnnprop", "dm")
 DEVICES = ("cpu", "cuda")  # where gradient workers meta-train
@@ -46,7 +57,7 @@ TASKS = ("mnist", "quadratic")  # meta-training task families
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "hyperadam"
 DEFAULT_VALIDATION_TASK = "mnist-nn-sigmoid-100"
-VALIDATION_SCORES = ("loss", "adam_ratio")
+SCHEMA_VERSION = 2  # of the identity; bump when a field's meaning or the layout changes
 # Fields that may change when a run is resumed: they decide how and where the run executes,
 # never what θ becomes. Everything else must match the run's logged params.
 MUTABLE_ON_RESUME = (
@@ -58,20 +69,39 @@ MUTABLE_ON_RESUME = (
     "max_worker_restarts",
     "tracking",
 )
-# Fields added after runs were recorded, at the value that reproduces what those runs did. At
-# that value they stay out of the identity, so earlier runs, checkpoints and digests stay valid.
-# A dotted name reaches into a section ("validation.score").
-LEGACY_DEFAULTS: dict[str, Any] = {
-    "init": ThetaInitConfig(),
+# Schema 1, frozen: the fields it left out of the identity at the value those runs used (added
+# after runs were recorded), in its own layout. A dotted name reaches into a section.
+_SCHEMA_1_INIT = {
+    "kind": "spec",
+    "adam_lr": 0.0220971,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "theta": None,
+    "theta_sha256": None,
+    "pre_kernel_scale": 1.0,
+}
+# Fields added after schema 2 was introduced: its identity leaves them out at these values (what
+# every run before them did), so the digests of the runs it recorded stay valid.
+_SCHEMA_2_OMITTED: dict[str, Any] = {"device": "cpu", "batch_slots": False}
+_SCHEMA_1_OMITTED: dict[str, Any] = {
+    "init": _SCHEMA_1_INIT,
     "init.theta": None,
     "init.theta_sha256": None,
     "init.pre_kernel_scale": 1.0,
     "validation.score": "loss",
     "meta_optim.half_life": None,
-    "device": "cpu",
-    "batch_slots": False,
-    **{f"family.{name}": value for name, value in LEGACY_SETTINGS.items()},
+    "family.model": "mlp",
+    "family.lstm_layers": 1,
+    "family.noise_std": 0.1,
+    **_SCHEMA_2_OMITTED,
 }
+# Schema 1's places of the experiments: (section, field) → experimental field.
+_SCHEMA_1_PLACES = {
+    ("init", "pre_kernel_scale"): "pre_kernel_scale",
+    ("meta_optim", "half_life"): "meta_lr_half_life",
+    ("validation", "score"): "validation_score",
+}
+_SCHEMA_1_ADAM = {"adam_lr": "lr", "beta1": "beta1", "beta2": "beta2"}  # init.X → adam_start.Y
 
 _RECIPES = {
     # optimizer → (meta-loss over a truncation, MNIST family with its tricks)
@@ -113,10 +143,6 @@ class ValidationConfig:
     # Not 0: `hyperadam reproduce` reports seed 0's runs, and the best θ is selected on these,
     # so the report's runs must not be the ones θ was selected on.
     seed: int = 1
-    # "loss": a task scores its mean final loss; "adam_ratio": that divided by the mean final
-    # loss of Adam (the task's tuned lr, same runs), so tasks of different loss scales (MLP
-    # cross-entropy, LSTM squared error) weigh alike and 1.0 means "as good as Adam".
-    score: str = "loss"
 
     def __post_init__(self) -> None:
         from .tasks.suite import TEST_TASKS
@@ -135,10 +161,6 @@ class ValidationConfig:
         _check_int("validation.every", self.every, 0)
         _check_int("validation.steps", self.steps, 1, allow_none=True)
         _check_int("validation.seed", self.seed, 0)
-        if self.score not in VALIDATION_SCORES:
-            raise ValueError(
-                f"validation.score must be one of {VALIDATION_SCORES}, got {self.score!r}"
-            )
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -186,9 +208,10 @@ class RunConfig:
       checkpoint_every: meta-steps between checkpoints; 0 = only at the end and on Ctrl-C.
       unroll: horizon, truncation, meta-loss and inner step size.
       meta_optim: Adam on θ (lr 1e-4) and optional clipping.
-      init: where θ starts (the spec's random init, or an experiment's Adam reduction).
+      init: where θ starts (the spec's random init, or a given θ).
       family: the task family's config (``MetaTaskFamilyConfig`` or ``QuadraticFamilyConfig``).
       validation: periodic validation.
+      experimental: the experiments beyond the paper's recipe (all off by default).
       tracking: MLflow location.
       call_timeout_s: a worker call running longer is treated as a dead worker.
       worker_start_timeout_s: how long the workers may take to start (an autoscaling cluster
@@ -215,6 +238,7 @@ class RunConfig:
     init: ThetaInitConfig = ThetaInitConfig()
     family: FamilyConfig = HYPERADAM_FAMILY
     validation: ValidationConfig = ValidationConfig()
+    experimental: ExperimentalConfig = ExperimentalConfig()
     tracking: TrackingConfig = TrackingConfig()
     call_timeout_s: float = 900.0
     worker_start_timeout_s: float = 900.0
@@ -240,8 +264,10 @@ class RunConfig:
                 f"num_candidates (J) applies to hyperadam only; {self.optimizer} needs 20, "
                 f"got {self.num_candidates}"
             )
-        if self.init.kind == "adam" and self.optimizer != "hyperadam":
-            raise ValueError(f"init.kind 'adam' applies to hyperadam only, not {self.optimizer}")
+        if self.experimental.adam_start is not None and self.optimizer != "hyperadam":
+            raise ValueError(
+                f"experimental.adam_start applies to hyperadam only, not {self.optimizer}"
+            )
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"unknown implementation {self.implementation!r}; "
@@ -284,6 +310,10 @@ class RunConfig:
         # More workers than slots would only hold CPUs: each worker owns at least one slot.
         return dataclasses.replace(self, workers=min(workers, meta_batch), meta_batch=meta_batch)
 
+    def meta_lr_at(self, step: int) -> float:
+        """The meta lr of meta-step ``step`` (0-based): ``meta_optim.lr``, on a schedule if any."""
+        return self.experimental.meta_lr_at(self.meta_optim.lr, step)
+
     def make_optimizer(self):
         """The learned optimizer this run trains (fresh, θ not initialised)."""
         from .optimizers import make_learned_optimizer
@@ -308,43 +338,123 @@ class RunConfig:
         return _from_plain(data)
 
 
-def identity(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
+def identity(
+    config: RunConfig | Mapping[str, Any], *, schema: int = SCHEMA_VERSION
+) -> dict[str, Any]:
     """The part of the config that decides θ (logged as params, compared on resume).
 
-    Accepts a ``RunConfig`` or its plain data (possibly not yet validated).
+    Accepts a ``RunConfig`` or its plain data (possibly not yet validated, in either layout).
+    ``schema`` 1 gives the identity that runs recorded before schema versions logged.
     """
-    plain = dict(config.to_dict() if isinstance(config, RunConfig) else config)
+    if schema not in (1, SCHEMA_VERSION):
+        raise ValueError(f"unknown identity schema {schema!r}; known: 1, {SCHEMA_VERSION}")
+    if isinstance(config, Mapping):
+        # Completed when valid (fields a saved config predates take their defaults); an
+        # invalid one is compared as it is, so that its fields show in the mismatches.
+        with contextlib.suppress(ValueError):
+            config = RunConfig.from_dict(config)
+    plain = config.to_dict() if isinstance(config, RunConfig) else schema_2_layout(config)
     for name in MUTABLE_ON_RESUME:
         plain.pop(name, None)
-    for name, legacy in LEGACY_DEFAULTS.items():
+    if schema == SCHEMA_VERSION:
+        for name, omitted in _SCHEMA_2_OMITTED.items():
+            if plain.get(name) == omitted:
+                del plain[name]
+        return {"schema": SCHEMA_VERSION, **plain}
+    plain = _schema_1_layout(plain)
+    for name, omitted in _SCHEMA_1_OMITTED.items():
         *sections, field = name.split(".")
         table: dict[str, Any] | None = plain
-        for section in sections:  # copied on the way down: the caller's data stays as it was
+        for section in sections:
+            assert table is not None  # the loop breaks when it becomes None
             inner = table.get(section)
             if not isinstance(inner, Mapping):
                 table = None
                 break
             table[section] = table = dict(inner)
-        if table is not None and field in table and table[field] == config_lib.to_plain(legacy):
+        if table is not None and field in table and table[field] == omitted:
             del table[field]
     return plain
 
 
-def identity_params(config: RunConfig | Mapping[str, Any]) -> dict[str, str]:
+def schema_2_layout(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain config data with schema 1's experiment fields moved into ``experimental``.
+
+    Schema 1 kept them in ``init`` (``kind = "adam"`` with ``adam_lr``/``beta1``/``beta2``,
+    ``pre_kernel_scale``), ``meta_optim.half_life`` and ``validation.score``. A value in its
+    old place wins over one in ``experimental``: an old config file given on top of a saved
+    config is the later layer. The caller's data is not changed.
+    """
+    plain = dict(data)
+    experimental = dict(plain.get("experimental") or {})
+    for (section, field), target in _SCHEMA_1_PLACES.items():
+        table = plain.get(section)
+        if isinstance(table, Mapping) and field in table:
+            table = dict(table)
+            experimental[target] = table.pop(field)
+            plain[section] = table
+    init = plain.get("init")
+    if isinstance(init, Mapping) and (
+        init.get("kind") == "adam" or _SCHEMA_1_ADAM.keys() & init.keys()
+    ):
+        init = dict(init)
+        adam = {new: init.pop(old) for old, new in _SCHEMA_1_ADAM.items() if old in init}
+        if init.get("kind") == "adam":
+            init["kind"] = "spec"
+            experimental["adam_start"] = adam
+        plain["init"] = init
+    if experimental:
+        plain["experimental"] = experimental
+    return plain
+
+
+def _schema_1_layout(plain: dict[str, Any]) -> dict[str, Any]:
+    """Schema-2 plain data in schema 1's layout (every field present, as its to_dict gave)."""
+    plain = dict(plain)
+    experimental = {**config_lib.to_plain(ExperimentalConfig()), **plain.pop("experimental", {})}
+    init = {**_SCHEMA_1_INIT, **plain.get("init", {})}
+    adam = experimental["adam_start"]
+    if adam is not None:
+        adam = {**config_lib.to_plain(AdamStart()), **adam}  # plain data may leave some out
+        init.update(kind="adam", adam_lr=adam["lr"], beta1=adam["beta1"], beta2=adam["beta2"])
+    plain["init"] = init
+    for (section, field), source in _SCHEMA_1_PLACES.items():
+        plain[section] = {**plain.get(section, {}), field: experimental[source]}
+    return plain
+
+
+def identity_params(
+    config: RunConfig | Mapping[str, Any], *, schema: int = SCHEMA_VERSION
+) -> dict[str, str]:
     """``identity`` flattened to dotted MLflow params (``unroll.horizon``)."""
-    return config_lib.flatten(identity(config))
+    return config_lib.flatten(identity(config, schema=schema))
 
 
-def config_digest(config: RunConfig) -> str:
-    """sha256 of the canonical JSON of the identity."""
-    return config_lib.digest(identity(config))
+def config_digest(config: RunConfig | Mapping[str, Any], *, schema: int = SCHEMA_VERSION) -> str:
+    """sha256 of the canonical JSON of the identity (at ``schema``; 1 for runs logged before
+    schema versions)."""
+    return config_lib.digest(identity(config, schema=schema))
+
+
+def logged_schema(logged: Mapping[str, str]) -> int:
+    """The identity schema of a run's logged params (1 if they predate schema versions)."""
+    value = logged.get("schema", "1")
+    if value not in ("1", str(SCHEMA_VERSION)):
+        raise ValueError(
+            f"the run's identity has schema {value}; this version of hyperadam reads 1 and "
+            f"{SCHEMA_VERSION}"
+        )
+    return int(value)
 
 
 def identity_mismatches(
     logged: Mapping[str, str], config: RunConfig | Mapping[str, Any]
 ) -> list[str]:
-    """Fields whose value differs from the logged params, as ``name (run: a, given: b)``."""
-    given = identity_params(config)
+    """Fields whose value differs from the logged params, as ``name (run: a, given: b)``.
+
+    The comparison is made at the schema the params were logged at.
+    """
+    given = identity_params(config, schema=logged_schema(logged))
     out = []
     for name in sorted(set(logged) | set(given)):
         if logged.get(name) != given.get(name):
@@ -446,13 +556,14 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 
 def _from_plain(data: Mapping[str, Any]) -> RunConfig:
-    values = _fields_of(RunConfig, data, "")
+    values = _fields_of(RunConfig, schema_2_layout(data) if isinstance(data, Mapping) else data, "")
     task = values.get("task", "mnist")
     nested = {
         "unroll": UnrollConfig,
         "meta_optim": MetaOptimConfig,
         "init": ThetaInitConfig,
         "validation": ValidationConfig,
+        "experimental": ExperimentalConfig,
         "tracking": TrackingConfig,
         "family": QuadraticFamilyConfig if task == "quadratic" else MetaTaskFamilyConfig,
     }

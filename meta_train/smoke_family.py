@@ -79,7 +79,3 @@ class QuadraticFamily(TaskFamily):
             "version": FAMILY_VERSION,
             "config": config_lib.to_plain(self.config),
         }
-
-    def digest(self) -> str:
-        """sha256 of the canonical JSON of ``to_dict()``."""
-        return config_lib.digest(self.to_dict())

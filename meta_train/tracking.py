@@ -231,7 +231,8 @@ class Tracker:
             if path.is_file():
                 self.log_artifact(path, artifact_path)
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        """Queues tags; values are logged as their ``str`` (MLflow tags are strings)."""
         with self._lock:
             self._append({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
@@ -327,7 +328,8 @@ class Tracker:
         first = self._queue[0]
         if first["op"] != "metrics":
             return first["op"], [first]
-        batch, count = [], 0
+        batch: list[dict[str, Any]] = []
+        count = 0
         for op in self._queue:
             if op["op"] != "metrics":
                 break
@@ -434,6 +436,26 @@ def get_run(client: Any, uri: str, run_id: str) -> Any:
         raise TrackingError(f"cannot read run {run_id} from {uri}: {_one_line(error)}") from None
     except Exception as error:  # noqa: BLE001
         raise TrackingError(f"cannot read run {run_id} from {uri}: {_one_line(error)}") from None
+
+
+def list_artifact_paths(client: Any, run_id: str, folder: str) -> list[str]:
+    """The paths of the artifacts directly under ``folder`` of ``run_id`` (the store's errors
+    propagate: the caller decides whether an unreachable store matters)."""
+    return [info.path for info in client.list_artifacts(run_id, folder)]
+
+
+def download_artifact(client: Any, run_id: str, path: str, dest: str | Path) -> Path:
+    """Downloads artifact ``path`` of ``run_id`` into the folder ``dest``; returns the local
+    path (the store's errors propagate)."""
+    return Path(client.download_artifacts(run_id, path, str(dest)))
+
+
+def experiment_id_of(client: Any, run_id: str) -> str:
+    """The experiment ``run_id`` belongs to, or "?" when the store cannot say (for summaries)."""
+    try:
+        return client.get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - only ever shown, never acted on
+        return "?"
 
 
 def mark_failed(client: Any, run_id: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .optimizers.base import LearnedOptimizer
+from .optimizers.base import LearnedUpdateRule
 from .seeding import generator
 from .tasks.base import Task
 
@@ -78,18 +78,19 @@ def batch_generator(task_seed: int, step: int) -> torch.Generator:
     return generator(task_seed, 1, step)
 
 
-def start_trajectory(optimizer: LearnedOptimizer, task: Task, seed: int) -> Trajectory:
+def start_trajectory(optimizer: LearnedUpdateRule, task: Task, seed: int) -> Trajectory:
     """Draws w_0 for the task (from ``seed``) and the optimizer's zero state."""
     params = task.init_params(generator(seed, 0))
     if getattr(optimizer, "per_tensor", False):  # normalises within each of the task's tensors
-        state = optimizer.init_state(params.numel(), tensor_sizes=task.tensor_sizes)
+        per_tensor: Any = optimizer  # its init_state also takes the tensors' sizes
+        state = per_tensor.init_state(params.numel(), tensor_sizes=task.tensor_sizes)
     else:
         state = optimizer.init_state(params.numel())
     return Trajectory(seed, 0, params, state)
 
 
 def unroll_truncation(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     theta_flat: Tensor,
     task: Task,
     trajectory: Trajectory,

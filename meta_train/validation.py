@@ -2,9 +2,11 @@
 
 The learned optimizer with the current θ runs the paper's evaluation protocol
 (``evaluate.evaluate``: the same seeded inits and minibatches every time) and is scored by the
-mean final loss (over several validation tasks: the mean of their means), or by that loss over
-Adam's on the same runs (``score = "adam_ratio"``). Test tasks are built, and Adam's reference
-losses computed, once per process, on first use.
+mean final loss (over several validation tasks: the mean of their means), or, as an experiment,
+by that loss over Adam's on the same runs (``experimental.validation_score = "adam_ratio"``).
+The score is logged as ``validation/score``: a ratio is not a loss. Runs recorded before that
+logged it as ``validation/final_loss`` (``VALIDATION_SCORE_BEFORE``). Test tasks are built, and
+Adam's reference losses computed, once per process, on first use.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ import numpy as np
 import torch
 
 from .evaluate import evaluate
+from .experimental import VALIDATION_SCORES
 from .run_config import ValidationConfig
 
-VALIDATION_LOSS = "validation/final_loss"
-VALIDATION_LOSS_STD = "validation/final_loss_std"
+VALIDATION_SCORE = "validation/score"  # the mean final loss, or the mean ratio to Adam's
+VALIDATION_LOSS_STD = "validation/final_loss_std"  # std of the runs' final losses (never a ratio)
 VALIDATION_DIVERGED = "validation/diverged_runs"
-VALIDATION_BEST = "validation/best_final_loss"
+VALIDATION_BEST = "validation/best_score"
+# The names runs logged these under before the score could be a ratio; read when old runs are.
+VALIDATION_SCORE_BEFORE = "validation/final_loss"
+VALIDATION_BEST_BEFORE = "validation/best_final_loss"
 VALIDATION_SECONDS = "time/validation_s"
 VALIDATION_TASK_PREFIX = "validation/task/"  # + task key: that task's score (several tasks only)
 
@@ -32,7 +38,7 @@ VALIDATION_TASK_PREFIX = "validation/task/"  # + task key: that task's score (se
 @dataclasses.dataclass(frozen=True)
 class ValidationResult:
     step: int  # θ version validated (meta-updates applied)
-    final_loss: float  # mean over runs (inf if any run diverged)
+    score: float  # mean over tasks of the mean final loss or its ratio to Adam's (inf: diverged)
     final_loss_std: float
     diverged_runs: int
     seconds: float
@@ -40,7 +46,7 @@ class ValidationResult:
 
     def metrics(self) -> dict[str, float]:
         return {
-            VALIDATION_LOSS: self.final_loss,
+            VALIDATION_SCORE: self.score,
             VALIDATION_LOSS_STD: self.final_loss_std,
             VALIDATION_DIVERGED: float(self.diverged_runs),
             VALIDATION_SECONDS: self.seconds,
@@ -56,6 +62,7 @@ class Validator:
       optimizer: the learned optimizer θ belongs to.
       lr: the inner step size (None: the optimizer's default α).
       data_dir: dataset folder (None: the packaged MNIST).
+      score: ``"loss"`` (the paper's) or ``"adam_ratio"`` (``experimental.validation_score``).
     """
 
     def __init__(
@@ -65,8 +72,12 @@ class Validator:
         *,
         lr: float | None = None,
         data_dir: str | Path | None = None,
+        score: str = "loss",
     ) -> None:
+        if score not in VALIDATION_SCORES:
+            raise ValueError(f"score must be one of {VALIDATION_SCORES}, got {score!r}")
         self.config = config
+        self.score = score
         self.optimizer = optimizer
         self.lr = lr
         self.data_dir = data_dir
@@ -86,7 +97,7 @@ class Validator:
         for name in self.config.tasks:
             result = self._evaluate(name, rule)
             score = result.final_loss_mean
-            if self.config.score == "adam_ratio":
+            if self.score == "adam_ratio":
                 score /= self._adam_reference(name)
             means.append(score)
             losses.extend(result.final_losses)
@@ -94,7 +105,7 @@ class Validator:
         loss = float(np.mean(means))
         return ValidationResult(
             step=step,
-            final_loss=loss if math.isfinite(loss) else math.inf,
+            score=loss if math.isfinite(loss) else math.inf,
             final_loss_std=float(np.std(losses)) if all(map(math.isfinite, losses)) else math.inf,
             diverged_runs=diverged,
             seconds=time.perf_counter() - start,

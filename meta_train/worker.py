@@ -32,7 +32,7 @@ import torch
 
 from .batched import slots_work_batched, to_device
 from .messages import Rebuild, SlotResult, SlotWork, TrajectoryArrays, WorkerResult
-from .optimizers.base import LearnedOptimizer
+from .optimizers.base import LearnedUpdateRule
 from .tasks.base import TaskFamily
 from .training import position, slot_work, task_seed
 from .unroll import Trajectory, UnrollConfig, UnrollResult
@@ -66,7 +66,7 @@ class FaultInjection:
 
 
 def compute_slot(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     family: TaskFamily,
     unroll: UnrollConfig,
     theta: torch.Tensor,
@@ -133,7 +133,7 @@ def pack_result(
 
 
 def rebuild_trajectory(
-    optimizer: LearnedOptimizer,
+    optimizer: LearnedUpdateRule,
     family: TaskFamily,
     unroll: UnrollConfig,
     thetas: Mapping[int, torch.Tensor],
@@ -271,9 +271,11 @@ class GradientWorker:
                 results=tuple(results),
                 compute_s=time.perf_counter() - start,
             )
+        assert self._theta is not None  # set above, or cached from an earlier call
         results = []
         for item in work:
             replayed = 0
+            trajectory: Trajectory | None
             if item.rebuild is not None:
                 trajectory = rebuild_trajectory(
                     self.optimizer, self.family, self.unroll, replay,

@@ -5,7 +5,7 @@ framework lazily, and MLflow is imported only to resolve ``models:/`` / ``runs:/
 
 Example::
 
-    opt = runtime.load("path/to/exported")           # manifest and hashes verified
+    opt = runtime.load("path/to/exported")           # an ExportedOptimizer, hashes verified
     stepper = opt.bind([w1, b1, w2, b2])              # float32 arrays, updated in place
     stepper.step([g_w1, g_b1, g_w2, g_b2])            # one global step over all of them
 
@@ -20,16 +20,16 @@ size, is watched; a blow-up restores the last good parameters and state and runs
 from .guard import GuardConfig
 from .guarded import GuardedStepper, GuardEvent
 from .manifest import Manifest, ManifestError, load_manifest
-from .optimizer import LearnedOptimizer, load
+from .optimizer import ExportedOptimizer, load
 from .plan import DEFAULT_CHUNK_SIZE
 from .stepper import NonFiniteGradientError, NonFiniteStepError, Stepper
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "ExportedOptimizer",
     "GuardConfig",
     "GuardEvent",
     "GuardedStepper",
-    "LearnedOptimizer",
     "Manifest",
     "ManifestError",
     "NonFiniteGradientError",
@@ -38,3 +38,19 @@ __all__ = [
     "load",
     "load_manifest",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ``runtime.LearnedOptimizer`` was this class's name until it was renamed apart from
+    # ``runtime.torch.LearnedOptimizer`` (a different class); old code keeps working, warned.
+    if name == "LearnedOptimizer":
+        import warnings
+
+        warnings.warn(
+            "runtime.LearnedOptimizer is now runtime.ExportedOptimizer "
+            "(runtime.torch.LearnedOptimizer is the torch.optim.Optimizer)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ExportedOptimizer
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -82,8 +82,9 @@ class GuardConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"GuardConfig.{name} must be a real number, got {value!r}")
-            above = value >= low if closed else value > low
-            if not (math.isfinite(value) and above and value < high):
+            number = float(value)  # a numbers.Real, compared as a float
+            above = number >= low if closed else number > low
+            if not (math.isfinite(number) and above and number < high):
                 bound = f"in [{low}, {high})" if closed else f"in ({low}, {high})"
                 raise ValueError(f"GuardConfig.{name} must be {bound}, got {value}")
 
@@ -221,7 +222,8 @@ def update_rms_over_lr(before: Sequence[Any], after: Sequence[Any], lrs: Sequenc
 class AdamMoments(NamedTuple):
     """The fallback Adam's state: one m and v per array (same type and device as the array)."""
 
-    count: int  # Adam steps since this fallback began
+    # named as optax's step count; it shadows tuple.count on purpose
+    count: int  # type: ignore[assignment]  # Adam steps since this fallback began
     m: list[Any]
     v: list[Any]
 

@@ -94,7 +94,7 @@ class _Snapshot:
 class GuardedStepper(Stepper):
     """A ``Stepper`` with ``runtime.guard``: ``step(grads, loss=...)``; see ``GuardConfig``.
 
-    Made by ``runtime.LearnedOptimizer.bind(..., guard=True | GuardConfig(...))``.
+    Made by ``runtime.ExportedOptimizer.bind(..., guard=True | GuardConfig(...))``.
 
     Attributes:
       guard: the ``GuardConfig``. guard_state: the ``GuardState`` (``num_fallbacks`` also as an

@@ -66,7 +66,8 @@ class LearnedOptimizerState(NamedTuple):
     parameter shapes. ``guard`` is None unless the transform was made with ``guard=``.
     """
 
-    count: jax.Array  # [] int32: learned steps applied
+    # optax's name for the step count; it shadows tuple.count on purpose, as optax's does.
+    count: jax.Array  # type: ignore[assignment]  # [] int32: learned steps applied
     num_skipped: jax.Array  # [] int32: steps skipped for non-finite gradients
     state: dict[str, jax.Array]
     guard: JaxGuardState | None = None
@@ -74,7 +75,7 @@ class LearnedOptimizerState(NamedTuple):
 
 if _OptaxTransformation is not None:
 
-    class GradientTransformation(_OptaxTransformation):  # type: ignore[misc, valid-type]
+    class GradientTransformation(_OptaxTransformation):
         """optax's ``GradientTransformationExtraArgs`` (optax is installed)."""
 
         __slots__ = ()
@@ -98,11 +99,13 @@ def num_fallbacks(state: Any) -> int:
         )
         if isinstance(s, LearnedOptimizerState) and s.guard is not None
     ]
-    return sum(int(s.guard.scalars["num_fallbacks"]) for s in found)
+    return sum(int(s.guard.scalars["num_fallbacks"]) for s in found if s.guard is not None)
 
 
-def learned_optimizer(
-    source: str | os.PathLike[str] | _optimizer.LearnedOptimizer = "hyperadam",
+# noqa: C901 below: the branches are argument checks and the two closures optax asks for
+# (init_fn, update_fn), which must close over the stepper; split apart they would pass it around.
+def learned_optimizer(  # noqa: C901
+    source: str | os.PathLike[str] | _optimizer.ExportedOptimizer = "hyperadam",
     learning_rate: float | Schedule | None = None,
     *,
     weight_decay: float | Schedule = 0.0,
@@ -119,7 +122,7 @@ def learned_optimizer(
 
     Args:
       source: an exported folder, a built-in name, an MLflow URI, or a loaded
-        ``runtime.LearnedOptimizer`` (default ``"hyperadam"``).
+        ``runtime.ExportedOptimizer`` (default ``"hyperadam"``).
       learning_rate: step size α, or a schedule ``count -> α`` (optax's, e.g.
         ``optax.warmup_cosine_decay_schedule``; count = learned steps taken). Default: the
         export's. ``lr`` is the same argument under its older name.
@@ -132,7 +135,7 @@ def learned_optimizer(
         restores the state and runs Adam for a while (see ``runtime/guard.py``). Without a
         loss, a learned update whose RMS exceeds ``max_update_rms·lr`` (or that is not
         finite) is never returned: Adam takes over instead. ``num_fallbacks(state)`` counts.
-      chunk_size: as ``runtime.LearnedOptimizer.bind``.
+      chunk_size: as ``runtime.ExportedOptimizer.bind``.
       on_nonfinite: ``"raise"`` (default) raises ``NonFiniteGradientError`` when ``update`` is
         called on concrete arrays. Under ``jax.jit`` a callback must not raise (JAX leaves that
         undefined), so there a non-finite step is skipped: zero update, state unchanged,
@@ -145,7 +148,7 @@ def learned_optimizer(
     """
     runtime = (
         source
-        if isinstance(source, _optimizer.LearnedOptimizer)
+        if isinstance(source, _optimizer.ExportedOptimizer)
         else _optimizer.load(source, threads=threads)
     )
     if on_nonfinite not in ("raise", "skip"):

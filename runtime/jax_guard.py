@@ -32,8 +32,17 @@ class JaxGuardState(NamedTuple):
     adam_v: list[jax.Array]
 
 
-_INT_FIELDS = ("fallback_left", "num_fallbacks", "since_snapshot", "adam_count", "snapshot_count")
-_INT_FIELDS += ("num_adam_steps", "is_fallback", "has_snapshot", "adam_fresh")
+_INT_FIELDS: tuple[str, ...] = (
+    "fallback_left",
+    "num_fallbacks",
+    "since_snapshot",
+    "adam_count",
+    "snapshot_count",
+    "num_adam_steps",
+    "is_fallback",
+    "has_snapshot",
+    "adam_fresh",
+)
 _FLOAT_FIELDS = ("smoothed", "best")
 
 

@@ -11,7 +11,7 @@ An exported optimizer is a folder (design §3.1)::
     fused.onnx          one whole step of a chunk (HyperAdam: only valid for a one-chunk model)
     state_stage.onnx    HyperAdam: (g, h, c, Σg²) → (h', c', Σ_rows h'² per column)
     update_stage.onnx   HyperAdam: (w, g, h', M, V, B, Γ, Σh'², ΣM², lr) → (w', M', …, Σ M'²)
-    theta.npz           θ in ``export.theta_io``'s format (not needed to run)
+    theta.npz           θ in ``runtime.theta``'s format (not needed to run)
 
 Graph tensors are **feature-major**: a per-coordinate state field with k features per coordinate
 (the reference's ``[p, k]`` tensor) is a ``[k, n]`` graph tensor, so each feature is a contiguous
@@ -61,7 +61,7 @@ GRAPH_FILES = {
     STATE_STAGE: "state_stage.onnx",
     UPDATE_STAGE: "update_stage.onnx",
 }
-# θ itself (export.theta_io format), kept beside the graphs for lineage and for the torch
+# θ itself (runtime.theta format), kept beside the graphs for lineage and for the torch
 # reference; the runtime only checks its hash.
 THETA_FILE = "theta.npz"
 
@@ -305,7 +305,7 @@ class Manifest:
     graphs: Mapping[str, GraphSpec]
     files: Mapping[str, str]
     lineage: Mapping[str, Any]
-    versions: Mapping[str, str]
+    versions: Mapping[str, str | None]  # None: not installed as a distribution
     parity: Mapping[str, Any]
     opset: int = OPSET
     ir_version: int = IR_VERSION

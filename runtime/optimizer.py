@@ -1,4 +1,4 @@
-"""``runtime.load``: an exported optimizer folder → a ``LearnedOptimizer`` that binds arrays."""
+"""``runtime.load``: an exported optimizer folder → an ``ExportedOptimizer`` that binds arrays."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-class LearnedOptimizer:
+class ExportedOptimizer:
     """A verified exported optimizer with one onnxruntime session per graph.
 
     Attributes:
@@ -80,7 +80,7 @@ class LearnedOptimizer:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def __enter__(self) -> LearnedOptimizer:
+    def __enter__(self) -> ExportedOptimizer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -88,7 +88,7 @@ class LearnedOptimizer:
 
     def __repr__(self) -> str:
         return (
-            f"LearnedOptimizer(method={self.method!r}, config={dict(self.manifest.config)}, "
+            f"ExportedOptimizer(method={self.method!r}, config={dict(self.manifest.config)}, "
             f"folder={str(self.folder)!r}, providers={list(self.providers)})"
         )
 
@@ -233,7 +233,7 @@ def load(
     intra_op_threads: int = 1,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     sha256: str | None = None,
-) -> LearnedOptimizer:
+) -> ExportedOptimizer:
     """Loads an exported optimizer after verifying its manifest and file hashes.
 
     Args:
@@ -253,6 +253,6 @@ def load(
     """
     folder = resolve_source(source)
     manifest = mf.load_manifest(folder, sha256=sha256)
-    return LearnedOptimizer(
+    return ExportedOptimizer(
         folder, manifest, threads=threads, intra_op_threads=intra_op_threads, providers=providers
     )

@@ -38,7 +38,7 @@ def check_weight_decay(value: Any, count: int) -> list[float]:
     for rate in values:
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
             raise TypeError(f"weight_decay must be a real number, got {type(rate).__name__}")
-        if not (math.isfinite(rate) and rate >= 0):
+        if not (math.isfinite(rate) and float(rate) >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {rate}")
     return [float(rate) for rate in values]
 
@@ -72,7 +72,7 @@ def check_lr_scales(value: Any, count: int) -> list[float]:
     for scale in values:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"lr_scales must be real numbers, got {type(scale).__name__}")
-        if not (math.isfinite(scale) and scale >= 0):
+        if not (math.isfinite(scale) and float(scale) >= 0):
             raise ValueError(f"lr_scales must be finite numbers >= 0, got {scale}")
     return [float(scale) for scale in values]
 

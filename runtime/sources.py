@@ -149,12 +149,14 @@ def download_mlflow_uri(
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
+        expected: str | None
         if source.name is not None:
             version = _model_version(client, source)
             run_id, path = _run_artifact(version.source, source)
             expected = version.tags.get(MANIFEST_SHA256_TAG)
             default = cache / source.name / str(version.version)
         else:
+            assert source.run_id is not None and source.path is not None  # a runs:/ URI
             run_id, path, expected = source.run_id, source.path, None
             default = cache / "runs" / run_id / path
         # Checked before anything is created or removed under it.

@@ -68,7 +68,7 @@ class NonFiniteStepError(NonFiniteGradientError):
 class Stepper:
     """Applies a learned optimizer, in place, to the float32 arrays it was bound to.
 
-    Made by ``LearnedOptimizer.bind``; see there for the arguments. Not thread-safe: one
+    Made by ``ExportedOptimizer.bind``; see there for the arguments. Not thread-safe: one
     ``step`` at a time (it parallelises over chunks itself).
     """
 
@@ -128,9 +128,10 @@ class Stepper:
         }
         reductions = {name for phase in self._phases for name in phase.reductions}
         shapes = {t.name: t.shape for g in manifest.graphs.values() for t in g.outputs}
-        self._reduced = {name: np.zeros(shapes[name], np.float32) for name in reductions}
+        fixed = {name: _fixed_shape(name, shapes[name]) for name in reductions}
+        self._reduced = {name: np.zeros(fixed[name], np.float32) for name in reductions}
         self._reduction_parts = {
-            name: np.zeros((len(self._chunks), *shapes[name]), np.float32) for name in reductions
+            name: np.zeros((len(self._chunks), *fixed[name]), np.float32) for name in reductions
         }
         self._gather_size = max((c.size for c in self._chunks if not c.zero_copy), default=0)
         self._local = threading.local()
@@ -202,7 +203,7 @@ class Stepper:
         """The framework of the bound arrays (``"numpy"``, ``"torch"``, ``"cupy"``, …)."""
         return self._adopted.kind
 
-    def step(self, grads: Sequence[np.ndarray]) -> bool:
+    def step(self, grads: Sequence[Any]) -> bool:
         """One optimizer step over all bound arrays, in place.
 
         Args:
@@ -244,7 +245,7 @@ class Stepper:
             )
         if not params_finite:
             return self._refuse_nonfinite("the parameters hold NaN or inf before the step")
-        snapshot = self._snapshot() if self.lr > SNAPSHOT_ABOVE_LR else None
+        snapshot = self._step_snapshot() if self.lr > SNAPSHOT_ABOVE_LR else None
         self._grad_sum_sq[...] = sum_sq
         lrs = per_array.array_lrs(self._lr_exact, self._lr_scales)
         per_array.decay_in_place(self._params, self._weight_decay, lrs)
@@ -267,7 +268,7 @@ class Stepper:
             if snapshot is None:  # parameters at the edge of float32's range (module docstring)
                 self._broken = f"the step with lr {self.lr:g} made the parameters non-finite"
                 raise NonFiniteStepError(self._broken + "; restore with load_state_dict()")
-            self._restore(snapshot)
+            self._step_restore(snapshot)
             return self._refuse_nonfinite(
                 f"the step with lr {self.lr:g} would make the parameters non-finite (overflow); "
                 "parameters and state are unchanged"
@@ -288,7 +289,9 @@ class Stepper:
             return False
         raise NonFiniteStepError(message)
 
-    def _snapshot(self) -> dict[str, Any]:
+    # Named apart from GuardedStepper's own snapshot and restore, which keep the last good
+    # state across steps; these two undo one step that overflowed.
+    def _step_snapshot(self) -> dict[str, Any]:
         """Copies of everything a step writes: the parameters and the state."""
         copy = self._backend.copy
         return {
@@ -297,7 +300,7 @@ class Stepper:
             "carried": {name: value.copy() for name, value in self._carried.items()},
         }
 
-    def _restore(self, snapshot: Mapping[str, Any]) -> None:
+    def _step_restore(self, snapshot: Mapping[str, Any]) -> None:
         assign = self._backend.assign
         for flat, saved in zip(self._flat, snapshot["params"], strict=True):
             assign(flat, saved)
@@ -388,6 +391,7 @@ class Stepper:
             )
 
     def _reduce(self, partial: np.ndarray) -> np.ndarray:
+        assert self._all_reduce is not None  # only sharded steps reduce across processes
         total = np.asarray(self._all_reduce(partial.copy()))
         if total.shape != partial.shape:
             raise ValueError(
@@ -532,3 +536,10 @@ class Stepper:
         wait(futures)  # all shares finish before an error propagates
         for future in futures:
             future.result()
+
+
+def _fixed_shape(name: str, shape: tuple[int | str, ...]) -> tuple[int, ...]:
+    """A reduction's shape, which the manifest gives without the symbolic coordinate axis."""
+    if not all(isinstance(d, int) for d in shape):
+        raise ValueError(f"reduction {name!r} has a symbolic shape {shape}")
+    return tuple(int(d) for d in shape)

@@ -55,7 +55,8 @@ def _flushing(libm: ctypes.CDLL, flush: bool = True) -> Iterator[None]:
     if flush:
         flushing = ctypes.create_string_buffer(saved.raw, _FENV_BYTES)
         mxcsr = int.from_bytes(saved.raw[_MXCSR_OFFSET:], "little") | _MXCSR_FTZ_DAZ
-        flushing[_MXCSR_OFFSET:] = mxcsr.to_bytes(4, "little")
+        # typeshed types a char array's slice assignment as a list of chars; bytes work.
+        flushing[_MXCSR_OFFSET:] = mxcsr.to_bytes(4, "little")  # type: ignore[call-overload]
         libm.fesetenv(flushing)
     try:
         yield
@@ -82,7 +83,7 @@ SUPPORTED: bool = _verify(_LIBM)
 @contextlib.contextmanager
 def flush_subnormals() -> Iterator[None]:
     """Subnormals as zero in the calling thread for the duration; its mode restored after."""
-    if not SUPPORTED:
+    if not SUPPORTED or _LIBM is None:
         yield
         return
     with _flushing(_LIBM):

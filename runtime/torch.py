@@ -78,7 +78,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
       params: the tensors or param-group dicts to optimise (float32, bfloat16 or float16,
         C-contiguous, one device).
       source: an exported folder, a built-in name (``"hyperadam"``), an MLflow URI, or an
-        already loaded ``runtime.LearnedOptimizer`` (default: ``"hyperadam"``).
+        already loaded ``runtime.ExportedOptimizer`` (default: ``"hyperadam"``).
       lr: step size α, ``group["lr"]`` (default: the export's, 0.005 for HyperAdam).
       weight_decay: decoupled weight decay λ, ``group["weight_decay"]``: each step first scales
         the parameter by ``1 − lr·λ``, exactly as ``torch.optim.AdamW`` (default 0).
@@ -88,7 +88,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         without a loss it bounds the update size. ``num_fallbacks`` counts fallbacks.
       guard_hook: called with each ``GuardEvent`` (default: logs ``guard/fallbacks`` to MLflow's
         active run if this process uses MLflow).
-      chunk_size, on_nonfinite, all_reduce: as ``runtime.LearnedOptimizer.bind``. With
+      chunk_size, on_nonfinite, all_reduce: as ``runtime.ExportedOptimizer.bind``. With
         ``on_nonfinite="skip"``, a step with NaN/inf gradients changes nothing.
       threads: CPU threads for chunks (default: the CPUs this process may use).
 
@@ -99,7 +99,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        source: str | os.PathLike[str] | _optimizer.LearnedOptimizer = "hyperadam",
+        source: str | os.PathLike[str] | _optimizer.ExportedOptimizer = "hyperadam",
         lr: float | None = None,
         *,
         weight_decay: float = 0.0,
@@ -112,7 +112,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.runtime = (
             source
-            if isinstance(source, _optimizer.LearnedOptimizer)
+            if isinstance(source, _optimizer.ExportedOptimizer)
             else _optimizer.load(source, threads=threads)
         )
         lr = validation.check_lr(self.runtime.default_lr if lr is None else lr)

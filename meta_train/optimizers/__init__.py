@@ -6,7 +6,7 @@ other modules can extend): ``make_learned_optimizer("rnnprop")``, ``make_baselin
 
 from __future__ import annotations
 
-from .base import BoundLearnedOptimizer, LearnedOptimizer, Theta, UpdateRule
+from .base import BoundLearnedUpdateRule, LearnedUpdateRule, Theta, UpdateRule
 from .baselines import (
     SGD,
     Adadelta,
@@ -29,7 +29,7 @@ LEARNED_OPTIMIZERS = ("hyperadam", "rnnprop", "dm")
 BASELINES = ("adam", "sgd", "momentum", "rmsprop", "adagrad", "adadelta")
 
 
-def make_learned_optimizer(name: str) -> LearnedOptimizer:
+def make_learned_optimizer(name: str) -> LearnedUpdateRule:
     """Builds a learned optimizer with the paper's architecture.
 
     Args:
@@ -87,12 +87,12 @@ __all__ = [
     "AdagradState",
     "Adam",
     "AdamState",
-    "BoundLearnedOptimizer",
+    "BoundLearnedUpdateRule",
     "DMOptimizer",
     "DMState",
     "HyperAdam",
     "HyperAdamState",
-    "LearnedOptimizer",
+    "LearnedUpdateRule",
     "Momentum",
     "MomentumState",
     "RMSProp",

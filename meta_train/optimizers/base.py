@@ -3,7 +3,7 @@
 An *update rule* is the optax-style pair ``init(num_coords) -> state`` and
 ``update(grad, state) -> (delta, new_state)`` over ONE flat parameter vector; the caller applies
 ``w ← w + delta``. Hand-designed optimizers are update rules directly; a learned optimizer
-becomes one once it is bound to its meta-parameters θ (``LearnedOptimizer.bind``).
+becomes one once it is bound to its meta-parameters θ (``LearnedUpdateRule.bind``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,13 @@ class UpdateRule(Protocol):
         ...
 
 
-class LearnedOptimizer(abc.ABC):
-    """A coordinate-wise learned optimizer: pure functions of θ, gradient and state.
+class LearnedUpdateRule(abc.ABC):
+    """A coordinate-wise learned optimizer in training form: pure functions of θ, gradient, state.
+
+    A family of update rules indexed by the meta-parameters θ (``bind(θ)`` picks one). It is
+    the differentiable torch side of a learned optimizer; its exported ONNX form, loaded by the
+    runtime, is ``runtime.ExportedOptimizer``, and its user-facing PyTorch wrapper is
+    ``runtime.torch.LearnedOptimizer``.
 
     Subclasses define the meta-parameter layout, their initialisation, the state layout and one
     differentiable step. ``step`` must be differentiable with respect to θ (and the incoming
@@ -89,17 +94,17 @@ class LearnedOptimizer(abc.ABC):
             offset += size
         return theta
 
-    def bind(self, theta: Theta, *, lr: float | None = None) -> BoundLearnedOptimizer:
+    def bind(self, theta: Theta, *, lr: float | None = None) -> BoundLearnedUpdateRule:
         """Freezes θ (and the step size) into an update rule for evaluation."""
-        return BoundLearnedOptimizer(self, theta, self.default_lr if lr is None else lr)
+        return BoundLearnedUpdateRule(self, theta, self.default_lr if lr is None else lr)
 
 
-class BoundLearnedOptimizer:
-    """A learned optimizer with fixed θ, usable wherever an ``UpdateRule`` is."""
+class BoundLearnedUpdateRule:
+    """A ``LearnedUpdateRule`` with fixed θ, usable wherever an ``UpdateRule`` is."""
 
     def __init__(
         self,
-        optimizer: LearnedOptimizer,
+        optimizer: LearnedUpdateRule,
         theta: Theta,
         lr: float,
         tensor_sizes: tuple[int, ...] | None = None,
@@ -110,14 +115,15 @@ class BoundLearnedOptimizer:
         self.name = optimizer.name
         self.tensor_sizes = tensor_sizes
 
-    def for_tensors(self, tensor_sizes: tuple[int, ...]) -> BoundLearnedOptimizer:
+    def for_tensors(self, tensor_sizes: tuple[int, ...]) -> BoundLearnedUpdateRule:
         """This rule over a vector packed from tensors of these sizes (per-tensor optimizers
         normalise within each; the others ignore the layout)."""
-        return BoundLearnedOptimizer(self.optimizer, self.theta, self.lr, tuple(tensor_sizes))
+        return BoundLearnedUpdateRule(self.optimizer, self.theta, self.lr, tuple(tensor_sizes))
 
     def init(self, num_coords: int, *, device: torch.device | str = "cpu") -> NamedTuple:
         if self.tensor_sizes is not None and getattr(self.optimizer, "per_tensor", False):
-            return self.optimizer.init_state(
+            per_tensor: Any = self.optimizer  # its init_state also takes the tensors' sizes
+            return per_tensor.init_state(
                 num_coords, device=device, tensor_sizes=self.tensor_sizes
             )
         return self.optimizer.init_state(num_coords, device=device)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .base import LearnedOptimizer, Theta
+from .base import LearnedUpdateRule, Theta
 
 LOG_SCALE = 10.0  # k of LogAndSign: gradients below e^-10 ≈ 4.5e-5 share one magnitude feature
 FORGET_BIAS = 1.0  # TF's LSTMCell adds +1 to the forget-gate pre-activation
@@ -129,7 +129,7 @@ def init_lstm_fc_theta(
     return theta
 
 
-class DMOptimizer(LearnedOptimizer):
+class DMOptimizer(LearnedUpdateRule):
     """DMoptimizer: LogAndSign → 2-layer LSTM(H) → FC H→1, ``w ← w + α·out`` (H = 20, α = 0.1).
 
     Args:

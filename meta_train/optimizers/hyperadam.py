@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LearnedOptimizer, Theta
+from .base import LearnedUpdateRule, Theta
 
 # ε of the moment field (spec §2.2.3). 1e-24 is a normal fp32 number but underflows in
 # fp16/bf16, so the whole step is computed in fp32.
@@ -148,7 +148,7 @@ def hyperadam_step(
 IMPLEMENTATIONS = ("reference", "fast")
 
 
-class HyperAdam(LearnedOptimizer):
+class HyperAdam(LearnedUpdateRule):
     """HyperAdam with J candidate Adams (J = 20 in the paper; LSTM hidden size = J).
 
     ``implementation`` picks the step: "reference" (this module's torch code, any device) or

@@ -419,7 +419,7 @@ class _HyperAdamStep(torch.autograd.Function):
         grad_inv_norm = float(inverse_norm(grad.square().sum()))
         grad_padded = _padded(grad, ld)
         prev = [_as_planes(x, ld) for x in state]
-        theta = [x if x.is_contiguous() else x.contiguous() for x in theta]
+        theta = tuple(x if x.is_contiguous() else x.contiguous() for x in theta)
         # One buffer per new state tensor: trajectories are pickled between processes, and
         # pickle writes the whole storage of every view.
         new_planes = [torch.empty(j, ld, dtype=dtype) for _ in STATE_ORDER]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LearnedOptimizer, Theta
+from .base import LearnedUpdateRule, Theta
 from .hyperadam import FORGET_BIAS, MOMENT_EPS
 
 FEATURE_BETAS = (0.5, 0.9, 0.99)  # timescales of the momentum features
@@ -131,7 +131,7 @@ def tensorwise_step(
     return delta, new_state
 
 
-class TensorwiseHyperAdam(LearnedOptimizer):
+class TensorwiseHyperAdam(LearnedUpdateRule):
     """The tensor-wise HyperAdam variant (see the module docstring); J candidates."""
 
     default_lr = TENSORWISE_DEFAULT_LR
@@ -205,8 +205,14 @@ class TensorwiseHyperAdam(LearnedOptimizer):
     ) -> TensorwiseState:
         zeros = torch.zeros(num_coords, self.num_candidates, device=device)
         segment, sizes = segments_for(num_coords, tensor_sizes)
+        h, c, m, v, b, gamma = (zeros.clone() for _ in range(6))
         return TensorwiseState(
-            *(zeros.clone() for _ in range(6)),
+            h,
+            c,
+            m,
+            v,
+            b,
+            gamma,
             torch.zeros(num_coords, len(FEATURE_BETAS), device=device),
             torch.zeros(num_coords, 1, device=device),
             torch.zeros(1, device=device),

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LearnedOptimizer, Theta
+from .base import LearnedUpdateRule, Theta
 from .dmoptimizer import init_lstm_fc_theta, lstm_cell
 
 BETA1 = 0.95  # decay of the internal first moment
@@ -100,7 +100,7 @@ def rnnprop_step(
     return -lr * torch.tanh(out), RNNpropState(m, v, step, h1, c1, h2, c2)
 
 
-class RNNprop(LearnedOptimizer):
+class RNNprop(LearnedUpdateRule):
     """RNNprop: ``[g/σ, m̂/σ]`` → FC 2→H + ELU → 2-layer LSTM(H) → FC H→1 → ``−α·tanh``.
 
     Args:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import config as config_lib
+
 Batch = tuple[Tensor, ...]
 
 
@@ -83,3 +85,8 @@ class TaskFamily(abc.ABC):
     @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
         """The family's own configuration, for logging and its lineage digest."""
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of ``to_dict()``: the task-distribution digest that
+        θ's lineage (``task_digest``) and a run's ``family_digest`` param record."""
+        return config_lib.digest(self.to_dict())

@@ -36,9 +36,9 @@ MODELS = ("mlp", "lstm", "cnn1", "cnn2")
 MAX_DEPTH = 10
 FAMILY_VERSION = 1  # bump when sampling or building changes what a seed means
 
-# Sub-seeds of a task seed: derive_seed(seed, STREAM). INIT_STREAM matches meta_train.unroll,
-# which draws w_0 from generator(seed, 0); minibatch t there uses derive_seed(seed, 1, t).
-INIT_STREAM, BATCH_STREAM, TRICK_STREAM = 0, 1, 2
+# Sub-seeds of a task seed: derive_seed(seed, STREAM). Streams 0 and 1 are meta_train.unroll's
+# (w_0 from generator(seed, 0), minibatch t from generator(seed, 1, t)); the tricks draw from 2.
+TRICK_STREAM = 2
 # Streams that pick a task's setting from a mix (a list in the family config).
 MIX_STREAMS = {
     "activation": 3,
@@ -47,7 +47,6 @@ MIX_STREAMS = {
     "noise_std": 6,
     "depth": 7,
 }
-ACTIVATION_STREAM = MIX_STREAMS["activation"]
 # Settings added after runs were recorded, at the value those runs used: at that value they are
 # left out of the family's plain data, so earlier digests (and runs' logged params) stay valid.
 LEGACY_SETTINGS = {"model": "mlp", "lstm_layers": 1, "noise_std": 0.1}
@@ -170,15 +169,12 @@ def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 class MetaTaskConfig(TaskConfig):
     """One sampled meta-training task: the family settings and this task's seeds.
 
-    ``seed`` is the task seed the config was sampled from; ``trick_seed`` draws c1, c2 and η,
-    ``init_seed`` is the seed of the w_0 generator and ``batch_seed`` the root of the minibatch
-    stream (see ``INIT_STREAM``/``BATCH_STREAM``: the unroll derives the same seeds itself).
+    ``seed`` is the task seed the config was sampled from (the unroll draws w_0 and the
+    minibatches from it); ``trick_seed`` draws c1, c2 and η.
     """
 
     seed: int
     trick_seed: int
-    init_seed: int
-    batch_seed: int
     dataset: str
     hidden: int
     depth: int
@@ -194,7 +190,7 @@ class MetaTaskConfig(TaskConfig):
     noise_std: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("seed", "trick_seed", "init_seed", "batch_seed"):
+        for name in ("seed", "trick_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -236,8 +232,6 @@ class MetaTaskFamily(TaskFamily):
         return MetaTaskConfig(
             seed=seed,
             trick_seed=derive_seed(seed, TRICK_STREAM),
-            init_seed=derive_seed(seed, INIT_STREAM),
-            batch_seed=derive_seed(seed, BATCH_STREAM),
             **settings,
         )
 
@@ -279,10 +273,6 @@ class MetaTaskFamily(TaskFamily):
             "version": FAMILY_VERSION,
             "config": family_settings(self.config),
         }
-
-    def digest(self) -> str:
-        """sha256 of the canonical JSON of ``to_dict()`` (the task-distribution digest)."""
-        return config_lib.digest(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], data_dir: str | Path | None = None) -> MetaTaskFamily:

@@ -100,7 +100,7 @@ class SineLSTMTask(Task):
         h = [inputs.new_zeros(n, hidden) for _ in range(self.num_layers)]
         c = [inputs.new_zeros(n, hidden) for _ in range(self.num_layers)]
         for k in range(inputs.shape[1]):
-            x = None
+            x = h[0]  # the input of layers > 0, set by the layer below (layer 0 reads the step's)
             for layer, (w_x, w_h, bias) in enumerate(kernels):
                 if layer == 0:
                     gates = torch.addmm(input_terms[:, k], h[0], w_h)

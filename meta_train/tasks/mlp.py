@@ -15,6 +15,8 @@ big 128×784×20 matmuls (≈ 60 µs each) are the floor, the rest is per-op dis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +31,8 @@ _FORWARD = {"sigmoid": torch.sigmoid, "relu": torch.relu, "elu": F.elu, "tanh": 
 
 # Backward of each activation written in terms of its output a = act(z): these are the fused
 # kernels autograd itself calls, one op instead of two or three.
-_BACKWARD = {
+# (grad of the output, output) → grad of the input, for each activation.
+_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "sigmoid": torch.ops.aten.sigmoid_backward,
     "tanh": torch.ops.aten.tanh_backward,
     "relu": lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0),

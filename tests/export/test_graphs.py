@@ -17,7 +17,7 @@ from runtime import manifest as mf
 
 def graphs(method: str) -> dict[str, onnx.ModelProto]:
     theta = make_learned_optimizer(method).init_theta(generator(0))
-    return EXPORT_METHODS[method].build({k: v.numpy() for k, v in theta.items()})
+    return EXPORT_METHODS[method]({k: v.numpy() for k, v in theta.items()})
 
 
 @pytest.mark.parametrize("method", sorted(mf.METHODS))

@@ -116,6 +116,7 @@ def test_round_trip_and_promotion_on_sqlite(tracking_uri, tmp_path, monkeypatch)
     assert str(client.get_model_version_by_alias("opt", "champion").version) == "1"
 
 
+@pytest.mark.slow  # starts an `mlflow server` (≈ 15 s)
 def test_round_trip_and_promotion_on_a_real_server(mlflow_server, tmp_path, monkeypatch):
     client, _ = check_round_trip(mlflow_server.url, tmp_path, monkeypatch)
     result = promotion.promote(
@@ -233,3 +234,24 @@ def test_a_fresh_download_is_held_to_the_registered_manifest_digest(tracking_uri
     with pytest.raises(mf.ManifestError, match=r"manifest\.json has sha256 [0-9a-f]{64}, expected"):
         registry.download("models:/opt@candidate", tracking_uri=tracking_uri, cache_dir=cache)
     assert not cache.exists()  # nothing kept
+
+
+def test_promotion_gates_on_held_out_benchmark_tasks(tracking_uri, tmp_path, monkeypatch):
+    from meta_train.benchmark import grid_lr
+    from meta_train.tasks.heldout import HELDOUT_FAST
+
+    assert promotion.check_tasks(["heldout-fast"]) == HELDOUT_FAST
+    client, _ = check_round_trip(tracking_uri, tmp_path, monkeypatch)
+    tasks = ["leastsq-cond1e6-10000", "spirals-mlp-silu-10000"]
+    result = promotion.promote(
+        tracking_uri, "opt", 1, tasks=tasks, runs=2, steps=40, gate=100.0,
+        cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    assert [c.task for c in result.comparisons] == tasks
+    for c in result.comparisons:
+        # Adam's lr is the tuned grid value of that task, not the candidate's α.
+        assert any(c.adam_lr == pytest.approx(grid_lr(k)) for k in range(-14, 1))
+        assert c.candidate_lr == pytest.approx(ADAM_LR) and math.isfinite(c.ratio)
+    assert result.passed and result.diverged == 0
+    with pytest.raises(ValueError, match="heldout-fast"):
+        promotion.check_tasks(["no-such-task"])

@@ -82,6 +82,7 @@ def test_the_adam_grid_widens_until_the_best_lr_is_inside():
     assert tuned["scores"][str(tuned["best_exponent"])] == best
 
 
+@pytest.mark.slow  # the quick fixture runs the quick benchmark (≈ 100 s)
 def test_quick_report_covers_every_task_and_logs_to_mlflow(quick):
     docs, uri = quick
     report = json.loads((docs / "generalisation.json").read_text())
@@ -104,6 +105,7 @@ def _num(text: str) -> float:
     return math.inf if text == "∞" else float(text)
 
 
+@pytest.mark.slow  # the quick fixture runs the quick benchmark (≈ 100 s)
 def test_every_cell_is_traceable_to_the_json(quick):
     docs, _ = quick
     report = json.loads((docs / "generalisation.json").read_text())
@@ -138,6 +140,7 @@ def test_every_cell_is_traceable_to_the_json(quick):
     assert "On the fast subset (7 tasks" in markdown
 
 
+@pytest.mark.slow  # the quick fixture runs the quick benchmark (≈ 100 s)
 def test_merge_reuses_the_tuning_and_keeps_earlier_optimizers(quick, tmp_path, capsys):
     import shutil
 

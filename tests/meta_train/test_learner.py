@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from meta_train.experimental import ExperimentalConfig
 from meta_train.learner import Learner, WorkerError
 from meta_train.run_config import build_config
-from meta_train.training import (
-    apply_meta_gradient,
-    average_gradients,
-    init_theta_flat,
-    make_meta_optimizer,
-    slot_work,
-    train_local,
-)
+from meta_train.training import init_theta_flat, slot_work, train_local
 from meta_train.unroll import start_trajectory
 from meta_train.worker import FaultInjection, TrajectoryArrays
+
+pytestmark = pytest.mark.slow  # a real Ray cluster and workers: minutes on 2 CPUs
 
 STEPS = 7  # crosses two trajectory boundaries: 3 truncations per trajectory
 CONFIG = build_config(
@@ -52,6 +48,7 @@ def local_theta(config):
             unroll=config.unroll,
             meta_optim=config.meta_optim,
             meta_batch=config.meta_batch,
+            experimental=config.experimental,
         )
     finally:
         torch.set_num_threads(previous)
@@ -93,8 +90,10 @@ def test_synchronous_theta_is_bitwise_train_locals_for_any_worker_count(
 
 
 def test_a_meta_lr_schedule_runs_the_same_in_the_learner(ray_address):
-    meta_optim = dataclasses.replace(CONFIG.meta_optim, lr=1e-3, half_life=2.0)
-    config = with_workers(1, meta_optim=meta_optim)
+    meta_optim = dataclasses.replace(CONFIG.meta_optim, lr=1e-3)
+    config = with_workers(
+        1, meta_optim=meta_optim, experimental=ExperimentalConfig(meta_lr_half_life=2.0)
+    )
     theta, _, _ = run_learner(config)
     assert np.array_equal(theta, local_theta(config))
 
@@ -213,10 +212,11 @@ def test_nan_gradients_are_rejected_counted_and_leave_theta_alone(ray_address):
     assert np.isnan(reports[2].grad_norm)
     assert np.array_equal(thetas[2], thetas[1])  # every gradient rejected: no Adam step
 
-    # Step 1 averaged slot 0's gradient alone: replay the loop by hand.
+    # Step 1 averaged slot 0's gradient alone: replay the loop by hand, with torch's Adam.
     optimizer, family = config.make_optimizer(), config.make_family()
     theta = init_theta_flat(optimizer, config.seed).clone().requires_grad_(True)
-    meta_opt = make_meta_optimizer(theta, config.meta_optim)
+    meta = config.meta_optim
+    meta_opt = torch.optim.Adam([theta], lr=meta.lr, betas=(meta.beta1, meta.beta2), eps=meta.eps)
     trajectories = [None, None]
     for step, slots in ((0, (0, 1)), (1, (0,))):
         grads = []
@@ -228,7 +228,8 @@ def test_nan_gradients_are_rejected_counted_and_leave_theta_alone(ray_address):
             trajectories[slot] = out.trajectory
             if slot in slots:
                 grads.append(out.meta_grad)
-        apply_meta_gradient(theta, meta_opt, average_gradients(grads, None)[0])
+        theta.grad = torch.stack(grads).mean(dim=0)
+        meta_opt.step()
     assert np.array_equal(thetas[1], theta.detach().numpy())
 
 
@@ -277,7 +278,7 @@ def test_a_format_1_checkpoint_of_the_repository_continues_exactly(ray_address):
     from pathlib import Path
 
     from meta_train import checkpoint as ckpt
-    from meta_train.learner import load_adam_state
+    from meta_train.meta_update import init_meta_state, meta_update
     from meta_train.run_config import RunConfig
 
     kept = ckpt.load(Path(__file__).parents[2] / "checkpoints" / "hyperadam-seed0-step8774.ckpt")
@@ -292,15 +293,12 @@ def test_a_format_1_checkpoint_of_the_repository_continues_exactly(ray_address):
     torch.set_num_threads(1)  # the workers' setting
     try:
         optimizer, family = config.make_optimizer(), config.make_family()
-        expected = torch.tensor(state.theta).requires_grad_(True)
-        meta_opt = make_meta_optimizer(expected, config.meta_optim)
-        load_adam_state(meta_opt, state.adam)
         trajectory = state.trajectories[0].to_trajectory(type(optimizer.init_state(1)))
-        out = slot_work(optimizer, family, config.unroll, expected.detach(), config.seed, 0,
-                        8774, trajectory)
-        grad, _ = average_gradients([out.meta_grad], config.meta_optim.clip_norm)
-        apply_meta_gradient(expected, meta_opt, grad, config.meta_optim.lr_at(8774))
+        out = slot_work(optimizer, family, config.unroll, torch.tensor(state.theta),
+                        config.seed, 0, 8774, trajectory)
+        meta = init_meta_state(torch.tensor(state.theta), step=8774, adam=state.adam)
+        meta, _ = meta_update(meta, [out.meta_grad], config.meta_optim, config.experimental)
     finally:
         torch.set_num_threads(previous)
-    assert np.array_equal(theta, expected.detach().numpy())
+    assert np.array_equal(theta, meta.theta.numpy())
     assert learner.state().trajectories == (None,)  # the trajectory ended with step 8774

@@ -146,6 +146,7 @@ def test_bad_configuration_is_one_line_and_exit_2(tracking_uri, tmp_path, capsys
 # -- a whole run, in-process -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # meta-training through the CLI on a Ray cluster
 def test_run_logs_config_metrics_validation_checkpoints_and_theta(
     ray_address, tracking_uri, tmp_path, capsys
 ):
@@ -175,7 +176,7 @@ def test_run_logs_config_metrics_validation_checkpoints_and_theta(
     assert metric_steps(tracking_uri, run_id) == list(range(6))
     for key in ("learner/rejected_grads", "learner/staleness_max", "throughput/inner_steps_per_s"):
         assert metric_steps(tracking_uri, run_id, key) == list(range(6))
-    assert metric_steps(tracking_uri, run_id, "validation/final_loss") == [3, 6]
+    assert metric_steps(tracking_uri, run_id, "validation/score") == [3, 6]
 
     def files(path=None):
         out = []
@@ -206,6 +207,7 @@ def test_run_logs_config_metrics_validation_checkpoints_and_theta(
 # -- killed learners ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # meta-training through the CLI on a Ray cluster
 def test_sigkill_of_the_learner_then_resume_continues_exactly(
     ray_address, tracking_uri, tmp_path
 ):
@@ -253,6 +255,7 @@ def test_sigkill_of_the_learner_then_resume_continues_exactly(
     assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # meta-training through the CLI on a Ray cluster
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(ray_address, tracking_uri, tmp_path):
     args = common_args(tmp_path, ray_address, tracking_uri)
     proc = start_cli(tmp_path, args + ["--steps", "200", "--checkpoint-every", "0"], "sigint")
@@ -323,6 +326,7 @@ def test_progress_bar_shows_step_loss_validation_and_throughput():
     assert "val 0.3000 (best 0.2500)" in last and "inner steps/s | eta 0:00" in last
 
 
+@pytest.mark.slow  # meta-training through the CLI on a Ray cluster
 def test_a_checkpoint_file_continues_exactly_in_a_new_store(ray_address, tracking_uri, tmp_path):
     """The committed-checkpoint path: the original store is gone, only the file remains."""
     args = common_args(tmp_path, ray_address, tracking_uri)
@@ -413,6 +417,14 @@ def test_a_continued_checkpoint_may_validate_differently_and_restarts_its_best()
     with pytest.raises(UsageError, match=r"differs in seed \(run: 0, given: 4\)"):
         _continued_config(kept.config, [{"seed": 4}], identity, refusal, free=("validation.",))
 
+    # The score is validation too (an experiment's): in either layout it restarts the best θ.
+    from meta_train.meta_training import VALIDATION_FREE
+
+    for layer in ({"experimental": {"validation_score": "adam_ratio"}},
+                  {"validation": {"score": "adam_ratio"}}):
+        ratio = _continued_config(kept.config, [layer], identity, refusal, free=VALIDATION_FREE)
+        assert ratio.experimental.validation_score == "adam_ratio"
+        assert validation_restarted(kept, ratio)[1]
 
 
 # -- failures after the run exists: FAILED, one line, exit 2 ------------------------------------

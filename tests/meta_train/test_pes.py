@@ -40,6 +40,7 @@ def _full_horizon_loss(optimizer, task, theta, config, seed):
     return total / (HORIZON // TRUNCATION)
 
 
+@pytest.mark.slow  # many antithetic pairs in float64 (≈ 30 s)
 def test_the_mean_estimate_matches_a_finite_difference_gradient(float64):
     optimizer, task, theta, config = _setup()
     sigma, trials, seed = 1e-3, 3000, 5

@@ -46,6 +46,7 @@ def table_rows(markdown: str, section: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
 
 
+@pytest.mark.slow  # quick_report runs the quick grid (≈ 50 s)
 def test_report_has_every_quick_row_the_optimizers_and_the_figures(quick_report):
     docs, uri = quick_report
     markdown = (docs / "results.md").read_text()
@@ -72,6 +73,7 @@ def test_report_has_every_quick_row_the_optimizers_and_the_figures(quick_report)
     assert {"results.md", "results.json", "figures"} <= logged
 
 
+@pytest.mark.slow  # quick_report runs the quick grid (≈ 50 s)
 def test_every_number_in_the_report_comes_from_results_json(quick_report):
     docs, _ = quick_report
     markdown = (docs / "results.md").read_text()
@@ -103,6 +105,7 @@ def test_every_number_in_the_report_comes_from_results_json(quick_report):
         assert verdict == ("yes" if ratio <= float(paper_ratio) else "no")
 
 
+@pytest.mark.slow  # quick_report runs the quick grid (≈ 50 s)
 def test_regenerating_keeps_the_hand_written_analysis(quick_report, tmp_path):
     docs, _ = quick_report
     report = json.loads((docs / "results.json").read_text())
@@ -125,6 +128,7 @@ def test_unknown_tasks_and_bad_runs_are_one_line_errors(capsys):
     assert err[1] == "hyperadam: error: --runs must be >= 1, got 0"
 
 
+@pytest.mark.slow  # two processes running grid cells (≈ 20 s)
 def test_parallel_cells_give_the_same_numbers_as_one_process():
     config = dict(tasks=("sin-lstm",), optimizers=("adam", "hyperadam"), runs=2)
     threads = torch.get_num_threads()
@@ -138,6 +142,7 @@ def test_parallel_cells_give_the_same_numbers_as_one_process():
     assert serial["sin-lstm"]["adam"]["runs"] == 2
 
 
+@pytest.mark.slow  # quick_report runs the quick grid (≈ 50 s)
 def test_merge_keeps_earlier_cells_and_replaces_redone_ones(quick_report, tmp_path):
     docs, _ = quick_report
     first = json.loads((docs / "results.json").read_text())
@@ -155,6 +160,7 @@ def test_merge_keeps_earlier_cells_and_replaces_redone_ones(quick_report, tmp_pa
     assert "Assembled from 2 sittings" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow  # quick_report runs the quick grid (≈ 50 s)
 def test_the_full_report_shows_every_row_of_the_paper_even_unrun(quick_report, tmp_path):
     docs, _ = quick_report
     report = json.loads((docs / "results.json").read_text())
@@ -167,6 +173,7 @@ def test_the_full_report_shows_every_row_of_the_paper_even_unrun(quick_report, t
     assert cnn[6:] == ["not run"] * 4
 
 
+@pytest.mark.slow  # quick_report runs the quick grid (≈ 50 s)
 def test_a_merged_report_shows_every_sittings_optimizers_and_lineage(quick_report, tmp_path):
     docs, _ = quick_report
     first = json.loads((docs / "results.json").read_text())
@@ -197,6 +204,7 @@ def test_a_merged_report_shows_every_sittings_optimizers_and_lineage(quick_repor
         assert f"- **{name}**: {first['optimizers'][name]}" in markdown
 
 
+@pytest.mark.slow  # quick_report runs the quick grid (≈ 50 s)
 def test_merging_refuses_a_learned_optimizer_whose_theta_changed(quick_report, tmp_path, capsys):
     docs, _ = quick_report
     first = json.loads((docs / "results.json").read_text())

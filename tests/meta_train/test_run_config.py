@@ -2,12 +2,14 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from meta_train.run_config import (
     MUTABLE_ON_RESUME,
+    SCHEMA_VERSION,
     RunConfig,
     build_config,
     config_digest,
@@ -120,27 +122,34 @@ def test_task_mixes_round_trip_and_one_member_is_the_plain_setting():
     assert single.validation.tasks == ("mnist-nn-sigmoid-100",)
 
 
-def test_an_adam_initialisation_is_identity_and_the_default_leaves_old_digests_alone():
+def test_an_adam_start_is_an_experiment_in_the_identity():
+    from meta_train.experimental import AdamStart
     from meta_train.training import ThetaInitConfig, init_theta_flat
 
     plain = build_config({})
-    assert "init.kind" not in identity_params(plain)  # runs recorded before `init` existed
-    assert build_config({"init": {"kind": "spec"}}) == plain
-    adam = build_config({"init": {"kind": "adam", "adam_lr": 0.03125}})
-    assert identity_params(adam)["init.kind"] == "adam"
+    assert plain.experimental.adam_start is None
+    adam = build_config({"experimental": {"adam_start": {"lr": 0.03125}}})
+    assert adam.experimental.adam_start == AdamStart(lr=0.03125)
+    assert identity_params(adam)["experimental.adam_start.lr"] == "0.03125"
     assert config_digest(adam) != config_digest(plain)
     assert RunConfig.from_dict(json.loads(json.dumps(adam.to_dict()))) == adam
+    # A schema-1 file says the same thing in its own layout.
+    assert build_config({"init": {"kind": "adam", "adam_lr": 0.03125}}) == adam
     optimizer = adam.make_optimizer()
-    start = optimizer.unflatten(init_theta_flat(optimizer, 0, adam.init))
+    start = optimizer.unflatten(init_theta_flat(optimizer, 0, adam.init, adam.experimental))
     assert float(start["weight_bias"].sum()) == pytest.approx(0.03125 / 0.005)
     random = optimizer.unflatten(init_theta_flat(optimizer, 0))
     torch.testing.assert_close(start["lstm_kernel"], random["lstm_kernel"])
-    with pytest.raises(ValueError, match="init.kind 'adam' applies to hyperadam only"):
-        build_config({"optimizer": "rnnprop", "init": {"kind": "adam"}})
-    with pytest.raises(ValueError, match="init.kind must be one of"):
+    with pytest.raises(ValueError, match="experimental.adam_start applies to hyperadam only"):
+        build_config({"optimizer": "rnnprop", "experimental": {"adam_start": {}}})
+    with pytest.raises(ValueError, match=r"init.kind must be one of \('spec', 'theta'\)"):
         ThetaInitConfig(kind="zeros")
-    with pytest.raises(ValueError, match=r"init.adam_lr must be a number > 0, got -1"):
-        ThetaInitConfig(kind="adam", adam_lr=-1)
+    with pytest.raises(ValueError, match=r"adam_start.lr must be a number > 0, got -1$"):
+        build_config({"experimental": {"adam_start": {"lr": -1}}})
+    with pytest.raises(ValueError, match=r"unknown config field\(s\): experimental.adam_start.x"):
+        build_config({"experimental": {"adam_start": {"x": 1}}})
+    with pytest.raises(ValueError, match=r"experimental.validation_score must be one of"):
+        build_config({"experimental": {"validation_score": "ratio"}})
 
 
 def test_the_experiment_configs_of_the_report_build(monkeypatch):
@@ -163,35 +172,79 @@ def test_the_experiment_configs_of_the_report_build(monkeypatch):
             init_theta_flat(config.make_optimizer(), config.seed, config.init)  # still matches
 
 
-def test_settings_added_later_stay_out_of_the_identity_at_their_recorded_value():
+def test_the_identity_has_a_schema_and_schema_1_is_still_computed():
     plain = build_config({})
-    # The paper recipe's identity as runs logged it before these settings existed.
-    assert config_digest(plain) == (
+    assert identity(plain)["schema"] == SCHEMA_VERSION == 2
+    assert identity_params(plain)["experimental.validation_score"] == "loss"  # every field
+    # The paper recipe's identity as runs logged it before schema versions.
+    assert config_digest(plain, schema=1) == (
         "a698c1b6cfbe7c561fabc78e7966eb1b2ef2d3de33f6f828a0090d3d013d590d"
     )
-    params = identity_params(plain)
+    params = identity_params(plain, schema=1)
+    assert "schema" not in params and "experimental.validation_score" not in params
     assert not {"validation.score", "family.model", "family.lstm_layers",
                 "family.noise_std"} & set(params)
-    recorded = build_config({"validation": {"score": "loss"},
-                             "family": {"model": "mlp", "lstm_layers": 1, "noise_std": 0.1}})
-    assert config_digest(recorded) == config_digest(plain)
-    changed = build_config({"validation": {"score": "adam_ratio"},
+    changed = build_config({"experimental": {"validation_score": "adam_ratio"},
                             "family": {"model": ["mlp", "lstm"], "noise_std": [0.1, 0.01]}})
-    params = identity_params(changed)
+    params = identity_params(changed, schema=1)
     assert params["validation.score"] == "adam_ratio"
     assert json.loads(params["family.model"]) == ["mlp", "lstm"]
-    assert config_digest(changed) != config_digest(plain)
+    assert config_digest(changed, schema=1) != config_digest(plain, schema=1)
     assert RunConfig.from_dict(json.loads(json.dumps(changed.to_dict()))) == changed
-    # identity() reads plain data without changing it.
-    data = changed.to_dict()
-    before = json.dumps(data, sort_keys=True)
-    identity(data)
-    assert json.dumps(data, sort_keys=True) == before
+    # identity() reads plain data, in either layout, without changing it.
+    for data in (changed.to_dict(), {"init": {"kind": "adam"}, "meta_optim": {"half_life": 3}}):
+        before = json.dumps(data, sort_keys=True)
+        identity(data)
+        identity(data, schema=1)
+        assert json.dumps(data, sort_keys=True) == before
+    with pytest.raises(ValueError, match=r"unknown identity schema 3; known: 1, 2"):
+        identity(plain, schema=3)
+
+
+SCHEMA_1 = json.loads((Path(__file__).parent / "schema1_configs.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMA_1))
+def test_configs_recorded_at_schema_1_load_and_keep_their_identity(name):
+    """Configs saved in checkpoints before schema versions (those of the shipped θs among them,
+    and one using every experiment of that time): they load, their digest is the one recorded,
+    and a resume compares them at schema 1 (their runs logged no ``schema`` param)."""
+    from runtime.theta import load_theta, theta_path
+
+    recorded = SCHEMA_1[name]
+    config = RunConfig.from_dict(recorded["config"])
+    digest = config_digest(config, schema=1)
+    assert digest == recorded["config_digest_by_schema_1_code"]
+    if name in ("hyperadam", "dm", "rnnprop"):  # the shipped θ's lineage names this config
+        assert load_theta(theta_path(name)).meta["config_digest"] == digest
+    assert config_digest(recorded["config"], schema=1) == digest  # from its plain data too
+    logged = recorded["identity_params_by_schema_1_code"]
+    assert identity_params(config, schema=1) == logged
+    assert identity_mismatches(logged, config) == []
+    other = dataclasses.replace(config, seed=config.seed + 1)
+    assert identity_mismatches(logged, other) == [
+        f"seed (run: {config.seed}, given: {config.seed + 1})"
+    ]
+    assert config_digest(config) != digest  # new runs log schema 2
+
+
+def test_a_schema_2_run_is_compared_at_schema_2():
+    config = build_config({"task": "quadratic"}).resolve(cpus=1)
+    logged = identity_params(config)
+    assert logged["schema"] == "2"
+    assert identity_mismatches(logged, config) == []
+    scheduled = build_config({"task": "quadratic", "experimental": {"meta_lr_half_life": 9}})
+    assert identity_mismatches(logged, scheduled.resolve(cpus=1)) == [
+        "experimental.meta_lr_half_life (run: None, given: 9.0)"
+    ]
+    with pytest.raises(ValueError, match=r"the run's identity has schema 7"):
+        identity_mismatches({**logged, "schema": "7"}, config)
 
 
 def test_a_theta_initialisation_starts_at_that_theta_pinned_by_its_digest(tmp_path):
-    from export.theta_io import load_theta_source, save_theta
+    from meta_train.theta_source import load_theta_source
     from meta_train.training import ThetaInitConfig, init_theta_flat
+    from runtime.theta import save_theta
 
     config = build_config({"init": {"kind": "theta", "theta": "hyperadam"}})
     optimizer, shipped = load_theta_source("hyperadam")
@@ -200,7 +253,8 @@ def test_a_theta_initialisation_starts_at_that_theta_pinned_by_its_digest(tmp_pa
     start = init_theta_flat(config.make_optimizer(), config.seed, config.init)
     assert torch.equal(start, optimizer.flatten(shipped))
     # Runs recorded before init.theta existed keep their identity.
-    assert "init.theta" not in identity_params(build_config({"init": {"kind": "adam"}}))
+    adam = build_config({"experimental": {"adam_start": {}}})
+    assert "init.theta" not in identity_params(adam, schema=1)
 
     path = tmp_path / "theta.npz"
     save_theta(path, "hyperadam", shipped)
@@ -227,31 +281,37 @@ def test_a_theta_initialisation_starts_at_that_theta_pinned_by_its_digest(tmp_pa
 
 
 def test_a_pre_kernel_scale_multiplies_only_the_state_cells_input_kernel():
-    from export.theta_io import load_theta_source
-    from meta_train.training import ThetaInitConfig, init_theta_flat
+    from meta_train.theta_source import load_theta_source
+    from meta_train.training import init_theta_flat
 
     plain = build_config({"init": {"kind": "theta", "theta": "hyperadam"}})
     scaled = build_config(
-        {"init": {"kind": "theta", "theta": "hyperadam", "pre_kernel_scale": 30}}
+        {"init": {"kind": "theta", "theta": "hyperadam"},
+         "experimental": {"pre_kernel_scale": 30}}
     )
+    # A schema-1 file kept the scale in init.
+    assert build_config(
+        {"init": {"kind": "theta", "theta": "hyperadam", "pre_kernel_scale": 30}}
+    ) == scaled
     optimizer = scaled.make_optimizer()
     _, shipped = load_theta_source("hyperadam")
-    start = optimizer.unflatten(init_theta_flat(optimizer, 0, scaled.init))
+    start = optimizer.unflatten(init_theta_flat(optimizer, 0, scaled.init, scaled.experimental))
     for name, value in shipped.items():
         expected = value * 30 if name == "pre_kernel" else value
         assert torch.equal(start[name], expected), name
-    assert identity_params(scaled)["init.pre_kernel_scale"] == "30.0"
-    # The default scale is no setting at all: earlier runs keep their identity.
-    assert "init.pre_kernel_scale" not in identity_params(plain)
+    assert identity_params(scaled)["experimental.pre_kernel_scale"] == "30.0"
+    assert identity_params(scaled, schema=1)["init.pre_kernel_scale"] == "30.0"
+    # The default scale is no setting at all for schema 1: earlier runs keep their identity.
+    assert "init.pre_kernel_scale" not in identity_params(plain, schema=1)
     assert config_digest(plain) != config_digest(scaled)
-    spec = build_config({"init": {"pre_kernel_scale": 10.0}})
-    flat = init_theta_flat(spec.make_optimizer(), spec.seed, spec.init)
-    unscaled = init_theta_flat(spec.make_optimizer(), spec.seed, ThetaInitConfig())
+    spec = build_config({"experimental": {"pre_kernel_scale": 10.0}})
+    flat = init_theta_flat(spec.make_optimizer(), spec.seed, spec.init, spec.experimental)
+    unscaled = init_theta_flat(spec.make_optimizer(), spec.seed, spec.init)
     assert torch.equal(flat[:20], unscaled[:20] * 10)  # pre_kernel is θ's first tensor
     assert torch.equal(flat[20:], unscaled[20:])
-    rnnprop = build_config({"optimizer": "rnnprop", "init": {"pre_kernel_scale": 2.0}})
+    rnnprop = build_config({"optimizer": "rnnprop", "experimental": {"pre_kernel_scale": 2.0}})
     with pytest.raises(ValueError, match=r"pre_kernel_scale needs HyperAdam, not rnnprop"):
-        init_theta_flat(rnnprop.make_optimizer(), 0, rnnprop.init)
+        init_theta_flat(rnnprop.make_optimizer(), 0, rnnprop.init, rnnprop.experimental)
     for bad in (0, -1.0, True, "2"):
-        with pytest.raises(ValueError, match=r"init.pre_kernel_scale must be a number > 0"):
-            ThetaInitConfig(pre_kernel_scale=bad)
+        with pytest.raises(ValueError, match=r"experimental.pre_kernel_scale must be a number > 0"):
+            build_config({"experimental": {"pre_kernel_scale": bad}})

@@ -31,7 +31,7 @@ def test_several_tasks_score_the_mean_of_their_means(theta):
     result = Validator(config, optimizer)(step=7, theta=theta_flat)
     alone = [_alone(optimizer, theta_flat, task) for task in TASKS]
     assert result.step == 7 and result.diverged_runs == 0
-    assert result.final_loss == pytest.approx(np.mean([a.final_loss_mean for a in alone]), rel=1e-6)
+    assert result.score == pytest.approx(np.mean([a.final_loss_mean for a in alone]), rel=1e-6)
     pooled = [loss for a in alone for loss in a.final_losses]
     assert result.final_loss_std == pytest.approx(np.std(pooled), rel=1e-6)
 
@@ -41,7 +41,7 @@ def test_one_task_scores_as_before(theta):
     config = ValidationConfig(task=TASKS[0], runs=2, steps=4, seed=1)
     result = Validator(config, optimizer)(step=1, theta=theta_flat)
     alone = _alone(optimizer, theta_flat, TASKS[0])
-    assert result.final_loss == pytest.approx(alone.final_loss_mean, rel=1e-7)
+    assert result.score == pytest.approx(alone.final_loss_mean, rel=1e-7)
     assert result.final_loss_std == pytest.approx(alone.final_loss_std, rel=1e-6)
     assert not [key for key in result.metrics() if key.startswith("validation/task/")]
 
@@ -52,8 +52,8 @@ def test_adam_ratio_scores_each_task_against_adam_on_the_same_runs(theta, monkey
 
     optimizer, theta_flat = theta
     tasks = ("mnist-nn-relu-100", "sin-lstm")  # cross-entropy beside squared error
-    config = ValidationConfig(task=tasks, runs=2, steps=4, seed=1, score="adam_ratio")
-    validator = Validator(config, optimizer)
+    config = ValidationConfig(task=tasks, runs=2, steps=4, seed=1)
+    validator = Validator(config, optimizer, score="adam_ratio")
     result = validator(step=3, theta=theta_flat)
     ratios = []
     for task in tasks:
@@ -61,7 +61,7 @@ def test_adam_ratio_scores_each_task_against_adam_on_the_same_runs(theta, monkey
         reference = evaluate(build_test_task(task), adam, task_name=task, steps=4, runs=2, seed=1)
         ratios.append(_alone(optimizer, theta_flat, task).final_loss_mean
                       / reference.final_loss_mean)
-    assert result.final_loss == pytest.approx(np.mean(ratios), rel=1e-6)
+    assert result.score == pytest.approx(np.mean(ratios), rel=1e-6)
     # Each task's score is logged beside the mean (a trade between tasks shows there).
     logged = result.metrics()
     for task, ratio in zip(tasks, ratios, strict=True):
@@ -73,10 +73,17 @@ def test_adam_ratio_scores_each_task_against_adam_on_the_same_runs(theta, monkey
         validator, "_evaluate", lambda name, rule: evaluated.append(name) or real(name, rule)
     )
     again = validator(step=4, theta=theta_flat)
-    assert again.final_loss == result.final_loss and evaluated == list(tasks)
+    assert again.score == result.score and evaluated == list(tasks)
 
 
-def test_an_unknown_validation_score_is_refused():
-    message = r"validation.score must be one of \('loss', 'adam_ratio'\)"
+def test_an_unknown_validation_score_is_refused(theta):
+    message = r"score must be one of \('loss', 'adam_ratio'\), got 'accuracy'"
     with pytest.raises(ValueError, match=message):
-        ValidationConfig(score="accuracy")
+        Validator(ValidationConfig(), theta[0], score="accuracy")
+
+
+def test_the_score_is_logged_as_a_score_not_as_a_final_loss(theta):
+    optimizer, theta_flat = theta
+    config = ValidationConfig(task=TASKS[0], runs=1, steps=2, seed=1)
+    metrics = Validator(config, optimizer)(step=1, theta=theta_flat).metrics()
+    assert "validation/score" in metrics and "validation/final_loss" not in metrics

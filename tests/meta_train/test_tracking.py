@@ -1,6 +1,6 @@
 """The MLflow tracker: batching limits, the spool across outages and restarts, deduplication."""
 
-import time
+import threading
 
 import pytest
 from mlflow import MlflowClient
@@ -16,6 +16,9 @@ class RecordingClient:
     def __init__(self, uri: str) -> None:
         self.inner = MlflowClient(tracking_uri=uri)
         self.down = False
+        self.stalled = threading.Event()  # set: calls hang until ``resume`` is set
+        self.resume = threading.Event()
+        self.inside = threading.Event()  # set once a call is hanging inside the client
         self.calls: list[tuple[str, int, int]] = []  # (method, metrics, params)
 
     def __getattr__(self, name):
@@ -24,6 +27,9 @@ class RecordingClient:
             return attribute
 
         def call(*args, **kwargs):
+            if self.stalled.is_set():  # a server that accepted the connection and hangs
+                self.inside.set()
+                self.resume.wait()
             if self.down:
                 raise ConnectionError("server unreachable")
             self.calls.append(
@@ -134,16 +140,24 @@ def test_unknown_run_id_is_a_lookup_error(tracking_uri):
 
 
 def test_delivery_does_not_block_logging(tracking_uri, tmp_path):
+    """Logging only queues: with the delivery thread stuck inside a hanging server call, the
+    training thread still logs everything (no timing: a logger that waited on the server would
+    never finish here), and all of it arrives once the server answers."""
     client = RecordingClient(tracking_uri)
     tracker = new_tracker(tracking_uri, tmp_path, client)
-    client.down = True
-    start = time.perf_counter()
-    for step in range(200):
-        tracker.log_metrics(step, {"loss": 0.5})
-    assert time.perf_counter() - start < 2.0
+    client.stalled.set()
+    logger = threading.Thread(
+        target=lambda: [tracker.log_metrics(step, {"loss": 0.5}) for step in range(200)]
+    )
+    logger.start()
+    assert client.inside.wait(timeout=60)  # a call now hangs inside the client
+    logger.join(timeout=60)  # a deadlock guard, not a speed limit
+    assert not logger.is_alive() and not client.resume.is_set()
     assert tracker.pending() > 0
-    client.down = False
+    client.stalled.clear()
+    client.resume.set()
     assert tracker.close("FINISHED", timeout=60)
+    assert [step for step, _ in history(tracking_uri, tracker.run_id, "loss")] == list(range(200))
 
 
 class LosesTheRace:
@@ -190,3 +204,34 @@ def test_a_spool_that_cannot_be_written_ends_the_new_run_failed(tracking_uri, tm
                           spool_root="/proc/x/spool", client=client)
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_meta_training_calls_mlflow_only_through_tracking():
+    """The run orchestration holds a client only to hand it to ``tracking``'s functions: no
+    method of it is called there, and mlflow is not imported there."""
+    import ast
+    from pathlib import Path
+
+    import meta_train.meta_training as module
+
+    tree = ast.parse(Path(module.__file__).read_text("utf-8"))
+    direct = [
+        f"line {node.lineno}: .{node.func.attr}()"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and (
+            (isinstance(node.func.value, ast.Name) and node.func.value.id == "client")
+            or (isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "client")
+        )
+    ]
+    imports = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(
+            (getattr(node, "module", None) or alias.name).startswith("mlflow")
+            for alias in node.names
+        )
+    ]
+    assert direct == [] and imports == []

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from meta_train.experimental import ExperimentalConfig
 from meta_train.optimizers import make_learned_optimizer
 from meta_train.tasks.family import DM_FAMILY, HYPERADAM_FAMILY, RNNPROP_FAMILY, MetaTaskFamily
 from meta_train.training import MetaOptimConfig, position, task_seed, train_local
@@ -55,17 +56,22 @@ def test_training_arguments_are_validated():
 
 
 def test_a_meta_lr_half_life_decays_the_step_size():
-    config = MetaOptimConfig(lr=1e-3, half_life=2)
-    assert [config.lr_at(k) for k in (0, 2, 4)] == [1e-3, 5e-4, 2.5e-4]
-    assert MetaOptimConfig(lr=1e-3).lr_at(10_000) == 1e-3  # the paper: constant
+    config = ExperimentalConfig(meta_lr_half_life=2)
+    assert [config.meta_lr_at(1e-3, k) for k in (0, 2, 4)] == [1e-3, 5e-4, 2.5e-4]
+    assert ExperimentalConfig().meta_lr_at(1e-3, 10_000) == 1e-3  # the paper: constant
     optimizer = make_learned_optimizer("hyperadam")
     family = MetaTaskFamily(HYPERADAM_FAMILY)
     unroll = UnrollConfig(horizon=4, truncation=2)
 
     def theta_after(steps, half_life):
-        meta_optim = MetaOptimConfig(lr=1e-3, half_life=half_life)
         theta, _ = train_local(
-            optimizer, family, steps=steps, run_seed=5, unroll=unroll, meta_optim=meta_optim
+            optimizer,
+            family,
+            steps=steps,
+            run_seed=5,
+            unroll=unroll,
+            meta_optim=MetaOptimConfig(lr=1e-3),
+            experimental=ExperimentalConfig(meta_lr_half_life=half_life),
         )
         return theta
 
@@ -77,5 +83,5 @@ def test_a_meta_lr_half_life_decays_the_step_size():
 
 @pytest.mark.parametrize("half_life", [0, -1, float("inf"), True, "10"])
 def test_a_bad_half_life_is_refused(half_life):
-    with pytest.raises(ValueError, match="half_life must be a number > 0 or None"):
-        MetaOptimConfig(half_life=half_life)
+    with pytest.raises(ValueError, match="meta_lr_half_life must be (a number > 0|finite)"):
+        ExperimentalConfig(meta_lr_half_life=half_life)

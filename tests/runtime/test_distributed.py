@@ -12,6 +12,8 @@ import pytest
 
 import runtime
 
+pytestmark = pytest.mark.slow  # torch.distributed processes (≈ 20 s)
+
 SHAPES = [(30, 4), (7,), (50,), (3, 3)]
 WORKER = textwrap.dedent(
     """

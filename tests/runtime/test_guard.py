@@ -235,3 +235,23 @@ def test_by_default_fallbacks_go_to_the_active_mlflow_run(opt, tracking_uri, mon
         active.info.run_id, gd.FALLBACKS_METRIC
     )
     assert [(m.value, m.step) for m in history] == [(1.0, 2)] and stepper.num_fallbacks == 2
+
+
+def test_a_guarded_step_above_lr_1_works_beside_the_steppers_own_undo(builtin):
+    """Above lr 1 the stepper snapshots around each step (to undo an overflow); the guarded
+    stepper keeps its own last-good snapshot beside that one (their names once collided, and
+    every guarded step above lr 1 raised TypeError). Without a loss, a run the guard lets
+    through is the plain run, bit for bit; with one, the guard judges and the run goes on."""
+    guarded_w, plain_w = np.zeros(12, np.float32), np.zeros(12, np.float32)
+    guarded = builtin.bind([guarded_w], lr=2.0, guard=True, guard_hook=None)
+    plain = builtin.bind([plain_w], lr=2.0)
+    for _ in range(3):
+        assert guarded.step([loss_and_grad(guarded_w)[1]])
+        plain.step([loss_and_grad(plain_w)[1]])
+    assert guarded.num_fallbacks == 0 and np.array_equal(guarded_w, plain_w)
+    judged_w = np.zeros(12, np.float32)
+    judged = builtin.bind([judged_w], lr=2.0, guard=True, guard_hook=None)
+    for _ in range(3):
+        loss, grad = loss_and_grad(judged_w)
+        judged.step([grad], loss=loss)
+    assert np.isfinite(judged_w).all() and judged.num_calls == 3

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses measuring peak memory (≈ 10 s)
+
 SCRIPT = """
 import sys, numpy as np, runtime
 

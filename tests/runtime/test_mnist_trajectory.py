@@ -41,6 +41,7 @@ def flat_grad(task, flat: np.ndarray, t: int) -> np.ndarray:
     return grad.numpy()
 
 
+@pytest.mark.slow  # 100 MNIST steps twice (≈ 10 s)
 def test_100_mnist_steps_match_the_torch_reference(task, hyperadam_folder):
     """Chunked (the default for p = 15,910); chunked == fused is tests/runtime/test_stepper's."""
     reference, theta = make_learned_optimizer("hyperadam"), theta_for("hyperadam")

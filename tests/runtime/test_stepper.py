@@ -48,6 +48,12 @@ def test_load_reads_back_the_provider(opt):
     assert "hyperadam" in repr(opt) and opt.default_lr == 0.005
 
 
+def test_load_returns_an_exported_optimizer_and_the_old_name_still_resolves(opt):
+    assert isinstance(opt, runtime.ExportedOptimizer)
+    with pytest.warns(DeprecationWarning, match="runtime.ExportedOptimizer"):
+        assert runtime.LearnedOptimizer is runtime.ExportedOptimizer
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("chunk_size", [None, 16], ids=["fused", "chunked"])
 def test_100_steps_on_least_squares_match_the_torch_reference(exported, method, chunk_size):
@@ -142,15 +148,30 @@ def test_state_dict_is_plain_data_in_the_reference_layout(opt):
 
 
 def test_lr_can_change_between_steps(opt):
-    a, b = make_arrays(), make_arrays()
-    sa, sb = opt.bind(a), opt.bind(b, lr=0.01)
-    sa.lr = 0.01
-    assert sa.lr == pytest.approx(0.01)
-    run(sa, a, range(3))
-    run(sb, b, range(3))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    """Each step uses the lr set just before it: the same trajectory as the torch reference
+    stepped with that lr sequence (which differs from any constant lr by far more than the
+    tolerance, so a stepper that kept its first lr fails here)."""
+    lrs = (0.005, 0.02, 0.001, 0.01)
+    arrays = make_arrays()
+    stepper = opt.bind(arrays)
+    reference = make_learned_optimizer("hyperadam")
+    theta = theta_for("hyperadam")
+    w = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
+    w0, state = w.clone(), reference.init_state(w.numel())
+    for t, lr in enumerate(lrs):
+        stepper.lr = lr  # between steps: after step t - 1, before step t
+        assert stepper.lr == pytest.approx(lr)
+        assert stepper.step(make_grads(t))
+        grad = torch.from_numpy(np.concatenate([g.reshape(-1) for g in make_grads(t)]))
+        with torch.no_grad():
+            delta, state = reference.step(theta, grad, state, lr=lr)
+        w = w + delta
+    got = np.concatenate([a.reshape(-1) for a in arrays])
+    moved = np.abs((w - w0).numpy()).max()
+    assert np.abs(got - w.numpy()).max() <= 1e-4 * moved
     with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got -0\.1$"):
-        sa.lr = -0.1
+        stepper.lr = -0.1
+    assert stepper.lr == pytest.approx(lrs[-1])  # a refused lr changes nothing
 
 
 def test_updates_are_in_place(opt):

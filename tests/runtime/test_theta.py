@@ -1,4 +1,4 @@
-"""export.theta_io: the small inference-θ artifact (npz, no pickle)."""
+"""runtime.theta: the small inference-θ artifact (npz, no pickle)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from export.theta_io import load_theta, load_theta_source, save_theta, theta_sha256
-from meta_train.optimizers import HyperAdam, RNNprop
+from meta_train.optimizers import HyperAdam
 from meta_train.seeding import generator
+from runtime.theta import load_theta, save_theta, theta_sha256
 
 
 def test_round_trip_keeps_order_values_and_meta(tmp_path):
@@ -24,17 +23,6 @@ def test_round_trip_keeps_order_values_and_meta(tmp_path):
     assert all(a.dtype == np.float32 for a in artifact.theta.values())
     assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]  # no temporary left behind
     assert theta_sha256(artifact.theta) == theta_sha256({k: v.numpy() for k, v in theta.items()})
-
-
-def test_theta_source_gives_the_reference_optimizer(tmp_path):
-    theta = RNNprop(6).init_theta(generator(1))
-    save_theta(tmp_path / "theta.npz", "rnnprop", theta)
-    for source in (tmp_path / "theta.npz", tmp_path):
-        optimizer, loaded = load_theta_source(source)
-        assert isinstance(optimizer, RNNprop) and optimizer.hidden_size == 6
-        assert all(torch.equal(loaded[k], theta[k]) for k in theta)
-    with pytest.raises(FileNotFoundError, match=r"^no θ artifact at "):
-        load_theta_source(tmp_path / "missing.npz")
 
 
 def test_meta_must_be_json(tmp_path):
@@ -58,3 +46,11 @@ def test_foreign_or_future_files_are_refused(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"is not a θ artifact \(\.npz\)"):
         load_theta(tmp_path / "obj.npy")  # object arrays need pickle: never loaded
+
+
+def test_the_old_export_theta_io_path_still_imports():
+    import export.theta_io
+    import runtime.theta
+
+    assert export.theta_io.load_theta is runtime.theta.load_theta
+    assert export.theta_io.save_theta is runtime.theta.save_theta
