@@ -97,6 +97,7 @@ def test_batched_runs_need_the_reference_step_and_a_known_device():
     assert default_worker_resources(config_for()) == {"num_cpus": 1.0}
 
 
+@pytest.mark.slow  # a real Ray cluster and workers
 def test_the_learner_with_batched_workers_tracks_the_single_process_loop(ray_address):
     steps = 4
     config = dataclasses.replace(config_for(meta_batch=3, steps=steps), workers=1)
@@ -137,6 +138,7 @@ def test_the_cli_flags_select_the_batched_path(flags, expected):
     assert config.batched == bool(expected)
 
 
+@pytest.mark.slow  # a real Ray cluster and workers
 def test_cuda_workers_ask_ray_for_a_gpu_each(ray_address):
     """The session's cluster has no GPU: the learner says what its workers wait for."""
     from meta_train.learner import WorkerError
@@ -152,3 +154,16 @@ def test_cuda_workers_ask_ray_for_a_gpu_each(ray_address):
             learner.start()
     finally:
         learner.close()
+
+
+def test_device_and_batching_are_identity_but_leave_earlier_digests_alone():
+    from meta_train.run_config import config_digest, identity
+
+    plain = build_config({"task": "quadratic"})
+    assert "device" not in identity(plain) and "batch_slots" not in identity(plain)
+    assert "device" not in identity(plain, schema=1)
+    gpu = dataclasses.replace(plain, device="cuda", implementation="reference")
+    batched = dataclasses.replace(plain, batch_slots=True, implementation="reference")
+    assert identity(gpu)["device"] == "cuda" and identity(batched)["batch_slots"] is True
+    reference = dataclasses.replace(plain, implementation="reference")
+    assert len({config_digest(c) for c in (reference, gpu, batched)}) == 3

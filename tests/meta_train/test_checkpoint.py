@@ -201,6 +201,7 @@ def test_format_1_checkpoints_load_with_their_trajectories_as_replay_bases(path)
     _check_replay_records(loaded.learner, config)  # what the learner checks before resuming
 
 
+@pytest.mark.slow  # a real Ray cluster and workers
 def test_a_learner_checkpoint_holds_no_optimizee_or_optimizer_state(ray_address, tmp_path):
     """HyperAdam (J = 20) on a 2 000-dimensional quadratic, stopped mid-trajectory."""
     import dataclasses
