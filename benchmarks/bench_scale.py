@@ -3,10 +3,11 @@
 Runs the real ``Learner`` (scheduling, message handling, averaging, Adam on θ, the θ broadcast)
 with N worker actors on this machine, one record per N. The actors are light stand-ins for
 ``GradientWorker`` that speak the same protocol (``meta_train/messages.py``): each call sleeps
-``--slot-s`` per slot (by default the measured time of one real truncation of the task below,
-``--calibrate``) and answers a θ-sized meta-gradient, so a 2-core machine can host 32+ of them
-(≈ 60 MB each, no torch) and what is measured is the learner, not the workers' compute
-competing with it for the cores.
+``--slot-s`` per slot (0.05 s; with ``--calibrate`` the measured time of one real truncation of
+the paper's MNIST recipe) and answers a θ-sized meta-gradient, so a 2-core machine can host 32+
+of them (≈ 60 MB each, no torch) and what is measured is the learner, not the workers' compute
+competing with it for the cores. ``StandInLearner`` is the real ``Learner``; only the actor
+class and its constructor arguments differ.
 
 θ is HyperAdam's (J = 20: 5 380 values); the meta-batch is ``--slots-per-worker`` × N. Per N,
 ``--warmup`` updates are run first, then ``--steps`` timed ones. Keys of each record:
