@@ -1,6 +1,7 @@
-"""Every GPU path of the runtime in one run: CUDA provider, torch CUDA tensors, CuPy, stream sync,
-and the training-loop paths of ``runtime.torch`` (param groups, weight decay, bf16 masters, the
-guard's restore and Adam fallback) on CUDA tensors.
+"""Every GPU path in one run: the runtime's CUDA provider, torch CUDA tensors, CuPy, stream sync,
+the training-loop paths of ``runtime.torch`` (param groups, weight decay, bf16 masters, the
+guard's restore and Adam fallback) on CUDA tensors, and meta-training on a GPU worker
+(``meta_train/batched.py``).
 
     python benchmarks/gpu_check.py [FOLDER]      # default: the built-in hyperadam
 
@@ -8,6 +9,11 @@ Each check compares the CUDA result with the CPU runtime on the same inputs (fp3
 the CUDA kernels reassociate sums) and prints one line; a missing prerequisite (no CUDA device,
 no CUDA provider in onnxruntime, no CuPy) prints SKIP with the reason. Exit status 1 if any check
 fails. ``tests/runtime/test_gpu.py`` runs the same checks under pytest (marked ``gpu``).
+
+The meta-training check times what a GPU worker does per call (``META_BATCH`` instances of the
+paper's MNIST recipe, one truncation of 20 inner steps, batched HyperAdam reference step on
+CUDA) against one CPU worker (one instance, the fused CPU step, one thread), and compares the
+GPU's meta-gradients with the CPU's batched path on the same instances (fp32 round-off).
 """
 
 from __future__ import annotations
@@ -151,6 +157,74 @@ def check_refusals(folder: Path) -> str:
     return "refusals: ok"
 
 
+META_BATCH = 16  # instances per GPU-worker call in the meta-training check
+META_AGREE = 2  # of which the first ones are recomputed on the CPU and compared
+META_DEVICE = "cuda"  # a dry run of the check's code on a machine without a GPU may set "cpu"
+
+
+def check_meta_training(folder: Path) -> str:
+    """A GPU worker's batched meta-update: throughput against one CPU worker, CPU agreement."""
+    del folder  # meta-training needs no exported optimizer
+    try:
+        import torch
+    except ImportError as err:
+        raise Skip("torch is not installed") from err
+    if not torch.cuda.is_available():
+        raise Skip("torch sees no CUDA device")
+    from meta_train.batched import slots_work_batched, to_device
+    from meta_train.run_config import build_config
+    from meta_train.training import init_theta_flat, slot_work
+
+    torch.set_num_threads(1)  # a CPU worker's setting
+    fused = build_config({"validation": {"every": 0}})
+    batched = build_config({"validation": {"every": 0}, "device": "cuda",
+                            "implementation": "reference"})
+    family = fused.make_family()
+    theta = init_theta_flat(fused.make_optimizer(), 0)
+    unroll = fused.unroll
+
+    def timed(run: Callable[[], object], repeats: int = 3) -> float:
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    cpu_model = fused.make_optimizer()
+    first = slot_work(cpu_model, family, unroll, theta, 0, 0, 0, None)
+    cpu_s = timed(lambda: slot_work(cpu_model, family, unroll, theta, 0, 0, 1, first.trajectory))
+
+    gpu_model = batched.make_optimizer()
+    slots = list(range(META_BATCH))
+    starts = slots_work_batched(gpu_model, family, unroll, theta, 0, slots, 0,
+                                [None] * META_BATCH, META_DEVICE)
+    trajectories = [out.trajectory for out in starts]
+    outs: list = []
+    gpu_s = timed(lambda: outs.__setitem__(slice(None), slots_work_batched(
+        gpu_model, family, unroll, theta, 0, slots, 1, trajectories, META_DEVICE)))
+
+    cpu_outs = slots_work_batched(
+        gpu_model, family, unroll, theta, 0, slots[:META_AGREE], 1,
+        [to_device(t, "cpu") for t in trajectories[:META_AGREE]], "cpu",
+    )
+    worst = 0.0
+    for gpu, cpu in zip(outs[:META_AGREE], cpu_outs, strict=True):
+        g, c = gpu.meta_grad.cpu(), cpu.meta_grad
+        worst = max(worst, float((g - c).abs().max() / c.abs().max()))
+    if not worst <= 1e-3:
+        raise AssertionError(f"GPU meta-gradients differ from the CPU's by {worst:.2e} (relative)")
+    ratio = (META_BATCH / gpu_s) / (1 / cpu_s)
+    return (
+        f"meta-training: ok, {torch.cuda.get_device_name()}: {META_BATCH} instances in "
+        f"{gpu_s:.3f} s per truncation ({META_BATCH / gpu_s:.1f} /s) against one CPU worker's "
+        f"{cpu_s:.3f} s (fused, 1 thread): ×{ratio:.1f}; meta-gradients within {worst:.1e} "
+        "of the CPU path"
+    )
+
+
 def _training_loop(torch, device: str, folder: Path) -> list[np.ndarray]:
     """runtime.torch.LearnedOptimizer on ``device`` with what real loops use: two param groups
     (own lr and weight decay), a bf16 parameter (fp32 master), the guard (a NaN loss at step
@@ -196,6 +270,7 @@ CHECKS: dict[str, Callable[[Path], str]] = {
     "torch-cuda-chunked": lambda folder: check_torch_cuda(folder, chunk_size=2048),
     "stream-sync": check_stream_sync,
     "cupy": check_cupy,
+    "meta-training": check_meta_training,
     "refusals": check_refusals,
     "training-loop": check_training_loop,
 }

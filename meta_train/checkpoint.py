@@ -1,8 +1,11 @@
 """Trainer checkpoints and the inference-only θ artifact: atomic, hashed, pickle-free.
 
-A checkpoint holds everything exact resume needs: the learner state (θ, Adam state, step, every
-slot's trajectory at the start of that step), the full run config, the metric history the plot
-is drawn from, and the best validated θ. All randomness derives from the logged run seed
+A checkpoint holds everything exact resume needs: the learner state (θ, Adam state, step, and
+what rebuilds every slot's trajectory at that step: the θ version each meta-step of the current
+trajectory used and the θs of those versions, at most K − 1 of them), the full run config, the
+metric history the plot is drawn from, and the best validated θ. No optimizee or optimizer state
+(O(p·J)) is stored: a resumed learner's workers replay the current trajectories' truncations
+(``worker.rebuild_trajectory``). All randomness derives from the logged run seed
 (``seeding.derive_seed``: task seeds from (seed, slot, trajectory), minibatches from (task seed,
 step)), so no RNG state exists beyond the seed and the slots' task seeds and positions.
 
@@ -13,6 +16,10 @@ File layout (one file, so a crash can never pair a new header with an old payloa
     H bytes of JSON                    {"format", "version", "payload_bytes", "payload_sha256"}
     payload                            an .npz (numpy zip, no pickles) of named arrays; the
                                        non-array fields travel as the JSON array "meta"
+
+Format versions: 2 (this one) stores the replay records; 1 stored every slot's trajectory at the
+step. Version 1 files still load: their trajectories become the slots' replay bases, used until
+those trajectories end (a checkpoint written in that window stores them again).
 
 Loading checks the magic, the version, the payload length and its sha256 before reading any
 array, and reads with ``allow_pickle=False``: a truncated or altered file, or one whose θ or Adam
@@ -42,7 +49,8 @@ from .worker import TrajectoryArrays
 
 MAGIC = b"HYPERADAM-CKPT\n"
 FORMAT = "hyperadam-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: every slot's trajectory stored (see the module docstring)
 THETA_FILE = "theta.npz"  # the inference-only θ artifact's file name
 _HEADER_LEN = struct.Struct("<Q")
 _MAX_HEADER = 1 << 20
@@ -151,6 +159,8 @@ def encode(checkpoint: Checkpoint) -> bytes:
         arrays[f"slot/{b}/params"] = np.asarray(trajectory.params)
         for i, value in enumerate(trajectory.state):
             arrays[f"slot/{b}/state/{i}"] = np.asarray(value)
+    for version, theta in state.theta_history.items():
+        arrays[f"theta_history/{int(version)}"] = np.asarray(theta, dtype=np.float32)
     history = checkpoint.history
     arrays["history/meta_loss"] = np.asarray(history.meta_loss, dtype=np.float64)
     arrays["history/validation_steps"] = np.asarray(history.validation_steps, dtype=np.int64)
@@ -166,6 +176,9 @@ def encode(checkpoint: Checkpoint) -> bytes:
         "family_digest": checkpoint.family_digest,
         "adam": sorted(state.adam),
         "slots": slots,
+        "versions": [list(v) for v in state.slot_versions()],
+        "theta_history": sorted(int(v) for v in state.theta_history),
+        "stale_rejected_total": state.stale_rejected_total,
         "rejected_total": state.rejected_total,
         "worker_restarts": state.worker_restarts,
         "best": best,
@@ -195,7 +208,9 @@ def save(path: str | Path, checkpoint: Checkpoint) -> Path:
     return Path(path)
 
 
-def _verified_payload(data: bytes, name: str, fmt: str, version: int) -> tuple[dict, bytes]:
+def _verified_payload(
+    data: bytes, name: str, fmt: str, versions: tuple[int, ...]
+) -> tuple[dict, bytes]:
     if not data.startswith(MAGIC):
         raise CheckpointError(f"{name} is not a hyperadam checkpoint (bad magic bytes)")
     offset = len(MAGIC) + _HEADER_LEN.size
@@ -210,10 +225,11 @@ def _verified_payload(data: bytes, name: str, fmt: str, version: int) -> tuple[d
         raise CheckpointError(f"{name} is altered: its header is not valid JSON") from None
     if not isinstance(header, dict) or header.get("format") != fmt:
         raise CheckpointError(f"{name} is not a {fmt} file (header format {header!r})")
-    if header.get("version") != version:
+    if header.get("version") not in versions:
+        readable = " and ".join(str(v) for v in versions)
         raise CheckpointError(
             f"{name} has format version {header.get('version')!r}; this hyperadam reads "
-            f"version {version}"
+            f"version {readable}"
         )
     payload = data[offset + header_len :]
     expected = header.get("payload_bytes")
@@ -237,7 +253,7 @@ def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
     Raises:
       CheckpointError: bad magic, unknown version, truncated, hash mismatch, malformed arrays.
     """
-    _, payload = _verified_payload(data, name, FORMAT, VERSION)
+    _, payload = _verified_payload(data, name, FORMAT, READABLE_VERSIONS)
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -257,6 +273,8 @@ def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
                     state_fields=fields,
                 )
             )
+        # Format 1 has no replay records: its stored trajectories are the replay bases.
+        versions = tuple(tuple(int(v) for v in used) for used in meta.get("versions", ()))
         learner = LearnerState(
             step=int(meta["step"]),
             theta=arrays["theta"],
@@ -264,6 +282,11 @@ def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
             trajectories=tuple(slots),
             rejected_total=int(meta["rejected_total"]),
             worker_restarts=int(meta["worker_restarts"]),
+            versions=versions,
+            theta_history={
+                int(v): arrays[f"theta_history/{int(v)}"] for v in meta.get("theta_history", ())
+            },
+            stale_rejected_total=int(meta.get("stale_rejected_total", 0)),
         )
         history = History(
             tuple(float(x) for x in arrays["history/meta_loss"]),
@@ -290,9 +313,10 @@ def decode(data: bytes, name: str = "checkpoint") -> Checkpoint:
 
 
 def _check_finite(name: str, arrays: dict[str, np.ndarray]) -> None:
-    """Refuses a non-finite θ, best θ or Adam moment: training on from it would reject every
-    meta-gradient (NaN in, NaN out) and still end "finished"."""
-    for key in ("theta", "best/theta", *(k for k in arrays if k.startswith("adam/"))):
+    """Refuses a non-finite θ, best θ, Adam moment or replay θ: training on from it would reject
+    every meta-gradient (NaN in, NaN out) and still end "finished"."""
+    kept = ("adam/", "theta_history/")
+    for key in ("theta", "best/theta", *(k for k in arrays if k.startswith(kept))):
         value = arrays.get(key)
         if value is None or not np.issubdtype(value.dtype, np.floating):
             continue

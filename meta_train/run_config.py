@@ -12,7 +12,8 @@ values of a config file and of command-line flags on top. Experiments beyond the
 one section, ``experimental`` (``experimental.ExperimentalConfig``).
 
 The identity carries a schema version (``SCHEMA_VERSION``): at schema 2 it is the whole config
-but the execution fields, with ``"schema": 2``. Runs recorded before schema versions (schema 1)
+but the execution fields, with ``"schema": 2`` (fields added since are left out at the value
+earlier runs used, ``_SCHEMA_2_OMITTED``). Runs recorded before schema versions (schema 1)
 left out every field added after them at its recorded value, and kept the experiments inside
 ``init``, ``meta_optim`` and ``validation``; their identity is still computed exactly
 (``identity(config, schema=1)``), so their logged params, digests and θ lineage still verify,
@@ -51,6 +52,7 @@ else:  # Python 3.10: JSON config files only
     tomllib = None
 
 OPTIMIZERS = ("hyperadam", "rnnprop", "dm")
+DEVICES = ("cpu", "cuda")  # where gradient workers meta-train
 TASKS = ("mnist", "quadratic")  # meta-training task families
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "hyperadam"
@@ -78,6 +80,9 @@ _SCHEMA_1_INIT = {
     "theta_sha256": None,
     "pre_kernel_scale": 1.0,
 }
+# Fields added after schema 2 was introduced: its identity leaves them out at these values (what
+# every run before them did), so the digests of the runs it recorded stay valid.
+_SCHEMA_2_OMITTED: dict[str, Any] = {"device": "cpu", "batch_slots": False}
 _SCHEMA_1_OMITTED: dict[str, Any] = {
     "init": _SCHEMA_1_INIT,
     "init.theta": None,
@@ -88,6 +93,7 @@ _SCHEMA_1_OMITTED: dict[str, Any] = {
     "family.model": "mlp",
     "family.lstm_layers": 1,
     "family.noise_std": 0.1,
+    **_SCHEMA_2_OMITTED,
 }
 # Schema 1's places of the experiments: (section, field) → experimental field.
 _SCHEMA_1_PLACES = {
@@ -211,6 +217,10 @@ class RunConfig:
       worker_start_timeout_s: how long the workers may take to start (an autoscaling cluster
         may have to launch nodes first).
       max_worker_restarts: the run fails after this many worker replacements.
+      device: where workers meta-train: "cpu", or "cuda" (one GPU per worker, Ray
+        ``num_gpus``; its slots batched, ``batched.py``).
+      batch_slots: a CPU worker computes its slots as one batch (the GPU path on the CPU).
+        Batched results agree with unbatched ones to round-off, so both are identity.
     """
 
     optimizer: str = "hyperadam"
@@ -233,6 +243,8 @@ class RunConfig:
     call_timeout_s: float = 900.0
     worker_start_timeout_s: float = 900.0
     max_worker_restarts: int = 20
+    device: str = "cpu"
+    batch_slots: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -270,8 +282,22 @@ class RunConfig:
         _check_positive("call_timeout_s", self.call_timeout_s)
         _check_positive("worker_start_timeout_s", self.worker_start_timeout_s)
         _check_int("max_worker_restarts", self.max_worker_restarts, 0)
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not isinstance(self.batch_slots, bool):
+            raise ValueError(f"batch_slots must be true or false, got {self.batch_slots!r}")
+        if self.batched and self.optimizer == "hyperadam" and self.implementation != "reference":
+            raise ValueError(
+                "batched workers (device 'cuda' or batch_slots) run HyperAdam's torch reference "
+                "step: set implementation = \"reference\""
+            )
 
     # -- derived views ----------------------------------------------------------------------
+
+    @property
+    def batched(self) -> bool:
+        """Whether workers compute their slots as one batch (``batched.py``)."""
+        return self.batch_slots or self.device != "cpu"
 
     @property
     def resolved(self) -> bool:
@@ -331,6 +357,9 @@ def identity(
     for name in MUTABLE_ON_RESUME:
         plain.pop(name, None)
     if schema == SCHEMA_VERSION:
+        for name, omitted in _SCHEMA_2_OMITTED.items():
+            if plain.get(name) == omitted:
+                del plain[name]
         return {"schema": SCHEMA_VERSION, **plain}
     plain = _schema_1_layout(plain)
     for name, omitted in _SCHEMA_1_OMITTED.items():

@@ -147,9 +147,9 @@ def slot_work(
     """The work of one slot at one meta-step: build its task, run one truncation.
 
     ``trajectory`` is the slot's carried inner state. It may be None only at the first truncation
-    of a trajectory: rebuilding a mid-trajectory state by replaying earlier truncations with the
-    current θ would not be the same state, so callers that lose it (a dead worker) must pass the
-    state from their own records (the learner keeps the last trajectory of every slot).
+    of a trajectory: replaying earlier truncations with the current θ would not give the same
+    state, so callers that lose it (a dead worker) rebuild it by replaying them with the θ
+    versions they first used (``worker.rebuild_trajectory``; the learner keeps those versions).
     """
     traj_index, trunc_index = position(step, unroll)
     seed = task_seed(run_seed, slot, traj_index)

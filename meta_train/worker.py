@@ -2,10 +2,17 @@
 
 A worker owns a few *slots* of the meta-batch. Each call gives it θ (an ``ObjectRef`` the learner
 ``ray.put`` once per version, resolved by Ray before the call), the θ version and one ``SlotWork``
-per slot: which meta-step to compute and, only when the worker does not already hold it, the
-trajectory to continue from. The worker keeps every slot's trajectory (optimizee parameters and
-optimizer state) between calls, so the inner state crosses the 5 truncations of a trajectory
-without travelling, and returns typed, frozen messages of numpy arrays. It never talks to MLflow.
+per slot: which meta-step to compute and, only when the worker does not already hold the slot's
+state, a ``Rebuild``. The worker keeps every slot's trajectory (optimizee parameters and optimizer
+state, O(p·J)) between calls and never sends it: what travels back is the meta-gradient (O(θ))
+and a few numbers per slot (``messages.py``), so the learner's traffic does not grow with the
+optimizee.
+
+A lost trajectory (a replaced worker, a resumed learner) is rebuilt, not shipped: every
+truncation is a pure function of (run seed, slot, step, θ it used), so replaying the truncations
+since the trajectory's start with the θ versions they used gives the lost state bitwise. That is
+at most one horizon of replay (K − 1 truncations), and the learner only has to keep those θ
+versions. It never talks to MLflow.
 
 Everything here runs without Ray: ``GradientWorker`` is a plain class that the learner wraps with
 ``ray.remote`` and that tests drive directly.
@@ -16,102 +23,34 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .batched import slots_work_batched, to_device
+from .messages import Rebuild, SlotResult, SlotWork, TrajectoryArrays, WorkerResult
 from .optimizers.base import LearnedUpdateRule
 from .tasks.base import TaskFamily
 from .training import position, slot_work, task_seed
-from .unroll import Trajectory, UnrollConfig
+from .unroll import Trajectory, UnrollConfig, UnrollResult
+
+__all__ = [  # the messages, importable from here as before
+    "FaultInjection",
+    "GradientWorker",
+    "Rebuild",
+    "SlotResult",
+    "SlotWork",
+    "TrajectoryArrays",
+    "WorkerResult",
+    "compute_slot",
+    "rebuild_trajectory",
+]
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class TrajectoryArrays:
-    """A ``Trajectory`` as numpy arrays: how inner state travels and is checkpointed."""
-
-    seed: int  # task seed of the trajectory
-    step: int  # inner steps taken so far
-    params: np.ndarray  # [p] float32 optimizee parameters
-    state: tuple[np.ndarray, ...]  # the optimizer state's tensors, in ``state_fields`` order
-    state_fields: tuple[str, ...]  # the state NamedTuple's field names
-
-    @classmethod
-    def from_trajectory(cls, trajectory: Trajectory) -> TrajectoryArrays:
-        state = trajectory.opt_state
-        return cls(
-            seed=int(trajectory.seed),
-            step=int(trajectory.step),
-            params=np.ascontiguousarray(trajectory.params.detach().numpy()),
-            # Contiguous, so that Ray ships each array as one out-of-band buffer: the fused
-            # step keeps its state as transposed planes, which pickle would copy in-band
-            # (measured: 11 ms against 6 ms to put one 7.7 MB trajectory).
-            state=tuple(np.ascontiguousarray(t.detach().numpy()) for t in state),
-            state_fields=tuple(state._fields),
-        )
-
-    def to_trajectory(self, state_type: Any) -> Trajectory:  # state_type: a NamedTuple class
-        """Copies back into torch (arrays received from Ray are read-only views)."""
-        if tuple(state_type._fields) != self.state_fields:
-            raise ValueError(
-                f"trajectory state has fields {self.state_fields}, the optimizer expects "
-                f"{tuple(state_type._fields)}"
-            )
-        return Trajectory(
-            self.seed,
-            self.step,
-            torch.tensor(self.params),
-            state_type(*(torch.tensor(a) for a in self.state)),
-        )
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.params.nbytes + sum(a.nbytes for a in self.state))
-
-
-@dataclasses.dataclass(frozen=True)
-class SlotWork:
-    """One slot's meta-step to compute; ``trajectory`` only when the worker lacks it."""
-
-    slot: int
-    step: int
-    trajectory: TrajectoryArrays | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SlotResult:
-    """The meta-gradient of one slot at one meta-step, and where its trajectory now stands."""
-
-    slot: int
-    step: int  # the meta-step computed
-    version: int  # the θ version it was computed with
-    task_seed: int
-    meta_grad: np.ndarray  # flat, float32, θ's layout
-    trajectory: TrajectoryArrays  # the state after this truncation (input of step + 1)
-    meta_loss: float
-    inner_losses: tuple[float, ...]
-    grad_norm: float  # L2 norm of meta_grad (nan if it is not finite)
-    compute_s: float
-
-    @property
-    def finite(self) -> bool:
-        return bool(np.isfinite(self.meta_grad).all())
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerResult:
-    """The answer to one ``compute`` call."""
-
-    worker_id: int
-    pid: int
-    version: int
-    results: tuple[SlotResult, ...]
-    compute_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +58,11 @@ class FaultInjection:
     """Test hook: faults a worker injects on purpose (never set in real runs)."""
 
     nan_grads: frozenset[tuple[int, int]] = frozenset()  # (step, slot) answered with NaNs
+    # Meta-steps the worker computes, once, with the θ it already holds instead of the one sent
+    # (an out-of-date θ cache): an honest gradient of an older version, for the staleness guard.
+    stale_theta: frozenset[int] = frozenset()
+    slow_workers: frozenset[int] = frozenset()  # worker ids that sleep ``delay_s`` per call
+    delay_s: float = 0.0
 
 
 def compute_slot(
@@ -140,7 +84,7 @@ def compute_slot(
     Raises:
       ValueError: the trajectory given is not where the slot's schedule says it must be.
     """
-    traj_index, trunc_index = position(work.step, unroll)
+    _, trunc_index = position(work.step, unroll)
     expected_inner = trunc_index * unroll.truncation
     if trunc_index and trajectory is not None and trajectory.step != expected_inner:
         raise ValueError(
@@ -151,23 +95,106 @@ def compute_slot(
     out = slot_work(
         optimizer, family, unroll, theta, run_seed, work.slot, work.step, trajectory
     )
-    grad = out.meta_grad.detach().numpy()
+    message = pack_result(
+        out, work, unroll, run_seed=run_seed, version=version, faults=faults,
+        compute_s=time.perf_counter() - start,
+    )
+    return message, out.trajectory
+
+
+def pack_result(
+    out: UnrollResult,
+    work: SlotWork,
+    unroll: UnrollConfig,
+    *,
+    run_seed: int,
+    version: int,
+    faults: FaultInjection | None,
+    compute_s: float,
+) -> SlotResult:
+    """The message of one slot's truncation (the meta-gradient leaves the device here)."""
+    traj_index, _ = position(work.step, unroll)
+    grad = out.meta_grad.detach().cpu().numpy()
     if faults is not None and (work.step, work.slot) in faults.nan_grads:
         grad = np.full_like(grad, np.nan)
     finite = bool(np.isfinite(grad).all())
-    message = SlotResult(
+    return SlotResult(
         slot=work.slot,
         step=work.step,
         version=version,
         task_seed=task_seed(run_seed, work.slot, traj_index),
         meta_grad=grad,
-        trajectory=TrajectoryArrays.from_trajectory(out.trajectory),
         meta_loss=float(out.meta_loss),
+        inner_step=int(out.trajectory.step),
         inner_losses=tuple(out.inner_losses),
         grad_norm=float(np.linalg.norm(grad)) if finite else float("nan"),
-        compute_s=time.perf_counter() - start,
+        compute_s=compute_s,
     )
-    return message, out.trajectory
+
+
+def rebuild_trajectory(
+    optimizer: LearnedUpdateRule,
+    family: TaskFamily,
+    unroll: UnrollConfig,
+    thetas: Mapping[int, torch.Tensor],
+    *,
+    run_seed: int,
+    slot: int,
+    step: int,
+    rebuild: Rebuild,
+    state_type: type,
+) -> Trajectory | None:
+    """The slot's trajectory at the start of meta-step ``step``, by replaying its truncations.
+
+    Each replayed truncation is ``slot_work`` exactly as it first ran (same θ, same code path,
+    gradient included), so the state is bitwise the lost one. None when ``step`` starts a
+    trajectory and nothing needs replaying.
+
+    Raises:
+      ValueError: the replay would not start at the trajectory's start or at ``base``, or a θ
+        version it needs was not sent.
+    """
+    first, trajectory = replay_start(
+        unroll, thetas, slot=slot, step=step, rebuild=rebuild, state_type=state_type
+    )
+    for replayed_step, version in enumerate(rebuild.versions, start=first):
+        trajectory = slot_work(
+            optimizer, family, unroll, thetas[version], run_seed, slot, replayed_step, trajectory
+        ).trajectory
+    return trajectory
+
+
+def replay_start(
+    unroll: UnrollConfig,
+    thetas: Mapping[int, torch.Tensor],
+    *,
+    slot: int,
+    step: int,
+    rebuild: Rebuild,
+    state_type: type,
+) -> tuple[int, Trajectory | None]:
+    """The first meta-step a replay runs and the state it starts from (checked)."""
+    first = step - len(rebuild.versions)
+    _, trunc_index = position(step, unroll)
+    start = step - trunc_index
+    if rebuild.base is None:
+        if first != start and trunc_index:
+            raise ValueError(
+                f"slot {slot} at step {step}: a replay from the trajectory's start must begin "
+                f"at step {start}, the versions given begin at {first}"
+            )
+        trajectory = None
+    else:
+        trajectory = rebuild.base.to_trajectory(state_type)
+        if trajectory.step != (first - start) * unroll.truncation or first < start:
+            raise ValueError(
+                f"slot {slot} at step {step}: the replay base is after inner step "
+                f"{trajectory.step}, the versions given begin at step {first}"
+            )
+    missing = sorted(set(rebuild.versions) - set(thetas))
+    if missing:
+        raise ValueError(f"slot {slot}: θ versions {missing} are needed to replay, not sent")
+    return first, trajectory
 
 
 class GradientWorker:
@@ -196,10 +223,13 @@ class GradientWorker:
         self.optimizer = config.make_optimizer()
         self.family = config.make_family(data_dir)
         self.faults = faults
+        self.device = torch.device(config.device)
+        self.batched = config.batched
         self._state_type = type(self.optimizer.init_state(1))
         self._trajectories: dict[int, Trajectory] = {}
         self._theta: torch.Tensor | None = None
         self._theta_version = -1
+        self._faults_fired: set[int] = set()
         # Load the dataset now (once per actor), not inside the first timed call.
         self.family.build(self.family.sample(0))
 
@@ -207,21 +237,52 @@ class GradientWorker:
         """The worker's process id (the learner's liveness probe; tests kill it)."""
         return os.getpid()
 
-    def compute(self, theta: Any, version: int, work: tuple[SlotWork, ...]) -> WorkerResult:
+    def compute(
+        self,
+        theta: Any,
+        version: int,
+        work: tuple[SlotWork, ...],
+        replay_thetas: Mapping[int, Any] | None = None,
+    ) -> WorkerResult:
         """Computes the meta-gradients of ``work`` with θ of ``version``.
 
         ``theta`` arrives resolved from the learner's ``ray.put`` (a read-only numpy array);
-        it is converted once per version.
+        it is converted once per version. ``replay_thetas`` (version → θ) holds the θs that the
+        work's ``Rebuild``s replay with; only sent when some slot must be rebuilt.
         """
         start = time.perf_counter()
-        if version != self._theta_version or self._theta is None:
-            self._theta = torch.tensor(np.asarray(theta, dtype=np.float32))
+        if self.faults is not None and self.worker_id in self.faults.slow_workers:
+            time.sleep(self.faults.delay_s)
+        computed_version = version
+        stale = self._stale_fault(work)
+        if not stale and (version != self._theta_version or self._theta is None):
+            self._theta = torch.tensor(np.asarray(theta, dtype=np.float32), device=self.device)
             self._theta_version = version
+        elif stale:
+            computed_version = self._theta_version
+        replay = {v: torch.tensor(np.asarray(t, dtype=np.float32), device=self.device)
+                  for v, t in (replay_thetas or {}).items()}
+        if self.batched:
+            results = self._compute_batched(computed_version, work, replay)
+            return WorkerResult(
+                worker_id=self.worker_id,
+                pid=os.getpid(),
+                version=version,
+                results=tuple(results),
+                compute_s=time.perf_counter() - start,
+            )
+        assert self._theta is not None  # set above, or cached from an earlier call
         results = []
         for item in work:
+            replayed = 0
             trajectory: Trajectory | None
-            if item.trajectory is not None:
-                trajectory = item.trajectory.to_trajectory(self._state_type)
+            if item.rebuild is not None:
+                trajectory = rebuild_trajectory(
+                    self.optimizer, self.family, self.unroll, replay,
+                    run_seed=self.run_seed, slot=item.slot, step=item.step,
+                    rebuild=item.rebuild, state_type=self._state_type,
+                )
+                replayed = len(item.rebuild.versions)
             else:
                 trajectory = self._trajectories.get(item.slot)
             message, advanced = compute_slot(
@@ -230,13 +291,13 @@ class GradientWorker:
                 self.unroll,
                 self._theta,
                 run_seed=self.run_seed,
-                version=version,
+                version=computed_version,
                 work=item,
                 trajectory=trajectory,
                 faults=self.faults,
             )
             self._trajectories[item.slot] = advanced
-            results.append(message)
+            results.append(dataclasses.replace(message, replayed=replayed) if replayed else message)
         return WorkerResult(
             worker_id=self.worker_id,
             pid=os.getpid(),
@@ -244,3 +305,69 @@ class GradientWorker:
             results=tuple(results),
             compute_s=time.perf_counter() - start,
         )
+
+    def _compute_batched(
+        self, version: int, work: tuple[SlotWork, ...], replay: Mapping[int, torch.Tensor]
+    ) -> list[SlotResult]:
+        """Every slot of ``work`` (one meta-step) as one batch on the device (``batched.py``).
+
+        Slots to rebuild are replayed as one batch per replay plan, the composition they were
+        first computed in when the worker kept its slots: the same round-off as the lost state
+        (bitwise on the CPU); across another grouping it agrees to round-off.
+        """
+        steps = {item.step for item in work}
+        if len(steps) != 1:
+            raise ValueError(f"a batched call computes one meta-step, got steps {sorted(steps)}")
+        (step,) = steps
+        trajectories = {item.slot: self._trajectories.get(item.slot) for item in work}
+        plans: dict[tuple[int, ...], list[SlotWork]] = {}
+        for item in work:
+            if item.rebuild is not None:
+                plans.setdefault(item.rebuild.versions, []).append(item)
+        for versions, members in plans.items():
+            rebuilt = []
+            for item in members:
+                assert item.rebuild is not None
+                first, trajectory = replay_start(
+                    self.unroll, replay, slot=item.slot, step=step, rebuild=item.rebuild,
+                    state_type=self._state_type,
+                )
+                rebuilt.append(None if trajectory is None else to_device(trajectory, self.device))
+            for replayed_step, used in enumerate(versions, start=first):
+                outs = slots_work_batched(
+                    self.optimizer, self.family, self.unroll, replay[used], self.run_seed,
+                    [item.slot for item in members], replayed_step, rebuilt, self.device,
+                )
+                rebuilt = [out.trajectory for out in outs]
+            trajectories.update((item.slot, t) for item, t in zip(members, rebuilt, strict=True))
+        start = time.perf_counter()
+        assert self._theta is not None
+        outs = slots_work_batched(
+            self.optimizer, self.family, self.unroll, self._theta, self.run_seed,
+            [item.slot for item in work], step, [trajectories[item.slot] for item in work],
+            self.device,
+        )
+        compute_s = (time.perf_counter() - start) / len(work)
+        results = []
+        for item, out in zip(work, outs, strict=True):
+            self._trajectories[item.slot] = out.trajectory
+            message = pack_result(
+                out, item, self.unroll, run_seed=self.run_seed, version=version,
+                faults=self.faults, compute_s=compute_s,
+            )
+            replayed = 0 if item.rebuild is None else len(item.rebuild.versions)
+            results.append(dataclasses.replace(message, replayed=replayed))
+        return results
+
+    def trajectory(self, slot: int) -> TrajectoryArrays | None:
+        """The state the worker holds for ``slot`` (tests compare replayed and lost states)."""
+        held = self._trajectories.get(slot)
+        return None if held is None else TrajectoryArrays.from_trajectory(held)
+
+    def _stale_fault(self, work: tuple[SlotWork, ...]) -> bool:
+        if self.faults is None or self._theta is None:
+            return False
+        steps = {item.step for item in work} & (self.faults.stale_theta - self._faults_fired)
+        self._faults_fired |= steps
+        return bool(steps)
+

@@ -30,9 +30,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     add("--optimizer", help="hyperadam|rnnprop|dm; chooses the recipe (default hyperadam)")
     add("--task", help="meta-training task family: mnist|quadratic (default mnist)")
     add("--steps", type=int, help="meta-updates to reach (default 100)")
-    add("--workers", type=int, help="Ray gradient workers, 1 CPU each (default: the CPUs)")
+    add("--workers", type=int, help="Ray gradient workers, 1 CPU each, and 1 GPU with "
+        "--device cuda (default: the CPUs)")
     add("--meta-batch", type=int, help="trajectories per meta-update (default: --workers)")
     add("--staleness", type=int, help="max θ versions a gradient may lag; 0 = synchronous")
+    add("--device", choices=("cpu", "cuda"), help="where workers meta-train; cuda: one GPU per "
+        "worker, its slots batched, HyperAdam's reference step (default cpu)")
+    add("--batch-slots", action="store_true", default=None,
+        help="CPU workers compute their slots as one batch (the cuda path on the CPU)")
     add("--seed", type=int, help="run seed (default 0)")
     add("--checkpoint-every", type=int, help="meta-updates between checkpoints (default 25)")
     add("--validate-every", type=int, help="meta-updates between validations; 0 = off (50)")
@@ -61,6 +66,12 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         if value is not None:
             layer[name] = value
+    if args.device is not None:
+        layer["device"] = args.device
+    if args.batch_slots:
+        layer["batch_slots"] = True
+    if args.device == "cuda" or args.batch_slots:
+        layer["implementation"] = "reference"  # vmap cannot enter the fused CPU kernels
     if args.validate_every is not None:
         layer["validation"] = {"every": args.validate_every}
     if args.experiment is not None:

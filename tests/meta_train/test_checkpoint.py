@@ -3,6 +3,7 @@
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,10 @@ def sample_checkpoint() -> Checkpoint:
         trajectories=(trajectory, None),
         rejected_total=2,
         worker_restarts=1,
+        versions=((), (10, 11)),
+        theta_history={10: RNG.standard_normal(30).astype(np.float32),
+                       11: RNG.standard_normal(30).astype(np.float32)},
+        stale_rejected_total=3,
     )
     history = History((0.5, 0.4, float("nan")), (10,), (2.25,))
     best = BestTheta(10, 2.25, RNG.standard_normal(30).astype(np.float32))
@@ -56,6 +61,11 @@ def assert_same(a: Checkpoint, b: Checkpoint) -> None:
     assert all(np.array_equal(x, y) for x, y in zip(ta.state, tb.state, strict=True))
     assert b.learner.trajectories[1] is None
     assert (a.learner.rejected_total, a.learner.worker_restarts) == (2, 1)
+    assert a.learner.versions == b.learner.versions
+    assert a.learner.stale_rejected_total == b.learner.stale_rejected_total
+    assert a.learner.theta_history.keys() == b.learner.theta_history.keys()
+    for version, theta in a.learner.theta_history.items():
+        assert np.array_equal(theta, b.learner.theta_history[version])
     np.testing.assert_array_equal(a.history.meta_loss, b.history.meta_loss)
     assert a.history.validation_steps == b.history.validation_steps
     assert (a.best.step, a.best.loss) == (b.best.step, b.best.loss)
@@ -80,7 +90,7 @@ def damage_flip_payload_byte(data: bytes) -> bytes:
 
 
 def damage_header_version(data: bytes) -> bytes:
-    return data.replace(b'"version": 1', b'"version": 9', 1)
+    return data.replace(b'"version": 2', b'"version": 9', 1)
 
 
 def damage_magic(data: bytes) -> bytes:
@@ -104,7 +114,7 @@ def damage_empty(data: bytes) -> bytes:
     [
         (damage_truncate, r"is truncated or altered: expected \d+ payload bytes, found \d+"),
         (damage_flip_payload_byte, r"is corrupt: payload sha256 [0-9a-f]+ does not match"),
-        (damage_header_version, r"has format version 9; this hyperadam reads version 1"),
+        (damage_header_version, r"has format version 9; this hyperadam reads version 1 and 2"),
         (damage_magic, r"is not a hyperadam checkpoint \(bad magic bytes\)"),
         (damage_header_json, r"is altered: its header is not valid JSON"),
         (damage_header_format, r"is not a hyperadam-checkpoint file"),
@@ -172,6 +182,53 @@ def test_history_keeps_one_value_per_step():
     assert history.meta_loss == (1.0, 0.8)
     history = history.with_validation(5, 2.0).with_validation(10, 1.5).with_validation(5, 1.9)
     assert history.validation_steps == (5,) and history.validation_loss == (1.9,)
+
+
+REPO_CHECKPOINTS = sorted((Path(__file__).parents[2] / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("path", REPO_CHECKPOINTS, ids=lambda p: p.name)
+def test_format_1_checkpoints_load_with_their_trajectories_as_replay_bases(path):
+    """The repository's checkpoints stored every slot's trajectory (format 1)."""
+    from meta_train.learner import _check_replay_records
+    from meta_train.run_config import RunConfig
+
+    loaded = ckpt.load(path)
+    config = RunConfig.from_dict(loaded.config)
+    assert loaded.learner.versions == () and loaded.learner.theta_history == {}
+    mid_trajectory = loaded.step % config.unroll.truncations_per_trajectory != 0
+    assert all((t is not None) == mid_trajectory for t in loaded.learner.trajectories)
+    _check_replay_records(loaded.learner, config)  # what the learner checks before resuming
+
+
+@pytest.mark.slow  # a real Ray cluster and workers
+def test_a_learner_checkpoint_holds_no_optimizee_or_optimizer_state(ray_address, tmp_path):
+    """HyperAdam (J = 20) on a 2 000-dimensional quadratic, stopped mid-trajectory."""
+    import dataclasses
+
+    from meta_train.learner import Learner
+    from meta_train.run_config import build_config
+
+    config = dataclasses.replace(
+        build_config({"task": "quadratic", "family": {"dim": 2000}, "meta_batch": 2,
+                      "unroll": {"horizon": 6, "truncation": 2}, "validation": {"every": 0}}),
+        workers=1,
+    )
+    learner = Learner(config)
+    try:
+        learner.run(2)
+    finally:
+        learner.close()
+    path = ckpt.save(tmp_path / "c.ckpt", Checkpoint(config.to_dict(), learner.state()))
+    _, payload = ckpt._verified_payload(path.read_bytes(), "c", ckpt.FORMAT, (ckpt.VERSION,))
+    with np.load(io.BytesIO(payload)) as npz:
+        sizes = {name: npz[name].size for name in npz.files}
+    theta_size = sizes["theta"]
+    assert theta_size == 5380 and not any(name.startswith("slot/") for name in sizes)
+    assert {name for name in sizes if name.startswith("theta_history/")} == {
+        "theta_history/0", "theta_history/1"}
+    assert max(sizes.values()) <= theta_size  # nothing of size p·J (40 000 per state tensor)
+    assert path.stat().st_size < 10 * 4 * theta_size
 
 
 @pytest.mark.parametrize("where", ["theta", "adam", "best"])

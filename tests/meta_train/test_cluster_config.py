@@ -51,6 +51,29 @@ def test_setup_installs_torch_cpu_first_then_the_project_then_mnist(config):
     assert config["file_mounts"]["~/hyperadam"] == "."
 
 
+def uncommented_gpu_worker() -> dict:
+    """The commented ``gpu_worker`` node type of cluster.yaml, uncommented."""
+    lines = CLUSTER_YAML.read_text().splitlines()
+    start = lines.index("  # gpu_worker:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  # "):
+            break
+        block.append("  " + line[len("  # "):])
+    return yaml.safe_load("\n".join(block))["gpu_worker"]
+
+
+def test_the_commented_gpu_worker_node_type_is_valid_once_uncommented(config):
+    gpu = uncommented_gpu_worker()
+    assert gpu["resources"] == {"CPU": 1, "GPU": 1}
+    assert gpu["docker"]["worker_image"] == config["docker"]["image"].replace("-cpu", "-gpu")
+    assert any("torch==" in c and "whl/cu" in c for c in gpu["worker_setup_commands"])
+    with_gpu = dict(config)
+    with_gpu["available_node_types"] = {**config["available_node_types"], "gpu_worker": gpu}
+    jsonschema.validate(with_gpu, json.loads(SCHEMA.read_text()))
+    assert list(config["available_node_types"])[-1] == "cpu_worker"  # commented out by default
+
+
 def test_no_service_listens_beyond_the_head_and_every_node_authenticates(config):
     """The dashboard's Jobs API runs code: localhost only, behind Ray's token authentication on
     every node; the optional MLflow server uses MLflow's basic-auth app on localhost."""

@@ -1,4 +1,5 @@
-"""The Ray learner on a real local cluster: exactness, worker death, NaN rejection, staleness."""
+"""The Ray learner on a real local cluster: exactness, worker death, NaN rejection, staleness,
+O(θ) traffic."""
 
 import dataclasses
 import os
@@ -12,7 +13,8 @@ from meta_train.experimental import ExperimentalConfig
 from meta_train.learner import Learner, WorkerError
 from meta_train.run_config import build_config
 from meta_train.training import init_theta_flat, slot_work, train_local
-from meta_train.worker import FaultInjection
+from meta_train.unroll import start_trajectory
+from meta_train.worker import FaultInjection, TrajectoryArrays
 
 pytestmark = pytest.mark.slow  # a real Ray cluster and workers: minutes on 2 CPUs
 
@@ -59,8 +61,8 @@ def reference():
     return local_theta(CONFIG)
 
 
-def run_learner(config, *, on_step=None, faults=None, state=None, until=STEPS):
-    learner = Learner(config, faults=faults, state=state)
+def run_learner(config, *, on_step=None, faults=None, state=None, until=STEPS, **kwargs):
+    learner = Learner(config, faults=faults, state=state, **kwargs)
     reports = []
     try:
         learner.start()
@@ -101,7 +103,7 @@ def test_sigkill_of_a_worker_mid_run_is_redone_exactly(ray_address, reference):
 
     def kill_mid_trajectory(learner, report):
         # After update 3 the next step (4) is already running, mid-trajectory (truncation 2
-        # of 3): its replacement must get the slots' state from the learner.
+        # of 3): its replacement must rebuild the slots' state by replaying step 3.
         if report.step == 3:
             pid = learner.worker_pids()[0]
             os.kill(pid, signal.SIGKILL)
@@ -112,15 +114,88 @@ def test_sigkill_of_a_worker_mid_run_is_redone_exactly(ray_address, reference):
     assert learner.worker_restarts == 1
     assert reports[-1].worker_restarts == 1
     assert np.array_equal(theta, reference)
+    assert learner.traffic.to_learner < 10 * STEPS * CONFIG.meta_batch * theta.nbytes
 
 
-def test_exact_resume_from_learner_state(ray_address, reference):
+def test_exact_resume_holds_no_trajectory_only_theta_versions(ray_address, reference):
     _, _, first = run_learner(with_workers(2), until=4)  # stops mid-trajectory
     state = first.state()
-    assert state.step == 4 and all(t is not None for t in state.trajectories)
+    # Step 4 is truncation 1 of trajectory 1 (steps 3, 4, 5): step 3's θ rebuilds it.
+    assert state.step == 4 and state.trajectories == (None, None, None)
+    assert state.versions == ((3,), (3,), (3,)) and list(state.theta_history) == [3]
     theta, reports, _ = run_learner(with_workers(1), state=state)
     assert [r.step for r in reports] == [4, 5, 6]
     assert np.array_equal(theta, reference)
+
+
+def test_a_state_with_stored_trajectories_resumes_exactly(ray_address, reference):
+    """A format-1 checkpoint stored every slot's trajectory: they are the replay bases."""
+    _, _, first = run_learner(with_workers(1), until=5)
+    optimizer, family = CONFIG.make_optimizer(), CONFIG.make_family()
+    replay = first.state()
+    bases = []
+    for slot in range(CONFIG.meta_batch):
+        trajectory = None
+        for step, version in zip((3, 4), replay.versions[slot], strict=True):
+            theta = torch.tensor(replay.theta_history[version])
+            trajectory = slot_work(
+                optimizer, family, CONFIG.unroll, theta, 0, slot, step, trajectory
+            ).trajectory
+        bases.append(TrajectoryArrays.from_trajectory(trajectory))
+    state = dataclasses.replace(replay, trajectories=tuple(bases), versions=(), theta_history={})
+    seen = {}
+
+    def kill_once(learner, report):  # a lost worker must rebuild from the stored base
+        if report.step == 5 and not seen:
+            seen["state"] = learner.state()
+            os.kill(learner.worker_pids()[0], signal.SIGKILL)
+
+    theta, reports, learner = run_learner(with_workers(2), state=state, on_step=kill_once)
+    assert [r.step for r in reports] == [5, 6]
+    assert np.array_equal(theta, reference)
+    assert learner.worker_restarts == 1
+    assert seen["state"].trajectories == (None, None, None)  # the trajectory ended: bases gone
+
+
+def test_a_state_that_cannot_rebuild_its_trajectories_is_refused(ray_address):
+    _, _, first = run_learner(with_workers(1), until=4)
+    state = first.state()
+    with pytest.raises(ValueError, match="records 0 θ versions since its replay base; "
+                                         "rebuilding its trajectory at step 4 needs 1"):
+        Learner(with_workers(1), state=dataclasses.replace(state, versions=((), (), ())))
+    with pytest.raises(ValueError, match=r"replays θ versions \[3\] it does not hold"):
+        Learner(with_workers(1), state=dataclasses.replace(state, theta_history={}))
+
+
+def test_bytes_to_the_learner_are_o_theta_not_o_p_times_j(ray_address):
+    """HyperAdam (J = 20) on a 2 000-dimensional quadratic: a trajectory is ~40 θs."""
+    config = dataclasses.replace(
+        build_config(
+            {
+                "task": "quadratic",
+                "family": {"dim": 2000},
+                "meta_batch": 2,
+                "steps": 4,
+                "unroll": {"horizon": 6, "truncation": 2},
+                "validation": {"every": 0},
+            }
+        ),
+        workers=2,
+    )
+    theta, _, learner = run_learner(config, until=4)
+    optimizer, family = config.make_optimizer(), config.make_family()
+    task = family.build(family.sample(0))
+    trajectory = TrajectoryArrays.from_trajectory(
+        start_trajectory(optimizer, task, 0)
+    )
+    assert trajectory.nbytes > 40 * theta.nbytes  # O(p·J) would be unmistakable
+    per_update = learner.traffic.to_learner / 4
+    assert theta.nbytes * config.meta_batch < per_update
+    assert per_update <= 1.25 * theta.nbytes * config.meta_batch
+    assert learner.traffic.answers == 4 * 2
+    # From the learner: θ once per worker and version, and the calls' bookkeeping.
+    sent = learner.traffic.from_learner / 4
+    assert 2 * theta.nbytes < sent <= 1.25 * 2 * theta.nbytes
 
 
 def test_nan_gradients_are_rejected_counted_and_leave_theta_alone(ray_address):
@@ -158,16 +233,30 @@ def test_nan_gradients_are_rejected_counted_and_leave_theta_alone(ray_address):
     assert np.array_equal(thetas[1], theta.detach().numpy())
 
 
-def test_bounded_staleness_lets_workers_run_ahead(ray_address):
+def test_bounded_staleness_lets_a_fast_worker_run_ahead_of_a_slow_one(ray_address):
+    """Worker 0 sleeps 0.3 s per call: worker 1 starts step k + 1 before θ_k+1 exists."""
     config = with_workers(2, meta_batch=2, staleness=1)
-    _, reports, _ = run_learner(config)
+    faults = FaultInjection(slow_workers=frozenset({0}), delay_s=0.3)
+    _, reports, learner = run_learner(config, faults=faults)
     assert [r.step for r in reports] == list(range(STEPS))
-    assert all(max(r.staleness) <= 1 for r in reports)  # the bound holds
-    # ... and is used: the learner collects one answer at a time, so the worker that answers
-    # step k first is given step k + 1 on θ_k before update k exists. A learner that stayed
-    # synchronous would report staleness 0 throughout.
-    assert max(max(r.staleness) for r in reports) == 1
-    assert max(r.metrics()["learner/staleness_max"] for r in reports) == 1
+    slow, fast = zip(*(r.staleness for r in reports), strict=True)
+    assert set(slow) == {0}  # the slow worker always has the newest θ
+    assert set(fast) == {0, 1} and fast.count(1) >= STEPS - 2  # the fast one runs ahead
+    assert all(r.accepted == 2 for r in reports) and learner.stale_rejected_total == 0
+    metrics = reports[-1].metrics()
+    assert metrics["learner/staleness_max"] == 1 and metrics["learner/stale_grads"] == 1
+
+
+def test_a_gradient_beyond_the_staleness_bound_is_rejected_counted_and_redone(
+    ray_address, reference
+):
+    """Each worker computes step 4 once with the θ it cached (version 3): beyond S = 0."""
+    faults = FaultInjection(stale_theta=frozenset({4}))
+    theta, reports, learner = run_learner(with_workers(2), faults=faults)
+    assert learner.stale_rejected_total == 3  # the three slots, once each
+    assert reports[-1].metrics()["learner/stale_rejected_total"] == 3
+    assert all(r.staleness == (0, 0, 0) for r in reports)
+    assert np.array_equal(theta, reference)  # the redone step rebuilt the slots exactly
 
 
 def test_a_worker_that_cannot_start_is_a_clear_error(ray_address, tmp_path):
@@ -180,3 +269,36 @@ def test_a_worker_that_cannot_start_is_a_clear_error(ray_address, tmp_path):
             learner.start()
     finally:
         learner.close()
+
+
+def test_a_format_1_checkpoint_of_the_repository_continues_exactly(ray_address):
+    """The shipped HyperAdam run's checkpoint stored its slot at step 8774, truncation 5 of 5
+    (inner step 80): the learner sends that state as the slot's replay base and continues
+    exactly as the old format's path (the stored trajectory continued in place) would."""
+    from pathlib import Path
+
+    from meta_train import checkpoint as ckpt
+    from meta_train.meta_update import init_meta_state, meta_update
+    from meta_train.run_config import RunConfig
+
+    kept = ckpt.load(Path(__file__).parents[2] / "checkpoints" / "hyperadam-seed0-step8774.ckpt")
+    config = dataclasses.replace(RunConfig.from_dict(kept.config), workers=1)
+    state = kept.learner
+    assert state.versions == () and state.trajectories[0].step == 80
+
+    theta, reports, learner = run_learner(config, state=state, until=8775)
+    assert [r.step for r in reports] == [8774]
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' setting
+    try:
+        optimizer, family = config.make_optimizer(), config.make_family()
+        trajectory = state.trajectories[0].to_trajectory(type(optimizer.init_state(1)))
+        out = slot_work(optimizer, family, config.unroll, torch.tensor(state.theta),
+                        config.seed, 0, 8774, trajectory)
+        meta = init_meta_state(torch.tensor(state.theta), step=8774, adam=state.adam)
+        meta, _ = meta_update(meta, [out.meta_grad], config.meta_optim, config.experimental)
+    finally:
+        torch.set_num_threads(previous)
+    assert np.array_equal(theta, meta.theta.numpy())
+    assert learner.state().trajectories == (None,)  # the trajectory ended with step 8774

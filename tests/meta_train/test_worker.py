@@ -1,4 +1,4 @@
-"""Gradient workers without Ray: messages, kept trajectories, exactness, fault injection."""
+"""Gradient workers without Ray: messages, kept and replayed trajectories, fault injection."""
 
 import dataclasses
 
@@ -12,6 +12,7 @@ from meta_train.unroll import start_trajectory
 from meta_train.worker import (
     FaultInjection,
     GradientWorker,
+    Rebuild,
     SlotWork,
     TrajectoryArrays,
     compute_slot,
@@ -91,20 +92,89 @@ def test_worker_keeps_each_slots_trajectory_and_matches_slot_work(parts):
             assert message.meta_loss == expected.meta_loss
             assert message.step == step and message.version == 0
             assert message.task_seed == task_seed(0, message.slot, step // 3)
-            assert message.trajectory.step == expected.trajectory.step
+            assert message.inner_step == expected.trajectory.step
+            assert message.replayed == 0
             assert message.finite and message.compute_s >= 0
 
 
-def test_a_new_worker_continues_from_a_sent_trajectory(parts):
+def assert_same_trajectory(a: TrajectoryArrays, b: TrajectoryArrays) -> None:
+    assert (a.seed, a.step, a.state_fields) == (b.seed, b.step, b.state_fields)
+    assert np.array_equal(a.params, b.params)
+    assert all(np.array_equal(x, y) for x, y in zip(a.state, b.state, strict=True))
+
+
+@pytest.mark.parametrize("implementation", ["reference", "fast"])
+def test_a_replayed_trajectory_is_bitwise_the_lost_one(parts, implementation):
+    """A new worker rebuilds a mid-trajectory slot from θ versions alone, not from its state."""
+    _, _, theta0 = parts
+    config = dataclasses.replace(CONFIG, implementation=implementation)
+    thetas = {v: (theta0 + 0.01 * v).numpy() for v in range(3)}  # a θ per version, as updates do
+    lost = GradientWorker(0, config)
+    for step in range(2):  # two truncations, each with its own θ version
+        lost.compute(thetas[step], step, (SlotWork(1, step),))
+    lost_state = lost.trajectory(1)
+    lost_next = lost.compute(thetas[2], 2, (SlotWork(1, 2),)).results[0]
+
+    replacement = GradientWorker(0, config)
+    with pytest.raises(ValueError, match="mid-trajectory .* no trajectory state was given"):
+        replacement.compute(thetas[2], 2, (SlotWork(1, 2),))
+    replay = {0: thetas[0], 1: thetas[1]}
+    redone = replacement.compute(thetas[2], 2, (SlotWork(1, 2, Rebuild((0, 1))),), replay)
+    message = redone.results[0]
+    assert message.replayed == 2
+    assert np.array_equal(message.meta_grad, lost_next.meta_grad)
+    assert message.meta_loss == lost_next.meta_loss and message.inner_step == 6
+    assert_same_trajectory(replacement.trajectory(1), lost.trajectory(1))
+    # The state the replay started the redone step from is the lost one too.
+    again = GradientWorker(0, config)
+    again.compute(thetas[1], 1, (SlotWork(1, 1, Rebuild((0,))),), {0: thetas[0]})
+    again_state = again.trajectory(1)
+    assert again_state.step == 4 and again_state.seed == lost_state.seed
+    assert_same_trajectory(again_state, lost_state)
+
+
+def test_a_replay_with_the_current_theta_is_not_the_lost_trajectory(parts):
+    """Why the learner records versions: replaying with the newest θ gives another state."""
+    _, _, theta0 = parts
+    thetas = {v: (theta0 + 0.01 * v).numpy() for v in range(2)}
+    lost = GradientWorker(0, CONFIG)
+    lost.compute(thetas[0], 0, (SlotWork(0, 0),))
+    lost.compute(thetas[1], 1, (SlotWork(0, 1),))
+    wrong = GradientWorker(0, CONFIG)
+    wrong.compute(thetas[1], 1, (SlotWork(0, 1, Rebuild((1,))),), {1: thetas[1]})
+    assert not np.array_equal(wrong.trajectory(0).params, lost.trajectory(0).params)
+
+
+def test_a_replay_from_a_stored_base_continues_a_format_1_state(parts):
     _, _, theta = parts
     first = GradientWorker(0, CONFIG)
-    step0 = first.compute(theta.numpy(), 0, (SlotWork(1, 0),)).results[0]
+    first.compute(theta.numpy(), 0, (SlotWork(1, 0),))
+    base = first.trajectory(1)  # what a format-1 checkpoint stored at step 1
     step1 = first.compute(theta.numpy(), 0, (SlotWork(1, 1),)).results[0]
+    step2 = first.compute(theta.numpy(), 0, (SlotWork(1, 2),)).results[0]
     replacement = GradientWorker(0, CONFIG)
-    with pytest.raises(ValueError, match="mid-trajectory .* no trajectory state was given"):
-        replacement.compute(theta.numpy(), 0, (SlotWork(1, 1),))
-    redone = replacement.compute(theta.numpy(), 0, (SlotWork(1, 1, step0.trajectory),))
+    redone = replacement.compute(theta.numpy(), 0, (SlotWork(1, 1, Rebuild((), base)),))
     assert np.array_equal(redone.results[0].meta_grad, step1.meta_grad)
+    later = GradientWorker(0, CONFIG)
+    message = later.compute(
+        theta.numpy(), 0, (SlotWork(1, 2, Rebuild((0,), base)),), {0: theta.numpy()}
+    ).results[0]
+    assert message.replayed == 1 and np.array_equal(message.meta_grad, step2.meta_grad)
+
+
+@pytest.mark.parametrize(
+    "work, replay, message",
+    [
+        (SlotWork(0, 2, Rebuild((0,))), {0: None}, "must begin at step 0, the versions given"),
+        (SlotWork(0, 2, Rebuild((0, 1))), {0: None}, r"θ versions \[1\] are needed to replay"),
+    ],
+    ids=["short-replay", "missing-theta"],
+)
+def test_a_rebuild_that_cannot_be_exact_is_refused(parts, work, replay, message):
+    _, _, theta = parts
+    replay = {v: theta.numpy() for v in replay}
+    with pytest.raises(ValueError, match=message):
+        GradientWorker(0, CONFIG).compute(theta.numpy(), 0, (work,), replay)
 
 
 def test_compute_slot_refuses_a_trajectory_at_the_wrong_position(parts):
