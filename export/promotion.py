@@ -128,8 +128,11 @@ def compare_with_adam(
     out = []
     for key in tasks:
         if key in HELDOUT_KEYS:
-            lr = manifest.default_lr
-            out.append(_compare_heldout(folder, key, lr, runs=runs, steps=steps, seed=seed))
+            out.append(
+                _compare_heldout(
+                    folder, key, manifest.default_lr, runs=runs, steps=steps, seed=seed
+                )
+            )
             continue
         spec = TEST_TASKS[key]
         task = build_test_task(key, data_dir=data_dir)
