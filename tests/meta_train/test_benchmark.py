@@ -101,10 +101,6 @@ def test_quick_report_covers_every_task_and_logs_to_mlflow(quick):
     }
 
 
-def _num(text: str) -> float:
-    return math.inf if text == "∞" else float(text)
-
-
 @pytest.mark.slow  # the quick fixture runs the quick benchmark (≈ 100 s)
 def test_every_cell_is_traceable_to_the_json(quick):
     docs, _ = quick
@@ -123,12 +119,11 @@ def test_every_cell_is_traceable_to_the_json(quick):
         expected = (
             math.inf if None in opt else float(np.mean(opt)) / float(np.mean(adam))
         )
-        ratio, lo, hi = (_num(x) for x in re.findall(r"[\d.e+-]+|∞", cells[5].split("·")[0]))
-        assert ratio == pytest.approx(expected, rel=2e-3)
-        assert float(cells[3].removesuffix(" (edge)")) == pytest.approx(
-            task["adam_tuning"]["best_lr"], rel=2e-3
-        )
-        assert float(cells[4]) == pytest.approx(float(np.mean(adam)), rel=2e-3)
+        # Each cell is the recomputed number as the document prints it (3 or 4 digits).
+        ratio = re.findall(r"[\d.e+-]+|∞", cells[5].split("·")[0])[0]
+        assert ratio == ("∞" if math.isinf(expected) else f"{expected:.3g}")
+        assert cells[3].removesuffix(" (edge)") == f"{task['adam_tuning']['best_lr']:.3g}"
+        assert cells[4] == f"{float(np.mean(adam)):.4g}"
         unstable = cells[5].split("·")[2].strip()
         assert unstable == f"{sum(task['results']['hyperadam']['unstable'])}/{len(opt)}"
     summary = report["summary"]["overall"]["hyperadam"]
