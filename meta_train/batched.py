@@ -25,13 +25,12 @@ from torch import Tensor
 
 from .optimizers.base import LearnedUpdateRule
 from .tasks.base import Task, TaskFamily
-from .training import position, task_seed
+from .training import slot_start
 from .unroll import (
     Trajectory,
     UnrollConfig,
     UnrollResult,
     batch_generator,
-    start_trajectory,
 )
 
 
@@ -55,24 +54,11 @@ def slots_work_batched(
     """
     if len(slots) != len(trajectories):
         raise ValueError(f"{len(slots)} slots but {len(trajectories)} trajectories")
-    traj_index, trunc_index = position(step, unroll)
     tasks, starts = [], []
-    for slot, trajectory in zip(slots, trajectories, strict=True):
-        seed = task_seed(run_seed, slot, traj_index)
-        task = family.build(family.sample(seed))
-        if trunc_index == 0:
-            trajectory = to_device(start_trajectory(optimizer, task, seed), device)
-        elif trajectory is None:
-            raise ValueError(
-                f"slot {slot} at step {step} is mid-trajectory (truncation {trunc_index}) "
-                "but no trajectory state was given"
-            )
-        elif trajectory.seed != seed:
-            raise ValueError(
-                f"slot {slot} at step {step} expects trajectory seed {seed}, got {trajectory.seed}"
-            )
+    for slot, given in zip(slots, trajectories, strict=True):
+        task, trajectory = slot_start(optimizer, family, unroll, run_seed, slot, step, given)
         tasks.append(task)
-        starts.append(trajectory)
+        starts.append(to_device(trajectory, device) if trajectory is not given else trajectory)
     results: list[UnrollResult | None] = [None] * len(slots)
     by_size: dict[int, list[int]] = {}
     for i, trajectory in enumerate(starts):

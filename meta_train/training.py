@@ -20,7 +20,7 @@ from .experimental import ExperimentalConfig
 from .meta_update import MetaOptimConfig, init_meta_state, meta_update
 from .optimizers.base import LearnedUpdateRule
 from .seeding import derive_seed, generator
-from .tasks.base import TaskFamily
+from .tasks.base import Task, TaskFamily
 from .theta_source import load_theta_source
 from .unroll import Trajectory, UnrollConfig, UnrollResult, start_trajectory, unroll_truncation
 
@@ -134,6 +134,38 @@ def position(step: int, unroll: UnrollConfig) -> tuple[int, int]:
     return step // k, step % k
 
 
+def slot_start(
+    optimizer: LearnedUpdateRule,
+    family: TaskFamily,
+    unroll: UnrollConfig,
+    run_seed: int,
+    slot: int,
+    step: int,
+    trajectory: Trajectory | None,
+) -> tuple[Task, Trajectory]:
+    """The task of one slot at one meta-step and the trajectory its truncation continues: a new
+    one at a trajectory's first truncation, else ``trajectory`` (checked to be that slot's).
+
+    Raises:
+      ValueError: the slot is mid-trajectory without a state, or its state has the wrong seed.
+    """
+    traj_index, trunc_index = position(step, unroll)
+    seed = task_seed(run_seed, slot, traj_index)
+    task = family.build(family.sample(seed))
+    if trunc_index == 0:
+        return task, start_trajectory(optimizer, task, seed)
+    if trajectory is None:
+        raise ValueError(
+            f"slot {slot} at step {step} is mid-trajectory (truncation {trunc_index}) "
+            "but no trajectory state was given"
+        )
+    if trajectory.seed != seed:
+        raise ValueError(
+            f"slot {slot} at step {step} expects trajectory seed {seed}, got {trajectory.seed}"
+        )
+    return task, trajectory
+
+
 def slot_work(
     optimizer: LearnedUpdateRule,
     family: TaskFamily,
@@ -151,20 +183,7 @@ def slot_work(
     state, so callers that lose it (a dead worker) rebuild it by replaying them with the θ
     versions they first used (``worker.rebuild_trajectory``; the learner keeps those versions).
     """
-    traj_index, trunc_index = position(step, unroll)
-    seed = task_seed(run_seed, slot, traj_index)
-    task = family.build(family.sample(seed))
-    if trunc_index == 0:
-        trajectory = start_trajectory(optimizer, task, seed)
-    elif trajectory is None:
-        raise ValueError(
-            f"slot {slot} at step {step} is mid-trajectory (truncation {trunc_index}) "
-            "but no trajectory state was given"
-        )
-    elif trajectory.seed != seed:
-        raise ValueError(
-            f"slot {slot} at step {step} expects trajectory seed {seed}, got {trajectory.seed}"
-        )
+    task, trajectory = slot_start(optimizer, family, unroll, run_seed, slot, step, trajectory)
     return unroll_truncation(optimizer, theta_flat, task, trajectory, unroll)
 
 

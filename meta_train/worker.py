@@ -264,14 +264,21 @@ class GradientWorker:
                   for v, t in (replay_thetas or {}).items()}
         if self.batched:
             results = self._compute_batched(computed_version, work, replay)
-            return WorkerResult(
-                worker_id=self.worker_id,
-                pid=os.getpid(),
-                version=version,
-                results=tuple(results),
-                compute_s=time.perf_counter() - start,
-            )
-        assert self._theta is not None  # set above, or cached from an earlier call
+        else:
+            results = self._compute_slots(computed_version, work, replay)
+        return WorkerResult(
+            worker_id=self.worker_id,
+            pid=os.getpid(),
+            version=version,
+            results=tuple(results),
+            compute_s=time.perf_counter() - start,
+        )
+
+    def _compute_slots(
+        self, computed_version: int, work: tuple[SlotWork, ...], replay: Mapping[int, torch.Tensor]
+    ) -> list[SlotResult]:
+        """One slot after another, each continuing its trajectory (rebuilt if it was lost)."""
+        assert self._theta is not None  # set by compute, or cached from an earlier call
         results = []
         for item in work:
             replayed = 0
@@ -298,13 +305,7 @@ class GradientWorker:
             )
             self._trajectories[item.slot] = advanced
             results.append(dataclasses.replace(message, replayed=replayed) if replayed else message)
-        return WorkerResult(
-            worker_id=self.worker_id,
-            pid=os.getpid(),
-            version=version,
-            results=tuple(results),
-            compute_s=time.perf_counter() - start,
-        )
+        return results
 
     def _compute_batched(
         self, version: int, work: tuple[SlotWork, ...], replay: Mapping[int, torch.Tensor]

@@ -145,6 +145,17 @@ def hyperadam_step(
     )
 
 
+def spec_init(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> Theta:
+    """Spec §2.4: trunc-normal σ=0.1 for the FC layers, Glorot-uniform kernels, zero biases."""
+    theta = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    for name in ("pre_kernel", "weight_kernel"):
+        # TF's truncated_normal re-draws beyond two standard deviations.
+        torch.nn.init.trunc_normal_(theta[name], std=0.1, a=-0.2, b=0.2, generator=generator)
+    for name in ("lstm_kernel", "decay_kernel"):
+        torch.nn.init.xavier_uniform_(theta[name], generator=generator)
+    return theta
+
+
 IMPLEMENTATIONS = ("reference", "fast")
 
 
@@ -183,14 +194,7 @@ class HyperAdam(LearnedUpdateRule):
         }
 
     def init_theta(self, generator: torch.Generator) -> Theta:
-        """Spec §2.4: trunc-normal σ=0.1 for the FC layers, Glorot-uniform kernels, zero biases."""
-        theta = {name: torch.zeros(shape) for name, shape in self.theta_shapes().items()}
-        for name in ("pre_kernel", "weight_kernel"):
-            # TF's truncated_normal re-draws beyond two standard deviations.
-            torch.nn.init.trunc_normal_(theta[name], std=0.1, a=-0.2, b=0.2, generator=generator)
-        for name in ("lstm_kernel", "decay_kernel"):
-            torch.nn.init.xavier_uniform_(theta[name], generator=generator)
-        return theta
+        return spec_init(self.theta_shapes(), generator)
 
     def adam_reduction(
         self, theta: Theta, *, lr: float, beta1: float = 0.9, beta2: float = 0.999

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import LearnedUpdateRule, Theta
-from .hyperadam import FORGET_BIAS, MOMENT_EPS
+from .hyperadam import FORGET_BIAS, MOMENT_EPS, spec_init
 
 FEATURE_BETAS = (0.5, 0.9, 0.99)  # timescales of the momentum features
 FEATURE_BETA2 = 0.999
@@ -159,12 +159,7 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
 
     def init_theta(self, generator: torch.Generator) -> Theta:
         """The paper's initialisation (spec §2.4), shapes aside."""
-        theta = {name: torch.zeros(shape) for name, shape in self.theta_shapes().items()}
-        for name in ("pre_kernel", "weight_kernel"):
-            torch.nn.init.trunc_normal_(theta[name], std=0.1, a=-0.2, b=0.2, generator=generator)
-        for name in ("lstm_kernel", "decay_kernel"):
-            torch.nn.init.xavier_uniform_(theta[name], generator=generator)
-        return theta
+        return spec_init(self.theta_shapes(), generator)
 
     def adam_reduction(
         self, theta: Theta, *, lr: float, beta1: float = 0.9, beta2: float = 0.999
