@@ -30,3 +30,14 @@ def ray_address():
         )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture
+def float64():
+    """torch's default dtype is float64 for the test (finite-difference checks)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -15,14 +15,6 @@ from meta_train.unroll import UnrollConfig, start_trajectory
 HORIZON, TRUNCATION = 12, 4
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def _setup():
     optimizer = HyperAdam(2)  # 70 meta-parameters
     task = QuadraticTask(dim=6, rows=32, batch_size=8, seed=3, dtype=torch.float64)

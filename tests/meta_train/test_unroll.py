@@ -14,14 +14,6 @@ from meta_train.unroll import (
 )
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def replayed_meta_loss(opt, theta_flat, task, trajectory, grads, n):
     """The mean window loss with the optimizee gradients held at ``grads`` (first order)."""
     theta = opt.unflatten(theta_flat)
