@@ -412,7 +412,7 @@ def run_benchmark(
         for label, info in previous.get("optimizers", {}).items():
             report["optimizers"].setdefault(label, info)
     for key, task in prev_tasks.items():  # tasks this sitting does not run are kept
-        if key not in keys and task.get("seed") == config.seed:
+        if key not in keys and key in HELDOUT_KEYS and task.get("seed") == config.seed:
             report["tasks"][key] = task
     started = time.perf_counter()
     for key in keys:

@@ -242,7 +242,7 @@ def test_promotion_gates_on_held_out_benchmark_tasks(tracking_uri, tmp_path, mon
 
     assert promotion.check_tasks(["heldout-fast"]) == HELDOUT_FAST
     client, _ = check_round_trip(tracking_uri, tmp_path, monkeypatch)
-    tasks = ["leastsq-cond1e6-10000", "spirals-mlp-silu-10000"]
+    tasks = ["leastsq-cond1e6-10000", "spirals-noisy-mlp-silu-10000"]
     result = promotion.promote(
         tracking_uri, "opt", 1, tasks=tasks, runs=2, steps=40, gate=100.0,
         cache_dir=tmp_path / "cache",
