@@ -517,7 +517,7 @@ HELDOUT_SUITE: tuple[HeldoutTaskSpec, ...] = (
         ),
     ),
     HeldoutTaskSpec(
-        "spirals-noisy-mlp-silu-10000", 10000, "MLP on generated spirals, SiLU",
+        "spirals-noisy-mlp-silu-10000", 10000, "MLP on fresh noisy spirals, SiLU",
         lambda: _spirals("spirals-noisy-mlp-silu-10000"),
     ),
 )
