@@ -35,7 +35,13 @@ WORKER = textwrap.dedent(
             p.grad = torch.from_numpy(data[f"g{t}_{k[1]}"].copy())
         opt.step()
     np.savez(out, **{k: p.detach().numpy() for k, p in zip(mine, params)})
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without running gloo's C++ teardown: about one run in ten on a loaded 2-core host it
+    # aborted at exit ("terminate called without an active exception", SIGABRT) after the
+    # results were written. The results are what this test judges; the OS frees the rest.
+    sys.stdout.flush()
+    import os
+    os._exit(0)
     """
 )
 
