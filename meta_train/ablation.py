@@ -167,9 +167,9 @@ def _host() -> str:
 def _start_run(uri: str | None, arm: ArmConfig, minutes: float, family: TaskFamily):
     if not uri:
         return None, None
-    from mlflow.tracking import MlflowClient
+    from .tracking import make_client
 
-    client = MlflowClient(tracking_uri=uri)
+    client = make_client(uri)  # a fresh sqlite store is created under a lock
     found = client.get_experiment_by_name("hyperadam-ablation")
     experiment = found.experiment_id if found else client.create_experiment("hyperadam-ablation")
     run = client.create_run(experiment, run_name=arm.name)

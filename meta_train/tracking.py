@@ -26,7 +26,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,13 +85,37 @@ def require_store(uri: str) -> None:
 
 
 def make_client(uri: str) -> MlflowClient:
-    """An ``MlflowClient`` for ``uri``; an unusable URI is a ``TrackingError`` (one line)."""
+    """An ``MlflowClient`` for ``uri``; an unusable URI is a ``TrackingError`` (one line).
+
+    A sqlite store is opened (created and migrated, if new) under an exclusive lock on its
+    folder: processes that first touch a fresh store at once otherwise race through MLflow's
+    schema migrations and all but one fail ("expected to match one row when updating").
+    """
     from mlflow import MlflowClient
 
     try:
-        return MlflowClient(tracking_uri=uri)
+        path = sqlite_path(uri)
+        if path is None or not path.parent.is_dir():
+            return MlflowClient(tracking_uri=uri)
+        with _folder_lock(path.parent):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # the store exists and is migrated
+        return client
     except Exception as error:  # noqa: BLE001 - MLflow raises several types for a bad URI
         raise TrackingError(f"cannot open the MLflow store {uri}: {_one_line(error)}") from None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on a folder (no lock file is left behind); released on exit."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _now_ms() -> int:

@@ -112,9 +112,9 @@ def log_to_mlflow(uri: str, experiment: str, files: list[Path], report: dict) ->
     """One MLflow run: the config as params, IQM/fraction/per-task ratios as metrics, files."""
     import math
 
-    from mlflow.tracking import MlflowClient
+    from ..tracking import make_client
 
-    client = MlflowClient(tracking_uri=uri)
+    client = make_client(uri)  # a fresh sqlite store is created under a lock
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     quick = report["config"]["quick"]

@@ -72,11 +72,9 @@ def describe_optimizers(names: tuple[str, ...]) -> dict[str, str]:
 
 
 def log_to_mlflow(uri: str, experiment: str, files: list[Path], report: dict) -> str:
-    from mlflow.tracking import MlflowClient
+    from ..tracking import get_or_create_experiment, make_client
 
-    from ..tracking import get_or_create_experiment
-
-    client = MlflowClient(tracking_uri=uri)
+    client = make_client(uri)  # a fresh sqlite store is created under a lock
     experiment_id = get_or_create_experiment(client, experiment)
     run = client.create_run(
         experiment_id, run_name="reproduce" + ("-quick" if report["config"]["quick"] else "")

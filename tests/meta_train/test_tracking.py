@@ -235,3 +235,28 @@ def test_meta_training_calls_mlflow_only_through_tracking():
         )
     ]
     assert direct == [] and imports == []
+
+
+def test_a_fresh_sqlite_store_is_created_under_a_lock_on_its_folder(tmp_path):
+    """Processes that first open a fresh store at once would race through MLflow's migrations
+    ("expected to match one row when updating"): the store is created under a folder lock."""
+    import fcntl
+    import os
+    import threading
+
+    from meta_train.tracking import make_client
+
+    db = tmp_path / "mlflow.db"
+    done = threading.Event()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process creating the store holds this
+    try:
+        worker = threading.Thread(target=lambda: (make_client(f"sqlite:///{db}"), done.set()))
+        worker.start()
+        assert not done.wait(1.0)  # it waits for the lock ...
+        assert not db.exists()  # ... before it touches the store
+    finally:
+        os.close(fd)
+    worker.join(timeout=60)
+    assert done.is_set() and db.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no lock file left
