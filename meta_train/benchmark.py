@@ -485,9 +485,18 @@ def run_benchmark(
     return report
 
 
+def bootstrap_rng(*names: str) -> np.random.Generator:
+    """The bootstrap stream of one cell (its task or tasks, and optimizer): seeded by names."""
+    digest = hashlib.sha256("|".join(names).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
-    """Per task and optimizer: ratio with CI, speed-up, unstable runs; across tasks: IQM, CI."""
-    rng = np.random.default_rng(0)
+    """Per task and optimizer: ratio with CI, speed-up, unstable runs; across tasks: IQM, CI.
+
+    Every bootstrap draws from its own stream (``bootstrap_rng``), so a cell's CI is the same
+    whichever other optimizers and tasks the report holds.
+    """
     labels = sorted({lb for t in report["tasks"].values() for lb in t["results"]} - {"adam"})
     per_task: dict[str, dict[str, Any]] = {}
     finals: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {lb: {} for lb in labels}
@@ -502,7 +511,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             opt_final = np.array([math.inf if v is None else v for v in res["final_losses"]])
             finals[label][key] = (opt_final, adam_final)
             ratio = _ratio(opt_final, adam_final)
-            lo, hi = paired_bootstrap(opt_final, adam_final, rng)
+            lo, hi = paired_bootstrap(opt_final, adam_final, bootstrap_rng(key, label))
             target = res["final_smoothed"]
             speed = (
                 _stored_steps_to_reach(adam["curve"], target, task["steps"])
@@ -518,7 +527,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             }
     from .tasks.heldout import HELDOUT_FAST
 
-    overall = _overall(labels, finals, per_task, rng)
+    overall = _overall(labels, finals, per_task)
     fast = {
         lb: {k: v for k, v in finals[lb].items() if k in HELDOUT_FAST}
         for lb in labels
@@ -527,7 +536,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "per_task": per_task,
         "overall": overall,
-        "overall_fast": _overall(sorted(fast), fast, per_task, rng),
+        "overall_fast": _overall(sorted(fast), fast, per_task),
     }
 
 
@@ -535,7 +544,6 @@ def _overall(
     labels: Sequence[str],
     finals: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
     per_task: dict[str, dict[str, Any]],
-    rng: np.random.Generator,
 ) -> dict[str, Any]:
     """IQM of the per-task ratios with a stratified bootstrap CI (runs resampled per task)."""
     overall: dict[str, Any] = {}
@@ -543,9 +551,10 @@ def _overall(
         tasks = finals[label]
         if not tasks:
             continue
+        rng = bootstrap_rng(*sorted(tasks), label)  # the same tasks give the same CI
         ratios = [_ratio(o, a) for o, a in tasks.values()]
         boot = []
-        for _ in range(BOOTSTRAP_SAMPLES // 4):
+        for _ in range(BOOTSTRAP_SAMPLES):
             sample = []
             for o, a in tasks.values():
                 d = rng.integers(0, len(o), size=len(o))

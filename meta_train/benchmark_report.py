@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .benchmark import dumps
+from .checkpoint import atomic_write_bytes
 
 MD_NAME = "generalisation.md"
 JSON_NAME = "generalisation.json"
@@ -206,12 +207,12 @@ def write_report(
     """Writes the JSON, the two figures and the markdown into ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / JSON_NAME
-    json_path.write_text(dumps(report))
+    atomic_write_bytes(json_path, dumps(report).encode())
     ratio_png, curves_png = out / RATIO_FIGURE, out / CURVES_FIGURE
     plot_ratios(report, ratio_png)
     plot_curves(report, curves_png)
     md_path = out / MD_NAME
     if not preamble and md_path.is_file():
         preamble = kept_notes(md_path.read_text())
-    md_path.write_text(render_markdown(report, command, preamble))
+    atomic_write_bytes(md_path, render_markdown(report, command, preamble).encode())
     return [md_path, json_path, ratio_png, curves_png]

@@ -51,6 +51,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..benchmark import QUICK_GRID, BenchmarkConfig, dumps, run_benchmark
     from ..benchmark_report import JSON_NAME, host_name, write_report
+    from ..checkpoint import atomic_write_bytes
     from ..tasks.heldout import HELDOUT_KEYS
 
     apply_threads(args.threads)
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def save_partial(report: dict) -> None:
-        partial.write_text(dumps(report))
+        atomic_write_bytes(partial, dumps(report).encode())  # a stop mid-write loses nothing
 
     report = run_benchmark(
         config, previous, progress=lambda line: print(line, flush=True), on_task=save_partial

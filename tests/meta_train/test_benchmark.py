@@ -162,3 +162,26 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path):
     assert cli.main(["benchmark", "--optimizer", str(tmp_path / "missing.npz"),
                      "--out", str(tmp_path)]) == 2
     assert "missing.npz" in capsys.readouterr().err
+
+
+def test_a_cells_ci_does_not_depend_on_the_other_optimizers_in_the_report():
+    from meta_train.benchmark import summarise
+
+    rng = np.random.default_rng(1)
+
+    def result(scale):
+        losses = list(rng.uniform(0.5, 1.5, size=4) * scale)
+        return {"final_losses": losses, "unstable": [False] * 4, "final_smoothed": scale,
+                "curve": {"steps": [1, 2], "loss": [2.0, 1.0]}}  # fmt: skip
+
+    tasks = {
+        f"t{i}": {"steps": 2, "results": {"adam": result(1.0), "hyperadam": result(1.2)}}
+        for i in range(3)
+    }
+    alone = summarise({"tasks": tasks})
+    for task in tasks.values():  # "aa" sorts first: a shared stream would draw for it first
+        task["results"]["aa"] = result(0.8)
+    together = summarise({"tasks": tasks})
+    for key in tasks:
+        assert together["per_task"][key]["hyperadam"] == alone["per_task"][key]["hyperadam"]
+    assert together["overall"]["hyperadam"] == alone["overall"]["hyperadam"]
