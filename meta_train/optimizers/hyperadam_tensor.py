@@ -112,6 +112,8 @@ def tensorwise_step(
     i, u, f, o = gates.chunk(4, dim=1)
     c = torch.sigmoid(f + FORGET_BIAS) * state.c + torch.sigmoid(i) * torch.tanh(u)
     h = torch.sigmoid(o) * torch.tanh(c)
+    # M̂_{t−1} is recomputed from the state rather than carried in it: a few [p, J] passes per
+    # step instead of 80 more bytes of state per coordinate.
     previous = candidate_directions(state.m, state.v, state.b, state.gamma)
     z = torch.cat([h, previous.clamp(-FEATURE_CLIP, FEATURE_CLIP)], dim=1)
     beta, gamma = torch.sigmoid(z @ theta["decay_kernel"] + theta["decay_bias"]).chunk(2, dim=1)
