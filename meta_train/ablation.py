@@ -34,7 +34,7 @@ from .tasks.base import TaskFamily
 from .training import init_theta_flat, slot_work
 from .unroll import Trajectory, UnrollConfig
 
-VARIANTS = ("paper", "tensor", "tensor-unbounded")
+VARIANTS = ("paper", "tensor", "tensor-unbounded", "tensor-adaptive")
 FAMILIES = ("paper", "small")
 
 
@@ -74,6 +74,7 @@ ARMS = {
         ArmConfig("tensor-unbounded-small-log", variant="tensor-unbounded"),
         ArmConfig("tensor-paperfamily-log", family="paper", horizon=100),
         ArmConfig("tensor-small-mean", meta_loss="mean"),
+        ArmConfig("tensor-adaptive-small-log", variant="tensor-adaptive"),
     )
 }
 
@@ -84,6 +85,8 @@ def make_optimizer(variant: str) -> LearnedUpdateRule:
 
     if variant == "paper":
         return HyperAdam(implementation="fast")
+    if variant == "tensor-adaptive":
+        return TensorwiseHyperAdam(adaptive_scale=True)
     return TensorwiseHyperAdam(bounded=variant == "tensor")
 
 
