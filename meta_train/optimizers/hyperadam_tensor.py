@@ -78,8 +78,9 @@ class TensorwiseState(NamedTuple):
     t: Tensor  # [1] float32 steps taken
     segment: Tensor  # [p] int64 index of the coordinate's tensor
     segment_size: Tensor  # [num_tensors] float32 coordinates per tensor
-    # [p] the log step scale ℓ_T of the coordinate's tensor (adaptive variant only; else None)
-    log_scale: Tensor | None = None
+    # [p] the log step scale ℓ_T of the coordinate's tensor; [0] (empty) without one. Always a
+    # tensor, so code that maps over states (detach, messages, checkpoints) needs no exception.
+    log_scale: Tensor
 
 
 def segments_for(num_coords: int, tensor_sizes: Sequence[int] | None) -> tuple[Tensor, Tensor]:
@@ -147,7 +148,6 @@ def adapted_log_scale(
     theta: Theta, grad: Tensor, state: TensorwiseState, previous: Tensor, *, bounded: bool
 ) -> Tensor:
     """ℓ_T after this step's hypergradient move (see the module docstring), per coordinate."""
-    assert state.log_scale is not None
     last_direction = (step_weights(theta, state.h, bounded=bounded) * previous).sum(dim=1)
     cosine = tensor_cosine(grad, last_direction, state.segment, state.segment_size.shape[0])
     rate = KAPPA_MAX * torch.sigmoid(theta["scale_rate"])
@@ -156,7 +156,13 @@ def adapted_log_scale(
 
 
 def tensorwise_step(
-    theta: Theta, grad: Tensor, state: TensorwiseState, *, lr: float | Tensor, bounded: bool
+    theta: Theta,
+    grad: Tensor,
+    state: TensorwiseState,
+    *,
+    lr: float | Tensor,
+    bounded: bool,
+    adaptive: bool = False,
 ) -> tuple[Tensor, TensorwiseState]:
     """One step of the tensor-wise variant over a flat gradient; returns ``(delta, state)``."""
     features, feat_m, feat_v, t = input_features(grad, state)
@@ -178,8 +184,8 @@ def tensorwise_step(
     directions = candidate_directions(m, v, b, gam)
     rho = step_weights(theta, h, bounded=bounded)
     delta = -lr * (rho * directions).sum(dim=1)
-    log_scale = None
-    if state.log_scale is not None:
+    log_scale = state.log_scale
+    if adaptive:
         log_scale = adapted_log_scale(theta, grad, state, previous, bounded=bounded)
         delta = delta * torch.exp(log_scale)
     new_state = TensorwiseState(
@@ -299,13 +305,15 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
             torch.zeros(1, device=device),
             segment.to(device),
             sizes.to(device),
-            torch.zeros(num_coords, device=device) if self.adaptive_scale else None,
+            torch.zeros(num_coords if self.adaptive_scale else 0, device=device),
         )
 
     def step(
         self, theta: Theta, grad: Tensor, state: TensorwiseState, *, lr: float
     ) -> tuple[Tensor, TensorwiseState]:
-        return tensorwise_step(theta, grad, state, lr=lr, bounded=self.bounded)
+        return tensorwise_step(
+            theta, grad, state, lr=lr, bounded=self.bounded, adaptive=self.adaptive_scale
+        )
 
 
 def _rate_logit(rate: float) -> float:
