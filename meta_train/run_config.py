@@ -267,7 +267,7 @@ class RunConfig:
                 f"task {self.task!r} needs a {expected.__name__}, got {type(self.family).__name__}"
             )
         if self.experimental.family_mix is not None:
-            if self.task != "mnist":
+            if not isinstance(self.family, MetaTaskFamilyConfig):
                 raise ValueError(
                     f"experimental.family_mix applies to task 'mnist' only, not {self.task!r}"
                 )

@@ -22,6 +22,7 @@ uses neither trick; the ablations of Fig. 8b switch one off.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,10 @@ class FamilyMix:
     """Experimental: the family draws each task's learner from mixes (an experiment's
     ``experimental.family_mix``; None there is the paper's one MLP).
 
-    Each setting is one value or a tuple of distinct values, one drawn per task from its own
-    stream of the task seed (``MIX_STREAMS``); a one-member tuple is that value.
+    A tuple of distinct values is a mix: each task draws one from its own stream of the task
+    seed (``MIX_STREAMS``). ``model``, ``lstm_layers`` and ``noise_std`` take one value or a
+    tuple (a one-member tuple is that value); ``activation`` and ``depth`` two or more values,
+    or None for the family's own.
 
     Attributes:
       model: "mlp" (the MNIST MLP), "lstm" (sine LSTM, 20 units) or "cnn1"/"cnn2" (MNIST, plain).
@@ -166,7 +169,7 @@ def check_mix(config: MetaTaskFamilyConfig, mix: FamilyMix | None) -> None:
             )
 
 
-def make_mix(data: FamilyMix | dict[str, Any] | None) -> FamilyMix | None:
+def make_mix(data: FamilyMix | Mapping[str, Any] | None) -> FamilyMix | None:
     """A ``FamilyMix`` from its plain data (unknown keys refused); None when it is the paper's
     family (every setting at its default), so that one family has one config."""
     if data is None:
@@ -175,7 +178,7 @@ def make_mix(data: FamilyMix | dict[str, Any] | None) -> FamilyMix | None:
     return None if mix == FamilyMix() else mix
 
 
-def split_mixes(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_mixes(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The family's plain data in the layout where mixes were family settings (its digest's, and
     config files' before the mixes moved) split into the plain family settings and the mix's.
 
@@ -192,7 +195,7 @@ def split_mixes(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return family, mix
 
 
-def join_mixes(settings: dict[str, Any], mix: dict[str, Any] | None) -> dict[str, Any]:
+def join_mixes(settings: Mapping[str, Any], mix: Mapping[str, Any] | None) -> dict[str, Any]:
     """Inverse of ``split_mixes`` on plain data: the family settings with the mix's in their
     places, every mix setting present (``LEGACY_SETTINGS`` at the paper's value without a mix).
 
@@ -279,7 +282,7 @@ def _validate_mix(mix: FamilyMix, name: str, check: Any) -> None:
     object.__setattr__(mix, name, check(value))
 
 
-def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+def _known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
