@@ -3,8 +3,9 @@
 The paper (spec §3) starts θ at its random initialisation, trains it with Adam at a constant
 meta lr and selects it by the final loss on one validation task. Each field here changes one of
 those for an experiment (``docs/experiments``, results in ``docs/results.md``); at its default
-the run is the paper's. The task-family mixes (lists of activations, models, depths) are
-experiments too but belong to the family's own config, whose digest names the task distribution.
+the run is the paper's. The task-family mixes (several activations, depths or models, one drawn
+per task) are ``family_mix`` (``tasks.family.FamilyMix``); the family's digest, which names the
+task distribution in θ lineage, is computed as it was when they were family settings.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from .tasks.family import FamilyMix, make_mix
 
 VALIDATION_SCORES = ("loss", "adam_ratio")
 
@@ -52,6 +55,8 @@ class ExperimentalConfig:
     """The experiments a run may switch on (each default is the paper's recipe).
 
     Attributes:
+      family_mix: the MNIST family draws each task's learner from these mixes (``FamilyMix``);
+        None = the paper's one MLP.
       adam_start: start θ at Adam (``AdamStart``) instead of ``init``'s θ; None = off.
       pre_kernel_scale: HyperAdam: multiply the start θ's StateCell input kernel ``a`` by this.
         The StateCell reads ĝ = g/‖g‖, whose coordinates are of order 1/√p (≈ 0.008 on the MNIST
@@ -65,12 +70,29 @@ class ExperimentalConfig:
         tuned lr), so tasks of different loss scales weigh alike and 1.0 means "as good as Adam".
     """
 
+    family_mix: FamilyMix | None = None
     adam_start: AdamStart | None = None
     pre_kernel_scale: float = 1.0
     meta_lr_half_life: float | None = None
     validation_score: str = "loss"
 
     def __post_init__(self) -> None:
+        if self.family_mix is not None and not isinstance(self.family_mix, (Mapping, FamilyMix)):
+            raise ValueError(
+                f"experimental.family_mix must be a table (model, activation, depth, "
+                f"lstm_layers, noise_std) or None, got {self.family_mix!r}"
+            )
+        if isinstance(self.family_mix, Mapping):  # from a config file
+            unknown = sorted(set(self.family_mix) - {f.name for f in dataclasses.fields(FamilyMix)})
+            if unknown:
+                raise ValueError(
+                    f"unknown config field(s): "
+                    f"{', '.join('experimental.family_mix.' + u for u in unknown)}"
+                )
+        try:
+            object.__setattr__(self, "family_mix", make_mix(self.family_mix))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"experimental.family_mix: {error}") from None
         if isinstance(self.adam_start, Mapping):  # from a config file
             unknown = sorted(set(self.adam_start) - {f.name for f in dataclasses.fields(AdamStart)})
             if unknown:

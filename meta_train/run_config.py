@@ -18,6 +18,11 @@ left out every field added after them at its recorded value, and kept the experi
 ``init``, ``meta_optim`` and ``validation``; their identity is still computed exactly
 (``identity(config, schema=1)``), so their logged params, digests and θ lineage still verify,
 and their config files and checkpoints still load (``from_dict`` reads both layouts).
+
+The task-family mixes (``experimental.family_mix``) were family settings (``family.activation``
+a list, ``family.model``, ...) until issue 18; config files and checkpoints written so still load
+(``mixes_in_experimental``), and every identity, at either schema, is computed with the mixes
+back in ``family`` (``mixes_in_family``), as its runs logged them: their digests do not change.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from .tasks.family import (
     RNNPROP_FAMILY,
     MetaTaskFamily,
     MetaTaskFamilyConfig,
+    check_mix,
+    join_mixes,
+    split_mixes,
 )
 from .training import MetaOptimConfig, ThetaInitConfig
 from .unroll import UnrollConfig
@@ -258,6 +266,12 @@ class RunConfig:
             raise ValueError(
                 f"task {self.task!r} needs a {expected.__name__}, got {type(self.family).__name__}"
             )
+        if self.experimental.family_mix is not None:
+            if not isinstance(self.family, MetaTaskFamilyConfig):
+                raise ValueError(
+                    f"experimental.family_mix applies to task 'mnist' only, not {self.task!r}"
+                )
+            check_mix(self.family, self.experimental.family_mix)
         _check_int("num_candidates", self.num_candidates, 1)
         if self.optimizer != "hyperadam" and self.num_candidates != 20:
             raise ValueError(
@@ -327,7 +341,7 @@ class RunConfig:
         """The task family (datasets are loaded lazily, once per process)."""
         if isinstance(self.family, QuadraticFamilyConfig):
             return QuadraticFamily(self.family)
-        return MetaTaskFamily(self.family, data_dir=data_dir)
+        return MetaTaskFamily(self.family, data_dir=data_dir, mix=self.experimental.family_mix)
 
     def to_dict(self) -> dict[str, Any]:
         return config_lib.to_plain(self)
@@ -354,6 +368,7 @@ def identity(
         with contextlib.suppress(ValueError):
             config = RunConfig.from_dict(config)
     plain = config.to_dict() if isinstance(config, RunConfig) else schema_2_layout(config)
+    plain = mixes_in_family(plain)
     for name in MUTABLE_ON_RESUME:
         plain.pop(name, None)
     if schema == SCHEMA_VERSION:
@@ -405,6 +420,46 @@ def schema_2_layout(data: Mapping[str, Any]) -> dict[str, Any]:
         plain["init"] = init
     if experimental:
         plain["experimental"] = experimental
+    return plain
+
+
+def mixes_in_experimental(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain config data with the task-family mixes moved from ``family`` (where configs kept
+    them before issue 18) into ``experimental.family_mix`` (``tasks.family.split_mixes``).
+
+    A value in the old place wins over one in ``experimental``, as in ``schema_2_layout``. The
+    caller's data is not changed.
+    """
+    plain = dict(data)
+    family = plain.get("family")
+    if plain.get("task", "mnist") != "mnist" or not isinstance(family, Mapping):
+        return plain
+    settings, mix = split_mixes(dict(family))
+    if mix:
+        plain["family"] = settings
+        experimental = dict(plain.get("experimental") or {})
+        given = experimental.get("family_mix")
+        experimental["family_mix"] = {**given, **mix} if isinstance(given, Mapping) else mix
+        plain["experimental"] = experimental
+    return plain
+
+
+def mixes_in_family(plain: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of ``mixes_in_experimental``, in the layout identities were computed in before
+    issue 18: ``experimental`` without ``family_mix``, and an MNIST family with every mix
+    setting (``tasks.family.join_mixes``). The digest-compatibility shim of the identity."""
+    plain = dict(plain)
+    experimental = plain.get("experimental")
+    mix = None
+    if isinstance(experimental, Mapping) and "family_mix" in experimental:
+        experimental = dict(experimental)
+        mix = experimental.pop("family_mix")
+        plain["experimental"] = experimental
+    family = plain.get("family")
+    if plain.get("task", "mnist") == "mnist" and isinstance(family, Mapping):
+        plain["family"] = join_mixes(dict(family), mix if isinstance(mix, Mapping) else None)
+    elif mix is not None:  # invalid (a mix without an MNIST family): compared as it is
+        plain["experimental"] = {**plain.get("experimental", {}), "family_mix": mix}
     return plain
 
 
@@ -556,7 +611,9 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 
 def _from_plain(data: Mapping[str, Any]) -> RunConfig:
-    values = _fields_of(RunConfig, schema_2_layout(data) if isinstance(data, Mapping) else data, "")
+    if isinstance(data, Mapping):
+        data = mixes_in_experimental(schema_2_layout(data))
+    values = _fields_of(RunConfig, data, "")
     task = values.get("task", "mnist")
     nested = {
         "unroll": UnrollConfig,
