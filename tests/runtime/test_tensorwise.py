@@ -1,0 +1,353 @@
+"""The tensor-wise HyperAdam variant through the runtime: per-array statistics across chunks and
+shards, parity with the torch reference over many steps, zero gradients, per-tensor scale
+invariance and the Adam-reduction start."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from export import export_optimizer
+from export.parity import relative_error, run_shards
+from meta_train.optimizers.hyperadam_tensor import TensorwiseHyperAdam
+from meta_train.seeding import generator
+from meta_train.theta_source import reference_for_theta
+from runtime import manifest as mf
+from runtime.theta import load_theta
+
+TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED)
+# Several arrays: the first spans chunks at CHUNK = 256, the small ones share a packed chunk.
+SHAPES = [(40, 30), (30,), (10, 40), (10,), (7, 3)]
+SCALES = [1.0, 1e-4, 30.0, 1e-2, 1.0]  # each array's gradient scale
+CHUNK = 256
+# The runtime vs the fp32 reference over STEPS steps, per array and tensor (inf-norm relative),
+# at least; see assert_matches_reference. Measured: bounded θ ≤ 6.5e-5 (fp32 vs fp64 of the
+# reference ≤ 2.5e-5); the ELU-weighted θ amplifies round-off: ≤ 1.2e-2 against a floor of
+# 4.3e-3 on the same array.
+TOLERANCE = 1e-4
+STEPS = 25
+FIELDS = ("h", "c", "m", "v", "b", "gamma", "feat_m", "feat_v")
+
+
+def initial_params(seed: int) -> list[np.ndarray]:
+    """Initial parameters, small enough (~0.05) that their own fp32 rounding (ulp(w)) stays far
+    below the tolerance on the distance travelled (a few lr)."""
+    rng = np.random.default_rng(seed)
+    return [(0.05 * rng.normal(size=s)).astype(np.float32) for s in SHAPES]
+
+
+def gradients(steps: int, seed: int = 0, shapes=SHAPES, scales=SCALES) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for shape, scale in zip(shapes, scales, strict=True):
+            g = rng.normal(size=shape) * scale * 10.0 ** rng.uniform(-1, 1, shape)
+            g[rng.random(shape) < 0.1] = 0.0  # a few exact zeros
+            grads.append(g.astype(np.float32))
+        out.append(grads)
+    return out
+
+
+def reference(method: str, theta_path) -> tuple[TensorwiseHyperAdam, dict[str, torch.Tensor]]:
+    artifact = load_theta(theta_path)
+    _, ref = reference_for_theta(method, artifact.theta)
+    assert isinstance(ref, TensorwiseHyperAdam)
+    return ref, {k: torch.from_numpy(v) for k, v in artifact.theta.items()}
+
+
+def reference_run(ref, theta, w0: list[np.ndarray], grads, lr: float, dtype=torch.float32):
+    """The torch reference over the flat model, tensor layout = the arrays; returns each step's
+    parameters (flat) and the final state."""
+    sizes = [a.size for a in w0]
+    w = torch.from_numpy(np.concatenate([a.ravel() for a in w0])).to(dtype)
+    state = ref.init_state(w.numel(), tensor_sizes=sizes)
+    state = type(state)(*(t.to(dtype) if t.is_floating_point() else t for t in state))
+    theta = {k: v.to(dtype) for k, v in theta.items()}
+    trajectory = []
+    with torch.no_grad():
+        for step in grads:
+            g = torch.from_numpy(np.concatenate([a.ravel() for a in step])).to(dtype)
+            delta, state = ref.step(theta, g, state, lr=lr)
+            w = w + delta
+            trajectory.append(w.numpy().copy())
+    return trajectory, state
+
+
+def reference_runs(ref, theta, w0, grads, lr):
+    """The fp32 reference (what the runtime is compared with) and the fp64 one (how far fp32
+    round-off alone carries the trajectory)."""
+    return [
+        reference_run(ref, theta, w0, grads, lr, dtype) for dtype in (torch.float32, torch.float64)
+    ]
+
+
+def flat(arrays) -> np.ndarray:
+    return np.concatenate([np.asarray(a).ravel() for a in arrays])
+
+
+def bounds(shapes=SHAPES) -> list[tuple[int, int]]:
+    ends = np.cumsum([math.prod(s) for s in shapes])
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def _errors(start, trajectory, state, want, want_state, lo, hi) -> dict[str, float]:
+    errors = {
+        f"w{t}": relative_error(got[lo:hi] - start[lo:hi], ref[lo:hi] - start[lo:hi])
+        for t, (got, ref) in enumerate(zip(trajectory, want, strict=True))
+    }
+    for name in FIELDS:
+        errors[name] = relative_error(state[name][lo:hi], getattr(want_state, name).numpy()[lo:hi])
+    return errors
+
+
+def assert_matches_reference(w0, trajectory_rt, state_rt, runs, shapes):
+    """Per array (so a small-scale array is judged on its own scale) and per state field: within
+    ``max(TOLERANCE, 10 × the fp32 reference's own distance from fp64)``, as the export parity
+    check judges trajectories (a θ whose dynamics amplify round-off, like the ELU-weighted one,
+    carries fp32 itself ~3e-4 from fp64 in a few steps)."""
+    start = flat(w0)
+    (want, want_state), (exact, exact_state) = runs
+    state64 = {name: getattr(exact_state, name).numpy() for name in FIELDS}
+    for lo, hi in bounds(shapes):
+        floor = max(_errors(start, want, state64, exact, exact_state, lo, hi).values())
+        errors = _errors(start, trajectory_rt, state_rt, want, want_state, lo, hi)
+        worst = max(errors, key=errors.__getitem__)
+        assert errors[worst] <= max(TOLERANCE, 10 * floor), (lo, hi, worst, errors[worst], floor)
+    assert state_rt[mf.STEP_COUNT].tolist() == want_state.t.tolist()
+
+
+@pytest.mark.parametrize("method", TENSORWISE)
+def test_export_records_the_variant(tensorwise_folders, tensorwise_theta, method):
+    folder = tensorwise_folders[method]
+    manifest = mf.load_manifest(folder)
+    assert manifest.method == method and manifest.config == {"num_candidates": 20}
+    assert set(manifest.graphs) == {mf.ARRAY_TERMS, mf.FUSED}
+    assert manifest.state == mf.tensorwise_layout(20)
+    assert manifest.state.bytes_per_coordinate == 4 * (6 * 20 + 3 + 1)
+    raw = manifest.to_json()
+    assert raw["per_array_statistics"]["terms"] == ["grad_sq"]
+    assert raw["per_array_statistics"]["input"] == mf.ARRAY_MEANS
+    assert manifest.parity["passed"] is True
+    assert {mf.GRAPH_FILES[mf.ARRAY_TERMS], mf.GRAPH_FILES[mf.FUSED]} <= set(manifest.files)
+    # the paper variant's manifest does not carry the key (its bytes are as before)
+    assert (
+        "per_array_statistics"
+        not in mf.Manifest(**{**manifest.__dict__, "method": mf.HYPERADAM}).to_json()
+    )
+
+
+@pytest.mark.parametrize("method", TENSORWISE)
+def test_runtime_follows_the_torch_reference_over_many_steps(
+    tensorwise_folders, tensorwise_theta, method
+):
+    ref, theta = reference(method, tensorwise_theta[method])
+    opt = runtime.load(tensorwise_folders[method], threads=2)
+    w0 = initial_params(1)
+    grads = gradients(STEPS)
+    params = [a.copy() for a in w0]
+    stepper = opt.bind(params, chunk_size=CHUNK)
+    assert stepper.num_chunks >= 5 and stepper.uses_fused_graph
+    trajectory = []
+    for step in grads:
+        assert stepper.step(step)
+        trajectory.append(flat(params))
+    runs = reference_runs(ref, theta, w0, grads, opt.default_lr)
+    assert_matches_reference(w0, trajectory, stepper.state_dict()["state"], runs, SHAPES)
+
+
+def test_one_chunk_and_many_chunks_agree(tensorwise_folders):
+    """An array's statistic summed over several chunks equals its one-chunk value (to the
+    rounding of one float32 mean)."""
+    opt = runtime.load(tensorwise_folders["hyperadam-tensor"], threads=1)
+    w0 = initial_params(2)
+    grads = gradients(5)
+    results = []
+    for chunk_size in (10_000, CHUNK, 37):
+        params = [a.copy() for a in w0]
+        stepper = opt.bind(params, chunk_size=chunk_size)
+        for step in grads:
+            stepper.step(step)
+        results.append((flat(params), stepper.state_dict()["state"], stepper.num_chunks))
+    assert results[0][2] == 1 and results[1][2] > 5 and results[2][2] > 30
+    for w, state, _ in results[1:]:
+        np.testing.assert_allclose(w - flat(w0), results[0][0] - flat(w0), rtol=0, atol=1e-6)
+        for name in FIELDS:
+            np.testing.assert_allclose(state[name], results[0][1][name], rtol=2e-5, atol=1e-30)
+
+
+def _sharded(opt, w0, grads, layout, chunk_size):
+    """Shards as threads: ``layout[r]`` lists (array, lo, hi) element ranges of shard r."""
+    flat_w0 = [a.ravel() for a in w0]
+
+    def shard(rank):
+        def run(all_reduce):
+            params = [flat_w0[i][lo:hi].copy() for i, lo, hi in layout[rank]]
+            stepper = opt.bind(
+                params,
+                chunk_size=chunk_size,
+                all_reduce=all_reduce,
+                array_ids=[i for i, _, _ in layout[rank]],
+                num_arrays=len(w0),
+            )
+            for step in grads:
+                stepper.step([step[i].ravel()[lo:hi].copy() for i, lo, hi in layout[rank]])
+            return params
+
+        return run
+
+    results = run_shards([shard(r) for r in range(len(layout))])
+    out = [a.ravel().copy() for a in w0]
+    for rank, params in enumerate(results):
+        for (i, lo, hi), p in zip(layout[rank], params, strict=True):
+            out[i][lo:hi] = p
+    return out
+
+
+def test_sharded_equals_unsharded(tensorwise_folders):
+    """Two shards, one array split across both (its rms is reduced across shards), the others
+    on one shard each: the same parameters as one unsharded stepper."""
+    opt = runtime.load(tensorwise_folders["hyperadam-tensor"], threads=1)
+    w0 = initial_params(3)
+    grads = gradients(6, seed=3)
+    layout = [
+        [(0, 0, 500), (2, 0, 400), (4, 0, 21)],
+        [(0, 500, 1200), (1, 0, 30), (3, 0, 10)],
+    ]
+    sharded = _sharded(opt, w0, grads, layout, chunk_size=128)
+    whole = [a.copy() for a in w0]
+    stepper = opt.bind(whole, chunk_size=128)
+    for step in grads:
+        stepper.step(step)
+    for got, want, start in zip(sharded, whole, w0, strict=True):
+        # the float64 sums add in another order across shards: float32 means may differ by
+        # an ulp
+        np.testing.assert_allclose(got - start.ravel(), want.ravel() - start.ravel(), atol=1e-6)
+    # and it is a per-array statistic, not a per-shard one: array 0 on one shard as a whole
+    alone = _sharded(opt, w0, grads, [[(0, 0, 500)], [(0, 500, 1200)]], chunk_size=128)
+    solo = [w0[0].copy()]
+    stepper = opt.bind(solo, chunk_size=128)
+    for step in grads:
+        stepper.step([step[0]])
+    np.testing.assert_allclose(alone[0], solo[0].ravel(), rtol=0, atol=1e-6)
+
+
+def test_sharded_needs_array_ids(tensorwise_folders):
+    opt = runtime.load(tensorwise_folders["hyperadam-tensor"], threads=1)
+    w = [np.zeros(4, np.float32)]
+    with pytest.raises(ValueError, match=r"sharded hyperadam-tensor step needs array_ids"):
+        opt.bind(w, all_reduce=lambda x: x)
+    with pytest.raises(ValueError, match=r"needs num_arrays"):
+        opt.bind(w, all_reduce=lambda x: x, array_ids=[0])
+    with pytest.raises(ValueError, match=r"array_ids must be below num_arrays = 1"):
+        opt.bind(w, array_ids=[1], num_arrays=1)
+    with pytest.raises(ValueError, match=r"one id per parameter \(1\), got 2"):
+        opt.bind(w, array_ids=[0, 1])
+
+
+@pytest.mark.parametrize("method", TENSORWISE)
+def test_zero_gradients_stay_finite(tensorwise_folders, tensorwise_theta, method):
+    """A zero coordinate, a whole zero array (rms_T = 0: feature 0, not 0/0) and an all-zero
+    step: finite state and parameters; from a fresh state a zero array does not move, and the
+    runtime still follows the reference."""
+    ref, theta = reference(method, tensorwise_theta[method])
+    opt = runtime.load(tensorwise_folders[method], threads=1)
+    w0 = initial_params(4)
+    grads = gradients(8, seed=4)
+    for step in grads:
+        step[1][:] = 0.0  # a whole array, always
+        step[0][3, 4] = 0.0  # a coordinate
+    grads[5] = [np.zeros_like(g) for g in grads[5]]  # everything, once
+    params = [a.copy() for a in w0]
+    stepper = opt.bind(params, chunk_size=CHUNK)
+    trajectory = []
+    for step in grads:
+        assert stepper.step(step)
+        trajectory.append(flat(params))
+        assert all(np.isfinite(p).all() for p in params)
+    state = stepper.state_dict()["state"]
+    assert all(np.isfinite(v).all() for v in state.values())
+    np.testing.assert_array_equal(params[1], w0[1])  # never had a gradient: never moves
+    runs = reference_runs(ref, theta, w0, grads, opt.default_lr)
+    assert_matches_reference(w0, trajectory, state, runs, SHAPES)
+
+    fresh = [np.ones(5, np.float32)]
+    stepper = opt.bind(fresh, chunk_size=CHUNK)
+    for _ in range(3):
+        assert stepper.step([np.zeros(5, np.float32)])
+    np.testing.assert_array_equal(fresh[0], np.ones(5, np.float32))
+    assert all(np.isfinite(v).all() for v in stepper.state_dict()["state"].values())
+
+
+@pytest.mark.parametrize("method", TENSORWISE)
+def test_scaling_one_arrays_gradient_changes_only_its_moments(
+    tensorwise_folders, tensorwise_theta, method
+):
+    """g → 1000·g on array A: A's features (g/rms_A(g), m̂/√v̂, progress) are unchanged, so are
+    its cells, gates and step; only its raw moments scale (m, feat_m by 10³, v, feat_v by
+    10⁶). The other arrays see nothing of it (bitwise)."""
+    opt = runtime.load(tensorwise_folders[method], threads=1)
+    w0 = initial_params(5)
+    grads = gradients(10, seed=5)
+    scaled = [[g * np.float32(1e3) if i == 2 else g for i, g in enumerate(s)] for s in grads]
+    runs = []
+    for sequence in (grads, scaled):
+        params = [a.copy() for a in w0]
+        stepper = opt.bind(params, chunk_size=CHUNK)
+        for step in sequence:
+            stepper.step(step)
+        runs.append((flat(params), stepper.state_dict()["state"]))
+    (w_a, s_a), (w_b, s_b) = runs
+    lo, hi = bounds()[2]
+    others = np.r_[0:lo, hi : w_a.size]
+    np.testing.assert_array_equal(w_b[others], w_a[others])
+    for name in FIELDS:
+        np.testing.assert_array_equal(s_b[name][others], s_a[name][others])
+    start = flat(w0)[lo:hi]
+    assert relative_error(w_b[lo:hi] - start, w_a[lo:hi] - start) < 1e-4
+    for name, factor in {"h": 1, "c": 1, "b": 1, "gamma": 1, "m": 1e3, "feat_m": 1e3,
+                         "v": 1e6, "feat_v": 1e6}.items():  # fmt: skip
+        assert relative_error(s_b[name][lo:hi] / factor, s_a[name][lo:hi]) < 1e-4, name
+
+
+def adam(w0: np.ndarray, grads: list[np.ndarray], lr: float, b1=0.9, b2=0.999, eps=1e-24):
+    """Adam in float64 with ε inside the root, as the Adam reduction makes the step."""
+    w, m, v = w0.astype(np.float64), np.zeros(w0.size), np.zeros(w0.size)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g.astype(np.float64) ** 2
+        bias1, bias2 = 1 - b1**t, 1 - b2**t
+        w = w - lr * (m / (bias1 + eps)) / np.sqrt(v / (bias2 + eps) + eps)
+        out.append(w.copy())
+    return out
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "unbounded"])
+def test_adam_reduction_start_is_adam(tmp_path, bounded):
+    """θ reduced to Adam(1e-3) exports and steps, through chunks, as Adam to fp32 round-off."""
+    rule = TensorwiseHyperAdam(20, bounded=bounded)
+    theta = rule.adam_reduction(rule.init_theta(generator(0)), lr=1e-3)
+    method = rule.name
+    export_optimizer(method, theta, tmp_path / "adam", parity_sizes=(2,), trajectory_steps=3)
+    opt = runtime.load(tmp_path / "adam", threads=1)
+    assert opt.default_lr == rule.default_lr
+    # w0 = 0: the parameters stay ~1e-2, so their own fp32 rounding stays far below the tolerance
+    w0 = [np.zeros(s, np.float32) for s in SHAPES]
+    grads = gradients(STEPS, seed=6)
+    params = [a.copy() for a in w0]
+    stepper = opt.bind(params, chunk_size=CHUNK)
+    got = []
+    for step in grads:
+        stepper.step(step)
+        got.append(flat(params))
+    want = adam(flat(w0), [flat(s) for s in grads], lr=1e-3)
+    start = flat(w0)
+    for t, (g, w) in enumerate(zip(got, want, strict=True)):
+        # per coordinate, the update is ≤ ~lr; γ = σ(logit 0.999) in fp32 carries 1 − γ to
+        # ~3e-5 relative, so Adam's v̂ (and the step, through √) to ~1.5e-5
+        np.testing.assert_allclose(g - start, w - start, rtol=0, atol=1e-3 * (t + 1) * 5e-5)
