@@ -351,3 +351,90 @@ def test_adam_reduction_start_is_adam(tmp_path, bounded):
         # per coordinate, the update is ≤ ~lr; γ = σ(logit 0.999) in fp32 carries 1 − γ to
         # ~3e-5 relative, so Adam's v̂ (and the step, through √) to ~1.5e-5
         np.testing.assert_allclose(g - start, w - start, rtol=0, atol=1e-3 * (t + 1) * 5e-5)
+
+
+# -- the adapters: torch.optim, optax, the guard ---------------------------------------------
+
+
+def test_torch_optimizer_with_param_groups_follows_the_reference(
+    tensorwise_folders, tensorwise_theta
+):
+    """``runtime.torch.LearnedOptimizer`` over two param groups (the second at twice the lr):
+    every parameter is its own array; the state is the reference's and the second group moves
+    twice as far (the state does not depend on lr)."""
+    from runtime.torch import LearnedOptimizer
+
+    method = mf.HYPERADAM_TENSOR
+    ref, theta = reference(method, tensorwise_theta[method])
+    opt = runtime.load(tensorwise_folders[method], threads=1)
+    w0 = initial_params(7)
+    grads = gradients(STEPS, seed=7)
+    params = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in w0]
+    lr = opt.default_lr
+    optimizer = LearnedOptimizer(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 2 * lr}], opt, chunk_size=CHUNK
+    )
+    trajectory = []
+    for step in grads:
+        for p, g in zip(params, step, strict=True):
+            p.grad = torch.from_numpy(g.copy())
+        optimizer.step()
+        trajectory.append(flat([p.detach().numpy() for p in params]))
+    runs = reference_runs(ref, theta, w0, grads, lr)
+    state = optimizer.stepper.state_dict()["state"]
+    split = bounds()[2][0]  # the second group starts at array 2
+    doubled = [np.concatenate([t[:split], flat(w0)[split:] + (t[split:] - flat(w0)[split:]) / 2])
+               for t in trajectory]  # fmt: skip
+    assert_matches_reference(w0, doubled, state, runs, SHAPES)
+
+
+def test_jax_transformation_equals_the_stepper(tensorwise_folders):
+    """``runtime.jax.learned_optimizer`` (jitted, one leaf per array) takes the numpy stepper's
+    steps, so it follows the reference as the stepper does."""
+    jax = pytest.importorskip("jax")
+    from runtime.jax import learned_optimizer
+
+    opt = runtime.load(tensorwise_folders[mf.HYPERADAM_TENSOR], threads=1)
+    w0 = initial_params(8)
+    grads = gradients(STEPS, seed=8)
+    names = [f"a{i}" for i in range(len(SHAPES))]  # jax flattens a dict in key order
+    tx = learned_optimizer(opt, chunk_size=CHUNK)
+    p = {n: jax.numpy.asarray(a) for n, a in zip(names, w0, strict=True)}
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    for step in grads:
+        updates, state = update(
+            {n: jax.numpy.asarray(g) for n, g in zip(names, step, strict=True)}, state
+        )
+        p = jax.tree_util.tree_map(lambda a, u: a + u, p, updates)
+    arrays = [a.copy() for a in w0]
+    stepper = opt.bind(arrays, chunk_size=CHUNK)
+    for step in grads:
+        stepper.step(step)
+    for n, want in zip(names, arrays, strict=True):
+        np.testing.assert_allclose(np.asarray(p[n]), want, rtol=0, atol=1e-7)
+
+
+def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(tensorwise_folders):
+    """With a falling loss the guard changes nothing (bitwise); a blow-up restores the last good
+    parameters and state, the step count t included, and runs Adam."""
+    opt = runtime.load(tensorwise_folders[mf.HYPERADAM_TENSOR], threads=1)
+    w0 = initial_params(9)
+    grads = gradients(12, seed=9)
+    plain, guarded = [a.copy() for a in w0], [a.copy() for a in w0]
+    stepper = opt.bind(plain, chunk_size=CHUNK)
+    watched = opt.bind(guarded, chunk_size=CHUNK, guard=True, guard_hook=None)
+    for t, step in enumerate(grads[:10]):
+        stepper.step(step)
+        assert watched.step(step, loss=1.0 / (t + 1))
+    for a, b in zip(plain, guarded, strict=True):
+        np.testing.assert_array_equal(a, b)
+    saved = watched.state_dict()["state"]
+    np.testing.assert_array_equal(saved[mf.STEP_COUNT], [10.0])
+    assert not watched.step(grads[10], loss=float("nan"))  # restore to the last snapshot
+    assert watched.num_fallbacks == 1
+    restored = watched.state_dict()["state"][mf.STEP_COUNT]
+    assert restored.tolist() in ([0.0], [10.0])  # the snapshot of step 0 or step 10
+    assert watched.step(grads[11], loss=0.05)  # Adam
+    assert watched.num_adam_steps == 1
+    assert all(np.isfinite(a).all() for a in guarded)
