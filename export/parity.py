@@ -136,7 +136,7 @@ def random_state(
         if name not in (mf.STEP, mf.STEP_COUNT):
             value[rng.random(p) < 0.1] = 0.0
         fresh[name] = torch.from_numpy(np.asarray(value, np.float32))
-    return type(state)(**fresh)  # type: ignore[call-overload]  # the state's own NamedTuple
+    return type(state)(**fresh)  # the state's own NamedTuple
 
 
 def real_gradient(p: int, rng: np.random.Generator) -> np.ndarray:
@@ -170,7 +170,7 @@ class ThreadAllReduce:
         def reduce(partial: np.ndarray) -> np.ndarray:
             self._parts[rank] = np.asarray(partial, np.float64).copy()
             self._barrier.wait()
-            total = np.sum([part for part in self._parts], axis=0)
+            total = np.sum([part for part in self._parts if part is not None], axis=0)
             self._barrier.wait()  # nobody overwrites a part before every shard has read all
             return total
 

@@ -82,7 +82,11 @@ def _features(b: GraphBuilder, step: str) -> tuple[str, str]:
     v_hat = b.op(
         "Div",
         feat_v,
-        b.op("Sub", one, b.op("Pow", b.const([ref.FEATURE_BETA2], "beta2_pow"), step)),
+        b.op(
+            "Sub",
+            one,
+            b.op("Pow", b.const(np.asarray([ref.FEATURE_BETA2], np.float32), "beta2_pow"), step),
+        ),
     )
     momenta = b.op("Div", m_hat, b.op("Sqrt", b.op("Add", v_hat, b.const(MOMENT_EPS, "eps"))))
     rms = b.op(
