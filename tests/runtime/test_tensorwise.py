@@ -402,17 +402,37 @@ def test_jax_transformation_equals_the_stepper(tensorwise_folders):
     p = {n: jax.numpy.asarray(a) for n, a in zip(names, w0, strict=True)}
     state = tx.init(p)
     update = jax.jit(tx.update)
+    unguarded = []
     for step in grads:
         updates, state = update(
             {n: jax.numpy.asarray(g) for n, g in zip(names, step, strict=True)}, state
         )
         p = jax.tree_util.tree_map(lambda a, u: a + u, p, updates)
+        unguarded.append(p)
     arrays = [a.copy() for a in w0]
     stepper = opt.bind(arrays, chunk_size=CHUNK)
     for step in grads:
         stepper.step(step)
     for n, want in zip(names, arrays, strict=True):
         np.testing.assert_allclose(np.asarray(p[n]), want, rtol=0, atol=1e-7)
+
+    # guarded (jitted), with a falling loss: the same steps; a NaN loss then restores
+    guarded = learned_optimizer(opt, chunk_size=CHUNK, guard=True)
+    q = {n: jax.numpy.asarray(a) for n, a in zip(names, w0, strict=True)}
+    state = guarded.init(q)
+    update = jax.jit(guarded.update)
+    for t, step in enumerate(grads):
+        loss = jax.numpy.nan if t == len(grads) - 1 else 1.0 / (t + 1)
+        g = {n: jax.numpy.asarray(a) for n, a in zip(names, step, strict=True)}
+        updates, state = update(g, state, q, loss=loss)
+        q = jax.tree_util.tree_map(lambda a, u: a + u, q, updates)
+        if t == len(grads) - 2:
+            for n in names:  # the unguarded steps so far
+                np.testing.assert_array_equal(np.asarray(q[n]), np.asarray(unguarded[t][n]))
+    from runtime.jax import num_fallbacks
+
+    assert num_fallbacks(state) == 1
+    assert all(np.isfinite(np.asarray(v)).all() for v in q.values())
 
 
 def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(tensorwise_folders):
