@@ -249,6 +249,26 @@ def test_sharded_needs_array_ids(tensorwise_folders):
         opt.bind(w, array_ids=[0, 1])
 
 
+def test_pieces_of_one_tensor_with_one_id_step_as_the_tensor(tensorwise_folders):
+    """``array_ids`` also joins local arrays: two views of one tensor bound with the same id
+    take the whole tensor's statistic, so they step as the tensor bound whole."""
+    opt = runtime.load(tensorwise_folders[mf.HYPERADAM_TENSOR], threads=1)
+    w0 = initial_params(10)[0].ravel()
+    grads = [step[0].ravel() for step in gradients(5, seed=10)]
+    whole = w0.copy()
+    pieces = [w0[:700].copy(), w0[700:].copy()]
+    one = opt.bind([whole], chunk_size=CHUNK)
+    two = opt.bind(pieces, chunk_size=CHUNK, array_ids=[0, 0])
+    apart = [w0[:700].copy(), w0[700:].copy()]
+    separate = opt.bind(apart, chunk_size=CHUNK)  # default: two tensors, two statistics
+    for g in grads:
+        one.step([g])
+        two.step([g[:700].copy(), g[700:].copy()])
+        separate.step([g[:700].copy(), g[700:].copy()])
+    np.testing.assert_allclose(np.concatenate(pieces) - w0, whole - w0, rtol=0, atol=1e-7)
+    assert np.abs(np.concatenate(apart) - whole).max() > 1e-5
+
+
 @pytest.mark.parametrize("method", TENSORWISE)
 def test_zero_gradients_stay_finite(tensorwise_folders, tensorwise_theta, method):
     """A zero coordinate, a whole zero array (rms_T = 0: feature 0, not 0/0) and an all-zero
@@ -387,6 +407,22 @@ def test_torch_optimizer_with_param_groups_follows_the_reference(
                for t in trajectory]  # fmt: skip
     assert_matches_reference(w0, doubled, state, runs, SHAPES)
 
+    # its state_dict (t carried beside the per-parameter fields) resumes exactly
+    saved = optimizer.state_dict()
+    assert saved["hyperadam_runtime"]["carried"][mf.STEP_COUNT].tolist() == [float(STEPS)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = LearnedOptimizer(
+        [{"params": copies[:2]}, {"params": copies[2:], "lr": 2 * lr}], opt, chunk_size=CHUNK
+    )
+    resumed.load_state_dict(saved)
+    for group in (params, copies):
+        for p, g in zip(group, grads[0], strict=True):
+            p.grad = torch.from_numpy(g.copy())
+    optimizer.step()
+    resumed.step()
+    for a, b in zip(params, copies, strict=True):
+        assert torch.equal(a, b)
+
 
 def test_jax_transformation_equals_the_stepper(tensorwise_folders):
     """``runtime.jax.learned_optimizer`` (jitted, one leaf per array) takes the numpy stepper's
@@ -453,8 +489,10 @@ def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(tensor
     np.testing.assert_array_equal(saved[mf.STEP_COUNT], [10.0])
     assert not watched.step(grads[10], loss=float("nan"))  # restore to the last snapshot
     assert watched.num_fallbacks == 1
-    restored = watched.state_dict()["state"][mf.STEP_COUNT]
-    assert restored.tolist() in ([0.0], [10.0])  # the snapshot of step 0 or step 10
+    # the last snapshot (GuardConfig.snapshot_every = 10) is the start: t and w back to it
+    assert watched.state_dict()["state"][mf.STEP_COUNT].tolist() == [0.0]
+    for a, b in zip(guarded, w0, strict=True):
+        np.testing.assert_array_equal(a, b)
     assert watched.step(grads[11], loss=0.05)  # Adam
     assert watched.num_adam_steps == 1
     assert all(np.isfinite(a).all() for a in guarded)
