@@ -30,13 +30,10 @@ from runtime import manifest as mf
 
 from .onnx_builder import GraphBuilder, elu, lstm_cell
 
-# The manifest spells the layout without importing meta_train; it must be the reference's.
-assert len(ref.FEATURE_BETAS) == mf.TENSORWISE_FEATURE_MOMENTA
-assert mf.TENSORWISE_STATISTICS == ("grad_sq",)
 
-
-def build_array_terms(num_statistics: int) -> onnx.ModelProto:
-    """g → g² as the [1, n] rows of ``array_terms`` (the mean of which is rms_T(g)²)."""
+def build_array_terms(spec: mf.GraphSpec) -> onnx.ModelProto:
+    """g → g² as the one row of ``array_terms`` (its mean over an array is rms_T(g)²)."""
+    assert spec.outputs[0].shape[0] == len(mf.TENSORWISE_STATISTICS)
     b = GraphBuilder("hyperadam_tensor_array_terms")
     b.op(
         "Unsqueeze",
@@ -44,8 +41,6 @@ def build_array_terms(num_statistics: int) -> onnx.ModelProto:
         b.const([0], "axis0"),
         outputs=[mf.ARRAY_TERMS_OUT],
     )
-    spec = mf.tensorwise_graphs(1)[mf.ARRAY_TERMS]
-    assert spec.outputs[0].shape[0] == num_statistics
     return b.model(spec.inputs, spec.outputs, "Per-coordinate terms of the per-array statistics.")
 
 
@@ -208,6 +203,6 @@ def build_tensorwise_graphs(
         "means of its coordinates' terms (array_means).",
     )
     return {
-        mf.ARRAY_TERMS: build_array_terms(len(mf.TENSORWISE_STATISTICS)),
+        mf.ARRAY_TERMS: build_array_terms(specs[mf.ARRAY_TERMS]),
         mf.FUSED: fused,
     }

@@ -207,7 +207,9 @@ class Stepper:
 
     @property
     def uses_fused_graph(self) -> bool:
-        """True when the step is one call of the fused graph (the model is one chunk)."""
+        """True when the step runs only the fused graph (the model is one chunk, or the method is
+        coordinate-wise), after the per-array terms graph for a method with per-array
+        statistics."""
         roles = [phase.role for phase in self._phases if phase.role != mf.ARRAY_TERMS]
         return roles == [mf.FUSED]
 

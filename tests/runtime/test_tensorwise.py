@@ -121,6 +121,27 @@ def assert_matches_reference(w0, trajectory_rt, state_rt, runs, shapes):
     assert state_rt[mf.STEP_COUNT].tolist() == want_state.t.tolist()
 
 
+def test_layout_names_are_the_reference_state_fields():
+    """runtime.manifest spells the layout without importing meta_train: it must be the
+    reference's (the fields, then t carried; segment and segment_size are the tensor layout,
+    which the runtime takes from the bound arrays)."""
+    from meta_train.optimizers import hyperadam_tensor as ref_module
+
+    assert ref_module.TensorwiseState._fields == (
+        *mf.TENSORWISE_FIELDS,
+        mf.STEP_COUNT,
+        "segment",
+        "segment_size",
+    )
+    state = TensorwiseHyperAdam(20).init_state(7, tensor_sizes=[3, 4])
+    layout = mf.tensorwise_layout(20)
+    for field in layout.fields:
+        assert tuple(getattr(state, field.name).shape) == (7, *field.shape), field
+    assert [c.name for c in layout.carried] == [mf.STEP_COUNT]
+    assert tuple(state.t.shape) == layout.carried[0].shape
+    assert len(ref_module.FEATURE_BETAS) == mf.TENSORWISE_FEATURE_MOMENTA
+
+
 @pytest.mark.parametrize("method", TENSORWISE)
 def test_export_records_the_variant(tensorwise_folders, tensorwise_theta, method):
     folder = tensorwise_folders[method]
