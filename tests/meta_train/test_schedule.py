@@ -55,7 +55,8 @@ def test_log_uniform_horizons_are_drawn_per_slot_and_trajectory_from_the_run_see
     ]
     # Asked in any order (as a resumed learner does), a position is the same.
     fresh = TrajectorySchedule(unroll, LOG_UNIFORM, run_seed=4)
-    assert [fresh.position(0, s) for s in (2999, 17, 1500)] == [positions[s] for s in (2999, 17, 1500)]
+    asked = (2999, 17, 1500)
+    assert [fresh.position(0, s) for s in asked] == [positions[s] for s in asked]
 
 
 def test_random_offsets_cut_each_slots_first_trajectory_so_the_slots_do_not_start_together():
