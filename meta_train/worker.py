@@ -342,7 +342,12 @@ class GradientWorker:
         if len(steps) != 1:
             raise ValueError(f"a batched call computes one meta-step, got steps {sorted(steps)}")
         (step,) = steps
-        trajectories = {item.slot: self._trajectories.get(item.slot) for item in work}
+        # Batched workers run truncated BPTT only (RunConfig refuses PES with them).
+        trajectories: dict[int, Trajectory | None] = {}
+        for item in work:
+            held = self._trajectories.get(item.slot)
+            assert held is None or isinstance(held, Trajectory)
+            trajectories[item.slot] = held
         plans: dict[tuple[int, ...], list[SlotWork]] = {}
         for item in work:
             if item.rebuild is not None:

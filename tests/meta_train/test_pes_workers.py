@@ -14,18 +14,25 @@ import pytest
 import torch
 
 from meta_train.experimental import EstimatorConfig
-from meta_train.learner import Learner
+from meta_train.learner import Learner, LearnerState, check_state
 from meta_train.pes import PESState
 from meta_train.run_config import build_config
 from meta_train.training import init_theta_flat, slot_work, task_seed, train_local
 from meta_train.unroll import Trajectory
-from meta_train.worker import GradientWorker, Rebuild, SlotWork, rebuild_trajectory
+from meta_train.worker import (
+    GradientWorker,
+    Rebuild,
+    SlotWork,
+    TrajectoryArrays,
+    rebuild_trajectory,
+)
 
 STEPS = 8
 CONFIG = build_config(
     {
         "task": "quadratic",
         "num_candidates": 4,
+        "family": {"dim": 300},  # a PES slot's state (4 trajectories) is ~120 θs
         "meta_batch": 3,
         "steps": STEPS,
         "unroll": {"horizon": 6, "truncation": 2},
@@ -144,6 +151,19 @@ def test_a_replayed_pes_state_is_bitwise_the_lost_one_and_needs_the_recorded_the
     assert not np.array_equal(answer.results[0].meta_grad, lost_next.meta_grad)
 
 
+def test_a_pes_run_cannot_continue_from_stored_trajectories(parts):
+    """Format-1 checkpoints stored TBPTT trajectories; a PES slot's state is not one."""
+    optimizer, family, theta = parts
+    trajectory = slot_work(optimizer, family, CONFIG.unroll, theta, 0, 1, 0, None).trajectory
+    state = LearnerState(
+        step=1, theta=theta.numpy(), adam={},
+        trajectories=(None, TrajectoryArrays.from_trajectory(trajectory), None),
+        versions=((), (), ()),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="state slot 1 stores a trajectory .* not pes"):
+        check_state(CONFIG, state)
+
+
 # -- the Ray learner ------------------------------------------------------------------------
 
 
@@ -198,8 +218,10 @@ def test_pes_theta_is_bitwise_the_local_loops_for_any_worker_count(
     assert all(r.accepted == 3 for r in reports)
     # Two trajectories per antithetic pair, two pairs, three slots, two steps each.
     assert all(r.inner_steps == 3 * 2 * 2 * 2 for r in reports)
-    # O(θ) per slot and step (a trajectory's state is 2·pairs · O(p·J) and never travels).
-    assert learner.traffic.to_learner < 4 * STEPS * CONFIG.meta_batch * theta.nbytes + 60_000
+    # O(θ) per slot and step: a slot's state (2·pairs trajectories, O(p·J)) never travels.
+    state_bytes = 2 * 2 * 300 * (1 + 6 * 4) * 4
+    assert state_bytes > 100 * theta.nbytes
+    assert learner.traffic.to_learner < 10 * STEPS * CONFIG.meta_batch * theta.nbytes
 
 
 @pytest.mark.slow
