@@ -7,6 +7,7 @@ module only adds how each method is exported.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from runtime import manifest as mf
 
 from .coordinatewise_graphs import build_dm_graphs, build_rnnprop_graphs
 from .hyperadam_graphs import build_hyperadam_graphs
+from .tensorwise_graphs import build_tensorwise_graphs
 
 BuildGraphs = Callable[[dict[str, np.ndarray]], dict[str, onnx.ModelProto]]
 
@@ -23,4 +25,6 @@ EXPORT_METHODS: dict[str, BuildGraphs] = {
     mf.HYPERADAM: build_hyperadam_graphs,
     mf.DM: build_dm_graphs,
     mf.RNNPROP: build_rnnprop_graphs,
+    mf.HYPERADAM_TENSOR: partial(build_tensorwise_graphs, bounded=True),
+    mf.HYPERADAM_TENSOR_UNBOUNDED: partial(build_tensorwise_graphs, bounded=False),
 }

@@ -3,13 +3,18 @@
 An *arm* fixes each lever — the HyperAdam variant (the paper's global normalisation, or the
 tensor-wise inputs with a bounded or unbounded step), the task family (the paper's MNIST MLP
 with its tricks, or the broad cheap family), the meta-objective (mean loss, or mean log loss),
-the start (random, or the Adam reduction) — and trains θ with truncated BPTT for the same
-wall-clock minutes as every other arm (equal wall time: a cheaper arm makes more updates). The
-θ is saved as a θ file whose metadata hold the arm, seed, updates and wall time, and every arm
-is one MLflow run with its whole config as params; `hyperadam benchmark --optimizer FILE`
-then judges it on the held-out suite.
+the start (random, or the Adam reduction), the meta-gradient estimator (truncated BPTT or PES)
+and the trajectories' horizons (fixed, or log-uniform with random offsets) — and trains θ for
+the same wall-clock minutes as every other arm (equal wall time: a cheaper arm makes more
+updates). Each arm is a ``RunConfig`` (``ArmConfig.run_config``) trained by the single-process
+loop ``training.local_updates``: the slot work and the meta-update that ``hyperadam
+meta-train`` runs on its Ray workers, so an arm's recipe can be rerun there as it is
+(``--write-config``). The θ is saved as a θ file whose metadata hold the arm, the run config's
+digest, seed, updates and wall time, and every arm is one MLflow run with its whole config as
+params; `hyperadam benchmark --optimizer FILE` then judges it on the held-out suite.
 
     python -m meta_train.ablation --arm tensor-small-log --minutes 30 --out runs/ablation
+    python -m meta_train.ablation --arm tensor-small-log-pes --write-config pes.json
 """
 
 from __future__ import annotations
@@ -27,20 +32,18 @@ import torch
 
 from runtime.theta import save_theta
 
-from .experimental import AdamStart, ExperimentalConfig
-from .meta_update import MetaOptimConfig, init_meta_state, meta_update
-from .optimizers.base import LearnedUpdateRule
+from .experimental import VARIANTS
+from .run_config import RunConfig, build_config, config_digest
 from .tasks.base import TaskFamily
-from .training import init_theta_flat, slot_work
-from .unroll import Trajectory, UnrollConfig
+from .training import init_theta_flat, local_updates
 
-VARIANTS = ("paper", "tensor", "tensor-unbounded", "tensor-adaptive")
 FAMILIES = ("paper", "small")
+ESTIMATORS = ("tbptt", "pes")
 
 
 @dataclasses.dataclass(frozen=True)
 class ArmConfig:
-    """One arm of the ablation (logged whole)."""
+    """One arm of the ablation (logged whole); ``run_config`` is what it trains."""
 
     name: str
     variant: str = "tensor"
@@ -53,6 +56,11 @@ class ArmConfig:
     meta_lr: float = 1e-3
     clip_norm: float | None = 1.0
     seed: int = 0
+    estimator: str = "tbptt"  # or "pes" (forward only, antithetic pairs)
+    sigma: float = 0.01  # pes: σ of the perturbations
+    pairs: int = 1  # pes: antithetic pairs per slot
+    # (min, max) inner steps: log-uniform horizons with random offsets; None: ``horizon``.
+    log_uniform_horizons: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -61,11 +69,48 @@ class ArmConfig:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.init not in ("adam", "random"):
             raise ValueError(f"init must be 'adam' or 'random', got {self.init!r}")
-        UnrollConfig(self.horizon, self.truncation, self.meta_loss)  # validates those
-        MetaOptimConfig(lr=self.meta_lr, clip_norm=self.clip_norm)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        horizons = self.log_uniform_horizons
+        if horizons is not None and (not isinstance(horizons, (tuple, list)) or len(horizons) != 2):
+            raise ValueError(f"log_uniform_horizons must be (min, max) or None, got {horizons!r}")
+        self.run_config()  # validates the rest, with the RunConfig's messages
+
+    def run_config(self) -> RunConfig:
+        """The meta-training run this arm is (no validation: the ablation scores on held-out
+        tasks afterwards; no workers: the driver runs it in one process)."""
+        experimental: dict[str, Any] = {"variant": self.variant}
+        if self.estimator == "pes":
+            experimental["estimator"] = {"kind": "pes", "sigma": self.sigma, "pairs": self.pairs}
+        elif (self.sigma, self.pairs) != (ArmConfig.sigma, ArmConfig.pairs):
+            raise ValueError("sigma and pairs apply to estimator 'pes' only")
+        if self.log_uniform_horizons is not None:
+            low, high = self.log_uniform_horizons
+            experimental["horizons"] = {
+                "kind": "log_uniform", "min_steps": low, "max_steps": high, "offsets": True
+            }  # fmt: skip
+        data: dict[str, Any] = {
+            "optimizer": "hyperadam",
+            "task": "small" if self.family == "small" else "mnist",
+            "seed": self.seed,
+            "meta_batch": self.meta_batch,
+            "unroll": {
+                "horizon": self.horizon, "truncation": self.truncation, "meta_loss": self.meta_loss
+            },  # fmt: skip
+            "meta_optim": {"lr": self.meta_lr, "clip_norm": self.clip_norm},
+            "validation": {"every": 0},
+            "experimental": experimental,
+        }
+        if self.init == "adam":
+            # The Adam-reduction start is Adam at the variant's own α (lr = α: Σ_j ρ_j = 1).
+            alpha = build_config(data).make_optimizer().default_lr
+            experimental["adam_start"] = {"lr": alpha}
+        return build_config(data)
 
 
-# The arms of docs/generalisation.md's ablation table: each differs from the first in one lever.
+# The arms of docs/generalisation.md's ablation table: each differs in one lever from the first,
+# except the PES arm, which differs from the log-uniform TBPTT arm in its estimator only (the
+# PES-against-TBPTT comparison at equal wall time).
 ARMS = {
     arm.name: arm
     for arm in (
@@ -74,65 +119,38 @@ ARMS = {
         ArmConfig("tensor-unbounded-small-log", variant="tensor-unbounded"),
         ArmConfig("tensor-paperfamily-log", family="paper", horizon=100),
         ArmConfig("tensor-small-mean", meta_loss="mean"),
+        ArmConfig("tensor-small-log-loguniform", log_uniform_horizons=(100, 2000)),
+        ArmConfig("tensor-small-log-pes", log_uniform_horizons=(100, 2000), estimator="pes"),
         ArmConfig("tensor-adaptive-small-log", variant="tensor-adaptive"),
     )
 }
-
-
-def make_optimizer(variant: str) -> LearnedUpdateRule:
-    from .optimizers.hyperadam import HyperAdam
-    from .optimizers.hyperadam_tensor import TensorwiseHyperAdam
-
-    if variant == "paper":
-        return HyperAdam(implementation="fast")
-    if variant == "tensor-adaptive":
-        return TensorwiseHyperAdam(adaptive_scale=True)
-    return TensorwiseHyperAdam(bounded=variant == "tensor")
-
-
-def make_family(name: str) -> TaskFamily:
-    if name == "small":
-        from .tasks.small_family import SmallTaskFamily
-
-        return SmallTaskFamily()
-    from .run_config import RunConfig
-
-    return RunConfig().make_family()
 
 
 def train_arm(
     arm: ArmConfig, *, minutes: float, out: Path, tracking_uri: str | None = None
 ) -> dict[str, Any]:
     """Meta-trains ``arm`` for ``minutes`` of wall time; writes ``out/<arm>/theta.npz``."""
-    optimizer = make_optimizer(arm.variant)
-    family = make_family(arm.family)
-    unroll = UnrollConfig(arm.horizon, arm.truncation, arm.meta_loss)
-    meta = MetaOptimConfig(lr=arm.meta_lr, clip_norm=arm.clip_norm)
-    # The Adam-reduction start is Adam at the variant's own α (lr = α: Σ_j ρ_j = 1).
-    start = ExperimentalConfig(
-        adam_start=AdamStart(lr=optimizer.default_lr) if arm.init == "adam" else None
-    )
-    state = init_meta_state(init_theta_flat(optimizer, arm.seed, experimental=start))
+    config = arm.run_config()
+    optimizer = config.make_optimizer()
+    family = config.make_family()
+    theta = init_theta_flat(optimizer, config.seed, config.init, config.experimental)
+    updates = local_updates(
+        optimizer, family, run_seed=config.seed, unroll=config.unroll,
+        meta_optim=config.meta_optim, meta_batch=arm.meta_batch, theta_flat=theta,
+        experimental=config.experimental,
+    )  # fmt: skip
     folder = out / arm.name
     folder.mkdir(parents=True, exist_ok=True)
-    client, run_id = _start_run(tracking_uri, arm, minutes, family)
-    trajectories: list[Trajectory | None] = [None] * arm.meta_batch
+    client, run_id = _start_run(tracking_uri, arm, minutes, family, config)
     started, step, losses = time.perf_counter(), 0, []
     deadline = started + 60.0 * minutes
     status = "FAILED"
     try:
         while time.perf_counter() < deadline:
-            results = [
-                slot_work(optimizer, family, unroll, state.theta, arm.seed, slot, step,
-                          trajectories[slot])
-                for slot in range(arm.meta_batch)
-            ]  # fmt: skip
-            grads = [r.meta_grad for r in results]
-            trajectories = [r.trajectory for r in results]
-            # An arm skips a whole step with any non-finite gradient (not only that one).
-            finite = all(bool(torch.isfinite(g).all()) for g in grads)
-            state, _ = meta_update(state, grads if finite else [], meta)
-            loss = sum(r.meta_loss for r in results) / len(results)
+            # Non-finite meta-gradients are rejected one by one, as on the Ray learner.
+            state, metrics = next(updates)
+            theta = state.theta
+            loss = metrics["meta_loss"]
             losses.append(loss)
             if client is not None and math.isfinite(loss):
                 client.log_metric(run_id, "meta_loss", loss, step=step)
@@ -143,8 +161,9 @@ def train_arm(
         path = save_theta(
             folder / "theta.npz",
             optimizer.name,
-            optimizer.unflatten(state.theta),
+            optimizer.unflatten(theta),
             arm=dataclasses.asdict(arm),
+            config_digest=config_digest(config),
             updates=step,
             wall_seconds=wall,
             family_digest=family.digest() if hasattr(family, "digest") else None,
@@ -167,7 +186,9 @@ def _host() -> str:
     return host_name()
 
 
-def _start_run(uri: str | None, arm: ArmConfig, minutes: float, family: TaskFamily):
+def _start_run(
+    uri: str | None, arm: ArmConfig, minutes: float, family: TaskFamily, config: RunConfig
+):
     if not uri:
         return None, None
     from .tracking import make_client
@@ -179,13 +200,17 @@ def _start_run(uri: str | None, arm: ArmConfig, minutes: float, family: TaskFami
     for key, value in {**dataclasses.asdict(arm), "minutes": minutes}.items():
         client.log_param(run.info.run_id, key, json.dumps(value))
     client.log_param(run.info.run_id, "family_config", json.dumps(family.to_dict()))
+    client.log_param(run.info.run_id, "config_digest", config_digest(config))
     return client, run.info.run_id
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arm", required=True, choices=sorted(ARMS))
-    parser.add_argument("--minutes", type=float, required=True)
+    parser.add_argument("--minutes", type=float)
+    parser.add_argument("--write-config", metavar="PATH",
+                        help="write the arm's RunConfig (for hyperadam meta-train --config) "
+                             "and exit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
@@ -193,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     arm = dataclasses.replace(ARMS[args.arm], seed=args.seed)
+    if args.write_config:
+        Path(args.write_config).write_text(json.dumps(arm.run_config().to_dict(), indent=1))
+        return 0
+    if args.minutes is None:
+        parser.error("--minutes is required to train an arm")
     summary = train_arm(arm, minutes=args.minutes, out=Path(args.out),
                         tracking_uri=None if args.tracking_uri == "none" else args.tracking_uri)
     print(json.dumps(summary))

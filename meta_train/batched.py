@@ -57,8 +57,9 @@ def slots_work_batched(
     tasks, starts = [], []
     for slot, given in zip(slots, trajectories, strict=True):
         task, trajectory = slot_start(optimizer, family, unroll, run_seed, slot, step, given)
+        start: Trajectory = trajectory  # batched workers run truncated BPTT only
         tasks.append(task)
-        starts.append(to_device(trajectory, device) if trajectory is not given else trajectory)
+        starts.append(to_device(start, device) if start is not given else start)
     results: list[UnrollResult | None] = [None] * len(slots)
     by_size: dict[int, list[int]] = {}
     for i, trajectory in enumerate(starts):

@@ -14,9 +14,12 @@ A gradient that arrives more than S versions behind its meta-step (an out-of-dat
 rejected, counted (``learner/stale_rejected_total``) and its slot recomputed with the current θ.
 
 Traffic is O(θ) per slot and update, whatever the optimizee: workers keep their slots'
-trajectories (O(p·J)) and send back only meta-gradients and a few numbers. The learner keeps,
-per slot, the θ version each meta-step of the current trajectory used, and the θs of those
-versions (at most K + S of them). That is enough to rebuild any trajectory exactly.
+trajectories (O(p·J)) and send back only meta-gradients (or PES estimates) and a few numbers.
+The learner keeps, per slot, the θ version each meta-step of the current trajectory used, and
+the θs of those versions (at most K + S of them, K the longest trajectory's truncations). That
+is enough to rebuild any trajectory exactly. Where each slot's trajectories begin is the run's
+``schedule.TrajectorySchedule`` (the same K for all with fixed horizons, drawn per slot and
+trajectory with log-uniform ones), which the learner and the workers derive alike.
 
 Faults are data: a call that raises ``RayActorError`` or outlives ``call_timeout_s`` means a dead
 worker, which is killed and replaced; the replacement rebuilds its slots' trajectories by
@@ -234,7 +237,7 @@ class Learner:
         self.start_timeout_s = config.worker_start_timeout_s
         self.meta_batch: int = config.meta_batch  # type: ignore[assignment]
         self.num_workers: int = config.workers  # type: ignore[assignment]
-        self.truncations = config.unroll.truncations_per_trajectory
+        self.schedule = config.make_schedule()
         optimizer = config.make_optimizer()
         if state is None:
             theta = init_theta_flat(optimizer, config.seed, config.init, config.experimental)
@@ -408,7 +411,7 @@ class Learner:
         replay_thetas: dict[int, np.ndarray] = {}
         for slot in w.slots:
             rebuild = None
-            if k % self.truncations and w.held.get(slot) != k - 1:
+            if self.schedule.position(slot, k).truncation and w.held.get(slot) != k - 1:
                 # The worker lacks the slot's state (it is new): it replays the trajectory.
                 rebuild = self._rebuild(slot, k)
                 replay_thetas.update((v, self._thetas[v]) for v in rebuild.versions)
@@ -432,7 +435,7 @@ class Learner:
         The meta-steps of the trajectory before ``self.step`` are in the slot's records; those
         from ``self.step`` on are buffered results, which say which θ version they used.
         """
-        start = step - step % self.truncations
+        start = step - self.schedule.position(slot, step).truncation
         base, versions = None, []
         if start <= self.step:  # the trajectory began before the committed step (or at it)
             base, versions = self._bases[slot], list(self._versions[slot])
@@ -543,21 +546,27 @@ class Learner:
             rejected=update.rejected,
             rejected_total=self.rejected_total,
             staleness=tuple(k - r.version for r in results),
-            inner_steps=self.meta_batch * self.config.unroll.truncation,
+            inner_steps=self.meta_batch * self.config.unroll.truncation * self._per_slot,
             wall_s=wall,
             worker_compute_s=sum(r.compute_s for r in results),
             worker_restarts=self.worker_restarts,
             stale_rejected_total=self.stale_rejected_total,
         )
 
+    @property
+    def _per_slot(self) -> int:
+        """Inner trajectories a slot advances per meta-step (PES: two per antithetic pair)."""
+        estimator = self.config.experimental.estimator
+        return 2 * estimator.pairs if estimator.kind == "pes" else 1
+
     def _record_versions(self, step: int, results: list[SlotResult]) -> None:
         """Notes the θ version each slot used at ``step``; a new trajectory starts afresh."""
-        if (step + 1) % self.truncations == 0:
-            self._versions = [[] for _ in results]
-            self._bases = [None] * len(results)
-        else:
-            for versions, result in zip(self._versions, results, strict=True):
-                versions.append(result.version)
+        for slot, result in enumerate(results):
+            if self.schedule.position(slot, step).last:
+                self._versions[slot] = []
+                self._bases[slot] = None
+            else:
+                self._versions[slot].append(result.version)
 
 
 def default_worker_resources(config: RunConfig) -> dict[str, float]:
@@ -571,13 +580,19 @@ def default_worker_resources(config: RunConfig) -> dict[str, float]:
 def _check_replay_records(state: LearnerState, config: RunConfig) -> None:
     """Refuses a state whose records cannot rebuild every slot's trajectory at its step."""
     unroll = config.unroll
-    truncation_index = state.step % unroll.truncations_per_trajectory
+    schedule = config.make_schedule()
     versions = state.slot_versions()
     if len(versions) != len(state.trajectories):
         raise ValueError(
             f"state records θ versions for {len(versions)} slots, has {len(state.trajectories)}"
         )
     for slot, (base, used) in enumerate(zip(state.trajectories, versions, strict=True)):
+        truncation_index = schedule.position(slot, state.step).truncation
+        if base is not None and config.experimental.estimator.kind != "tbptt":
+            raise ValueError(
+                f"state slot {slot} stores a trajectory (a format-1 checkpoint): it can "
+                f"continue with truncated BPTT only, not {config.experimental.estimator.kind}"
+            )
         since = 0 if base is None else base.step // unroll.truncation
         if len(used) != truncation_index - since:
             raise ValueError(

@@ -18,6 +18,11 @@ left out every field added after them at its recorded value, and kept the experi
 ``init``, ``meta_optim`` and ``validation``; their identity is still computed exactly
 (``identity(config, schema=1)``), so their logged params, digests and θ lineage still verify,
 and their config files and checkpoints still load (``from_dict`` reads both layouts).
+
+The task-family mixes (``experimental.family_mix``) were family settings (``family.activation``
+a list, ``family.model``, ...) until issue 18; config files and checkpoints written so still load
+(``mixes_in_experimental``), and every identity, at either schema, is computed with the mixes
+back in ``family`` (``mixes_in_family``), as its runs logged them: their digests do not change.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_lib
-from .experimental import AdamStart, ExperimentalConfig
+from .experimental import AdamStart, EstimatorConfig, ExperimentalConfig, HorizonConfig
 from .optimizers.hyperadam import IMPLEMENTATIONS
 from .smoke_family import QuadraticFamily, QuadraticFamilyConfig
 from .tasks.base import TaskFamily
@@ -42,7 +47,11 @@ from .tasks.family import (
     RNNPROP_FAMILY,
     MetaTaskFamily,
     MetaTaskFamilyConfig,
+    check_mix,
+    join_mixes,
+    split_mixes,
 )
+from .tasks.small_family import SmallFamilyConfig, SmallTaskFamily
 from .training import MetaOptimConfig, ThetaInitConfig
 from .unroll import UnrollConfig
 
@@ -53,7 +62,7 @@ else:  # Python 3.10: JSON config files only
 
 OPTIMIZERS = ("hyperadam", "rnnprop", "dm")
 DEVICES = ("cpu", "cuda")  # where gradient workers meta-train
-TASKS = ("mnist", "quadratic")  # meta-training task families
+TASKS = ("mnist", "quadratic", "small")  # meta-training task families
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "hyperadam"
 DEFAULT_VALIDATION_TASK = "mnist-nn-sigmoid-100"
@@ -82,7 +91,13 @@ _SCHEMA_1_INIT = {
 }
 # Fields added after schema 2 was introduced: its identity leaves them out at these values (what
 # every run before them did), so the digests of the runs it recorded stay valid.
-_SCHEMA_2_OMITTED: dict[str, Any] = {"device": "cpu", "batch_slots": False}
+_SCHEMA_2_OMITTED: dict[str, Any] = {
+    "device": "cpu",
+    "batch_slots": False,
+    "experimental.variant": "paper",
+    "experimental.estimator": config_lib.to_plain(EstimatorConfig()),
+    "experimental.horizons": config_lib.to_plain(HorizonConfig()),
+}
 _SCHEMA_1_OMITTED: dict[str, Any] = {
     "init": _SCHEMA_1_INIT,
     "init.theta": None,
@@ -186,7 +201,12 @@ class TrackingConfig:
         _check_positive("tracking.flush_timeout_s", self.flush_timeout_s)
 
 
-FamilyConfig = MetaTaskFamilyConfig | QuadraticFamilyConfig
+FamilyConfig = MetaTaskFamilyConfig | QuadraticFamilyConfig | SmallFamilyConfig
+_FAMILY_CONFIGS = {
+    "mnist": MetaTaskFamilyConfig,
+    "quadratic": QuadraticFamilyConfig,
+    "small": SmallFamilyConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +215,8 @@ class RunConfig:
 
     Attributes:
       optimizer: "hyperadam", "rnnprop" or "dm".
-      task: the meta-training task family: "mnist" (spec §3) or "quadratic" (smoke runs).
+      task: the meta-training task family: "mnist" (spec §3), "quadratic" (smoke runs) or
+        "small" (issue 15's broad, cheap family: ``tasks/small_family.py``).
       num_candidates: J of HyperAdam (20); the baselines have no J and require 20.
       implementation: HyperAdam's step, "fast" (fused CPU kernels) or "reference" (plain
         torch); they agree to round-off, so it is part of the run's identity. The other
@@ -253,11 +274,17 @@ class RunConfig:
             )
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
-        expected = MetaTaskFamilyConfig if self.task == "mnist" else QuadraticFamilyConfig
+        expected = _FAMILY_CONFIGS[self.task]
         if not isinstance(self.family, expected):
             raise ValueError(
                 f"task {self.task!r} needs a {expected.__name__}, got {type(self.family).__name__}"
             )
+        if self.experimental.family_mix is not None:
+            if not isinstance(self.family, MetaTaskFamilyConfig):
+                raise ValueError(
+                    f"experimental.family_mix applies to task 'mnist' only, not {self.task!r}"
+                )
+            check_mix(self.family, self.experimental.family_mix)
         _check_int("num_candidates", self.num_candidates, 1)
         if self.optimizer != "hyperadam" and self.num_candidates != 20:
             raise ValueError(
@@ -291,6 +318,41 @@ class RunConfig:
                 "batched workers (device 'cuda' or batch_slots) run HyperAdam's torch reference "
                 "step: set implementation = \"reference\""
             )
+        self._check_experiments()
+
+    def _check_experiments(self) -> None:
+        """The experimental fields that depend on the rest of the config."""
+        experimental = self.experimental
+        if experimental.variant != "paper":
+            if self.optimizer != "hyperadam":
+                raise ValueError(
+                    f"experimental.variant applies to hyperadam only, not {self.optimizer}"
+                )
+            if self.batched:
+                raise ValueError(
+                    f"experimental.variant {experimental.variant!r} has no batched step: "
+                    "set device = \"cpu\" and batch_slots = false"
+                )
+            adam = experimental.adam_start
+            if adam is not None and experimental.variant in ("tensor", "tensor-adaptive"):
+                from .optimizers.hyperadam_tensor import RHO_MAX, TENSORWISE_DEFAULT_LR
+
+                reach = RHO_MAX * TENSORWISE_DEFAULT_LR
+                if not adam.lr < reach:
+                    raise ValueError(
+                        f"experimental.adam_start.lr must be < {reach:g} with variant "
+                        f"{experimental.variant!r} "
+                        f"(its bounded step reaches at most Adam at that lr), got {adam.lr}"
+                    )
+        for name, off in (("estimator", "tbptt"), ("horizons", "fixed")):
+            if self.batched and getattr(experimental, name).kind != off:
+                raise ValueError(
+                    f"experimental.{name}.kind {getattr(experimental, name).kind!r} is not "
+                    "supported by batched workers (device 'cuda' or batch_slots): set "
+                    "device = \"cpu\" and batch_slots = false"
+                )
+        if experimental.horizons.kind != "fixed":
+            experimental.horizons.truncation_range(self.unroll.truncation)  # raises if empty
 
     # -- derived views ----------------------------------------------------------------------
 
@@ -320,6 +382,15 @@ class RunConfig:
         from .optimizers.hyperadam import HyperAdam
 
         if self.optimizer == "hyperadam":
+            if self.experimental.variant != "paper":
+                from .optimizers.hyperadam_tensor import TensorwiseHyperAdam
+
+                variant = self.experimental.variant
+                return TensorwiseHyperAdam(
+                    self.num_candidates,
+                    bounded=variant != "tensor-unbounded",
+                    adaptive_scale=variant == "tensor-adaptive",
+                )
             return HyperAdam(self.num_candidates, implementation=self.implementation)
         return make_learned_optimizer(self.optimizer)
 
@@ -327,7 +398,15 @@ class RunConfig:
         """The task family (datasets are loaded lazily, once per process)."""
         if isinstance(self.family, QuadraticFamilyConfig):
             return QuadraticFamily(self.family)
-        return MetaTaskFamily(self.family, data_dir=data_dir)
+        if isinstance(self.family, SmallFamilyConfig):
+            return SmallTaskFamily(self.family)  # its 8×8 MNIST is the packaged one
+        return MetaTaskFamily(self.family, data_dir=data_dir, mix=self.experimental.family_mix)
+
+    def make_schedule(self):
+        """Where each slot's trajectories begin and end (``schedule.TrajectorySchedule``)."""
+        from .schedule import TrajectorySchedule
+
+        return TrajectorySchedule(self.unroll, self.experimental.horizons, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return config_lib.to_plain(self)
@@ -354,15 +433,18 @@ def identity(
         with contextlib.suppress(ValueError):
             config = RunConfig.from_dict(config)
     plain = config.to_dict() if isinstance(config, RunConfig) else schema_2_layout(config)
+    plain = mixes_in_family(plain)
     for name in MUTABLE_ON_RESUME:
         plain.pop(name, None)
     if schema == SCHEMA_VERSION:
-        for name, omitted in _SCHEMA_2_OMITTED.items():
-            if plain.get(name) == omitted:
-                del plain[name]
-        return {"schema": SCHEMA_VERSION, **plain}
-    plain = _schema_1_layout(plain)
-    for name, omitted in _SCHEMA_1_OMITTED.items():
+        return {"schema": SCHEMA_VERSION, **_without_omitted(plain, _SCHEMA_2_OMITTED)}
+    return _without_omitted(_schema_1_layout(plain), _SCHEMA_1_OMITTED)
+
+
+def _without_omitted(plain: dict[str, Any], omitted: Mapping[str, Any]) -> dict[str, Any]:
+    """``plain`` without each field (a dotted name reaches into a section) that holds the
+    value ``omitted`` gives it; the sections touched are copied, the caller's data kept."""
+    for name, value in omitted.items():
         *sections, field = name.split(".")
         table: dict[str, Any] | None = plain
         for section in sections:
@@ -372,7 +454,7 @@ def identity(
                 table = None
                 break
             table[section] = table = dict(inner)
-        if table is not None and field in table and table[field] == omitted:
+        if table is not None and field in table and table[field] == value:
             del table[field]
     return plain
 
@@ -405,6 +487,46 @@ def schema_2_layout(data: Mapping[str, Any]) -> dict[str, Any]:
         plain["init"] = init
     if experimental:
         plain["experimental"] = experimental
+    return plain
+
+
+def mixes_in_experimental(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain config data with the task-family mixes moved from ``family`` (where configs kept
+    them before issue 18) into ``experimental.family_mix`` (``tasks.family.split_mixes``).
+
+    A value in the old place wins over one in ``experimental``, as in ``schema_2_layout``. The
+    caller's data is not changed.
+    """
+    plain = dict(data)
+    family = plain.get("family")
+    if plain.get("task", "mnist") != "mnist" or not isinstance(family, Mapping):
+        return plain
+    settings, mix = split_mixes(dict(family))
+    if mix:
+        plain["family"] = settings
+        experimental = dict(plain.get("experimental") or {})
+        given = experimental.get("family_mix")
+        experimental["family_mix"] = {**given, **mix} if isinstance(given, Mapping) else mix
+        plain["experimental"] = experimental
+    return plain
+
+
+def mixes_in_family(plain: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of ``mixes_in_experimental``, in the layout identities were computed in before
+    issue 18: ``experimental`` without ``family_mix``, and an MNIST family with every mix
+    setting (``tasks.family.join_mixes``). The digest-compatibility shim of the identity."""
+    plain = dict(plain)
+    experimental = plain.get("experimental")
+    mix = None
+    if isinstance(experimental, Mapping) and "family_mix" in experimental:
+        experimental = dict(experimental)
+        mix = experimental.pop("family_mix")
+        plain["experimental"] = experimental
+    family = plain.get("family")
+    if plain.get("task", "mnist") == "mnist" and isinstance(family, Mapping):
+        plain["family"] = join_mixes(dict(family), mix if isinstance(mix, Mapping) else None)
+    elif mix is not None:  # invalid (a mix without an MNIST family): compared as it is
+        plain["experimental"] = {**plain.get("experimental", {}), "family_mix": mix}
     return plain
 
 
@@ -469,7 +591,7 @@ def recipe(optimizer: str, task: str = "mnist") -> dict[str, Any]:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     meta_loss, family = _RECIPES[optimizer]
-    family_config = family if task == "mnist" else QuadraticFamilyConfig()
+    family_config = family if task == "mnist" else _FAMILY_CONFIGS[task]()
     return {
         "optimizer": optimizer,
         "task": task,
@@ -556,8 +678,11 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 
 def _from_plain(data: Mapping[str, Any]) -> RunConfig:
-    values = _fields_of(RunConfig, schema_2_layout(data) if isinstance(data, Mapping) else data, "")
+    if isinstance(data, Mapping):
+        data = mixes_in_experimental(schema_2_layout(data))
+    values = _fields_of(RunConfig, data, "")
     task = values.get("task", "mnist")
+    family_config = _FAMILY_CONFIGS.get(task, MetaTaskFamilyConfig)
     nested = {
         "unroll": UnrollConfig,
         "meta_optim": MetaOptimConfig,
@@ -565,13 +690,13 @@ def _from_plain(data: Mapping[str, Any]) -> RunConfig:
         "validation": ValidationConfig,
         "experimental": ExperimentalConfig,
         "tracking": TrackingConfig,
-        "family": QuadraticFamilyConfig if task == "quadratic" else MetaTaskFamilyConfig,
+        "family": family_config,
     }
     for name, cls in nested.items():
         if name in values:
             values[name] = _build(cls, values[name], name)
-    if task == "quadratic" and "family" not in values:
-        values["family"] = QuadraticFamilyConfig()
+    if task in _FAMILY_CONFIGS and task != "mnist" and "family" not in values:
+        values["family"] = family_config()
     try:
         return RunConfig(**values)
     except TypeError as error:

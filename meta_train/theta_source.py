@@ -45,12 +45,11 @@ _ARCHITECTURES: dict[str, tuple[SizesFromTheta, Callable[..., LearnedUpdateRule]
         lambda theta: {"hidden_size": _size(theta, "pre_bias")},
         lambda hidden_size: RNNprop(hidden_size),
     ),
-    # Variants whose θ files load for evaluation here but that have no ONNX export (yet).
-    "hyperadam-tensor": (
+    mf.HYPERADAM_TENSOR: (
         lambda theta: {"num_candidates": _size(theta, "pre_bias")},
         lambda num_candidates: TensorwiseHyperAdam(num_candidates, bounded=True),
     ),
-    "hyperadam-tensor-unbounded": (
+    mf.HYPERADAM_TENSOR_UNBOUNDED: (
         lambda theta: {"num_candidates": _size(theta, "pre_bias")},
         lambda num_candidates: TensorwiseHyperAdam(num_candidates, bounded=False),
     ),

@@ -1,28 +1,37 @@
 """The meta-training recipe shared by the single-process loop and the Ray learner (spec §3).
 
 Schedule: a meta-batch of B *slots*, each running its own chain of trajectories. At meta-step s,
-slot b is in trajectory ``s // K`` at truncation ``s % K`` (K = horizon / truncation = 5). The
-task of a trajectory is ``family.sample(task_seed(run_seed, b, trajectory))``, so the work of
-every meta-step is a pure function of (run seed, step, slot): the final θ does not depend on how
-many processes computed it, or on work being redone.
+slot b is in trajectory ``s // K`` at truncation ``s % K`` (K = horizon / truncation = 5), or,
+with log-uniform horizons, where its own drawn trajectory lengths put it
+(``schedule.TrajectorySchedule``). The task of a trajectory is
+``family.sample(task_seed(run_seed, b, trajectory))``, and its meta-gradient comes from truncated
+BPTT or PES (``experimental.estimator``), so the work of every meta-step is a pure function of
+(run seed, step, slot, θ): the final θ does not depend on how many processes computed it, or on
+work being redone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor
 
 from runtime.theta import theta_sha256
 
-from .experimental import ExperimentalConfig
-from .meta_update import MetaOptimConfig, init_meta_state, meta_update
+from .experimental import EstimatorConfig, ExperimentalConfig
+from .meta_update import MetaOptimConfig, MetaState, init_meta_state, meta_update
 from .optimizers.base import LearnedUpdateRule
+from .pes import PESState, pes_slot, start_state
+from .schedule import TrajectorySchedule
 from .seeding import derive_seed, generator
 from .tasks.base import Task, TaskFamily
 from .theta_source import load_theta_source
 from .unroll import Trajectory, UnrollConfig, UnrollResult, start_trajectory, unroll_truncation
+
+SlotState = Trajectory | PESState  # what a slot carries between truncations, per estimator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +138,8 @@ def _given_theta_flat(optimizer: LearnedUpdateRule, init: ThetaInitConfig) -> Te
 
 
 def position(step: int, unroll: UnrollConfig) -> tuple[int, int]:
-    """(trajectory index, truncation index) of every slot at meta-step ``step``."""
+    """(trajectory index, truncation index) of every slot at meta-step ``step`` (fixed
+    horizons; ``schedule.TrajectorySchedule.position`` in general)."""
     k = unroll.truncations_per_trajectory
     return step // k, step % k
 
@@ -141,23 +151,42 @@ def slot_start(
     run_seed: int,
     slot: int,
     step: int,
-    trajectory: Trajectory | None,
-) -> tuple[Task, Trajectory]:
-    """The task of one slot at one meta-step and the trajectory its truncation continues: a new
+    trajectory: Any,
+    *,
+    estimator: EstimatorConfig | None = None,
+    schedule: TrajectorySchedule | None = None,
+) -> tuple[Task, Any]:
+    """The task of one slot at one meta-step and the state its truncation continues: a new
     one at a trajectory's first truncation, else ``trajectory`` (checked to be that slot's).
+
+    The state is a ``Trajectory`` for truncated BPTT and a ``pes.PESState`` for PES;
+    ``schedule`` (default: ``unroll``'s fixed horizon) says where the slot's trajectories
+    begin.
 
     Raises:
       ValueError: the slot is mid-trajectory without a state, or its state has the wrong seed.
     """
-    traj_index, trunc_index = position(step, unroll)
-    seed = task_seed(run_seed, slot, traj_index)
+    schedule = schedule or TrajectorySchedule(unroll)
+    estimator = estimator or EstimatorConfig()
+    where = schedule.position(slot, step)
+    seed = task_seed(run_seed, slot, where.trajectory)
     task = family.build(family.sample(seed))
+    trunc_index = where.truncation
     if trunc_index == 0:
+        if estimator.kind == "pes":
+            num_theta = optimizer.num_meta_parameters()
+            return task, start_state(optimizer, task, seed, num_theta, estimator.pairs)
         return task, start_trajectory(optimizer, task, seed)
     if trajectory is None:
         raise ValueError(
             f"slot {slot} at step {step} is mid-trajectory (truncation {trunc_index}) "
             "but no trajectory state was given"
+        )
+    expected = PESState if estimator.kind == "pes" else Trajectory
+    if not isinstance(trajectory, expected):
+        raise ValueError(
+            f"slot {slot} at step {step}: estimator {estimator.kind!r} continues a "
+            f"{expected.__name__}, got a {type(trajectory).__name__}"
         )
     if trajectory.seed != seed:
         raise ValueError(
@@ -174,17 +203,73 @@ def slot_work(
     run_seed: int,
     slot: int,
     step: int,
-    trajectory: Trajectory | None,
+    trajectory: Any,
+    *,
+    estimator: EstimatorConfig | None = None,
+    schedule: TrajectorySchedule | None = None,
 ) -> UnrollResult:
-    """The work of one slot at one meta-step: build its task, run one truncation.
+    """The work of one slot at one meta-step: build its task, run one truncation and estimate
+    its meta-gradient (truncated BPTT, or PES: ``estimator``).
 
-    ``trajectory`` is the slot's carried inner state. It may be None only at the first truncation
-    of a trajectory: replaying earlier truncations with the current θ would not give the same
+    ``trajectory`` is the slot's carried state (a ``Trajectory``, or PES's ``PESState``, which
+    the result's ``trajectory`` then is too). It may be None only at the first truncation of a
+    trajectory: replaying earlier truncations with the current θ would not give the same
     state, so callers that lose it (a dead worker) rebuild it by replaying them with the θ
     versions they first used (``worker.rebuild_trajectory``; the learner keeps those versions).
     """
-    task, trajectory = slot_start(optimizer, family, unroll, run_seed, slot, step, trajectory)
-    return unroll_truncation(optimizer, theta_flat, task, trajectory, unroll)
+    estimator = estimator or EstimatorConfig()
+    task, state = slot_start(
+        optimizer, family, unroll, run_seed, slot, step, trajectory,
+        estimator=estimator, schedule=schedule,
+    )  # fmt: skip
+    if estimator.kind == "pes":
+        return pes_slot(
+            optimizer, theta_flat, task, state, unroll,
+            sigma=estimator.sigma, run_seed=run_seed, slot=slot, step=step,
+        )  # fmt: skip
+    return unroll_truncation(optimizer, theta_flat, task, state, unroll)
+
+
+def local_updates(
+    optimizer: LearnedUpdateRule,
+    family: TaskFamily,
+    *,
+    run_seed: int,
+    unroll: UnrollConfig,
+    meta_optim: MetaOptimConfig,
+    meta_batch: int,
+    theta_flat: Tensor,
+    experimental: ExperimentalConfig,
+) -> Iterator[tuple[MetaState, dict[str, Any]]]:
+    """The single-process meta-training loop, one update per iteration, without end.
+
+    Yields the meta-state after each update and its metrics. The work of every slot is
+    ``slot_work`` with the run's estimator and trajectory schedule (``experimental``), the
+    update is ``meta_update``: what the Ray learner and its workers compute, in one process.
+    """
+    schedule = TrajectorySchedule(unroll, experimental.horizons, run_seed)
+    state = init_meta_state(theta_flat)
+    slots: list[SlotState | None] = [None] * meta_batch
+    step = 0
+    while True:
+        results = []
+        for slot in range(meta_batch):
+            result = slot_work(
+                optimizer, family, unroll, state.theta, run_seed, slot, step, slots[slot],
+                estimator=experimental.estimator, schedule=schedule,
+            )  # fmt: skip
+            slots[slot] = result.trajectory
+            results.append(result)
+        state, update = meta_update(
+            state, [r.meta_grad for r in results], meta_optim, experimental
+        )
+        yield state, {
+            "step": step,
+            "meta_loss": sum(r.meta_loss for r in results) / len(results),
+            "grad_norm": update.grad_norm,
+            "rejected": update.rejected,
+        }
+        step += 1
 
 
 def train_local(
@@ -201,9 +286,9 @@ def train_local(
 ) -> tuple[Tensor, list[dict[str, Any]]]:
     """The plain single-process meta-training loop (tests, small experiments, benchmarks).
 
-    ``experimental`` supplies the meta lr's schedule (its ``meta_lr_half_life``); θ starts at
-    ``theta_flat`` or the spec's initialisation. Returns the final flat θ and one metrics dict
-    per meta-step.
+    ``experimental`` supplies the meta lr's schedule (its ``meta_lr_half_life``), the
+    meta-gradient estimator and the trajectories' horizons; θ starts at ``theta_flat`` or the
+    spec's initialisation. Returns the final flat θ and one metrics dict per meta-step.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -212,28 +297,13 @@ def train_local(
     unroll = unroll or UnrollConfig()
     meta_optim = meta_optim or MetaOptimConfig()
     experimental = experimental or ExperimentalConfig()
-    state = init_meta_state(
-        init_theta_flat(optimizer, run_seed) if theta_flat is None else theta_flat
-    )
-    trajectories: list[Trajectory | None] = [None] * meta_batch
+    theta = init_theta_flat(optimizer, run_seed) if theta_flat is None else theta_flat
+    state = init_meta_state(theta)
+    updates = local_updates(
+        optimizer, family, run_seed=run_seed, unroll=unroll, meta_optim=meta_optim,
+        meta_batch=meta_batch, theta_flat=theta, experimental=experimental,
+    )  # fmt: skip
     history = []
-    for step in range(steps):
-        results = []
-        for slot in range(meta_batch):
-            result = slot_work(
-                optimizer, family, unroll, state.theta, run_seed, slot, step, trajectories[slot]
-            )
-            trajectories[slot] = result.trajectory
-            results.append(result)
-        state, update = meta_update(
-            state, [r.meta_grad for r in results], meta_optim, experimental
-        )
-        history.append(
-            {
-                "step": step,
-                "meta_loss": sum(r.meta_loss for r in results) / len(results),
-                "grad_norm": update.grad_norm,
-                "rejected": update.rejected,
-            }
-        )
+    for state, metrics in itertools.islice(updates, steps):  # noqa: B007  # the last one is kept
+        history.append(metrics)
     return state.theta, history

@@ -12,7 +12,10 @@ A lost trajectory (a replaced worker, a resumed learner) is rebuilt, not shipped
 truncation is a pure function of (run seed, slot, step, θ it used), so replaying the truncations
 since the trajectory's start with the θ versions they used gives the lost state bitwise. That is
 at most one horizon of replay (K − 1 truncations), and the learner only has to keep those θ
-versions. It never talks to MLflow.
+versions. The same holds for PES (``experimental.estimator``): a slot's state is its antithetic
+pairs and their accumulated perturbations, whose ε derive from (run seed, slot, step), so the
+replay rebuilds them exactly too; what PES sends back is its estimate, O(θ), like a gradient.
+It never talks to MLflow.
 
 Everything here runs without Ray: ``GradientWorker`` is a plain class that the learner wraps with
 ``ray.remote`` and that tests drive directly.
@@ -31,10 +34,12 @@ import numpy as np
 import torch
 
 from .batched import slots_work_batched, to_device
+from .experimental import EstimatorConfig
 from .messages import Rebuild, SlotResult, SlotWork, TrajectoryArrays, WorkerResult
 from .optimizers.base import LearnedUpdateRule
+from .schedule import TrajectorySchedule
 from .tasks.base import TaskFamily
-from .training import position, slot_work, task_seed
+from .training import SlotState, slot_work, task_seed
 from .unroll import Trajectory, UnrollConfig, UnrollResult
 
 __all__ = [  # the messages, importable from here as before
@@ -74,17 +79,20 @@ def compute_slot(
     run_seed: int,
     version: int,
     work: SlotWork,
-    trajectory: Trajectory | None,
+    trajectory: SlotState | None,
     faults: FaultInjection | None = None,
-) -> tuple[SlotResult, Trajectory]:
+    estimator: EstimatorConfig | None = None,
+    schedule: TrajectorySchedule | None = None,
+) -> tuple[SlotResult, SlotState]:
     """Runs ``slot_work`` for one slot and packs the message (pure apart from timing).
 
-    Returns the message and the advanced trajectory in torch form (kept by the worker).
+    Returns the message and the advanced state in torch form (kept by the worker).
 
     Raises:
       ValueError: the trajectory given is not where the slot's schedule says it must be.
     """
-    _, trunc_index = position(work.step, unroll)
+    schedule = schedule or TrajectorySchedule(unroll)
+    trunc_index = schedule.position(work.slot, work.step).truncation
     expected_inner = trunc_index * unroll.truncation
     if trunc_index and trajectory is not None and trajectory.step != expected_inner:
         raise ValueError(
@@ -93,11 +101,12 @@ def compute_slot(
         )
     start = time.perf_counter()
     out = slot_work(
-        optimizer, family, unroll, theta, run_seed, work.slot, work.step, trajectory
-    )
+        optimizer, family, unroll, theta, run_seed, work.slot, work.step, trajectory,
+        estimator=estimator, schedule=schedule,
+    )  # fmt: skip
     message = pack_result(
         out, work, unroll, run_seed=run_seed, version=version, faults=faults,
-        compute_s=time.perf_counter() - start,
+        compute_s=time.perf_counter() - start, schedule=schedule,
     )
     return message, out.trajectory
 
@@ -111,9 +120,10 @@ def pack_result(
     version: int,
     faults: FaultInjection | None,
     compute_s: float,
+    schedule: TrajectorySchedule | None = None,
 ) -> SlotResult:
     """The message of one slot's truncation (the meta-gradient leaves the device here)."""
-    traj_index, _ = position(work.step, unroll)
+    traj_index = (schedule or TrajectorySchedule(unroll)).position(work.slot, work.step).trajectory
     grad = out.meta_grad.detach().cpu().numpy()
     if faults is not None and (work.step, work.slot) in faults.nan_grads:
         grad = np.full_like(grad, np.nan)
@@ -143,25 +153,31 @@ def rebuild_trajectory(
     step: int,
     rebuild: Rebuild,
     state_type: type,
-) -> Trajectory | None:
-    """The slot's trajectory at the start of meta-step ``step``, by replaying its truncations.
+    estimator: EstimatorConfig | None = None,
+    schedule: TrajectorySchedule | None = None,
+) -> SlotState | None:
+    """The slot's state at the start of meta-step ``step``, by replaying its truncations.
 
     Each replayed truncation is ``slot_work`` exactly as it first ran (same θ, same code path,
-    gradient included), so the state is bitwise the lost one. None when ``step`` starts a
-    trajectory and nothing needs replaying.
+    same estimator, gradient included), so the state (a trajectory, or PES's pairs with their
+    accumulated perturbations) is bitwise the lost one. None when ``step`` starts a trajectory
+    and nothing needs replaying.
 
     Raises:
       ValueError: the replay would not start at the trajectory's start or at ``base``, or a θ
         version it needs was not sent.
     """
     first, trajectory = replay_start(
-        unroll, thetas, slot=slot, step=step, rebuild=rebuild, state_type=state_type
-    )
+        unroll, thetas, slot=slot, step=step, rebuild=rebuild, state_type=state_type,
+        schedule=schedule,
+    )  # fmt: skip
+    state: SlotState | None = trajectory
     for replayed_step, version in enumerate(rebuild.versions, start=first):
-        trajectory = slot_work(
-            optimizer, family, unroll, thetas[version], run_seed, slot, replayed_step, trajectory
-        ).trajectory
-    return trajectory
+        state = slot_work(
+            optimizer, family, unroll, thetas[version], run_seed, slot, replayed_step, state,
+            estimator=estimator, schedule=schedule,
+        ).trajectory  # fmt: skip
+    return state
 
 
 def replay_start(
@@ -172,10 +188,11 @@ def replay_start(
     step: int,
     rebuild: Rebuild,
     state_type: type,
+    schedule: TrajectorySchedule | None = None,
 ) -> tuple[int, Trajectory | None]:
     """The first meta-step a replay runs and the state it starts from (checked)."""
     first = step - len(rebuild.versions)
-    _, trunc_index = position(step, unroll)
+    trunc_index = (schedule or TrajectorySchedule(unroll)).position(slot, step).truncation
     start = step - trunc_index
     if rebuild.base is None:
         if first != start and trunc_index:
@@ -225,8 +242,10 @@ class GradientWorker:
         self.faults = faults
         self.device = torch.device(config.device)
         self.batched = config.batched
+        self.estimator = config.experimental.estimator
+        self.schedule = config.make_schedule()
         self._state_type = type(self.optimizer.init_state(1))
-        self._trajectories: dict[int, Trajectory] = {}
+        self._trajectories: dict[int, SlotState] = {}
         self._theta: torch.Tensor | None = None
         self._theta_version = -1
         self._faults_fired: set[int] = set()
@@ -282,12 +301,13 @@ class GradientWorker:
         results = []
         for item in work:
             replayed = 0
-            trajectory: Trajectory | None
+            trajectory: SlotState | None
             if item.rebuild is not None:
                 trajectory = rebuild_trajectory(
                     self.optimizer, self.family, self.unroll, replay,
                     run_seed=self.run_seed, slot=item.slot, step=item.step,
                     rebuild=item.rebuild, state_type=self._state_type,
+                    estimator=self.estimator, schedule=self.schedule,
                 )
                 replayed = len(item.rebuild.versions)
             else:
@@ -302,6 +322,8 @@ class GradientWorker:
                 work=item,
                 trajectory=trajectory,
                 faults=self.faults,
+                estimator=self.estimator,
+                schedule=self.schedule,
             )
             self._trajectories[item.slot] = advanced
             results.append(dataclasses.replace(message, replayed=replayed) if replayed else message)
@@ -320,7 +342,12 @@ class GradientWorker:
         if len(steps) != 1:
             raise ValueError(f"a batched call computes one meta-step, got steps {sorted(steps)}")
         (step,) = steps
-        trajectories = {item.slot: self._trajectories.get(item.slot) for item in work}
+        # Batched workers run truncated BPTT only (RunConfig refuses PES with them).
+        trajectories: dict[int, Trajectory | None] = {}
+        for item in work:
+            held = self._trajectories.get(item.slot)
+            assert held is None or isinstance(held, Trajectory)
+            trajectories[item.slot] = held
         plans: dict[tuple[int, ...], list[SlotWork]] = {}
         for item in work:
             if item.rebuild is not None:
@@ -363,7 +390,15 @@ class GradientWorker:
     def trajectory(self, slot: int) -> TrajectoryArrays | None:
         """The state the worker holds for ``slot`` (tests compare replayed and lost states)."""
         held = self._trajectories.get(slot)
-        return None if held is None else TrajectoryArrays.from_trajectory(held)
+        if held is None:
+            return None
+        if not isinstance(held, Trajectory):
+            raise TypeError(f"slot {slot} holds a {type(held).__name__}; see held_state")
+        return TrajectoryArrays.from_trajectory(held)
+
+    def held_state(self, slot: int) -> SlotState | None:
+        """The state the worker holds for ``slot``, in torch form (any estimator's)."""
+        return self._trajectories.get(slot)
 
     def _stale_fault(self, work: tuple[SlotWork, ...]) -> bool:
         if self.faults is None or self._theta is None:

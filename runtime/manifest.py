@@ -11,6 +11,8 @@ An exported optimizer is a folder (design §3.1)::
     fused.onnx          one whole step of a chunk (HyperAdam: only valid for a one-chunk model)
     state_stage.onnx    HyperAdam: (g, h, c, Σg²) → (h', c', Σ_rows h'² per column)
     update_stage.onnx   HyperAdam: (w, g, h', M, V, B, Γ, Σh'², ΣM², lr) → (w', M', …, Σ M'²)
+    array_terms.onnx    per-array methods (tensor-wise HyperAdam): per-coordinate terms whose
+                        mean over each bound array the step graph reads (``array_means``)
     theta.npz           θ in ``runtime.theta``'s format (not needed to run)
 
 Graph tensors are **feature-major**: a per-coordinate state field with k features per coordinate
@@ -51,15 +53,21 @@ MAX_IR_VERSION = 13
 HYPERADAM = "hyperadam"
 DM = "dm"
 RNNPROP = "rnnprop"
+# The tensor-wise HyperAdam variant (``meta_train.optimizers.hyperadam_tensor``, issue 15): its
+# cells see g / rms_T(g) over the gradient's own bound array T; bounded or ELU weights.
+HYPERADAM_TENSOR = "hyperadam-tensor"
+HYPERADAM_TENSOR_UNBOUNDED = "hyperadam-tensor-unbounded"
 
 # -- graph roles and their files -------------------------------------------------------------
 FUSED = "fused"
 STATE_STAGE = "state_stage"
 UPDATE_STAGE = "update_stage"
+ARRAY_TERMS = "array_terms"  # per-array methods: the per-coordinate terms of their statistics
 GRAPH_FILES = {
     FUSED: "fused.onnx",
     STATE_STAGE: "state_stage.onnx",
     UPDATE_STAGE: "update_stage.onnx",
+    ARRAY_TERMS: "array_terms.onnx",
 }
 # θ itself (runtime.theta format), kept beside the graphs for lineage and for the torch
 # reference; the runtime only checks its hash.
@@ -73,11 +81,26 @@ GRAD_SUM_SQ = "grad_sum_sq"  # [] Σ g² over ALL coordinates of the model
 H_COL_SUM_SQ = "h_col_sum_sq"  # [J] Σ_rows h'² per column (a chunk's partial out, global in)
 M_COL_SUM_SQ = "m_col_sum_sq"  # [J] Σ_rows M² per column, carried from the previous step
 STEP = "step"  # [1] RNNprop's step count t (float, as RNNpropState.step)
+STEP_COUNT = "t"  # [1] the tensor-wise variant's step count (float, as TensorwiseState.t)
+# Per-array statistics (design: a statistic is the mean of a per-coordinate term over the
+# coordinate's bound array, over every shard of it). ``array_terms.onnx`` writes the S terms of
+# each coordinate as ARRAY_TERMS [S, n]; the runtime sums them per array (float64), all-reduces
+# the sums and the arrays' sizes across shards, divides, and feeds each coordinate its arrays'
+# means as ARRAY_MEANS [S, n] to the step graph.
+ARRAY_TERMS_OUT = "array_terms"
+ARRAY_MEANS = "array_means"
 
 # The fields of the reference's state NamedTuples, in their order.
 HYPERADAM_FIELDS = ("h", "c", "m", "v", "b", "gamma")  # HyperAdamState, each [p, J]
 DM_FIELDS = ("h1", "c1", "h2", "c2")  # DMState, each [p, H]
 RNNPROP_FIELDS = ("m", "v", "step", "h1", "c1", "h2", "c2")  # RNNpropState
+# TensorwiseState's per-coordinate fields (its ``t`` is carried; ``segment`` and
+# ``segment_size`` are the tensor layout, which the runtime knows from the bound arrays).
+TENSORWISE_FIELDS = ("h", "c", "m", "v", "b", "gamma", "feat_m", "feat_v")
+TENSORWISE_FEATURE_MOMENTA = 3  # feat_m: momenta at 3 fixed timescales (FEATURE_BETAS)
+# The tensor-wise variant's per-array statistics, in the rows of ARRAY_TERMS / ARRAY_MEANS:
+# g², whose mean over the array is rms_T(g)².
+TENSORWISE_STATISTICS = ("grad_sq",)
 
 
 def updated(name: str) -> str:
@@ -192,21 +215,29 @@ class Phase:
 
 @dataclasses.dataclass(frozen=True)
 class MethodInfo:
-    """What a method's folder contains and how a runtime runs one step of it."""
+    """What a method's folder contains and how a runtime runs one step of it.
+
+    ``array_statistics`` names the per-array statistics the step graphs read (rows of
+    ``ARRAY_MEANS``); when there are any, the ``ARRAY_TERMS`` graph runs over every chunk
+    before ``phases`` (see ``ARRAY_MEANS``), in the fused path too.
+    """
 
     config_keys: tuple[str, ...]
     layout: Callable[..., StateLayout]  # (**config) -> StateLayout
     graphs: Callable[..., dict[str, GraphSpec]]  # (**config) -> {role: GraphSpec}
     phases: tuple[Phase, ...]  # the chunked / sharded step, in order (Σg² is computed first)
+    array_statistics: tuple[str, ...] = ()
 
 
-def _fused(layout: StateLayout) -> GraphSpec:
-    """w, g, every state field, every carried value, lr → their updated versions."""
+def _fused(layout: StateLayout, statistics: int = 0) -> GraphSpec:
+    """w, g, [the per-array means,] every state field, every carried value, lr → their updated
+    versions."""
     fields = [TensorSpec(f.name, f.graph_shape) for f in layout.fields]
     carried = [TensorSpec(c.name, c.shape) for c in layout.carried]
     w, g, lr = TensorSpec(PARAM, (COORDS,)), TensorSpec(GRAD, (COORDS,)), TensorSpec(LR, ())
+    means = (TensorSpec(ARRAY_MEANS, (statistics, COORDS)),) if statistics else ()
     outs = [TensorSpec(updated(t.name), t.shape) for t in (w, *fields, *carried)]
-    return GraphSpec(GRAPH_FILES[FUSED], (w, g, *fields, *carried, lr), tuple(outs))
+    return GraphSpec(GRAPH_FILES[FUSED], (w, g, *means, *fields, *carried, lr), tuple(outs))
 
 
 def hyperadam_layout(num_candidates: int) -> StateLayout:
@@ -258,6 +289,37 @@ def rnnprop_layout(hidden_size: int) -> StateLayout:
     return StateLayout(fields, (Carried(STEP, (1,), "same"),))
 
 
+def tensorwise_layout(num_candidates: int) -> StateLayout:
+    j = num_candidates
+    shapes = {"feat_m": (TENSORWISE_FEATURE_MOMENTA,), "feat_v": (1,)}
+    return StateLayout(
+        tuple(Field(name, shapes.get(name, (j,))) for name in TENSORWISE_FIELDS),
+        (Carried(STEP_COUNT, (1,), "same"),),
+    )
+
+
+def tensorwise_graphs(num_candidates: int) -> dict[str, GraphSpec]:
+    """The per-coordinate terms graph (g → g²) and one fused step graph, which (given the
+    per-array means) is coordinate-wise and so runs on any chunk."""
+    s = len(TENSORWISE_STATISTICS)
+    return {
+        ARRAY_TERMS: GraphSpec(
+            GRAPH_FILES[ARRAY_TERMS],
+            (TensorSpec(GRAD, (COORDS,)),),
+            (TensorSpec(ARRAY_TERMS_OUT, (s, COORDS)),),
+        ),
+        FUSED: _fused(tensorwise_layout(num_candidates), s),
+    }
+
+
+_TENSORWISE = MethodInfo(
+    ("num_candidates",),
+    tensorwise_layout,
+    tensorwise_graphs,
+    (Phase(FUSED),),
+    TENSORWISE_STATISTICS,
+)
+
 METHODS: dict[str, MethodInfo] = {
     HYPERADAM: MethodInfo(
         ("num_candidates",),
@@ -277,12 +339,17 @@ METHODS: dict[str, MethodInfo] = {
         lambda hidden_size: {FUSED: _fused(rnnprop_layout(hidden_size))},
         (Phase(FUSED),),
     ),
+    HYPERADAM_TENSOR: _TENSORWISE,
+    HYPERADAM_TENSOR_UNBOUNDED: _TENSORWISE,
 }
 
 
 def method_info(method: str) -> MethodInfo:
     if method not in METHODS:
-        raise ManifestError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        raise ManifestError(
+            f"method must be one of {sorted(METHODS)}, got {method!r}: this runtime does not "
+            "know that optimizer (variant); upgrade hyperadam to run it"
+        )
     return METHODS[method]
 
 
@@ -316,7 +383,9 @@ class Manifest:
         return method_info(self.method)
 
     def to_json(self) -> dict[str, Any]:
+        statistics = statistics_json(self.info)
         return {
+            **({"per_array_statistics": statistics} if statistics else {}),
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "method": self.method,
@@ -339,6 +408,20 @@ class Manifest:
         path = Path(folder) / MANIFEST_FILE
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
         return path
+
+
+def statistics_json(info: MethodInfo) -> dict[str, Any] | None:
+    """The manifest's ``per_array_statistics`` entry of a method (None: it has none, and its
+    manifest has no such key, as before per-array methods existed)."""
+    if not info.array_statistics:
+        return None
+    return {
+        "terms": list(info.array_statistics),
+        "graph": ARRAY_TERMS,
+        "input": ARRAY_MEANS,
+        "reduce": "mean of each term over the coordinate's bound array (all its chunks and "
+        "shards), fed per coordinate as a row of array_means",
+    }
 
 
 def sha256_file(path: str | Path) -> str:
@@ -459,6 +542,11 @@ def _parse(raw: dict[str, Any], files: dict[str, str], path: Path) -> Manifest:
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ManifestError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
     _check_contents(manifest, info, path)
+    if raw.get("per_array_statistics") != statistics_json(info):
+        raise ManifestError(
+            f"{path}: per_array_statistics {raw.get('per_array_statistics')!r} differ from what "
+            f"this runtime computes for {manifest.method} ({statistics_json(info)!r})"
+        )
     return manifest
 
 

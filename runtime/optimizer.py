@@ -124,6 +124,8 @@ class ExportedOptimizer:
         weight_decay: float = 0.0,
         guard: bool | GuardConfig | None = None,
         guard_hook: GuardHook | None = active_mlflow_hook,
+        array_ids: Sequence[int] | None = None,
+        num_arrays: int | None = None,
     ) -> Stepper:
         """Creates the state for ``params`` and returns the ``Stepper`` that owns it.
 
@@ -144,8 +146,9 @@ class ExportedOptimizer:
             gradient; ``"skip"`` leaves everything unchanged and returns False from ``step``.
           all_reduce: sharded use. ``params`` are this process's shard of a model; the stepper
             calls ``all_reduce(partial)`` with each partial sum (a float64 numpy array: Σg²,
-            then each stage's per-column sums) and expects the sum over all shards back, e.g.
-            through ``torch.distributed.all_reduce``. Every shard must call ``step`` together.
+            then each stage's per-column sums, or a per-array method's per-array sums and sizes)
+            and expects the sum over all shards back, e.g. through
+            ``torch.distributed.all_reduce``. Every shard must call ``step`` together.
           weight_decay: decoupled weight decay λ (AdamW's: each step scales every array by
             ``1 − lr·λ`` before the learned update; default 0); settable later as
             ``stepper.weight_decay``.
@@ -153,6 +156,11 @@ class ExportedOptimizer:
             ``GuardedStepper``: ``step(grads, loss=...)`` restores the last good parameters and
             state and falls back to Adam for a while when the loss blows up (see
             ``runtime/guard.py``); default None, no guard.
+          array_ids, num_arrays: for methods with per-array statistics (the tensor-wise
+            HyperAdam's rms_T(g) of each coordinate's array): the index of each of ``params``
+            among the whole model's ``num_arrays`` arrays. Bound arrays with the same id, here
+            or on other shards (pieces of one tensor), are one array for the statistics.
+            Default: each bound array is its own. Required for a sharded per-array method.
           guard_hook: called with a ``GuardEvent`` at each fallback (default: logs
             ``guard/fallbacks`` to MLflow's active run when the process uses MLflow;
             ``runtime.guarded.mlflow_hook(run_id)`` for an explicit run; None: nothing).
@@ -185,6 +193,8 @@ class ExportedOptimizer:
             executor=lambda: self._executor,
             threads=self.threads,
             weight_decay=weight_decay,
+            array_ids=array_ids,
+            num_arrays=num_arrays,
             **extra,
         )
 

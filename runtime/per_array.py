@@ -94,6 +94,40 @@ def rescale_updates(arrays: Sequence[Any], before: dict[int, Any], scales: Seque
         arrays[i][...] = start + update
 
 
+def check_array_ids(
+    ids: Any, num_arrays: Any, count: int, *, sharded: bool
+) -> tuple[list[int], int]:
+    """Which array of the whole model each of ``count`` bound arrays is (or is a shard of).
+
+    Per-array statistics (the tensor-wise HyperAdam's rms_T(g)) are taken over every bound
+    array with the same id, on every shard. Default: each bound array is its own. Sharded, the
+    ids index the whole model's arrays, so ``num_arrays`` (their count, the same on every shard)
+    is required with them. Returns ``(ids, num_arrays)``.
+    """
+    if ids is None:
+        if num_arrays is not None:
+            raise ValueError("num_arrays is only meaningful with array_ids")
+        return list(range(count)), count
+    values = list(ids)
+    if len(values) != count:
+        raise ValueError(f"array_ids must give one id per parameter ({count}), got {len(values)}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"array_ids must be integers >= 0, got {value!r}")
+    if num_arrays is None:
+        if sharded:
+            raise ValueError(
+                "a sharded step with array_ids needs num_arrays (the whole model's array count, "
+                "the same on every shard)"
+            )
+        num_arrays = max(values, default=-1) + 1
+    if isinstance(num_arrays, bool) or not isinstance(num_arrays, numbers.Integral):
+        raise ValueError(f"num_arrays must be an integer, got {num_arrays!r}")
+    if any(value >= num_arrays for value in values):
+        raise ValueError(f"array_ids must be below num_arrays = {num_arrays}, got {values}")
+    return [int(v) for v in values], int(num_arrays)
+
+
 def add_decay_term(
     deltas: list[np.ndarray], params: Sequence[Any], lr: float, rate: float
 ) -> list[np.ndarray]:

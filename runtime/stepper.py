@@ -6,6 +6,12 @@ step runs the manifest's phases over the chunks of ``runtime.plan`` (the fused g
 model is one chunk), adds the chunks' partial sums between phases, and, when sharded, hands each
 partial sum to the caller's ``all_reduce`` first.
 
+A method with per-array statistics (the tensor-wise HyperAdam's rms_T(g); ``runtime.manifest``'s
+``ARRAY_MEANS``) first runs its terms graph over every chunk, sums each term per bound array
+(float64, chunk by chunk in a fixed order), all-reduces the sums and the arrays' sizes when
+sharded (arrays on several shards share an ``array_ids`` entry), and feeds every coordinate the
+means of its array to the step graphs.
+
 The arrays may be numpy, torch, CuPy (anything with DLPack) on the CPU, or torch/CuPy on a CUDA
 device; ``runtime.arrays`` adopts them without copies and ``runtime.backends`` says where the
 state lives. Inputs are validated before any buffer changes; a failure after validation (an
@@ -86,6 +92,8 @@ class Stepper:
         executor: Callable[[], Executor | None],
         threads: int,
         weight_decay: float | Sequence[float] = 0.0,
+        array_ids: Sequence[int] | None = None,
+        num_arrays: int | None = None,
     ) -> None:
         self._sources = list(params) if isinstance(params, (list, tuple)) else params
         self._adopted = arrays.adopt_params(params) if adopted is None else adopted
@@ -111,6 +119,19 @@ class Stepper:
         info = manifest.info
         single = len(self._chunks) == 1 and all_reduce is None
         self._phases = (mf.Phase(mf.FUSED),) if single else info.phases
+        self._statistics = info.array_statistics
+        self._array_ids, self._num_arrays = per_array.check_array_ids(
+            array_ids, num_arrays, len(self._params), sharded=all_reduce is not None
+        )
+        if self._statistics and all_reduce is not None and array_ids is None:
+            raise ValueError(
+                f"a sharded {manifest.method} step needs array_ids and num_arrays (each bound "
+                "array's index in the whole model): its per-array statistics add up across shards"
+            )
+        # Per coordinate, the terms of the statistics, then (same memory) their per-array means.
+        self._means = self._backend.zeros(self.num_coords * len(self._statistics))
+        if self._statistics:
+            self._phases = (mf.Phase(mf.ARRAY_TERMS), *self._phases)
         self._lr = np.zeros((), np.float32)
         self.lr = lr
         self._weight_decay: list[float] = []
@@ -186,8 +207,11 @@ class Stepper:
 
     @property
     def uses_fused_graph(self) -> bool:
-        """True when the step is one call of the fused graph (the model is one chunk)."""
-        return len(self._phases) == 1 and self._phases[0].role == mf.FUSED
+        """True when the step runs only the fused graph (the model is one chunk, or the method is
+        coordinate-wise), after the per-array terms graph for a method with per-array
+        statistics."""
+        roles = [phase.role for phase in self._phases if phase.role != mf.ARRAY_TERMS]
+        return roles == [mf.FUSED]
 
     @property
     def state_nbytes(self) -> int:
@@ -253,13 +277,7 @@ class Stepper:
         if rescaled or any(self._weight_decay):
             self._backend.synchronize()  # onnxruntime's stream does not wait for those kernels
         try:
-            for index, phase in enumerate(self._phases):
-                self._run_phase(index, flat_grads)
-                for name in phase.reductions:
-                    self._reduced[name][...] = self._combine(self._reduction_parts[name], "sum")
-            for carried in self.manifest.state.carried:
-                parts = self._carried_parts[carried.name]
-                self._carried[carried.name][...] = self._combine(parts, carried.combine)
+            self._run_phases(flat_grads)
         except BaseException as err:
             self._broken = f"{type(err).__name__}: {err}"
             raise
@@ -275,6 +293,19 @@ class Stepper:
             )
         self.num_steps += 1
         return True
+
+    def _run_phases(self, flat_grads: list[Any]) -> None:
+        """Every phase over every chunk, with the per-array means and the partial sums combined
+        between phases, then the carried values combined."""
+        for index, phase in enumerate(self._phases):
+            self._run_phase(index, flat_grads)
+            if phase.role == mf.ARRAY_TERMS:
+                self._array_means()
+            for name in phase.reductions:
+                self._reduced[name][...] = self._combine(self._reduction_parts[name], "sum")
+        for carried in self.manifest.state.carried:
+            parts = self._carried_parts[carried.name]
+            self._carried[carried.name][...] = self._combine(parts, carried.combine)
 
     def _params_finite(self) -> bool:
         """Whether every parameter is finite, on every shard (so that all shards agree)."""
@@ -405,6 +436,39 @@ class Stepper:
         total = parts.sum(axis=0, dtype=np.float64)  # fixed order: independent of threads
         return total if self._all_reduce is None else self._reduce(total)
 
+    def _means_block(self, chunk: Chunk, flat: Any = None) -> Any:
+        """The chunk's ``[S, n]`` block of the per-array terms / means buffer."""
+        count = len(self._statistics)
+        flat = self._means if flat is None else flat
+        return flat[chunk.start * count : chunk.stop * count].reshape(count, chunk.size)
+
+    def _array_means(self) -> None:
+        """Turns the terms the ``ARRAY_TERMS`` pass wrote into each coordinate's per-array
+        means: sums per array (float64, chunks in order, so independent of threads), one
+        all-reduce of the sums and the arrays' sizes when sharded, then the means written back.
+        An array with no coordinates on any shard keeps a mean of 0 (nothing reads it)."""
+        count = len(self._statistics)
+        host = self._backend.to_host(self._means)
+        sums = np.zeros((count, self._num_arrays), np.float64)
+        sizes = np.zeros(self._num_arrays, np.float64)
+        for chunk in self._chunks:
+            block = self._means_block(chunk, host)
+            for p in chunk.pieces:
+                index, width = self._array_ids[p.array], p.stop - p.start
+                sums[:, index] += block[:, p.offset : p.offset + width].sum(1, dtype=np.float64)
+                sizes[index] += width
+        if self._all_reduce is not None:
+            total = self._reduce(np.concatenate([sums.ravel(), sizes]))
+            sums, sizes = total[: sums.size].reshape(sums.shape), total[sums.size :]
+        means = np.divide(sums, sizes, out=np.zeros_like(sums), where=sizes > 0)
+        means = means.astype(np.float32)
+        for chunk in self._chunks:
+            block = self._means_block(chunk, host)
+            for p in chunk.pieces:
+                width = p.stop - p.start
+                block[:, p.offset : p.offset + width] = means[:, self._array_ids[p.array], None]
+        self._backend.from_host(self._means, host)
+
     def _block(self, name: str, chunk: Chunk, flat: Any = None) -> Any:
         """The field's contiguous ``[k, n]`` (or ``[n]``) block of one chunk (of ``flat``, a
         host copy of the field, if given)."""
@@ -437,6 +501,8 @@ class Stepper:
         base = name[: -len(mf.updated(""))] if name.endswith(mf.updated("")) else name
         if base in self._fields:  # h and h_new are the same memory: updated in place
             return self._block(base, chunk)
+        if name in (mf.ARRAY_TERMS_OUT, mf.ARRAY_MEANS):  # one buffer: terms, then means
+            return self._means_block(chunk)
         if name == mf.LR:
             return self._lr
         if name == mf.GRAD_SUM_SQ:

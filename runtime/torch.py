@@ -22,7 +22,7 @@ the loss given to ``step(closure)`` or ``step(loss=...)`` and falls back to Adam
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
       chunk_size, on_nonfinite, all_reduce: as ``runtime.ExportedOptimizer.bind``. With
         ``on_nonfinite="skip"``, a step with NaN/inf gradients changes nothing.
       threads: CPU threads for chunks (default: the CPUs this process may use).
+      array_ids, num_arrays: as ``runtime.ExportedOptimizer.bind``, one id per parameter in
+        param-group order (a sharded per-array method, e.g. the tensor-wise HyperAdam, needs
+        them; default: each parameter is its own array).
 
     Raises:
       TypeError / ValueError: bad arguments or parameters, before anything is created.
@@ -109,6 +112,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         on_nonfinite: str = "raise",
         all_reduce: AllReduce | None = None,
         threads: int | None = None,
+        array_ids: Sequence[int] | None = None,
+        num_arrays: int | None = None,
     ) -> None:
         self.runtime = (
             source
@@ -123,6 +128,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             "all_reduce": all_reduce,
             "guard": _guard.guard_config(guard),
             "guard_hook": guard_hook,
+            "array_ids": None if array_ids is None else list(array_ids),
+            "num_arrays": num_arrays,
         }
         self._stepper: Stepper | None = None
         self._zero_grads: dict[int, torch.Tensor] = {}
@@ -173,6 +180,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group; its parameters join the one global step with zero optimizer state (a
         guard starts afresh: its snapshot was of the old parameter set)."""
+        bound = getattr(self, "_stepper", None) is not None
+        if bound and self._bind_options["array_ids"] is not None:
+            raise ValueError(
+                "add_param_group with array_ids: the ids name every parameter; build a new "
+                "LearnedOptimizer with the full parameter list and its array_ids instead"
+            )
         super().add_param_group(param_group)
         if getattr(self, "_stepper", None) is not None:
             self._rebind()

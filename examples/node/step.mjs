@@ -13,8 +13,15 @@
 // is its own shape. OUTPUT.json receives {"w": [...], "state": {...}} in the same layout.
 //
 // The fused graph is one whole step of a model that is one chunk, which is what a single
-// Float32Array is here. The manifest's format version, the graph's file name (a plain name in
+// Float32Array is here. The manifest's format version, each graph's file name (a plain name in
 // the folder) and the file's sha256 are checked first.
+//
+// Per-array statistics (the tensor-wise HyperAdam, method "hyperadam-tensor"; the manifest's
+// "per_array_statistics"): the Float32Array is one tensor T, so the step first runs the
+// array_terms graph (g -> g^2 per coordinate), averages each row over the n coordinates in
+// double precision and feeds the means (rms_T(g)^2) to every coordinate as "array_means". A
+// model of several arrays would average each array's coordinates on its own. Its step count
+// "t" is carried in the state like HyperAdam's m_col_sum_sq.
 
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
@@ -33,12 +40,11 @@ function isPlainName(name) {
   return name !== "" && name !== "." && name !== ".." && !/[\\/\0]/.test(name);
 }
 
-function loadManifest(folder) {
-  const manifest = JSON.parse(readFileSync(join(folder, "manifest.json"), "utf8"));
-  if (manifest.format !== FORMAT || !SUPPORTED_VERSIONS.includes(manifest.format_version)) {
-    fail(`${folder}: not a supported exported optimizer (${manifest.format} v${manifest.format_version})`);
-  }
-  const file = manifest.graphs.fused.file;
+// The per-array statistics this example knows how to compute (the Python runtime's list).
+const KNOWN_STATISTICS = ["grad_sq"];
+
+function checkGraphFile(folder, manifest, role) {
+  const file = manifest.graphs[role]?.file;
   // A plain name inside the folder, as the Python runtime requires: "../x" or "/x" would load
   // (and run) a graph from anywhere, hashed against a manifest entry the same edit adds.
   if (typeof file !== "string" || !isPlainName(file) || !(file in manifest.files)) {
@@ -48,7 +54,46 @@ function loadManifest(folder) {
   if (digest !== manifest.files[file]) {
     fail(`${file} does not match its sha256 in manifest.json: the folder was modified after export`);
   }
+}
+
+function loadManifest(folder) {
+  const manifest = JSON.parse(readFileSync(join(folder, "manifest.json"), "utf8"));
+  if (manifest.format !== FORMAT || !SUPPORTED_VERSIONS.includes(manifest.format_version)) {
+    fail(`${folder}: not a supported exported optimizer (${manifest.format} v${manifest.format_version})`);
+  }
+  const statistics = manifest.per_array_statistics;
+  if (statistics !== undefined) {
+    const terms = statistics.terms ?? [];
+    if (terms.length === 0 || !terms.every((t) => KNOWN_STATISTICS.includes(t))) {
+      fail(`${folder}: per-array statistics ${JSON.stringify(terms)} are not known to this example`);
+    }
+    checkGraphFile(folder, manifest, statistics.graph);
+  }
+  checkGraphFile(folder, manifest, "fused");
   return manifest;
+}
+
+async function run(folder, spec, feeds) {
+  const session = await ort.InferenceSession.create(join(folder, spec.file), {
+    executionProviders: ["cpu"],
+    graphOptimizationLevel: "all",
+  });
+  return session.run(feeds);
+}
+
+// Each statistic's mean over the array, repeated for every coordinate: the [S, n] array_means.
+async function arrayMeans(folder, manifest, grad, n) {
+  const spec = manifest.graphs[manifest.per_array_statistics.graph];
+  const feeds = { grad: new ort.Tensor("float32", Float32Array.from(grad), [n]) };
+  const terms = (await run(folder, spec, feeds))[spec.outputs[0].name].data;
+  const rows = terms.length / n;
+  const means = new Float32Array(rows * n);
+  for (let k = 0; k < rows; k++) {
+    let sum = 0; // double precision, as the Python runtime's float64 sums
+    for (let i = 0; i < n; i++) sum += terms[k * n + i];
+    means.fill(n > 0 ? sum / n : 0, k * n, (k + 1) * n);
+  }
+  return means;
 }
 
 // The graph input's shape with the coordinate axis "n" replaced by the model size.
@@ -76,6 +121,9 @@ async function main() {
     lr: [lr],
     ...(input.state ?? {}),
   };
+  if (manifest.per_array_statistics !== undefined) {
+    given[manifest.per_array_statistics.input] = await arrayMeans(folder, manifest, input.grad, n);
+  }
 
   const spec = manifest.graphs.fused;
   const feeds = {};
@@ -89,11 +137,7 @@ async function main() {
     feeds[tensor.name] = new ort.Tensor("float32", Float32Array.from(values), shape);
   }
 
-  const session = await ort.InferenceSession.create(join(folder, spec.file), {
-    executionProviders: ["cpu"],
-    graphOptimizationLevel: "all",
-  });
-  const results = await session.run(feeds);
+  const results = await run(folder, spec, feeds);
   const state = {};
   for (const tensor of spec.outputs) {
     if (tensor.name === "w_new") continue;

@@ -28,7 +28,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     # with --resume, the run's logged config); the embedded defaults live in RunConfig.
     add = parser.add_argument
     add("--optimizer", help="hyperadam|rnnprop|dm; chooses the recipe (default hyperadam)")
-    add("--task", help="meta-training task family: mnist|quadratic (default mnist)")
+    add("--task", help="meta-training task family: mnist|quadratic|small (default mnist)")
     add("--steps", type=int, help="meta-updates to reach (default 100)")
     add("--workers", type=int, help="Ray gradient workers, 1 CPU each, and 1 GPU with "
         "--device cuda (default: the CPUs)")

@@ -57,6 +57,23 @@ class SmallFamilyConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
+        for name in ("model_weights", "widths", "activations"):  # a config file gives lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("layernorm_probability", "reparam_probability"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 <= value <= 1
+            ):
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        if not (isinstance(self.log_scale_range, (int, float)) and self.log_scale_range >= 0):
+            raise ValueError(f"log_scale_range must be >= 0, got {self.log_scale_range!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or (
+            self.batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not sum(self.model_weights) > 0:
+            raise ValueError(f"model_weights must not all be 0, got {self.model_weights!r}")
         if len(self.model_weights) != len(MODELS) or min(self.model_weights) < 0:
             raise ValueError(f"model_weights needs {len(MODELS)} weights >= 0")
         unknown = set(self.activations) - set(ACTIVATIONS)

@@ -11,12 +11,17 @@ from onnx import numpy_helper
 from export.methods import EXPORT_METHODS
 from meta_train.optimizers import make_learned_optimizer
 from meta_train.optimizers.hyperadam import MOMENT_EPS
+from meta_train.optimizers.hyperadam_tensor import RMS_EPS, TensorwiseHyperAdam
 from meta_train.seeding import generator
 from runtime import manifest as mf
 
 
 def graphs(method: str) -> dict[str, onnx.ModelProto]:
-    theta = make_learned_optimizer(method).init_theta(generator(0))
+    if method in (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED):
+        rule = TensorwiseHyperAdam(bounded=method == mf.HYPERADAM_TENSOR)
+    else:
+        rule = make_learned_optimizer(method)
+    theta = rule.init_theta(generator(0))
     return EXPORT_METHODS[method]({k: v.numpy() for k, v in theta.items()})
 
 
@@ -39,6 +44,21 @@ def test_graphs_are_valid_standard_fp32_with_a_dynamic_coordinate_axis(method):
             model.SerializeToString(), providers=["CPUExecutionProvider"]
         )
         assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("method", [mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED])
+def test_tensorwise_epsilons_are_explicit_adds(method):
+    """ε = 1e-24 in M̂ (twice: M̂_{t−1} and M̂_t) and in the feature momenta, and 1e-30 inside
+    rms_T: each an Add node on a constant, so a zero gradient gives zeros, not NaN."""
+    model = graphs(method)[mf.FUSED]
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def adds_of(value: float) -> int:
+        names = {n for n, v in consts.items() if v.size == 1 and v == np.float32(value)}
+        return sum(n.op_type == "Add" and bool(set(n.input) & names) for n in model.graph.node)
+
+    assert adds_of(MOMENT_EPS) == 2 * 3 + 1  # B + ε, Γ + ε, Ṽ + ε per M̂; v̂ + ε of the features
+    assert adds_of(RMS_EPS) == 1
 
 
 def test_hyperadam_moment_epsilon_is_an_explicit_add():

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
-from meta_train.ablation import ARMS, ArmConfig, train_arm
+from meta_train.ablation import ARMS, ArmConfig, main, train_arm
+from meta_train.experimental import EstimatorConfig, HorizonConfig
+from meta_train.run_config import build_config, config_digest, load_config_file
 from meta_train.theta_source import load_theta_source
+from meta_train.training import init_theta_flat
 from runtime.theta import load_theta
 
 
@@ -30,14 +34,49 @@ def test_an_arm_logs_its_whole_config_and_seed_and_saves_a_loadable_theta(tmp_pa
     assert json.loads(run.data.params["family_config"])["family"] == "small"
 
 
+LEVERS = ("variant", "family", "meta_loss", "init", "estimator", "log_uniform_horizons")
+
+
 def test_the_arms_differ_from_the_first_in_one_lever_each():
     base = ARMS["tensor-small-log"]
     for arm in ARMS.values():
-        changed = {
-            f for f in ("variant", "family", "meta_loss", "init")
-            if getattr(arm, f) != getattr(base, f)
-        }  # fmt: skip
+        # PES is compared with truncated BPTT on the same log-uniform horizons.
+        against = ARMS["tensor-small-log-loguniform"] if arm.estimator == "pes" else base
+        changed = {f for f in LEVERS if getattr(arm, f) != getattr(against, f)}
         assert len(changed) <= 1, (arm.name, changed)
+    assert {arm.estimator for arm in ARMS.values()} == {"tbptt", "pes"}
+
+
+def test_an_arm_is_the_run_config_that_hyperadam_meta_train_takes(tmp_path):
+    pes = ARMS["tensor-small-log-pes"]
+    config = pes.run_config()
+    assert (config.task, config.experimental.variant, config.unroll.meta_loss) == (
+        "small", "tensor", "log"
+    )
+    assert config.experimental.estimator == EstimatorConfig("pes", sigma=0.01, pairs=1)
+    assert config.experimental.horizons == HorizonConfig(
+        "log_uniform", min_steps=100, max_steps=2000, offsets=True
+    )
+    assert config.experimental.adam_start.lr == config.make_optimizer().default_lr
+    path = tmp_path / "pes.json"
+    assert main(["--arm", pes.name, "--write-config", str(path)]) == 0
+    assert build_config(load_config_file(path)) == config
+    paper = ARMS["tensor-paperfamily-log"].run_config()
+    assert paper.task == "mnist" and paper.experimental.estimator.kind == "tbptt"
+
+
+def test_a_pes_arm_with_log_uniform_horizons_trains(tmp_path):
+    arm = ArmConfig("pes-probe", truncation=5, horizon=10, meta_batch=2, seed=1,
+                    estimator="pes", sigma=0.05, pairs=2, log_uniform_horizons=(5, 40))
+    summary = train_arm(arm, minutes=0.02, out=tmp_path / "runs", tracking_uri=None)
+    assert summary["updates"] >= 1
+    artifact = load_theta(tmp_path / "runs" / "pes-probe" / "theta.npz")
+    assert artifact.meta["arm"]["estimator"] == "pes"
+    assert artifact.meta["config_digest"] == config_digest(arm.run_config())
+    optimizer, config = arm.run_config().make_optimizer(), arm.run_config()
+    start = init_theta_flat(optimizer, 1, experimental=config.experimental)
+    trained = optimizer.flatten({k: torch.from_numpy(v) for k, v in artifact.theta.items()})
+    assert not torch.equal(trained, start)  # θ moved
 
 
 def test_bad_arms_are_refused():
@@ -45,3 +84,11 @@ def test_bad_arms_are_refused():
         ArmConfig("x", variant="nope")
     with pytest.raises(ValueError, match="truncation"):
         ArmConfig("x", horizon=30, truncation=20)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        ArmConfig("x", estimator="es")
+    with pytest.raises(ValueError, match="sigma and pairs apply to estimator 'pes' only"):
+        ArmConfig("x", sigma=0.1)
+    with pytest.raises(ValueError, match="experimental.estimator.pairs must be an integer >= 1"):
+        ArmConfig("x", estimator="pes", pairs=0)
+    with pytest.raises(ValueError, match=r"no multiple of unroll.truncation \(20\)"):
+        ArmConfig("x", log_uniform_horizons=(5, 15))

@@ -13,6 +13,7 @@ from meta_train.tasks import (
     HYPERADAM_FAMILY,
     RNNPROP_FAMILY,
     CNNTask,
+    FamilyMix,
     MetaTaskConfig,
     MetaTaskFamily,
     MetaTaskFamilyConfig,
@@ -24,6 +25,9 @@ from meta_train.tasks import (
 # every run: if this changes, the lineage of every earlier run changes meaning. Change it only
 # together with FAMILY_VERSION.
 DEFAULT_DIGEST = "80f660c6200530210b38dbc1594870ec9945487f9de19eb0e434a86b96d8ba90"
+# The family of the shipped HyperAdam θ (four activations, no tricks), as its lineage records it.
+SHIPPED_MIX_DIGEST = "a3fe29dc0b03e70b65d19c267c9a4515e4ce20653f2831503178bcbd95b9f2ca"
+ACTIVATIONS = ("sigmoid", "relu", "elu", "tanh")
 
 
 def test_defaults_are_the_hyperadam_recipe():
@@ -144,9 +148,9 @@ def test_family_round_trips_through_to_dict():
 
 
 def test_an_activation_mix_draws_one_activation_per_task_from_its_seed():
-    mix = ("sigmoid", "relu", "elu", "tanh")
-    family = MetaTaskFamily(MetaTaskFamilyConfig(activation=list(mix)))  # a config file's list
-    assert family.config.activation == mix
+    mix = ACTIVATIONS
+    family = MetaTaskFamily(mix=FamilyMix(activation=list(mix)))  # a config file's list
+    assert family.mix.activation == mix and family.config == MetaTaskFamilyConfig()
     drawn = [family.sample(seed).activation for seed in range(40)]
     assert drawn == [family.sample(seed).activation for seed in range(40)]
     assert set(drawn) == set(mix)
@@ -161,19 +165,66 @@ def test_an_activation_mix_draws_one_activation_per_task_from_its_seed():
 
 @pytest.mark.parametrize(
     ("mix", "message"),
-    [([], r"activation: a mix needs distinct values, got \[\]"),
+    [([], r"activation: a mix needs two or more values .*got \[\]"),
+     (["relu"], r"activation: a mix needs two or more values \(one is the family's activation\)"),
+     ("relu", r"activation: a mix needs two or more values"),
      (["relu", "relu"], r"activation: a mix needs distinct values"),
      (["relu", "gelu"], r"activation must be one of .*got 'gelu'")],
 )
 def test_bad_activation_mixes_are_refused(mix, message):
     with pytest.raises(ValueError, match=message):
-        MetaTaskFamilyConfig(activation=mix)
+        FamilyMix(activation=mix)
+
+
+def test_the_paper_family_config_holds_no_mix():
+    """Several values are an experiment: the plain config refuses them and says where they go."""
+    with pytest.raises(ValueError, match=r"activation: several values are a mix, an experiment: "
+                       r"give them as experimental.family_mix.activation"):
+        MetaTaskFamilyConfig(activation=["relu", "elu"])
+    with pytest.raises(ValueError, match=r"depth: several values .* experimental.family_mix.depth"):
+        MetaTaskFamilyConfig(depth=(1, 2))
+    for name in ("model", "lstm_layers", "noise_std"):
+        assert name not in {f.name for f in dataclasses.fields(MetaTaskFamilyConfig)}
+    with pytest.raises(ValueError, match=r"unknown MetaTaskFamilyConfig fields: model"):
+        MetaTaskFamilyConfig.from_dict({"model": "lstm"})
+    # A mix replaces the family's setting; both given is refused, not one silently ignored.
+    with pytest.raises(ValueError, match=r"family.depth = 3 and experimental.family_mix.depth "
+                       r"are both given; .* leave family.depth at 1"):
+        MetaTaskFamily(MetaTaskFamilyConfig(depth=3), mix=FamilyMix(depth=(1, 2)))
+    # A mix of nothing is the paper's family.
+    assert MetaTaskFamily(mix=FamilyMix()).mix is None
+    assert MetaTaskFamily(mix=FamilyMix(model=["mlp"], noise_std=1e-1)).digest() == DEFAULT_DIGEST
+
+
+def test_a_family_written_with_its_mixes_in_the_config_loads_with_the_same_digest():
+    """The family's plain data keeps the layout of before the mixes moved (settings and mixes in
+    one table): recorded digests verify, and such data loads into config and mix."""
+    old = {"family": "mnist-mlp-mixed", "version": 1, "config": {
+        "activation": list(ACTIVATIONS), "batch_size": 128, "convex": False, "dataset": "mnist",
+        "depth": 1, "hidden": 20, "log_scale_w": 3.0, "log_scale_z": 1.0, "num_convex": 20,
+        "random_scaling": False}}
+    assert config_lib.digest(old) == SHIPPED_MIX_DIGEST
+    family = MetaTaskFamily.from_dict(old)
+    assert family.config == DM_FAMILY  # no tricks, one sigmoid MLP
+    assert family.mix == FamilyMix(activation=ACTIVATIONS)
+    assert family.to_dict() == old and family.digest() == SHIPPED_MIX_DIGEST
+    built = MetaTaskFamily(DM_FAMILY, mix=FamilyMix(activation=ACTIVATIONS))
+    assert built.digest() == SHIPPED_MIX_DIGEST
+    every = MetaTaskFamily(mix=FamilyMix(model=("mlp", "lstm"), activation=("relu", "elu"),
+                                         depth=(1, 3), lstm_layers=2, noise_std=(0.1, 0.01)))
+    plain = every.to_dict()["config"]
+    assert plain["model"] == ["mlp", "lstm"] and plain["depth"] == [1, 3]
+    assert plain["lstm_layers"] == 2 and plain["noise_std"] == [0.1, 0.01]
+    again = MetaTaskFamily.from_dict(json.loads(json.dumps(every.to_dict())))
+    assert (again.config, again.mix) == (every.config, every.mix)
+    assert again.digest() == every.digest()
 
 
 def test_a_model_mix_draws_sine_lstms_beside_the_mlp():
-    family = MetaTaskFamily(MetaTaskFamilyConfig(
-        model=["mlp", "lstm"], lstm_layers=[1, 2], noise_std=[0.1, 0.01], convex=False,
-    ))
+    family = MetaTaskFamily(
+        MetaTaskFamilyConfig(convex=False),
+        mix=FamilyMix(model=["mlp", "lstm"], lstm_layers=[1, 2], noise_std=[0.1, 0.01]),
+    )
     tasks = [family.sample(seed) for seed in range(60)]
     assert tasks == [family.sample(seed) for seed in range(60)]
     assert {t.model for t in tasks} == {"mlp", "lstm"}
@@ -188,8 +239,8 @@ def test_a_model_mix_draws_sine_lstms_beside_the_mlp():
     mlp = next(t for t in tasks if t.model == "mlp")
     assert family.build(mlp).inner.activation == "sigmoid"
     # Each setting is drawn from its own stream: the activation a seed picks is unchanged.
-    mixed = MetaTaskFamily(MetaTaskFamilyConfig(model=["mlp", "lstm"], activation=["relu", "elu"]))
-    alone = MetaTaskFamily(MetaTaskFamilyConfig(activation=["relu", "elu"]))
+    mixed = MetaTaskFamily(mix=FamilyMix(model=["mlp", "lstm"], activation=["relu", "elu"]))
+    alone = MetaTaskFamily(mix=FamilyMix(activation=["relu", "elu"]))
     assert [mixed.sample(s).activation for s in range(20)] == [
         alone.sample(s).activation for s in range(20)
     ]
@@ -197,7 +248,9 @@ def test_a_model_mix_draws_sine_lstms_beside_the_mlp():
 
 @pytest.mark.parametrize(("model", "num_params"), [("cnn1", 33_850), ("cnn2", 117_434)])
 def test_the_family_builds_the_mnist_cnns(model, num_params):
-    family = MetaTaskFamily(MetaTaskFamilyConfig(model=model, convex=False, batch_size=8))
+    family = MetaTaskFamily(
+        MetaTaskFamilyConfig(convex=False, batch_size=8), mix=FamilyMix(model=model)
+    )
     task = family.build(family.sample(4))
     assert isinstance(task.inner, CNNTask) and task.inner.arch == model
     assert task.num_params == num_params
@@ -209,12 +262,12 @@ def test_the_family_builds_the_mnist_cnns(model, num_params):
 def test_settings_added_later_keep_the_paper_familys_digest():
     plain = MetaTaskFamily().to_dict()["config"]
     assert not {"model", "lstm_layers", "noise_std"} & set(plain)
-    assert MetaTaskFamily(MetaTaskFamilyConfig(model="mlp", lstm_layers=[1], noise_std=1e-1)
+    assert MetaTaskFamily(mix=FamilyMix(model="mlp", lstm_layers=[1], noise_std=1e-1)
                           ).digest() == DEFAULT_DIGEST
-    lstm = MetaTaskFamily(MetaTaskFamilyConfig(model="lstm"))
+    lstm = MetaTaskFamily(mix=FamilyMix(model="lstm"))
     assert lstm.to_dict()["config"]["model"] == "lstm" and lstm.digest() != DEFAULT_DIGEST
     again = MetaTaskFamily.from_dict(json.loads(json.dumps(lstm.to_dict())))
-    assert again.config == lstm.config
+    assert (again.config, again.mix) == (lstm.config, lstm.mix)
 
 
 @pytest.mark.parametrize(
@@ -228,18 +281,18 @@ def test_settings_added_later_keep_the_paper_familys_digest():
 )
 def test_bad_model_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
-        MetaTaskFamilyConfig(**settings)
+        FamilyMix(**settings)
 
 
 def test_a_depth_mix_draws_deeper_mlps():
-    family = MetaTaskFamily(MetaTaskFamilyConfig(depth=[1, 3, 5], convex=False))
+    family = MetaTaskFamily(MetaTaskFamilyConfig(convex=False), mix=FamilyMix(depth=[1, 3, 5]))
     drawn = [family.sample(seed).depth for seed in range(30)]
     assert set(drawn) == {1, 3, 5}
     task = family.sample(drawn.index(5))
     assert family.build(task).inner.depth == 5
     assert MetaTaskFamily(MetaTaskFamilyConfig(depth=[1])).digest() == DEFAULT_DIGEST
     with pytest.raises(ValueError, match=r"depth must be in 1\.\.10, got 11"):
-        MetaTaskFamilyConfig(depth=[2, 11])
+        FamilyMix(depth=[2, 11])
 
 
 def test_every_family_digests_through_the_one_base_method():

@@ -77,7 +77,22 @@ BAD = [
     ({"validation": {"runs": 0}}, "validation.runs must be >= 1, got 0"),
     ({"validation": {"task": ["mnist-nn-relu-100", "y"]}}, "validation.task: unknown task 'y'"),
     ({"validation": {"task": []}}, r"validation.task: needs distinct tasks, got \[\]"),
-    ({"family": {"activation": ["relu", "relu"]}}, "family: activation: a mix needs distinct"),
+    ({"family": {"activation": ["relu", "relu"]}},
+     "experimental.family_mix: activation: a mix needs distinct"),
+    ({"experimental": {"family_mix": {"activation": ["relu"]}}},
+     r"experimental.family_mix: activation: a mix needs two or more values \(one is the family's"),
+    ({"experimental": {"family_mix": {"width": 3}}},
+     r"unknown config field\(s\): experimental.family_mix.width"),
+    ({"experimental": {"family_mix": {"model": "rnn"}}},
+     r"experimental.family_mix: model must be one of \('mlp', 'lstm', 'cnn1', 'cnn2'\)"),
+    ({"experimental": {"family_mix": ["mlp", "lstm"]}}, r"experimental.family_mix must be a table"),
+    ({"task": "quadratic", "experimental": {"family_mix": {"model": "lstm"}}},
+     "experimental.family_mix applies to task 'mnist' only, not 'quadratic'"),
+    ({"family": {"activation": "relu"},
+      "experimental": {"family_mix": {"activation": ["elu", "tanh"]}}},
+     r"family.activation = 'relu' and experimental.family_mix.activation are both given"),
+    ({"family": {"model": "lstm"}, "experimental": {"family_mix": {"x": 1}}},
+     r"unknown config field\(s\): experimental.family_mix.x"),
     ({"optimizer": "dm", "num_candidates": 5}, r"num_candidates \(J\) applies to hyperadam"),
     ({"tracking": {"uri": ""}}, "tracking.uri must be a non-empty string"),
 ]
@@ -110,7 +125,8 @@ def test_task_mixes_round_trip_and_one_member_is_the_plain_setting():
         {"family": {"activation": ["sigmoid", "relu"]},
          "validation": {"task": ["mnist-nn-sigmoid-100", "mnist-nn-relu-100"]}}
     )
-    assert mixed.family.activation == ("sigmoid", "relu")
+    assert mixed.experimental.family_mix.activation == ("sigmoid", "relu")
+    assert mixed.family == build_config({}).family  # the paper's family config stays plain
     assert mixed.validation.tasks == ("mnist-nn-sigmoid-100", "mnist-nn-relu-100")
     assert RunConfig.from_dict(json.loads(json.dumps(mixed.to_dict()))) == mixed
     assert identity_params(mixed)["family.activation"] == '["sigmoid", "relu"]'
@@ -120,6 +136,81 @@ def test_task_mixes_round_trip_and_one_member_is_the_plain_setting():
     # Runs recorded before mixes existed keep their identity and digest.
     assert single == build_config({}) and config_digest(single) == config_digest(build_config({}))
     assert single.validation.tasks == ("mnist-nn-sigmoid-100",)
+
+
+MIX_DIGESTS = json.loads((Path(__file__).parent / "family_mix_digests.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(MIX_DIGESTS))
+def test_configs_with_their_mixes_in_the_family_load_and_keep_every_digest(name, monkeypatch):
+    """Configs written before the mixes moved to ``experimental.family_mix`` (the experiment
+    files of docs/experiments, and saved configs using every mix setting): they load, with the
+    mixes in their new place, and their family digest, config digest (schema 2 and 1) and logged
+    params are the ones the code before the move computed (recorded in the JSON file)."""
+    from meta_train.tasks.family import MetaTaskFamilyConfig
+
+    recorded = MIX_DIGESTS[name]
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the files name θs from the root
+    if name.startswith("docs/"):
+        config = build_config(load_config_file(name))
+    else:
+        config = RunConfig.from_dict(recorded["config"])
+    assert config.make_family().digest() == recorded["family_digest"]
+    assert config_digest(config) == recorded["config_digest"]
+    assert config_digest(config, schema=1) == recorded["config_digest_schema_1"]
+    if "identity_params" in recorded:
+        assert identity_params(config) == recorded["identity_params"]
+    # The new layout: a plain family, the mixes in experimental; it round-trips.
+    plain = config.to_dict()
+    if config.task == "mnist":
+        assert set(plain["family"]) == {f.name for f in dataclasses.fields(MetaTaskFamilyConfig)}
+        assert all(not isinstance(v, list) for v in plain["family"].values())
+    again = RunConfig.from_dict(json.loads(json.dumps(plain)))
+    assert again == config and again.make_family().digest() == recorded["family_digest"]
+
+
+def test_mixes_in_the_experimental_section_are_the_old_layouts_mixes():
+    old = build_config(load_config_file(
+        Path(__file__).resolve().parents[2] / "docs/experiments/mix-notricks-1e-3.json"))
+    new = build_config({
+        "meta_optim": {"lr": 1e-3},
+        "family": {"random_scaling": False, "convex": False},
+        "experimental": {"family_mix": {"activation": ["sigmoid", "relu", "elu", "tanh"]}},
+    })
+    assert new.family == old.family and new.experimental.family_mix == old.experimental.family_mix
+    assert new.make_family().digest() == old.make_family().digest()
+    every = build_config({"experimental": {"family_mix": {
+        "model": ["mlp", "lstm"], "depth": [2, 4], "lstm_layers": [1, 2], "noise_std": 0.01}}})
+    assert every.experimental.family_mix.depth == (2, 4)
+    assert RunConfig.from_dict(json.loads(json.dumps(every.to_dict()))) == every
+    params = identity_params(every)  # logged where runs logged mixes, under family
+    assert json.loads(params["family.depth"]) == [2, 4] and params["family.noise_std"] == "0.01"
+    assert not [key for key in params if key.startswith("experimental.family_mix")]
+    assert every.make_family().sample(0).noise_std == 0.01
+    # A mix of nothing is no mix: the paper's config, digest and all.
+    paper = build_config({"experimental": {"family_mix": {"model": "mlp"}}})
+    assert paper == build_config({}) and paper.experimental.family_mix is None
+
+
+def test_the_shipped_thetas_recorded_family_digests_verify():
+    """Every θ in the repository whose lineage names an MNIST task family: the config it was
+    trained with (a schema-1 config of its run, or the trainer checkpoint's own) builds a family
+    with the recorded digest."""
+    from meta_train import checkpoint as ckpt
+    from runtime.theta import load_theta, theta_path
+
+    root = Path(__file__).resolve().parents[2]
+    families = {name: RunConfig.from_dict(SCHEMA_1[name]["config"]).make_family().digest()
+                for name in SCHEMA_1}
+    for name in ("hyperadam", "dm", "rnnprop"):  # the built-in θs
+        assert load_theta(theta_path(name)).meta["task_digest"] == families[name], name
+    kept = sorted((root / "checkpoints").glob("*-theta.npz"))
+    assert kept
+    for path in kept:  # earlier θs of the same runs' families
+        assert load_theta(path).meta["task_digest"] in families.values(), path.name
+    trainer = ckpt.load(root / "checkpoints" / "hyperadam-seed0-step8774.ckpt")
+    config = RunConfig.from_dict(trainer.config)
+    assert trainer.family_digest == config.make_family().digest() != ""
 
 
 def test_an_adam_start_is_an_experiment_in_the_identity():

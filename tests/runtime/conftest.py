@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,6 +34,26 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hyperadam_folder(exported):
     return exported["hyperadam"]
+
+
+@pytest.fixture(scope="session")
+def tensorwise_theta():
+    """method → a trained θ file of the tensor-wise variant (``python -m meta_train.ablation``),
+    bounded and with ELU weights."""
+    ablation = Path(__file__).resolve().parents[2] / "checkpoints" / "ablation"
+    return {
+        "hyperadam-tensor": ablation / "tensor-small-log" / "theta.npz",
+        "hyperadam-tensor-unbounded": ablation / "tensor-unbounded-small-log" / "theta.npz",
+    }
+
+
+@pytest.fixture(scope="session")
+def tensorwise_folders(tmp_path_factory, tensorwise_theta):
+    """method → the exported folder of its trained θ (parity kept small here)."""
+    out = tmp_path_factory.mktemp("tensorwise")
+    for method, path in tensorwise_theta.items():
+        export_optimizer(method, path, out / method, parity_sizes=(2,), trajectory_steps=3)
+    return {method: out / method for method in tensorwise_theta}
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,8 @@ def test_manifest_round_trips_and_names_every_file(folder):
     manifest = mf.load_manifest(folder)
     assert manifest.method == mf.HYPERADAM and manifest.config == {"num_candidates": 20}
     assert manifest.default_lr == 0.005 and manifest.opset >= 18 and manifest.ir_version <= 13
-    assert set(manifest.files) == {*mf.GRAPH_FILES.values(), mf.THETA_FILE}
+    roles = (mf.FUSED, mf.STATE_STAGE, mf.UPDATE_STAGE)
+    assert set(manifest.files) == {*(mf.GRAPH_FILES[r] for r in roles), mf.THETA_FILE}
     assert set(manifest.graphs) == {mf.FUSED, mf.STATE_STAGE, mf.UPDATE_STAGE}
     assert manifest.state == mf.hyperadam_layout(20)
     assert manifest.state.bytes_per_coordinate == 480  # 6·J floats (design §3.1)
@@ -43,7 +44,8 @@ def test_manifest_round_trips_and_names_every_file(folder):
 def test_layout_names_are_the_reference_state_fields():
     from meta_train.optimizers import LEARNED_OPTIMIZERS, DMState, HyperAdamState, RNNpropState
 
-    assert set(mf.METHODS) == set(LEARNED_OPTIMIZERS)
+    tensorwise = {mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED}  # variants of hyperadam
+    assert set(mf.METHODS) == set(LEARNED_OPTIMIZERS) | tensorwise
     assert HyperAdamState._fields == mf.HYPERADAM_FIELDS
     assert DMState._fields == mf.DM_FIELDS
     assert RNNpropState._fields == mf.RNNPROP_FIELDS

@@ -59,6 +59,63 @@ def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path, weight
     np.testing.assert_allclose(h, stepper.state_dict()["state"]["h"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["hyperadam-tensor", "hyperadam-tensor-unbounded"])
+def test_node_steps_the_tensorwise_variant_as_the_python_runtime(
+    tensorwise_folders, tmp_path, method
+):
+    """The per-array statistic (rms of the one array's gradient) computed in node from the
+    array_terms graph, then the fused step: the Python runtime's step, the step count too."""
+    node = node_or_skip()
+    folder = tensorwise_folders[method]
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=50).astype(np.float32)
+    grads = [(rng.normal(size=50) * 10.0 ** rng.uniform(-3, 1)).astype(np.float32)
+             for _ in range(4)]  # fmt: skip
+    grads[3][:5] = 0.0
+    python_w = w.copy()
+    stepper = runtime.load(folder, threads=1).bind([python_w])
+    for g in grads[:3]:
+        stepper.step([g])
+    saved = stepper.state_dict()["state"]
+    state = {  # graph layout: a [n, k] field is k rows of n values
+        name: (value.T if value.ndim == 2 and value.shape[0] == 50 else value).ravel().tolist()
+        for name, value in saved.items()
+    }
+    inputs = {"w": python_w.tolist(), "grad": grads[3].tolist(), "state": state}
+    (tmp_path / "in.json").write_text(json.dumps(inputs))
+    stepper.step([grads[3]])
+    result = subprocess.run(
+        [node, str(EXAMPLE / "step.mjs"), str(folder), str(tmp_path / "in.json"),
+         str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=120, cwd=EXAMPLE,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    np.testing.assert_allclose(np.asarray(out["w"], np.float32), python_w, rtol=1e-6, atol=1e-7)
+    after = stepper.state_dict()["state"]
+    assert out["state"]["t"] == [4.0] == after["t"].tolist()
+    for name in ("h", "m", "feat_m"):
+        got = np.asarray(out["state"][name], np.float32).reshape(-1, 50).T
+        np.testing.assert_allclose(got, after[name], rtol=1e-5, atol=1e-7)
+
+
+def test_node_refuses_unknown_per_array_statistics(tensorwise_folders, tmp_path):
+    node = node_or_skip()
+    folder = tmp_path / "copy"
+    shutil.copytree(tensorwise_folders["hyperadam-tensor"], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["per_array_statistics"]["terms"] = ["grad_abs"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "in.json").write_text(json.dumps({"w": [0.5], "grad": [0.1]}))
+    result = subprocess.run(
+        [node, str(EXAMPLE / "step.mjs"), str(folder), str(tmp_path / "in.json"),
+         str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=120, cwd=EXAMPLE,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert 'per-array statistics ["grad_abs"] are not known to this example' in result.stderr
+
+
 def test_node_refuses_a_tampered_folder(hyperadam_folder, tmp_path):
     node = node_or_skip()
     folder = tmp_path / "copy"

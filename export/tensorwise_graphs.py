@@ -1,0 +1,208 @@
+"""The tensor-wise HyperAdam variant as ONNX graphs: the per-array terms and one step graph.
+
+The maths is ``meta_train.optimizers.hyperadam_tensor`` (``input_features``,
+``tensorwise_step``), feature-major (``[J, n]``, see ``runtime.manifest``). Its only quantity
+that spans coordinates is rms_T(g) of each coordinate's tensor T (the bound array). That is a
+per-array statistic (``runtime.manifest.ARRAY_MEANS``): ``array_terms.onnx`` emits g² per
+coordinate, the runtime averages it over each array (all chunks, all shards), and the step
+graph receives the mean per coordinate. Given it, the step is coordinate-wise, so the one
+``fused`` graph runs on any chunk, packed chunks of several arrays included.
+
+Rewrites that change only fp32 rounding:
+
+* the training-progress features tanh(t/τ) are the same for every coordinate and lie in
+  [0, 1], inside the ±``FEATURE_CLIP`` clip: their product with the kernel's rows is folded
+  into the bias (O(J) per call instead of three [J, n] rows);
+* the forget-gate offset +1 is folded into the LSTM bias (``onnx_builder.lstm_cell``);
+* x · rsqrt(y) is written x / sqrt(y).
+
+ε (1e-24 moments, 1e-30 inside rms_T) are explicit ``Add`` nodes, as in the paper's graphs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from meta_train.optimizers import hyperadam_tensor as ref
+from meta_train.optimizers.hyperadam import FORGET_BIAS, MOMENT_EPS
+from runtime import manifest as mf
+
+from .onnx_builder import GraphBuilder, elu, lstm_cell
+
+
+def build_array_terms(spec: mf.GraphSpec) -> onnx.ModelProto:
+    """g → g² as the one row of ``array_terms`` (its mean over an array is rms_T(g)²)."""
+    assert spec.outputs[0].shape[0] == len(mf.TENSORWISE_STATISTICS)
+    b = GraphBuilder("hyperadam_tensor_array_terms")
+    b.op(
+        "Unsqueeze",
+        b.op("Mul", mf.GRAD, mf.GRAD),  # fp32 g², as the reference's x.square()
+        b.const([0], "axis0"),
+        outputs=[mf.ARRAY_TERMS_OUT],
+    )
+    return b.model(spec.inputs, spec.outputs, "Per-coordinate terms of the per-array statistics.")
+
+
+def _directions(b: GraphBuilder, m: str, v: str, bias1: str, bias2: str, eps: str) -> str:
+    """M̂ = (M / (B + ε)) / √(V / (Γ + ε) + ε), the reference's ``candidate_directions``."""
+    m_tilde = b.op("Div", m, b.op("Add", bias1, eps))
+    v_tilde = b.op("Div", v, b.op("Add", bias2, eps))
+    return b.op("Div", m_tilde, b.op("Sqrt", b.op("Add", v_tilde, eps)))
+
+
+def _features(b: GraphBuilder, step: str) -> tuple[str, str]:
+    """The per-coordinate features [4, n] (g/rms_T(g), three momenta; clipped) and the
+    progress features [3, 1]; writes the updated feature accumulators."""
+    one, clip = b.const(1.0, "one"), ref.FEATURE_CLIP
+    betas = np.asarray(ref.FEATURE_BETAS, np.float32).reshape(-1, 1)
+    # As the reference: betas·m + (1 − betas)·g with (1 − betas) rounded in fp32.
+    feat_m = b.op(
+        "Add",
+        b.op("Mul", b.const(betas, "feature_betas"), "feat_m"),
+        b.op("Mul", b.const(np.float32(1.0) - betas, "one_minus_feature_betas"), mf.GRAD),
+        outputs=[mf.updated("feat_m")],
+    )
+    feat_v = b.op(
+        "Add",
+        b.op("Mul", b.const(ref.FEATURE_BETA2, "feature_beta2"), "feat_v"),
+        b.op(
+            "Mul",
+            b.const(1.0 - ref.FEATURE_BETA2, "one_minus_feature_beta2"),
+            b.op("Mul", mf.GRAD, mf.GRAD),
+        ),
+        outputs=[mf.updated("feat_v")],
+    )
+    m_hat = b.op("Div", feat_m, b.op("Sub", one, b.op("Pow", b.const(betas, "betas_pow"), step)))
+    v_hat = b.op(
+        "Div",
+        feat_v,
+        b.op(
+            "Sub",
+            one,
+            b.op("Pow", b.const(np.asarray([ref.FEATURE_BETA2], np.float32), "beta2_pow"), step),
+        ),
+    )
+    momenta = b.op("Div", m_hat, b.op("Sqrt", b.op("Add", v_hat, b.const(MOMENT_EPS, "eps"))))
+    rms = b.op(
+        "Sqrt",
+        b.op(
+            "Add",
+            b.op("Gather", mf.ARRAY_MEANS, b.const([0], "grad_sq_row"), axis=0),  # [1, n]
+            b.const(ref.RMS_EPS, "rms_eps"),
+        ),
+    )
+    scaled = b.op("Div", b.op("Unsqueeze", mf.GRAD, b.const([0], "axis0")), rms)
+    features = b.op(
+        "Clip",
+        b.op("Concat", scaled, momenta, axis=0),
+        b.const(-clip, "minus_clip"),
+        b.const(clip, "clip"),
+    )
+    scales = np.asarray(ref.PROGRESS_SCALES, np.float32).reshape(-1, 1)
+    progress = b.op("Tanh", b.op("Div", step, b.const(scales, "progress_scales")))
+    return features, progress
+
+
+def build_tensorwise_graphs(
+    theta: dict[str, np.ndarray], *, bounded: bool
+) -> dict[str, onnx.ModelProto]:
+    """The ``array_terms`` and ``fused`` models of the tensor-wise variant (numpy fp32 θ)."""
+    j = int(theta["pre_bias"].shape[0])
+    specs = mf.tensorwise_graphs(j)
+    per_coordinate = 1 + len(ref.FEATURE_BETAS)  # g/rms and the momenta; then progress
+    b = GraphBuilder("hyperadam_tensor_fused")
+    step = b.op("Add", mf.STEP_COUNT, b.const(1.0, "one"), outputs=[mf.updated(mf.STEP_COUNT)])
+    features, progress = _features(b, step)
+    kernel_t = np.ascontiguousarray(np.asarray(theta["pre_kernel"], np.float32).T)  # [J, K]
+    progress_bias = b.op(  # W_progressᵀ tanh(t/τ) + b: [J, 1]
+        "Add",
+        b.op("MatMul", b.const(kernel_t[:, per_coordinate:], "pre_kernel_progress"), progress),
+        b.const(theta["pre_bias"].reshape(j, 1), "pre_bias"),
+    )
+    e = elu(
+        b,
+        b.op(
+            "Add",
+            b.op("MatMul", b.const(kernel_t[:, :per_coordinate], "pre_kernel_features"), features),
+            progress_bias,
+        ),
+    )
+    h_new, _ = lstm_cell(
+        b,
+        [e],
+        "h",
+        "c",
+        theta["lstm_kernel"],
+        theta["lstm_bias"],
+        FORGET_BIAS,
+        h_new=mf.updated("h"),
+        c_new=mf.updated("c"),
+    )
+    eps, one = b.const(MOMENT_EPS, "moment_eps"), b.const(1.0, "one")
+    clip = ref.FEATURE_CLIP
+    previous = b.op(
+        "Clip",
+        _directions(b, "m", "v", "b", "gamma", eps),
+        b.const(-clip, "minus_clip"),
+        b.const(clip, "clip"),
+    )
+    z = b.op("Concat", h_new, previous, axis=0)  # [2J, n], the reference's cat([h, M̂_{t−1}])
+    decay_t = np.asarray(theta["decay_kernel"], np.float32).T  # [2J(out: β|γ), 2J(in)]
+    bias = np.asarray(theta["decay_bias"], np.float32).reshape(-1, 1)
+    beta, gamma = (
+        b.op(
+            "Sigmoid",
+            b.op(
+                "Gemm",
+                b.const(np.ascontiguousarray(decay_t[rows]), f"{name}_kernel"),
+                z,
+                b.const(bias[rows], f"{name}_bias"),
+            ),
+        )
+        for name, rows in (("beta", slice(0, j)), ("gamma", slice(j, 2 * j)))
+    )
+    one_minus_beta, one_minus_gamma = b.op("Sub", one, beta), b.op("Sub", one, gamma)
+    m_new = b.op(
+        "Add",
+        b.op("Mul", beta, "m"),
+        b.op("Mul", one_minus_beta, mf.GRAD),
+        outputs=[mf.updated("m")],
+    )
+    v_new = b.op(
+        "Add",
+        b.op("Mul", gamma, "v"),
+        b.op("Mul", one_minus_gamma, b.op("Mul", mf.GRAD, mf.GRAD)),
+        outputs=[mf.updated("v")],
+    )
+    b_new = b.op("Add", b.op("Mul", beta, "b"), one_minus_beta, outputs=[mf.updated("b")])
+    gamma_new = b.op(
+        "Add", b.op("Mul", gamma, "gamma"), one_minus_gamma, outputs=[mf.updated("gamma")]
+    )
+    directions = _directions(b, m_new, v_new, b_new, gamma_new, eps)
+    logits = b.op(
+        "Gemm",
+        b.const(np.ascontiguousarray(np.asarray(theta["weight_kernel"], np.float32).T), "w_k"),
+        h_new,
+        b.const(theta["weight_bias"].reshape(j, 1), "weight_bias"),
+    )
+    rho = (
+        b.op("Mul", b.op("Tanh", logits), b.const(ref.RHO_MAX / j, "rho_scale"))
+        if bounded
+        else elu(b, logits)
+    )
+    combined = b.op("ReduceSum", b.op("Mul", rho, directions), b.const([0], "axis0"), keepdims=0)
+    b.op(
+        "Sub", mf.PARAM, b.op("Mul", mf.LR, combined), outputs=[mf.updated(mf.PARAM)]
+    )  # w − α Σ_j ρ_j M̂_j, the reference's w + (−α · Σ)
+    kind = "bounded (ρ = (RHO_MAX/J)·tanh)" if bounded else "unbounded (ρ = ELU)"
+    fused = b.model(
+        specs[mf.FUSED].inputs,
+        specs[mf.FUSED].outputs,
+        f"One tensor-wise HyperAdam step, {kind}, of a chunk of any size, given the per-array "
+        "means of its coordinates' terms (array_means).",
+    )
+    return {
+        mf.ARRAY_TERMS: build_array_terms(specs[mf.ARRAY_TERMS]),
+        mf.FUSED: fused,
+    }

@@ -1,0 +1,140 @@
+"""Export of the tensor-wise HyperAdam variant: its θ files (``python -m meta_train.ablation``)
+export through ``export_optimizer`` and ``hyperadam export``, with the parity check run on
+several arrays of different sizes and gradient scales, chunked and sharded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import runtime
+from export import export_optimizer
+from export import parity as parity_lib
+from meta_train.cli import main
+from runtime import manifest as mf
+from runtime.theta import load_theta
+
+ABLATION = Path(__file__).resolve().parents[2] / "checkpoints" / "ablation"
+THETA_FILES = {
+    "tensor-small-log": mf.HYPERADAM_TENSOR,
+    "tensor-adam-start": mf.HYPERADAM_TENSOR,
+    "tensor-unbounded-small-log": mf.HYPERADAM_TENSOR_UNBOUNDED,
+}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tensorwise")
+    return {
+        name: (root / name, export_optimizer(method, ABLATION / name / "theta.npz", root / name))
+        for name, method in THETA_FILES.items()
+    }
+
+
+@pytest.mark.parametrize("name", sorted(THETA_FILES))
+def test_parity_covers_arrays_chunks_and_shards(exports, name):
+    folder, manifest = exports[name]
+    assert manifest.method == THETA_FILES[name] == load_theta(ABLATION / name / "theta.npz").method
+    assert {p.name for p in folder.iterdir()} == {
+        mf.GRAPH_FILES[mf.ARRAY_TERMS],
+        mf.GRAPH_FILES[mf.FUSED],
+        mf.THETA_FILE,
+        mf.MANIFEST_FILE,
+    }
+    assert manifest.default_lr == 0.003  # the variant's α (the θ files carry no lr)
+    parity = manifest.parity
+    assert parity["passed"] is True and parity["sizes"] == [2, 1000]
+    cases = {case["case"]: case for case in parity["cases"]}
+    layout = parity_lib.array_sizes(1000)
+    assert layout == [500, 300, 200]
+    for kind in ("random", "zero"):
+        small = {f"p=2 in arrays of [1, 1] {kind}-gradient {p}" for p in ("fused", "chunked")}
+        assert small <= set(cases)
+        for path, chunks in (("fused", 1), ("chunked", 4), ("sharded", 8)):
+            case = cases[f"p=1000 in arrays of {layout} {kind}-gradient {path}"]
+            assert case["chunks"] >= chunks  # an array spans chunks; sharded: both shards
+            assert case["tolerance"] == parity_lib.step_tolerance(case["fp32_vs_fp64_floor"])
+    for case in parity["cases"]:
+        assert case["max_error"] <= case["tolerance"], case
+    assert "100-step ReLU-MLP trajectory chunked" in cases
+    assert json.loads((folder / mf.MANIFEST_FILE).read_text())["per_array_statistics"]["terms"] == [
+        "grad_sq"
+    ]
+
+
+def test_a_broken_per_array_reduction_fails_parity(tmp_path, monkeypatch):
+    """The sharded case catches a statistic that is per shard instead of per array."""
+    from runtime import stepper as stepper_lib
+
+    original = stepper_lib.Stepper._reduce
+
+    def no_cross_shard_sum(self, partial):
+        original(self, partial)  # every shard still takes part in the collective
+        return partial
+
+    monkeypatch.setattr(stepper_lib.Stepper, "_reduce", no_cross_shard_sum)
+    with pytest.raises(parity_lib.ParityError, match=r"p=1000 in arrays of .* sharded"):
+        export_optimizer(
+            mf.HYPERADAM_TENSOR,
+            ABLATION / "tensor-small-log" / "theta.npz",
+            tmp_path / "x",
+            trajectory_steps=3,
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_exports_a_tensorwise_theta(tmp_path, capsys):
+    out = tmp_path / "tensor"
+    code = main(["export", "--theta", str(ABLATION / "tensor-small-log" / "theta.npz"), "--out",
+                 str(out)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"exported {mf.HYPERADAM_TENSOR} to" in captured.out
+    assert runtime.load(out).method == mf.HYPERADAM_TENSOR
+
+
+def _edit(folder: Path, change) -> None:
+    path = folder / mf.MANIFEST_FILE
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda raw: raw.update(method="hyperadam-tensor-v2"),
+            r"got 'hyperadam-tensor-v2': this runtime does not know that optimizer \(variant\); "
+            r"upgrade hyperadam",
+        ),
+        (lambda raw: raw.pop("per_array_statistics"), r"per_array_statistics None differ"),
+        (
+            lambda raw: raw["per_array_statistics"].update(terms=["grad_abs"]),
+            r"per_array_statistics .*grad_abs.* differ from what this runtime computes",
+        ),
+        (lambda raw: raw.update(method="hyperadam"), r"state layout .* differs from the hyperadam"),
+    ],
+    ids=["unknown-variant", "no-statistics", "other-statistic", "as-paper"],
+)
+def test_a_runtime_refuses_a_variant_it_does_not_know(exports, tmp_path, change, message):
+    folder = tmp_path / "copy"
+    shutil.copytree(exports["tensor-small-log"][0], folder)
+    _edit(folder, change)
+    with pytest.raises(mf.ManifestError, match=message):
+        runtime.load(folder)
+
+
+def test_a_paper_manifest_claiming_statistics_is_refused(tmp_path):
+    from meta_train.optimizers import make_learned_optimizer
+    from meta_train.seeding import generator
+
+    theta = make_learned_optimizer("hyperadam").init_theta(generator(0))
+    export_optimizer("hyperadam", theta, tmp_path / "h", parity_sizes=(2,), trajectory_steps=3)
+    assert "per_array_statistics" not in json.loads((tmp_path / "h" / mf.MANIFEST_FILE).read_text())
+    _edit(tmp_path / "h", lambda raw: raw.update(per_array_statistics={"terms": ["grad_sq"]}))
+    with pytest.raises(mf.ManifestError, match=r"differ from what this runtime computes"):
+        runtime.load(tmp_path / "h")

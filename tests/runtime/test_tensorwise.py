@@ -1,0 +1,521 @@
+"""The tensor-wise HyperAdam variant through the runtime: per-array statistics across chunks and
+shards, parity with the torch reference over many steps, zero gradients, per-tensor scale
+invariance and the Adam-reduction start."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from export import export_optimizer
+from export.parity import relative_error, run_shards
+from meta_train.optimizers.hyperadam_tensor import TensorwiseHyperAdam
+from meta_train.seeding import generator
+from meta_train.theta_source import reference_for_theta
+from runtime import manifest as mf
+from runtime.theta import load_theta
+
+TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED)
+# Several arrays: the first spans chunks at CHUNK = 256, the small ones share a packed chunk.
+SHAPES = [(40, 30), (30,), (10, 40), (10,), (7, 3)]
+SCALES = [1.0, 1e-4, 30.0, 1e-2, 1.0]  # each array's gradient scale
+CHUNK = 256
+# The runtime vs the fp32 reference over STEPS steps, per array and tensor (inf-norm relative),
+# at least; see assert_matches_reference. Measured: bounded θ ≤ 6.5e-5 (fp32 vs fp64 of the
+# reference ≤ 2.5e-5); the ELU-weighted θ amplifies round-off: ≤ 1.2e-2 against a floor of
+# 4.3e-3 on the same array.
+TOLERANCE = 1e-4
+STEPS = 25
+FIELDS = ("h", "c", "m", "v", "b", "gamma", "feat_m", "feat_v")
+
+
+def initial_params(seed: int) -> list[np.ndarray]:
+    """Initial parameters, small enough (~0.05) that their own fp32 rounding (ulp(w)) stays far
+    below the tolerance on the distance travelled (a few lr)."""
+    rng = np.random.default_rng(seed)
+    return [(0.05 * rng.normal(size=s)).astype(np.float32) for s in SHAPES]
+
+
+def gradients(steps: int, seed: int = 0, shapes=SHAPES, scales=SCALES) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for shape, scale in zip(shapes, scales, strict=True):
+            g = rng.normal(size=shape) * scale * 10.0 ** rng.uniform(-1, 1, shape)
+            g[rng.random(shape) < 0.1] = 0.0  # a few exact zeros
+            grads.append(g.astype(np.float32))
+        out.append(grads)
+    return out
+
+
+def reference(method: str, theta_path) -> tuple[TensorwiseHyperAdam, dict[str, torch.Tensor]]:
+    artifact = load_theta(theta_path)
+    _, ref = reference_for_theta(method, artifact.theta)
+    assert isinstance(ref, TensorwiseHyperAdam)
+    return ref, {k: torch.from_numpy(v) for k, v in artifact.theta.items()}
+
+
+def reference_run(ref, theta, w0: list[np.ndarray], grads, lr: float, dtype=torch.float32):
+    """The torch reference over the flat model, tensor layout = the arrays; returns each step's
+    parameters (flat) and the final state."""
+    sizes = [a.size for a in w0]
+    w = torch.from_numpy(np.concatenate([a.ravel() for a in w0])).to(dtype)
+    state = ref.init_state(w.numel(), tensor_sizes=sizes)
+    state = type(state)(*(t.to(dtype) if t.is_floating_point() else t for t in state))
+    theta = {k: v.to(dtype) for k, v in theta.items()}
+    trajectory = []
+    with torch.no_grad():
+        for step in grads:
+            g = torch.from_numpy(np.concatenate([a.ravel() for a in step])).to(dtype)
+            delta, state = ref.step(theta, g, state, lr=lr)
+            w = w + delta
+            trajectory.append(w.numpy().copy())
+    return trajectory, state
+
+
+def reference_runs(ref, theta, w0, grads, lr):
+    """The fp32 reference (what the runtime is compared with) and the fp64 one (how far fp32
+    round-off alone carries the trajectory)."""
+    return [
+        reference_run(ref, theta, w0, grads, lr, dtype) for dtype in (torch.float32, torch.float64)
+    ]
+
+
+def flat(arrays) -> np.ndarray:
+    return np.concatenate([np.asarray(a).ravel() for a in arrays])
+
+
+def bounds(shapes=SHAPES) -> list[tuple[int, int]]:
+    ends = np.cumsum([math.prod(s) for s in shapes])
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def _errors(start, trajectory, state, want, want_state, lo, hi) -> dict[str, float]:
+    errors = {
+        f"w{t}": relative_error(got[lo:hi] - start[lo:hi], ref[lo:hi] - start[lo:hi])
+        for t, (got, ref) in enumerate(zip(trajectory, want, strict=True))
+    }
+    for name in FIELDS:
+        errors[name] = relative_error(state[name][lo:hi], getattr(want_state, name).numpy()[lo:hi])
+    return errors
+
+
+def assert_matches_reference(w0, trajectory_rt, state_rt, runs, shapes):
+    """Per array (so a small-scale array is judged on its own scale) and per state field: within
+    ``max(TOLERANCE, 10 × the fp32 reference's own distance from fp64)``, as the export parity
+    check judges trajectories (a θ whose dynamics amplify round-off, like the ELU-weighted one,
+    carries fp32 itself ~3e-4 from fp64 in a few steps)."""
+    start = flat(w0)
+    (want, want_state), (exact, exact_state) = runs
+    state64 = {name: getattr(exact_state, name).numpy() for name in FIELDS}
+    for lo, hi in bounds(shapes):
+        floor = max(_errors(start, want, state64, exact, exact_state, lo, hi).values())
+        errors = _errors(start, trajectory_rt, state_rt, want, want_state, lo, hi)
+        worst = max(errors, key=errors.__getitem__)
+        assert errors[worst] <= max(TOLERANCE, 10 * floor), (lo, hi, worst, errors[worst], floor)
+    assert state_rt[mf.STEP_COUNT].tolist() == want_state.t.tolist()
+
+
+def test_layout_names_are_the_reference_state_fields():
+    """runtime.manifest spells the layout without importing meta_train: it must be the
+    reference's (the fields, then t carried; segment and segment_size are the tensor layout,
+    which the runtime takes from the bound arrays)."""
+    from meta_train.optimizers import hyperadam_tensor as ref_module
+
+    assert ref_module.TensorwiseState._fields == (
+        *mf.TENSORWISE_FIELDS,
+        mf.STEP_COUNT,
+        "segment",
+        "segment_size",
+        "log_scale",  # the adaptive variant's step scale; empty in these two variants
+    )
+    assert TensorwiseHyperAdam(20).init_state(7).log_scale.numel() == 0
+    state = TensorwiseHyperAdam(20).init_state(7, tensor_sizes=[3, 4])
+    layout = mf.tensorwise_layout(20)
+    for field in layout.fields:
+        assert tuple(getattr(state, field.name).shape) == (7, *field.shape), field
+    assert [c.name for c in layout.carried] == [mf.STEP_COUNT]
+    assert tuple(state.t.shape) == layout.carried[0].shape
+    assert len(ref_module.FEATURE_BETAS) == mf.TENSORWISE_FEATURE_MOMENTA
+
+
+@pytest.mark.parametrize("method", TENSORWISE)
+def test_export_records_the_variant(tensorwise_folders, tensorwise_theta, method):
+    folder = tensorwise_folders[method]
+    manifest = mf.load_manifest(folder)
+    assert manifest.method == method and manifest.config == {"num_candidates": 20}
+    assert set(manifest.graphs) == {mf.ARRAY_TERMS, mf.FUSED}
+    assert manifest.state == mf.tensorwise_layout(20)
+    assert manifest.state.bytes_per_coordinate == 4 * (6 * 20 + 3 + 1)
+    raw = manifest.to_json()
+    assert raw["per_array_statistics"]["terms"] == ["grad_sq"]
+    assert raw["per_array_statistics"]["input"] == mf.ARRAY_MEANS
+    assert manifest.parity["passed"] is True
+    assert {mf.GRAPH_FILES[mf.ARRAY_TERMS], mf.GRAPH_FILES[mf.FUSED]} <= set(manifest.files)
+    # the paper variant's manifest does not carry the key (its bytes are as before)
+    assert (
+        "per_array_statistics"
+        not in mf.Manifest(**{**manifest.__dict__, "method": mf.HYPERADAM}).to_json()
+    )
+
+
+@pytest.mark.parametrize("method", TENSORWISE)
+def test_runtime_follows_the_torch_reference_over_many_steps(
+    tensorwise_folders, tensorwise_theta, method
+):
+    ref, theta = reference(method, tensorwise_theta[method])
+    opt = runtime.load(tensorwise_folders[method], threads=2)
+    w0 = initial_params(1)
+    grads = gradients(STEPS)
+    params = [a.copy() for a in w0]
+    stepper = opt.bind(params, chunk_size=CHUNK)
+    assert stepper.num_chunks >= 5 and stepper.uses_fused_graph
+    trajectory = []
+    for step in grads:
+        assert stepper.step(step)
+        trajectory.append(flat(params))
+    runs = reference_runs(ref, theta, w0, grads, opt.default_lr)
+    assert_matches_reference(w0, trajectory, stepper.state_dict()["state"], runs, SHAPES)
+
+
+def test_one_chunk_and_many_chunks_agree(tensorwise_folders):
+    """An array's statistic summed over several chunks equals its one-chunk value (to the
+    rounding of one float32 mean)."""
+    opt = runtime.load(tensorwise_folders["hyperadam-tensor"], threads=1)
+    w0 = initial_params(2)
+    grads = gradients(5)
+    results = []
+    for chunk_size in (10_000, CHUNK, 37):
+        params = [a.copy() for a in w0]
+        stepper = opt.bind(params, chunk_size=chunk_size)
+        for step in grads:
+            stepper.step(step)
+        results.append((flat(params), stepper.state_dict()["state"], stepper.num_chunks))
+    assert results[0][2] == 1 and results[1][2] > 5 and results[2][2] > 30
+    for w, state, _ in results[1:]:
+        np.testing.assert_allclose(w - flat(w0), results[0][0] - flat(w0), rtol=0, atol=1e-6)
+        for name in FIELDS:
+            np.testing.assert_allclose(state[name], results[0][1][name], rtol=2e-5, atol=1e-30)
+
+
+def _sharded(opt, w0, grads, layout, chunk_size):
+    """Shards as threads: ``layout[r]`` lists (array, lo, hi) element ranges of shard r."""
+    flat_w0 = [a.ravel() for a in w0]
+
+    def shard(rank):
+        def run(all_reduce):
+            params = [flat_w0[i][lo:hi].copy() for i, lo, hi in layout[rank]]
+            stepper = opt.bind(
+                params,
+                chunk_size=chunk_size,
+                all_reduce=all_reduce,
+                array_ids=[i for i, _, _ in layout[rank]],
+                num_arrays=len(w0),
+            )
+            for step in grads:
+                stepper.step([step[i].ravel()[lo:hi].copy() for i, lo, hi in layout[rank]])
+            return params
+
+        return run
+
+    results = run_shards([shard(r) for r in range(len(layout))])
+    out = [a.ravel().copy() for a in w0]
+    for rank, params in enumerate(results):
+        for (i, lo, hi), p in zip(layout[rank], params, strict=True):
+            out[i][lo:hi] = p
+    return out
+
+
+def test_sharded_equals_unsharded(tensorwise_folders):
+    """Two shards, one array split across both (its rms is reduced across shards), the others
+    on one shard each: the same parameters as one unsharded stepper."""
+    opt = runtime.load(tensorwise_folders["hyperadam-tensor"], threads=1)
+    w0 = initial_params(3)
+    grads = gradients(6, seed=3)
+    layout = [
+        [(0, 0, 500), (2, 0, 400), (4, 0, 21)],
+        [(0, 500, 1200), (1, 0, 30), (3, 0, 10)],
+    ]
+    sharded = _sharded(opt, w0, grads, layout, chunk_size=128)
+    whole = [a.copy() for a in w0]
+    stepper = opt.bind(whole, chunk_size=128)
+    for step in grads:
+        stepper.step(step)
+    for got, want, start in zip(sharded, whole, w0, strict=True):
+        # the float64 sums add in another order across shards: float32 means may differ by
+        # an ulp
+        np.testing.assert_allclose(got - start.ravel(), want.ravel() - start.ravel(), atol=1e-6)
+    # and it is a per-array statistic, not a per-shard one: array 0 on one shard as a whole
+    alone = _sharded(opt, w0, grads, [[(0, 0, 500)], [(0, 500, 1200)]], chunk_size=128)
+    solo = [w0[0].copy()]
+    stepper = opt.bind(solo, chunk_size=128)
+    for step in grads:
+        stepper.step([step[0]])
+    np.testing.assert_allclose(alone[0], solo[0].ravel(), rtol=0, atol=1e-6)
+
+
+def test_sharded_needs_array_ids(tensorwise_folders):
+    opt = runtime.load(tensorwise_folders["hyperadam-tensor"], threads=1)
+    w = [np.zeros(4, np.float32)]
+    with pytest.raises(ValueError, match=r"sharded hyperadam-tensor step needs array_ids"):
+        opt.bind(w, all_reduce=lambda x: x)
+    with pytest.raises(ValueError, match=r"needs num_arrays"):
+        opt.bind(w, all_reduce=lambda x: x, array_ids=[0])
+    with pytest.raises(ValueError, match=r"array_ids must be below num_arrays = 1"):
+        opt.bind(w, array_ids=[1], num_arrays=1)
+    with pytest.raises(ValueError, match=r"one id per parameter \(1\), got 2"):
+        opt.bind(w, array_ids=[0, 1])
+
+
+def test_pieces_of_one_tensor_with_one_id_step_as_the_tensor(tensorwise_folders):
+    """``array_ids`` also joins local arrays: two views of one tensor bound with the same id
+    take the whole tensor's statistic, so they step as the tensor bound whole."""
+    opt = runtime.load(tensorwise_folders[mf.HYPERADAM_TENSOR], threads=1)
+    w0 = initial_params(10)[0].ravel()
+    grads = [step[0].ravel() for step in gradients(5, seed=10)]
+    whole = w0.copy()
+    pieces = [w0[:700].copy(), w0[700:].copy()]
+    one = opt.bind([whole], chunk_size=CHUNK)
+    two = opt.bind(pieces, chunk_size=CHUNK, array_ids=[0, 0])
+    apart = [w0[:700].copy(), w0[700:].copy()]
+    separate = opt.bind(apart, chunk_size=CHUNK)  # default: two tensors, two statistics
+    for g in grads:
+        one.step([g])
+        two.step([g[:700].copy(), g[700:].copy()])
+        separate.step([g[:700].copy(), g[700:].copy()])
+    np.testing.assert_allclose(np.concatenate(pieces) - w0, whole - w0, rtol=0, atol=1e-7)
+    assert np.abs(np.concatenate(apart) - whole).max() > 1e-5
+
+
+@pytest.mark.parametrize("method", TENSORWISE)
+def test_zero_gradients_stay_finite(tensorwise_folders, tensorwise_theta, method):
+    """A zero coordinate, a whole zero array (rms_T = 0: feature 0, not 0/0) and an all-zero
+    step: finite state and parameters; from a fresh state a zero array does not move, and the
+    runtime still follows the reference."""
+    ref, theta = reference(method, tensorwise_theta[method])
+    opt = runtime.load(tensorwise_folders[method], threads=1)
+    w0 = initial_params(4)
+    grads = gradients(8, seed=4)
+    for step in grads:
+        step[1][:] = 0.0  # a whole array, always
+        step[0][3, 4] = 0.0  # a coordinate
+    grads[5] = [np.zeros_like(g) for g in grads[5]]  # everything, once
+    params = [a.copy() for a in w0]
+    stepper = opt.bind(params, chunk_size=CHUNK)
+    trajectory = []
+    for step in grads:
+        assert stepper.step(step)
+        trajectory.append(flat(params))
+        assert all(np.isfinite(p).all() for p in params)
+    state = stepper.state_dict()["state"]
+    assert all(np.isfinite(v).all() for v in state.values())
+    np.testing.assert_array_equal(params[1], w0[1])  # never had a gradient: never moves
+    runs = reference_runs(ref, theta, w0, grads, opt.default_lr)
+    assert_matches_reference(w0, trajectory, state, runs, SHAPES)
+
+    fresh = [np.ones(5, np.float32)]
+    stepper = opt.bind(fresh, chunk_size=CHUNK)
+    for _ in range(3):
+        assert stepper.step([np.zeros(5, np.float32)])
+    np.testing.assert_array_equal(fresh[0], np.ones(5, np.float32))
+    assert all(np.isfinite(v).all() for v in stepper.state_dict()["state"].values())
+
+
+@pytest.mark.parametrize("method", TENSORWISE)
+def test_scaling_one_arrays_gradient_changes_only_its_moments(
+    tensorwise_folders, tensorwise_theta, method
+):
+    """g → 1000·g on array A: A's features (g/rms_A(g), m̂/√v̂, progress) are unchanged, so are
+    its cells, gates and step; only its raw moments scale (m, feat_m by 10³, v, feat_v by
+    10⁶). The other arrays see nothing of it (bitwise)."""
+    opt = runtime.load(tensorwise_folders[method], threads=1)
+    w0 = initial_params(5)
+    grads = gradients(10, seed=5)
+    scaled = [[g * np.float32(1e3) if i == 2 else g for i, g in enumerate(s)] for s in grads]
+    runs = []
+    for sequence in (grads, scaled):
+        params = [a.copy() for a in w0]
+        stepper = opt.bind(params, chunk_size=CHUNK)
+        for step in sequence:
+            stepper.step(step)
+        runs.append((flat(params), stepper.state_dict()["state"]))
+    (w_a, s_a), (w_b, s_b) = runs
+    lo, hi = bounds()[2]
+    others = np.r_[0:lo, hi : w_a.size]
+    np.testing.assert_array_equal(w_b[others], w_a[others])
+    for name in FIELDS:
+        np.testing.assert_array_equal(s_b[name][others], s_a[name][others])
+    start = flat(w0)[lo:hi]
+    assert relative_error(w_b[lo:hi] - start, w_a[lo:hi] - start) < 1e-4
+    for name, factor in {"h": 1, "c": 1, "b": 1, "gamma": 1, "m": 1e3, "feat_m": 1e3,
+                         "v": 1e6, "feat_v": 1e6}.items():  # fmt: skip
+        assert relative_error(s_b[name][lo:hi] / factor, s_a[name][lo:hi]) < 1e-4, name
+
+
+def adam(w0: np.ndarray, grads: list[np.ndarray], lr: float, b1=0.9, b2=0.999, eps=1e-24):
+    """Adam in float64 with ε inside the root, as the Adam reduction makes the step."""
+    w, m, v = w0.astype(np.float64), np.zeros(w0.size), np.zeros(w0.size)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g.astype(np.float64) ** 2
+        bias1, bias2 = 1 - b1**t, 1 - b2**t
+        w = w - lr * (m / (bias1 + eps)) / np.sqrt(v / (bias2 + eps) + eps)
+        out.append(w.copy())
+    return out
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "unbounded"])
+def test_adam_reduction_start_is_adam(tmp_path, bounded):
+    """θ reduced to Adam(1e-3) exports and steps, through chunks, as Adam to fp32 round-off."""
+    rule = TensorwiseHyperAdam(20, bounded=bounded)
+    theta = rule.adam_reduction(rule.init_theta(generator(0)), lr=1e-3)
+    method = rule.name
+    export_optimizer(method, theta, tmp_path / "adam", parity_sizes=(2,), trajectory_steps=3)
+    opt = runtime.load(tmp_path / "adam", threads=1)
+    assert opt.default_lr == rule.default_lr
+    # w0 = 0: the parameters stay ~1e-2, so their own fp32 rounding stays far below the tolerance
+    w0 = [np.zeros(s, np.float32) for s in SHAPES]
+    grads = gradients(STEPS, seed=6)
+    params = [a.copy() for a in w0]
+    stepper = opt.bind(params, chunk_size=CHUNK)
+    got = []
+    for step in grads:
+        stepper.step(step)
+        got.append(flat(params))
+    want = adam(flat(w0), [flat(s) for s in grads], lr=1e-3)
+    start = flat(w0)
+    for t, (g, w) in enumerate(zip(got, want, strict=True)):
+        # per coordinate, the update is ≤ ~lr; γ = σ(logit 0.999) in fp32 carries 1 − γ to
+        # ~3e-5 relative, so Adam's v̂ (and the step, through √) to ~1.5e-5
+        np.testing.assert_allclose(g - start, w - start, rtol=0, atol=1e-3 * (t + 1) * 5e-5)
+
+
+# -- the adapters: torch.optim, optax, the guard ---------------------------------------------
+
+
+def test_torch_optimizer_with_param_groups_follows_the_reference(
+    tensorwise_folders, tensorwise_theta
+):
+    """``runtime.torch.LearnedOptimizer`` over two param groups (the second at twice the lr):
+    every parameter is its own array; the state is the reference's and the second group moves
+    twice as far (the state does not depend on lr)."""
+    from runtime.torch import LearnedOptimizer
+
+    method = mf.HYPERADAM_TENSOR
+    ref, theta = reference(method, tensorwise_theta[method])
+    opt = runtime.load(tensorwise_folders[method], threads=1)
+    w0 = initial_params(7)
+    grads = gradients(STEPS, seed=7)
+    params = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in w0]
+    lr = opt.default_lr
+    optimizer = LearnedOptimizer(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 2 * lr}], opt, chunk_size=CHUNK
+    )
+    trajectory = []
+    for step in grads:
+        for p, g in zip(params, step, strict=True):
+            p.grad = torch.from_numpy(g.copy())
+        optimizer.step()
+        trajectory.append(flat([p.detach().numpy() for p in params]))
+    runs = reference_runs(ref, theta, w0, grads, lr)
+    state = optimizer.stepper.state_dict()["state"]
+    split = bounds()[2][0]  # the second group starts at array 2
+    doubled = [np.concatenate([t[:split], flat(w0)[split:] + (t[split:] - flat(w0)[split:]) / 2])
+               for t in trajectory]  # fmt: skip
+    assert_matches_reference(w0, doubled, state, runs, SHAPES)
+
+    # its state_dict (t carried beside the per-parameter fields) resumes exactly
+    saved = optimizer.state_dict()
+    assert saved["hyperadam_runtime"]["carried"][mf.STEP_COUNT].tolist() == [float(STEPS)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = LearnedOptimizer(
+        [{"params": copies[:2]}, {"params": copies[2:], "lr": 2 * lr}], opt, chunk_size=CHUNK
+    )
+    resumed.load_state_dict(saved)
+    for group in (params, copies):
+        for p, g in zip(group, grads[0], strict=True):
+            p.grad = torch.from_numpy(g.copy())
+    optimizer.step()
+    resumed.step()
+    for a, b in zip(params, copies, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_jax_transformation_equals_the_stepper(tensorwise_folders):
+    """``runtime.jax.learned_optimizer`` (jitted, one leaf per array) takes the numpy stepper's
+    steps, so it follows the reference as the stepper does."""
+    jax = pytest.importorskip("jax")
+    from runtime.jax import learned_optimizer
+
+    opt = runtime.load(tensorwise_folders[mf.HYPERADAM_TENSOR], threads=1)
+    w0 = initial_params(8)
+    grads = gradients(STEPS, seed=8)
+    names = [f"a{i}" for i in range(len(SHAPES))]  # jax flattens a dict in key order
+    tx = learned_optimizer(opt, chunk_size=CHUNK)
+    p = {n: jax.numpy.asarray(a) for n, a in zip(names, w0, strict=True)}
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    unguarded = []
+    for step in grads:
+        updates, state = update(
+            {n: jax.numpy.asarray(g) for n, g in zip(names, step, strict=True)}, state
+        )
+        p = jax.tree_util.tree_map(lambda a, u: a + u, p, updates)
+        unguarded.append(p)
+    arrays = [a.copy() for a in w0]
+    stepper = opt.bind(arrays, chunk_size=CHUNK)
+    for step in grads:
+        stepper.step(step)
+    for n, want in zip(names, arrays, strict=True):
+        np.testing.assert_allclose(np.asarray(p[n]), want, rtol=0, atol=1e-7)
+
+    # guarded (jitted), with a falling loss: the same steps; a NaN loss then restores
+    guarded = learned_optimizer(opt, chunk_size=CHUNK, guard=True)
+    q = {n: jax.numpy.asarray(a) for n, a in zip(names, w0, strict=True)}
+    state = guarded.init(q)
+    update = jax.jit(guarded.update)
+    for t, step in enumerate(grads):
+        loss = jax.numpy.nan if t == len(grads) - 1 else 1.0 / (t + 1)
+        g = {n: jax.numpy.asarray(a) for n, a in zip(names, step, strict=True)}
+        updates, state = update(g, state, q, loss=loss)
+        q = jax.tree_util.tree_map(lambda a, u: a + u, q, updates)
+        if t == len(grads) - 2:
+            for n in names:  # the unguarded steps so far
+                np.testing.assert_array_equal(np.asarray(q[n]), np.asarray(unguarded[t][n]))
+    from runtime.jax import num_fallbacks
+
+    assert num_fallbacks(state) == 1
+    assert all(np.isfinite(np.asarray(v)).all() for v in q.values())
+
+
+def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(tensorwise_folders):
+    """With a falling loss the guard changes nothing (bitwise); a blow-up restores the last good
+    parameters and state, the step count t included, and runs Adam."""
+    opt = runtime.load(tensorwise_folders[mf.HYPERADAM_TENSOR], threads=1)
+    w0 = initial_params(9)
+    grads = gradients(12, seed=9)
+    plain, guarded = [a.copy() for a in w0], [a.copy() for a in w0]
+    stepper = opt.bind(plain, chunk_size=CHUNK)
+    watched = opt.bind(guarded, chunk_size=CHUNK, guard=True, guard_hook=None)
+    for t, step in enumerate(grads[:10]):
+        stepper.step(step)
+        assert watched.step(step, loss=1.0 / (t + 1))
+    for a, b in zip(plain, guarded, strict=True):
+        np.testing.assert_array_equal(a, b)
+    saved = watched.state_dict()["state"]
+    np.testing.assert_array_equal(saved[mf.STEP_COUNT], [10.0])
+    assert not watched.step(grads[10], loss=float("nan"))  # restore to the last snapshot
+    assert watched.num_fallbacks == 1
+    # the last snapshot (GuardConfig.snapshot_every = 10) is the start: t and w back to it
+    assert watched.state_dict()["state"][mf.STEP_COUNT].tolist() == [0.0]
+    for a, b in zip(guarded, w0, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert watched.step(grads[11], loss=0.05)  # Adam
+    assert watched.num_adam_steps == 1
+    assert all(np.isfinite(a).all() for a in guarded)
