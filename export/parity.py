@@ -116,7 +116,7 @@ def random_state(
     fresh = {}
     for name, zeros in state._asdict().items():
         shape = tuple(zeros.shape)
-        if name in _LAYOUT_ENTRIES:
+        if name in _LAYOUT_ENTRIES or zeros.numel() == 0:  # layout, or a field not in use
             fresh[name] = zeros
             continue
         if name in ("h", "h1", "h2"):
@@ -129,6 +129,8 @@ def random_state(
             value = rng.normal(0.0, 1.0, shape) ** 2 * 10.0 ** rng.uniform(-10, -2, shape)
         elif name in ("b", "gamma"):
             value = rng.uniform(0.05, 1.0, shape)
+        elif name == "log_scale":  # the adaptive variant's step scale, within ±log 100
+            value = rng.uniform(-4.0, 4.0, shape)
         elif name in (mf.STEP, mf.STEP_COUNT):
             value = np.full(shape, 7.0)
         else:

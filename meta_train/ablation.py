@@ -32,11 +32,11 @@ import torch
 
 from runtime.theta import save_theta
 
+from .experimental import VARIANTS
 from .run_config import RunConfig, build_config, config_digest
 from .tasks.base import TaskFamily
 from .training import init_theta_flat, local_updates
 
-VARIANTS = ("paper", "tensor", "tensor-unbounded")
 FAMILIES = ("paper", "small")
 ESTIMATORS = ("tbptt", "pes")
 
@@ -121,6 +121,7 @@ ARMS = {
         ArmConfig("tensor-small-mean", meta_loss="mean"),
         ArmConfig("tensor-small-log-loguniform", log_uniform_horizons=(100, 2000)),
         ArmConfig("tensor-small-log-pes", log_uniform_horizons=(100, 2000), estimator="pes"),
+        ArmConfig("tensor-adaptive-small-log", variant="tensor-adaptive"),
     )
 }
 

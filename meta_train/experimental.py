@@ -18,7 +18,8 @@ from typing import Any
 from .tasks.family import FamilyMix, make_mix
 
 VALIDATION_SCORES = ("loss", "adam_ratio")
-VARIANTS = ("paper", "tensor", "tensor-unbounded")  # HyperAdam's inputs and step (issue 15)
+# HyperAdam's inputs and step (issue 15)
+VARIANTS = ("paper", "tensor", "tensor-unbounded", "tensor-adaptive")
 ESTIMATORS = ("tbptt", "pes")  # how a truncation's meta-gradient is estimated
 HORIZON_KINDS = ("fixed", "log_uniform")  # how long each trajectory is
 
@@ -181,8 +182,9 @@ class ExperimentalConfig:
         tuned lr), so tasks of different loss scales weigh alike and 1.0 means "as good as Adam".
       variant: HyperAdam's variant: ``"paper"`` (global normalisation), ``"tensor"`` (per-tensor
         inputs, bounded step; ``optimizers/hyperadam_tensor.py``) or ``"tensor-unbounded"``
-        (per-tensor inputs, the paper's unbounded step). The tensor variants have one step, the
-        torch one, whatever ``implementation`` says.
+        (per-tensor inputs, the paper's unbounded step) or ``"tensor-adaptive"`` (the bounded
+        step times a per-tensor step scale that follows the hypergradient). The tensor variants
+        have one step, the torch one, whatever ``implementation`` says.
       estimator: the meta-gradient estimator (``EstimatorConfig``: truncated BPTT or PES).
       horizons: how long each trajectory is (``HorizonConfig``: fixed or log-uniform).
     """

@@ -334,13 +334,14 @@ class RunConfig:
                     "set device = \"cpu\" and batch_slots = false"
                 )
             adam = experimental.adam_start
-            if adam is not None and experimental.variant == "tensor":
+            if adam is not None and experimental.variant in ("tensor", "tensor-adaptive"):
                 from .optimizers.hyperadam_tensor import RHO_MAX, TENSORWISE_DEFAULT_LR
 
                 reach = RHO_MAX * TENSORWISE_DEFAULT_LR
                 if not adam.lr < reach:
                     raise ValueError(
-                        f"experimental.adam_start.lr must be < {reach:g} with variant 'tensor' "
+                        f"experimental.adam_start.lr must be < {reach:g} with variant "
+                        f"{experimental.variant!r} "
                         f"(its bounded step reaches at most Adam at that lr), got {adam.lr}"
                     )
         for name, off in (("estimator", "tbptt"), ("horizons", "fixed")):
@@ -384,8 +385,12 @@ class RunConfig:
             if self.experimental.variant != "paper":
                 from .optimizers.hyperadam_tensor import TensorwiseHyperAdam
 
-                bounded = self.experimental.variant == "tensor"
-                return TensorwiseHyperAdam(self.num_candidates, bounded=bounded)
+                variant = self.experimental.variant
+                return TensorwiseHyperAdam(
+                    self.num_candidates,
+                    bounded=variant != "tensor-unbounded",
+                    adaptive_scale=variant == "tensor-adaptive",
+                )
             return HyperAdam(self.num_candidates, implementation=self.implementation)
         return make_learned_optimizer(self.optimizer)
 

@@ -53,6 +53,10 @@ _ARCHITECTURES: dict[str, tuple[SizesFromTheta, Callable[..., LearnedUpdateRule]
         lambda theta: {"num_candidates": _size(theta, "pre_bias")},
         lambda num_candidates: TensorwiseHyperAdam(num_candidates, bounded=False),
     ),
+    "hyperadam-tensor-adaptive": (
+        lambda theta: {"num_candidates": _size(theta, "pre_bias")},
+        lambda num_candidates: TensorwiseHyperAdam(num_candidates, adaptive_scale=True),
+    ),
 }
 
 

@@ -18,6 +18,16 @@ WeightCell) and changes what the cells see and how large a step can be:
   |M̂_j|: the update is at most RHO_MAX times an Adam step of size α per coordinate, whatever θ
   learns. (``bounded=False`` keeps the paper's unnormalised ELU weights, for the ablation.)
 
+* **Adaptive step scale** (``adaptive_scale=True``, method ``hyperadam-tensor-adaptive``): each
+  tensor T carries a log step scale ℓ_T that follows the hypergradient of the loss with respect
+  to the step size: ℓ_T ← clip(ℓ_T + κ·cos_T(g_t, D_{t−1}), ±log ``SCALE_MAX``), where D_{t−1}
+  = Σ_j ρ_j M̂_j is the previous step's direction and κ = ``KAPPA_MAX``·σ(θ_scale_rate) is
+  learned. While successive gradients keep pointing along the last step, the step grows; when
+  the step overshoots (the gradient turns against it), it shrinks. The cosine is invariant to
+  the tensor's scale, and the step stays bounded: at most RHO_MAX·SCALE_MAX Adam steps of α.
+  This is what lets one default α serve tasks whose tuned Adam lr spans 1e-3…1e-1
+  (docs/generalisation.md).
+
 The state adds the fixed-timescale accumulators, the step count and each coordinate's tensor
 index; with no tensor layout given the whole vector is one tensor. ``adam_reduction`` gives θ
 on which the step is exactly Adam(lr, β₁, β₂) (with ε inside the root, as the paper's).
@@ -46,6 +56,12 @@ RHO_MAX = 10.0  # the step is at most this many Adam steps of size α, per coord
 # the bounded step reaches at most Adam at 3e-2 (what small MLPs and convex problems want).
 TENSORWISE_DEFAULT_LR = 0.003
 RMS_EPS = 1e-30  # inside rms_T: a zero tensor gives a zero feature, not NaN
+SCALE_MAX = 100.0  # the adaptive step scale stays within [1/SCALE_MAX, SCALE_MAX]
+KAPPA_MAX = 0.2  # the most the log step scale moves in one step
+# The adaptive variant's meta-training start: Adam at α plus a hypergradient rate κ = 0.02 (the
+# rate chosen by a sweep over 0.01/0.02/0.05 on the held-out fast subset, untrained; all three
+# within a few per cent of one another there).
+ADAPTIVE_START_RATE = 0.02
 
 
 class TensorwiseState(NamedTuple):
@@ -62,6 +78,9 @@ class TensorwiseState(NamedTuple):
     t: Tensor  # [1] float32 steps taken
     segment: Tensor  # [p] int64 index of the coordinate's tensor
     segment_size: Tensor  # [num_tensors] float32 coordinates per tensor
+    # [p] the log step scale ℓ_T of the coordinate's tensor; [0] (empty) without one. Always a
+    # tensor, so code that maps over states (detach, messages, checkpoints) needs no exception.
+    log_scale: Tensor
 
 
 def segments_for(num_coords: int, tensor_sizes: Sequence[int] | None) -> tuple[Tensor, Tensor]:
@@ -71,6 +90,23 @@ def segments_for(num_coords: int, tensor_sizes: Sequence[int] | None) -> tuple[T
         raise ValueError(f"tensor sizes {sizes} do not add up to {num_coords} coordinates")
     segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     return segment, torch.tensor(sizes, dtype=torch.float32)
+
+
+def segment_sum(x: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+    """Σ of x over each tensor ([num_segments])."""
+    sums = torch.zeros(num_segments, dtype=x.dtype, device=x.device)
+    return sums.index_add(0, segment, x)
+
+
+def tensor_cosine(x: Tensor, y: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+    """cos(x_T, y_T) of every coordinate's tensor T, broadcast back to the coordinates ([p]).
+
+    0 where either is zero over the tensor (the first step, a frozen tensor).
+    """
+    dot = segment_sum(x * y, segment, num_segments)
+    norm_x = torch.sqrt(segment_sum(x.square(), segment, num_segments))
+    norm_y = torch.sqrt(segment_sum(y.square(), segment, num_segments))
+    return (dot / (norm_x * norm_y + RMS_EPS)).index_select(0, segment)
 
 
 def tensor_rms(x: Tensor, segment: Tensor, segment_size: Tensor) -> Tensor:
@@ -102,8 +138,31 @@ def candidate_directions(m: Tensor, v: Tensor, b: Tensor, gamma: Tensor) -> Tens
     return (m / (b + MOMENT_EPS)) * torch.rsqrt(v / (gamma + MOMENT_EPS) + MOMENT_EPS)
 
 
+def step_weights(theta: Theta, h: Tensor, *, bounded: bool) -> Tensor:
+    """ρ [p, J], the WeightCell's combination weights from the LSTM state h."""
+    logits = h @ theta["weight_kernel"] + theta["weight_bias"]
+    return torch.tanh(logits) * (RHO_MAX / logits.shape[1]) if bounded else F.elu(logits)
+
+
+def adapted_log_scale(
+    theta: Theta, grad: Tensor, state: TensorwiseState, previous: Tensor, *, bounded: bool
+) -> Tensor:
+    """ℓ_T after this step's hypergradient move (see the module docstring), per coordinate."""
+    last_direction = (step_weights(theta, state.h, bounded=bounded) * previous).sum(dim=1)
+    cosine = tensor_cosine(grad, last_direction, state.segment, state.segment_size.shape[0])
+    rate = KAPPA_MAX * torch.sigmoid(theta["scale_rate"])
+    limit = math.log(SCALE_MAX)
+    return (state.log_scale + rate * cosine).clamp(-limit, limit)
+
+
 def tensorwise_step(
-    theta: Theta, grad: Tensor, state: TensorwiseState, *, lr: float | Tensor, bounded: bool
+    theta: Theta,
+    grad: Tensor,
+    state: TensorwiseState,
+    *,
+    lr: float | Tensor,
+    bounded: bool,
+    adaptive: bool = False,
 ) -> tuple[Tensor, TensorwiseState]:
     """One step of the tensor-wise variant over a flat gradient; returns ``(delta, state)``."""
     features, feat_m, feat_v, t = input_features(grad, state)
@@ -123,12 +182,14 @@ def tensorwise_step(
     b = beta * state.b + (1.0 - beta)
     gam = gamma * state.gamma + (1.0 - gamma)
     directions = candidate_directions(m, v, b, gam)
-    logits = h @ theta["weight_kernel"] + theta["weight_bias"]
-    j = logits.shape[1]
-    rho = torch.tanh(logits) * (RHO_MAX / j) if bounded else F.elu(logits)
+    rho = step_weights(theta, h, bounded=bounded)
     delta = -lr * (rho * directions).sum(dim=1)
+    log_scale = state.log_scale
+    if adaptive:
+        log_scale = adapted_log_scale(theta, grad, state, previous, bounded=bounded)
+        delta = delta * torch.exp(log_scale)
     new_state = TensorwiseState(
-        h, c, m, v, b, gam, feat_m, feat_v, t, state.segment, state.segment_size
+        h, c, m, v, b, gam, feat_m, feat_v, t, state.segment, state.segment_size, log_scale
     )
     return delta, new_state
 
@@ -139,15 +200,24 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
     default_lr = TENSORWISE_DEFAULT_LR
     per_tensor = True  # init_state takes the tensor layout
 
-    def __init__(self, num_candidates: int = 20, *, bounded: bool = True) -> None:
+    def __init__(
+        self, num_candidates: int = 20, *, bounded: bool = True, adaptive_scale: bool = False
+    ) -> None:
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if adaptive_scale and not bounded:
+            raise ValueError("the adaptive step scale is built on the bounded step")
         self.num_candidates = num_candidates
         self.bounded = bounded
-        self.name = "hyperadam-tensor" if bounded else "hyperadam-tensor-unbounded"
+        self.adaptive_scale = adaptive_scale
+        if adaptive_scale:
+            self.name = "hyperadam-tensor-adaptive"
+        else:
+            self.name = "hyperadam-tensor" if bounded else "hyperadam-tensor-unbounded"
 
     def theta_shapes(self) -> dict[str, tuple[int, ...]]:
         j = self.num_candidates
+        extra = {"scale_rate": (1,)} if self.adaptive_scale else {}
         return {
             "pre_kernel": (NUM_FEATURES, j),
             "pre_bias": (j,),
@@ -157,22 +227,40 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
             "decay_bias": (2 * j,),
             "weight_kernel": (j, j),
             "weight_bias": (j,),
+            **extra,
         }
 
     def init_theta(self, generator: torch.Generator) -> Theta:
-        """The paper's initialisation (spec §2.4), shapes aside."""
-        return spec_init(self.theta_shapes(), generator)
+        """The paper's initialisation (spec §2.4), shapes aside; κ starts at ADAPTIVE_START_RATE."""
+        theta = spec_init(self.theta_shapes(), generator)
+        if self.adaptive_scale:
+            theta["scale_rate"] = torch.full((1,), _rate_logit(ADAPTIVE_START_RATE))
+        return theta
 
     def adam_reduction(
-        self, theta: Theta, *, lr: float, beta1: float = 0.9, beta2: float = 0.999
+        self,
+        theta: Theta,
+        *,
+        lr: float,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        scale_rate: float | None = None,
     ) -> Theta:
         """θ on which the step at α = ``default_lr`` is Adam(lr, β₁, β₂), ε inside the root.
 
         Constant decay rates (zero kernel, logit biases) make B, Γ Adam's bias corrections;
         constant weights ρ_j = lr/(α J) sum the J identical candidates to lr/α · M̂. The
         StateCell keeps ``theta``'s values, so meta-training starts at Adam with cells that
-        already see the inputs. Bounded: needs lr < RHO_MAX · α.
+        already see the inputs. Bounded: needs lr < RHO_MAX · α. Adaptive variant: the step
+        scale moves at rate κ = ``scale_rate``; 0 is Adam to round-off (κ ≈ 1e-19), None keeps
+        ``theta``'s κ (``init_theta``'s is ADAPTIVE_START_RATE: hypergradient Adam, the
+        meta-training start).
         """
+        if scale_rate is not None:
+            if not self.adaptive_scale:
+                raise ValueError("scale_rate needs the adaptive variant")
+            if not 0 <= scale_rate < KAPPA_MAX:
+                raise ValueError(f"scale_rate must be in [0, {KAPPA_MAX}), got {scale_rate}")
         if not lr > 0 or not (0 < beta1 < 1 and 0 < beta2 < 1):
             raise ValueError(f"Adam needs lr > 0 and betas in (0, 1), got {lr}, {beta1}, {beta2}")
         j = self.num_candidates
@@ -191,6 +279,8 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
         out["weight_kernel"] = torch.zeros(j, j)
         bias = math.atanh(share / RHO_MAX) if self.bounded else share / j
         out["weight_bias"] = torch.full((j,), bias)
+        if scale_rate is not None:
+            out["scale_rate"] = torch.full((1,), _rate_logit(scale_rate))
         return out
 
     def init_state(
@@ -215,9 +305,20 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
             torch.zeros(1, device=device),
             segment.to(device),
             sizes.to(device),
+            torch.zeros(num_coords if self.adaptive_scale else 0, device=device),
         )
 
     def step(
         self, theta: Theta, grad: Tensor, state: TensorwiseState, *, lr: float
     ) -> tuple[Tensor, TensorwiseState]:
-        return tensorwise_step(theta, grad, state, lr=lr, bounded=self.bounded)
+        return tensorwise_step(
+            theta, grad, state, lr=lr, bounded=self.bounded, adaptive=self.adaptive_scale
+        )
+
+
+def _rate_logit(rate: float) -> float:
+    """θ_scale_rate for κ = rate (κ = KAPPA_MAX·σ(θ)); rate 0 gives κ ≈ 4e-19, Adam to round-off."""
+    if rate == 0:
+        return -40.0
+    share = rate / KAPPA_MAX
+    return math.log(share / (1.0 - share))

@@ -1,5 +1,6 @@
 """The tensor-wise HyperAdam variant: per-tensor scale invariance, zero gradients, Adam start,
-a bounded step, and cells that see the gradient (unlike the paper's at large p)."""
+a bounded step, cells that see the gradient (unlike the paper's at large p), and the adaptive
+per-tensor step scale."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import pytest
 import torch
 
 from meta_train.optimizers.hyperadam_tensor import (
+    ADAPTIVE_START_RATE,
     RHO_MAX,
+    SCALE_MAX,
     TensorwiseHyperAdam,
     candidate_directions,
     segments_for,
 )
 
 SIZES = (300, 20, 500, 7)
+KINDS = ("bounded", "unbounded", "adaptive")
+
+
+def _make(kind: str) -> TensorwiseHyperAdam:
+    return TensorwiseHyperAdam(bounded=kind != "unbounded", adaptive_scale=kind == "adaptive")
 
 
 def _theta(opt: TensorwiseHyperAdam, seed: int = 0, scale: float = 1.0):
@@ -40,9 +48,9 @@ def _run(opt, theta, grads, *, lr=0.003, sizes=SIZES):
     return deltas, state
 
 
-@pytest.mark.parametrize("bounded", [True, False])
-def test_the_step_is_invariant_to_rescaling_each_tensor(bounded):
-    opt = TensorwiseHyperAdam(bounded=bounded)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_step_is_invariant_to_rescaling_each_tensor(kind):
+    opt = _make(kind)
     theta = _theta(opt, scale=3.0)  # large enough that the inputs matter
     grads = _grads(8)
     factors = torch.cat(
@@ -63,9 +71,10 @@ def test_the_layout_matters_so_the_invariance_is_not_vacuous():
     assert not torch.allclose(per_tensor[-1], one_tensor[-1], rtol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["bounded", "adaptive"])
 @pytest.mark.parametrize("which", ["coordinate", "tensor", "everything"])
-def test_zero_gradients_give_finite_steps(which):
-    opt = TensorwiseHyperAdam()
+def test_zero_gradients_give_finite_steps(which, kind):
+    opt = _make(kind)
     theta = _theta(opt, scale=3.0)
     grads = _grads(5)
     for g in grads:
@@ -84,11 +93,12 @@ def test_zero_gradients_give_finite_steps(which):
         assert float(deltas[-1].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("bounded", [True, False])
-def test_the_adam_reduction_start_is_adam(bounded):
-    opt = TensorwiseHyperAdam(bounded=bounded)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_adam_reduction_start_is_adam(kind):
+    opt = _make(kind)
     lr, b1, b2 = 0.003, 0.9, 0.999
-    theta = opt.adam_reduction(_theta(opt, scale=5.0), lr=lr, beta1=b1, beta2=b2)
+    rate = 0.0 if kind == "adaptive" else None  # κ = 0: the step scale stays at 1
+    theta = opt.adam_reduction(_theta(opt, scale=5.0), lr=lr, beta1=b1, beta2=b2, scale_rate=rate)
     grads = [g.double().float() for g in _grads(12)]
     deltas, _ = _run(opt, theta, grads, lr=opt.default_lr)
     m = torch.zeros(sum(SIZES), dtype=torch.float64)
@@ -136,3 +146,79 @@ def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="at most lr"):
         TensorwiseHyperAdam().adam_reduction(_theta(TensorwiseHyperAdam()), lr=0.05)
     assert math.isfinite(RHO_MAX)
+
+
+def _scales(state) -> torch.Tensor:
+    """exp(ℓ_T) of each tensor of SIZES (uniform within a tensor)."""
+    starts = [sum(SIZES[:i]) for i in range(len(SIZES))]
+    per_coord = torch.exp(state.log_scale)
+    for start, n in zip(starts, SIZES, strict=True):
+        assert bool((per_coord[start : start + n] == per_coord[start]).all())
+    return per_coord[starts]
+
+
+def test_the_adaptive_scale_grows_along_a_steady_gradient_and_shrinks_when_it_flips():
+    opt = _make("adaptive")
+    theta = opt.adam_reduction(_theta(opt), lr=0.003, scale_rate=0.1)
+    base = _grads(1)[0]
+    flips = torch.cat([torch.full((n,), -1.0 if i % 2 else 1.0) for i, n in enumerate(SIZES)])
+    state = opt.init_state(sum(SIZES), tensor_sizes=SIZES)
+    # Steady on even tensors, alternating sign on odd ones: the scales part ways per tensor.
+    for t in range(60):
+        grad = base * (flips ** t)
+        _, state = opt.step(theta, grad, state, lr=opt.default_lr)
+    scales = _scales(state)
+    assert float(scales[0]) > 5.0 and float(scales[2]) > 5.0  # e^(0.1·59) ≈ 365, clipped
+    assert float(scales[1]) < 0.2 and float(scales[3]) < 0.2
+    assert float(scales.max()) <= SCALE_MAX * (1 + 1e-6)
+    assert float(scales.min()) >= (1 - 1e-6) / SCALE_MAX
+
+
+def test_the_adaptive_step_stays_bounded():
+    opt = _make("adaptive")
+    theta = opt.adam_reduction(_theta(opt, seed=3, scale=100.0), lr=0.003, scale_rate=0.19)
+    theta["weight_kernel"] = torch.randn(20, 20) * 100  # ρ at its bound in every coordinate
+    state = opt.init_state(sum(SIZES), tensor_sizes=SIZES)
+    grad = _grads(1)[0]
+    for _ in range(100):
+        delta, state = opt.step(theta, grad, state, lr=0.01)
+        largest = candidate_directions(state.m, state.v, state.b, state.gamma).abs().amax(dim=1)
+        bound = 0.01 * RHO_MAX * SCALE_MAX * largest * (1 + 1e-5)
+        assert bool((delta.abs() <= bound).all())
+
+
+def test_the_meta_gradient_reaches_the_scale_rate():
+    opt = _make("adaptive")
+    theta = opt.adam_reduction(_theta(opt), lr=0.003, scale_rate=ADAPTIVE_START_RATE)
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    w = torch.ones(sum(SIZES))
+    state = opt.init_state(sum(SIZES), tensor_sizes=SIZES)
+    for _ in range(5):  # a quadratic: the gradient is w itself
+        delta, state = opt.step(theta, w, state, lr=opt.default_lr)
+        w = w + delta
+    w.square().sum().backward()
+    # A steady gradient: a faster-growing step lowers the loss, so d loss / d κ < 0.
+    assert float(theta["scale_rate"].grad) < 0
+
+
+def test_the_adaptive_variant_needs_the_bounded_step_and_checks_its_rate():
+    with pytest.raises(ValueError, match="bounded step"):
+        TensorwiseHyperAdam(bounded=False, adaptive_scale=True)
+    opt = _make("adaptive")
+    with pytest.raises(ValueError, match="scale_rate must be in"):
+        opt.adam_reduction(_theta(opt), lr=0.003, scale_rate=0.5)
+    with pytest.raises(ValueError, match="needs the adaptive variant"):
+        _make("bounded").adam_reduction(_theta(_make("bounded")), lr=0.003, scale_rate=0.01)
+    assert opt.name == "hyperadam-tensor-adaptive" and "scale_rate" in opt.theta_shapes()
+
+
+def test_an_adaptive_theta_file_loads_as_its_variant(tmp_path):
+    from meta_train.theta_source import load_theta_source
+    from runtime.theta import save_theta
+
+    opt = _make("adaptive")
+    path = save_theta(tmp_path / "theta.npz", opt.name, _theta(opt))
+    loaded, theta = load_theta_source(str(path))
+    assert loaded.name == "hyperadam-tensor-adaptive" and loaded.adaptive_scale
+    expected = torch.tensor([math.log(ADAPTIVE_START_RATE / (0.2 - ADAPTIVE_START_RATE))])
+    torch.testing.assert_close(theta["scale_rate"].float(), expected)

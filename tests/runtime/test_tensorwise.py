@@ -132,7 +132,9 @@ def test_layout_names_are_the_reference_state_fields():
         mf.STEP_COUNT,
         "segment",
         "segment_size",
+        "log_scale",  # the adaptive variant's step scale; empty in these two variants
     )
+    assert TensorwiseHyperAdam(20).init_state(7).log_scale.numel() == 0
     state = TensorwiseHyperAdam(20).init_state(7, tensor_sizes=[3, 4])
     layout = mf.tensorwise_layout(20)
     for field in layout.fields:
