@@ -109,8 +109,8 @@ class ArmConfig:
 
 
 # The arms of docs/generalisation.md's ablation table: each differs in one lever from the first,
-# except the PES arm, which differs from the log-uniform TBPTT arm in its estimator only (the
-# PES-against-TBPTT comparison at equal wall time).
+# except the PES arms, which differ from the log-uniform TBPTT arms in their estimator only (the
+# PES-against-TBPTT comparison at equal wall time), once on each bounded variant.
 ARMS = {
     arm.name: arm
     for arm in (
@@ -122,6 +122,17 @@ ARMS = {
         ArmConfig("tensor-small-log-loguniform", log_uniform_horizons=(100, 2000)),
         ArmConfig("tensor-small-log-pes", log_uniform_horizons=(100, 2000), estimator="pes"),
         ArmConfig("tensor-adaptive-small-log", variant="tensor-adaptive"),
+        ArmConfig(
+            "tensor-adaptive-small-log-loguniform",
+            variant="tensor-adaptive",
+            log_uniform_horizons=(100, 2000),
+        ),
+        ArmConfig(
+            "tensor-adaptive-small-log-pes",
+            variant="tensor-adaptive",
+            log_uniform_horizons=(100, 2000),
+            estimator="pes",
+        ),
     )
 }
 
