@@ -502,9 +502,12 @@ def render_markdown(report: dict[str, Any], rows: list[GridRow], analysis: str) 
     per_name = [ratio_rows(rows, results, name) for name in ["hyperadam", *candidates]]
     shown = [i for i in range(len(per_name[0])) if any(p[i]["ours"] is not None for p in per_name)]
     if shown:
-        header = ["row", "paper", "ours", "runs compared", "ours ≤ paper"]
-        for name in candidates:
-            header += [name, "runs compared", f"{name} ≤ paper"]
+        header = ["row", "paper"]
+        if candidates:  # then "ours" would not say whose
+            for name in ["hyperadam", *candidates]:
+                header += [name, "runs compared", f"{name} ≤ paper"]
+        else:
+            header += ["ours", "runs compared", "ours ≤ paper"]
         lines += [
             "## HyperAdam / Adam ratio (lower is better)",
             "",

@@ -100,7 +100,10 @@ def test_a_candidate_is_one_more_column_and_a_summary_the_built_ins_untouched():
             assert new_row[-1] == new_row[-2]  # the copy's cell reads as HyperAdam's
     ratio_old = table_rows(before, "HyperAdam / Adam ratio (lower is better)")
     ratio_new = table_rows(after, "HyperAdam / Adam ratio (lower is better)")
-    assert ratio_new[0] == ratio_old[0] + [label, "runs compared", f"{label} ≤ paper"]
+    assert ratio_old[0] == ["row", "paper", "ours", "runs compared", "ours ≤ paper"]
+    assert ratio_new[0] == ["row", "paper"] + [
+        cell for name in ("hyperadam", label) for cell in (name, "runs compared", f"{name} ≤ paper")
+    ]
     for old_row, new_row in zip(ratio_old[1:], ratio_new[1:], strict=True):
         assert new_row == old_row + old_row[2:]
     summary = table_rows(after, "Candidate θs on the paper's rows")
