@@ -30,7 +30,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .benchmark import OptimizerSpec, describe_optimizer, for_task, is_unstable
+from .benchmark import UNSTABLE_FACTOR, OptimizerSpec, describe_optimizer, for_task, is_unstable
 from .errors import UsageError
 from .evaluate import RunResult, evaluate
 from .paper import GRID, OPTIMIZERS, GridRow
@@ -385,13 +385,13 @@ def _ratio_cells(ratio: dict[str, Any]) -> list[str]:
     return [f"{ratio['ours']:.2f}", str(ratio["runs"]), verdict]
 
 
-def unstable_runs(results: dict[str, Any], label: str) -> dict[str, int]:
-    """How many of ``label``'s runs were unstable, over every task of the report.
+def unstable_runs(results: dict[str, Any], label: str) -> dict[str, Any]:
+    """How many of ``label``'s runs were unstable, over every task of the report, and where.
 
     ``unrecorded`` counts the cells from before cells recorded instability (not judged).
     """
-    count = {"unstable": 0, "runs": 0, "tasks": 0, "unrecorded": 0}
-    for cells in results.values():
+    count: dict[str, Any] = {"unstable": 0, "runs": 0, "tasks": 0, "unrecorded": 0, "where": []}
+    for task_key, cells in results.items():
         cell = cells.get(label)
         if cell is None or "status" in cell:
             continue
@@ -401,6 +401,8 @@ def unstable_runs(results: dict[str, Any], label: str) -> dict[str, int]:
         count["unstable"] += sum(cell["unstable"])
         count["runs"] += len(cell["unstable"])
         count["tasks"] += 1
+        if any(cell["unstable"]):
+            count["where"].append(task_key)
     return count
 
 
@@ -428,9 +430,10 @@ def _candidate_summary(rows: list[GridRow], results: dict[str, Any], label: str)
     if len(run) < len(judged):
         rows_cell += f" ({len(run)} run)"
     count = unstable_runs(results, label)
-    unstable = (
-        f"{count['unstable']} of {count['runs']} ({count['tasks']} tasks)" if count["runs"] else "—"
-    )
+    unstable = "—"
+    if count["runs"]:
+        where = "".join(f"; {task}" for task in count["where"])
+        unstable = f"{count['unstable']} of {count['runs']} ({count['tasks']} tasks{where})"
     if count["unrecorded"]:
         unstable += f"; {count['unrecorded']} tasks not recorded"
     accuracies = []
@@ -529,7 +532,8 @@ def render_markdown(report: dict[str, Any], rows: list[GridRow], analysis: str) 
             "Each candidate at its own default lr, no per-task tuning, on the runs every optimizer "
             "sees. *Rows*: rows whose ratio to Adam is at or below the paper's HyperAdam/Adam "
             "ratio, of the rows the paper gives one for. *Unstable*: runs with a non-finite loss "
-            "or a final loss above 1.5× the lowest smoothed training loss the run had reached "
+            f"or a final loss above {UNSTABLE_FACTOR:g}× the lowest smoothed training loss the "
+            "run had reached "
             "(the held-out benchmark's definition), over every task of the report. *Table 3*: "
             "test accuracy (mean of the cell) against Adam's.",
             "",
@@ -628,7 +632,7 @@ def replaced_candidates(previous: dict[str, Any], specs: list[OptimizerSpec]) ->
 
     replaced = {}
     for label, info in previous.get("candidates", {}).items():
-        old = where(info["source"]) if Path(info["source"]).exists() else None
+        old = where(info["source"])
         for spec in specs:
             same_file = old is not None and old == where(spec.source)
             if is_candidate(spec.label) and same_file and spec.identity != info["identity"]:

@@ -117,7 +117,7 @@ def test_a_candidate_is_one_more_column_and_a_summary_the_built_ins_untouched():
     assert builtin[1] == copied[1] == "8 of 19"
     judged = [c[label] for c in candidate["results"].values() if "unstable" in c.get(label, {})]
     runs = sum(len(cell["unstable"]) for cell in judged)
-    assert copied[2] == f"1 of {runs} ({len(judged)} tasks)"
+    assert copied[2] == f"1 of {runs} ({len(judged)} tasks; mnist-cnn2-10000)"
     assert builtin[2] == f"—; {len(judged)} tasks not recorded"  # cells from before the record
     cnn1, cnn2 = candidate["results"]["mnist-cnn1-10000"], candidate["results"]["mnist-cnn2-10000"]
     assert copied[3] == "; ".join(
@@ -280,8 +280,10 @@ def test_quick_end_to_end_with_a_theta_file(quick_with_candidate):
         assert line[5:] == [f"{r['ours']:.2f}", "2", "yes" if r["ours"] <= r["paper"] else "no"]
     summary = dict((r[0], r[1:]) for r in table_rows(markdown, "Candidate θs on the paper's rows"))
     met = sum(r["ours"] <= r["paper"] for r in ratios.values())
-    unstable = sum(sum(report["results"][t][label]["unstable"]) for t in QUICK_TASKS)
-    assert summary[label] == [f"{met} of 3", f"{unstable} of 4 (2 tasks)", "—"]
+    flags = {t: report["results"][t][label]["unstable"] for t in QUICK_TASKS}
+    where = "".join(f"; {t}" for t in report["results"] if any(flags[t]))
+    unstable = f"{sum(map(sum, flags.values()))} of 4 (2 tasks{where})"
+    assert summary[label] == [f"{met} of 3", unstable, "—"]
     run = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("hyperadam-reproduce").experiment_id]
     )[0]
