@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -91,7 +92,7 @@ def smooth(curve: Sequence[float], window: int) -> list[float]:
 @torch.no_grad()
 def run_task(task: Task, rule: UpdateRule, *, steps: int, seed: int) -> RunRecord:
     """Runs ``rule`` for ``steps`` steps on ``task`` from the init and batches of ``seed``."""
-    rule = _for_task(rule, task)
+    rule = for_task(rule, task)
     w = task.init_params(generator(seed, 0))
     state = rule.init(w.numel())
     curve: list[float] = []
@@ -113,15 +114,42 @@ def run_task(task: Task, rule: UpdateRule, *, steps: int, seed: int) -> RunRecor
             for e in range(FINAL_EVAL_BATCHES)
         ) / FINAL_EVAL_BATCHES
         diverged = not math.isfinite(final)
-    smoothed = smooth([c if math.isfinite(c) else math.inf for c in curve], smoothing_window(steps))
-    lowest = min((s for s in smoothed if math.isfinite(s)), default=math.inf)
+    smoothed, lowest = smoothed_and_lowest(curve, steps)
     if diverged:
         return RunRecord(smoothed, math.inf, lowest, True, True)
-    unstable = bool(final > UNSTABLE_FACTOR * lowest) if lowest > 0 else False
-    return RunRecord(smoothed, final, lowest, False, unstable)
+    return RunRecord(smoothed, final, lowest, False, _above_lowest(final, lowest))
 
 
-def _for_task(rule: UpdateRule, task: Task) -> UpdateRule:
+def smoothed_and_lowest(curve: Sequence[float], horizon: int) -> tuple[list[float], float]:
+    """A run's curve smoothed over ``smoothing_window(horizon)`` steps, and its lowest finite
+    value (inf when there is none)."""
+    finite = [c if math.isfinite(c) else math.inf for c in curve]
+    smoothed = smooth(finite, smoothing_window(horizon))
+    return smoothed, min((s for s in smoothed if math.isfinite(s)), default=math.inf)
+
+
+def _above_lowest(final: float, lowest: float) -> bool:
+    return bool(final > UNSTABLE_FACTOR * lowest) if lowest > 0 else False
+
+
+def is_unstable(curve: Sequence[float], final_loss: float, horizon: int) -> bool:
+    """The benchmark's instability, for a run of any protocol (``hyperadam reproduce`` too).
+
+    Args:
+      curve: the run's training loss per step (cut short where it diverged).
+      final_loss: its final loss (non-finite when the run diverged).
+      horizon: the steps the run was meant to make (it sets the smoothing window).
+
+    Returns:
+      True when the final loss is non-finite or above ``UNSTABLE_FACTOR`` × the lowest smoothed
+      loss the run had reached.
+    """
+    if not math.isfinite(final_loss):
+        return True
+    return _above_lowest(final_loss, smoothed_and_lowest(curve, horizon)[1])
+
+
+def for_task(rule: UpdateRule, task: Task) -> UpdateRule:
     """Gives a rule that normalises per tensor the task's tensor layout (others ignore it)."""
     bind = getattr(rule, "for_tensors", None)
     return bind(task.tensor_sizes) if callable(bind) else rule
@@ -140,8 +168,11 @@ class OptimizerSpec:
     lr: float | None = None  # None: the optimizer's own default
 
 
-def describe_optimizer(source: str) -> OptimizerSpec:
-    """Resolves a name or path and fingerprints its θ (so results are tied to the θ behind them)."""
+def describe_optimizer(source: str, *, flag: str = "--optimizer") -> OptimizerSpec:
+    """Resolves a name or path and fingerprints its θ (so results are tied to the θ behind them).
+
+    ``flag`` names the command-line option in the error a bad source gets.
+    """
     from .resolve import BASELINES, LEARNED
 
     if source in BASELINES:
@@ -152,7 +183,9 @@ def describe_optimizer(source: str) -> OptimizerSpec:
     try:
         optimizer, theta = load_theta_source(source)
     except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"--optimizer {source}: {error}") from error
+        raise UsageError(f"{flag} {source}: {error}") from error
+    except zipfile.BadZipFile as error:  # a truncated .npz: np.load lets this one through
+        raise UsageError(f"{flag} {source}: not a θ artifact (.npz): {error}") from error
     flat = optimizer.flatten(theta).detach().numpy().astype(np.float32).tobytes()
     identity = hashlib.sha256(flat).hexdigest()[:16]
     if source in LEARNED:

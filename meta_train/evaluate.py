@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -127,8 +128,13 @@ def evaluate(
     seed: int = 0,
     lr: float | None = None,
     with_test_metrics: bool = False,
+    on_run: Callable[[RunResult], None] | None = None,
 ) -> EvaluationResult:
-    """Evaluates ``rule`` over ``runs`` seeded runs (the same runs for every optimizer)."""
+    """Evaluates ``rule`` over ``runs`` seeded runs (the same runs for every optimizer).
+
+    ``on_run`` sees each run's ``RunResult`` (its whole curve), for a caller that judges runs
+    one by one (``hyperadam reproduce`` counts the unstable ones).
+    """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     if steps < 1:
@@ -139,6 +145,9 @@ def evaluate(
         )
         for r in range(runs)
     ]
+    if on_run is not None:
+        for result in results:
+            on_run(result)
     curve_mean = [_mean([r.curve[t] for r in results if t < len(r.curve)]) for t in range(steps)]
     test_metrics: dict[str, list[float]] = {}
     for r in results:

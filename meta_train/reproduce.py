@@ -6,6 +6,14 @@ JSON-ready results; ``write_report`` turns them into ``results.md`` and loss-cur
 number in the report is read from those results, never typed in, except the paper's figures
 (``meta_train.paper``). A hand-written analysis between the ANALYSIS markers of an existing
 report is kept when the report is regenerated.
+
+Besides the paper's four optimizers, a sitting may judge *candidate* θs (issue 15): any θ file
+or folder ``meta_train.theta_source`` loads, labelled and fingerprinted as the held-out
+benchmark does (``meta_train.benchmark.describe_optimizer``: ``<name>@<digest>``), run at its
+own default lr and bound to each task's tensor layout. The report shows each as a column beside
+the paper's tables and says, per candidate, on how many rows it is at or below the paper's
+HyperAdam/Adam ratio, how many of its runs were unstable (the benchmark's definition,
+``meta_train.benchmark.is_unstable``) and how its Table 3 test accuracy compares with Adam's.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from .benchmark import UNSTABLE_FACTOR, OptimizerSpec, describe_optimizer, for_task, is_unstable
 from .errors import UsageError
-from .evaluate import evaluate
+from .evaluate import RunResult, evaluate
 from .paper import GRID, OPTIMIZERS, GridRow
 from .resolve import resolve_optimizer
 
@@ -39,7 +48,7 @@ LONG_HORIZON = 2000  # rows at or beyond this many steps use ``long_runs``
 @dataclasses.dataclass(frozen=True)
 class ReproduceConfig:
     tasks: tuple[str, ...] = ()  # empty = every task of the grid
-    optimizers: tuple[str, ...] = OPTIMIZERS
+    optimizers: tuple[str, ...] = OPTIMIZERS  # the paper's names, or θ files/folders
     runs: int = 10
     seed: int = 0
     data_dir: str | None = None
@@ -81,8 +90,65 @@ def _task(task_key: str, data_dir: str | None):
     return build_test_task(task_key, data_dir=data_dir)
 
 
+def resolve_optimizers(sources: tuple[str, ...] | list[str]) -> list[OptimizerSpec]:
+    """The optimizers of a sitting: the paper's four by name, candidate θs by path.
+
+    Each is labelled and fingerprinted by ``describe_optimizer`` (a candidate's label is
+    ``<folder or file stem>@<first 8 hex of its θ digest>``); a θ named twice (its file and its
+    folder) is evaluated once.
+
+    Raises:
+      UsageError: a source that is neither one of the paper's names nor a θ file or folder that
+        loads, before anything runs.
+    """
+    specs: dict[str, OptimizerSpec] = {}
+    for source in sources:
+        if source not in OPTIMIZERS and not Path(source).exists():
+            raise UsageError(
+                f"--optimizers {source}: not one of {', '.join(OPTIMIZERS)} and no θ file or "
+                "folder there"
+            )
+        spec = describe_optimizer(source, flag="--optimizers")
+        specs.setdefault(spec.label, spec)
+    return list(specs.values())
+
+
+def is_candidate(label: str) -> bool:
+    """Whether a column of the report is a candidate θ rather than one of the paper's four."""
+    return label not in OPTIMIZERS
+
+
+def candidate_info(spec: OptimizerSpec) -> dict[str, Any]:
+    """What the report records of a candidate: where its θ came from, which θ, and its lr."""
+    from runtime.theta import load_theta, theta_path
+
+    from .theta_source import load_theta_source
+
+    optimizer, _ = load_theta_source(spec.source)
+    return {
+        "source": spec.source,
+        "identity": spec.identity,
+        "method": load_theta(theta_path(spec.source)).method,
+        "lr": optimizer.default_lr,
+    }
+
+
+def describe_candidate(info: dict[str, Any]) -> str:
+    """The report's one line on a candidate θ."""
+    return (
+        f"candidate θ `{info['source']}` ({info['method']}, θ digest {info['identity']}), at "
+        f"its default lr {info['lr']:g}, no per-task tuning"
+    )
+
+
 def evaluate_cell(task_key: str, name: str, runs: int, seed: int, data_dir: str | None) -> dict:
-    """One (task, optimizer) cell of the grid as JSON-ready results (or why there are none)."""
+    """One (task, optimizer) cell of the grid as JSON-ready results (or why there are none).
+
+    ``name`` is one of the paper's optimizers or a θ file or folder. A learned rule is bound to
+    the task's tensor layout (per-tensor variants normalise within each tensor; the others
+    ignore it). Besides ``EvaluationResult.to_json``, the cell records per run whether it was
+    unstable (``unstable``, the held-out benchmark's definition).
+    """
     from .tasks.suite import TEST_TASKS
 
     spec = TEST_TASKS[task_key]
@@ -90,17 +156,48 @@ def evaluate_cell(task_key: str, name: str, runs: int, seed: int, data_dir: str 
         rule, lr = resolve_optimizer(name, spec)
     except UsageError as error:
         return {"status": f"not available: {error}"}
+    task = _task(task_key, data_dir)
+    bound = for_task(rule, task)
+    if bound is not rule:
+        bound.name = rule.name  # bound to the layout, labelled as before
+    runs_seen: list[RunResult] = []
     result = evaluate(
-        _task(task_key, data_dir),
-        rule,
+        task,
+        bound,
         task_name=task_key,
         steps=spec.horizon,
         runs=runs,
         seed=seed,
         lr=lr,
         with_test_metrics=spec.reports_test_accuracy,
+        on_run=runs_seen.append,
     )
-    return result.to_json()
+    return {
+        **result.to_json(),
+        "unstable": [is_unstable(r.curve, r.final_loss, spec.horizon) for r in runs_seen],
+    }
+
+
+def unchanged_cell(
+    previous: dict[str, Any] | None, task_key: str, spec: OptimizerSpec, runs: int, seed: int
+) -> dict[str, Any] | None:
+    """The earlier cell of the same θ on the same runs, which a ``--merge`` sitting keeps.
+
+    Only learned optimizers' cells are kept (their θ digest says the θ is unchanged); a cell
+    of another θ, seed or number of runs, or one from before cells recorded their θ, is rerun.
+    """
+    if previous is None or not spec.identity:
+        return None
+    old = previous.get("results", {}).get(task_key, {}).get(spec.label)
+    if (
+        old is None
+        or "status" in old
+        or old.get("identity") != spec.identity
+        or old.get("runs") != runs
+        or old.get("seed") != seed
+    ):
+        return None
+    return old
 
 
 def _set_threads(threads: int) -> None:
@@ -109,34 +206,46 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_grid(config: ReproduceConfig, *, log=print) -> dict[str, Any]:
+def run_grid(
+    config: ReproduceConfig, *, log=print, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Evaluates every (task, optimizer) of the chosen rows; returns JSON-ready results.
 
     Every cell draws from the same seeds whatever ``config.jobs`` is, and the parallel processes
     use this process' torch thread count (which decides the order of float reductions), so
-    running cells in parallel changes only the wall time.
+    running cells in parallel changes only the wall time. Cells are keyed by the optimizers'
+    labels (``resolve_optimizers``) and record their θ's digest (``identity``). With
+    ``previous`` (an earlier report, ``--merge``), a learned optimizer's cell of the same θ on
+    the same runs is not rerun (``unchanged_cell``): the merge keeps it.
     """
     import torch
 
     from .tasks.suite import TEST_TASKS
 
+    specs = resolve_optimizers(config.optimizers)
     results: dict[str, dict[str, Any]] = {}
-    cells = []
+    cells: list[tuple[str, OptimizerSpec, int]] = []
     for task_key in dict.fromkeys(row.task for row in config.rows()):
         results[task_key] = {}
         if task_key.startswith("cifar10") and config.data_dir is None:
-            for name in config.optimizers:
-                results[task_key][name] = {"status": "CIFAR-10 not available here (--data-dir)"}
+            for spec in specs:
+                results[task_key][spec.label] = {
+                    "status": "CIFAR-10 not available here (--data-dir)"
+                }
             continue
         try:  # missing data fails here, once, with a clear error
             _task(task_key, config.data_dir)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error).splitlines()[0]) from None
         runs = config.runs_for(TEST_TASKS[task_key].horizon)
-        cells += [(task_key, name, runs) for name in config.optimizers]
-    jobs = [(key, name, runs, config.seed, config.data_dir) for key, name, runs in cells]
-    for key, name, runs in cells:
-        log(f"[reproduce] {key} × {name} ({runs} runs, {TEST_TASKS[key].horizon} steps)")
+        for spec in specs:
+            if unchanged_cell(previous, task_key, spec, runs, config.seed) is not None:
+                log(f"[reproduce] {task_key} × {spec.label}: kept (same θ, same {runs} runs)")
+                continue
+            cells.append((task_key, spec, runs))
+    jobs = [(key, spec.source, runs, config.seed, config.data_dir) for key, spec, runs in cells]
+    for key, spec, runs in cells:
+        log(f"[reproduce] {key} × {spec.label} ({runs} runs, {TEST_TASKS[key].horizon} steps)")
     if config.jobs == 1:
         outputs = [evaluate_cell(*job) for job in jobs]
     else:
@@ -148,15 +257,21 @@ def run_grid(config: ReproduceConfig, *, log=print) -> dict[str, Any]:
             initargs=(torch.get_num_threads(),),
         ) as pool:
             outputs = list(pool.map(evaluate_cell, *zip(*jobs, strict=True)))
-    for (key, name, _), output in zip(cells, outputs, strict=True):
-        results[key][name] = output
-    return {
+    for (key, spec, _), output in zip(cells, outputs, strict=True):
+        results[key][spec.label] = (
+            output if "status" in output else {**output, "identity": spec.identity}
+        )
+    report = {
         "config": dataclasses.asdict(config),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": f"{platform.machine()} {platform.processor() or ''}".strip()
         + f", {os.cpu_count()} CPUs",
         "results": results,
     }
+    candidates = {s.label: candidate_info(s) for s in specs if is_candidate(s.label)}
+    if candidates:  # a report of the paper's four alone stays as it was
+        report["candidates"] = candidates
+    return report
 
 
 def _value(entry: dict[str, Any], metric: str) -> float | None:
@@ -209,8 +324,11 @@ def _paired_final_losses(
     return sum(learned["final_losses"][:n]) / n, sum(adam["final_losses"][:n]) / n, n
 
 
-def ratio_rows(rows: list[GridRow], results: dict[str, Any]) -> list[dict[str, Any]]:
-    """HyperAdam/Adam ratio per row, ours beside the paper's (lower is better).
+def ratio_rows(
+    rows: list[GridRow], results: dict[str, Any], learned_name: str = "hyperadam"
+) -> list[dict[str, Any]]:
+    """``learned_name``/Adam ratio per row, ours beside the paper's HyperAdam/Adam (lower is
+    better); one entry per row with a loss metric, ``ours`` None where a cell is missing.
 
     Final losses are compared run by run on the runs both cells have (``runs``); test metrics,
     stored as means only, are compared as means of the two cells.
@@ -220,7 +338,7 @@ def ratio_rows(rows: list[GridRow], results: dict[str, Any]) -> list[dict[str, A
         if row.metric not in ("final_loss", "test_loss"):
             continue
         cells = results.get(row.task, {})
-        learned, adam = cells.get("hyperadam"), cells.get("adam")
+        learned, adam = cells.get(learned_name), cells.get("adam")
         ours: float | None = None
         runs: int | None = None
         mean_learned: float | None
@@ -258,9 +376,83 @@ def report_optimizers(report: dict[str, Any]) -> list[str]:
     return known + sorted(present - set(known))
 
 
+def _ratio_cells(ratio: dict[str, Any]) -> list[str]:
+    """A ratio table's ``ours | runs compared | ours ≤ paper`` for one optimizer and row."""
+    if ratio["ours"] is None:
+        return ["not run", "—", "—"]
+    paper = ratio["paper"]
+    verdict = "—" if paper is None else ("yes" if ratio["ours"] <= paper else "no")
+    return [f"{ratio['ours']:.2f}", str(ratio["runs"]), verdict]
+
+
+def unstable_runs(results: dict[str, Any], label: str) -> dict[str, Any]:
+    """How many of ``label``'s runs were unstable, over every task of the report, and where.
+
+    ``unrecorded`` counts the cells from before cells recorded instability (not judged).
+    """
+    count: dict[str, Any] = {"unstable": 0, "runs": 0, "tasks": 0, "unrecorded": 0, "where": []}
+    for task_key, cells in results.items():
+        cell = cells.get(label)
+        if cell is None or "status" in cell:
+            continue
+        if "unstable" not in cell:
+            count["unrecorded"] += 1
+            continue
+        count["unstable"] += sum(cell["unstable"])
+        count["runs"] += len(cell["unstable"])
+        count["tasks"] += 1
+        if any(cell["unstable"]):
+            count["where"].append(task_key)
+    return count
+
+
+def accuracy_rows(rows: list[GridRow], results: dict[str, Any], label: str) -> list[dict]:
+    """Table 3's test accuracies of ``label`` beside Adam's (means of the cells); None where
+    a cell is missing or holds no test metrics."""
+    out = []
+    for row in rows:
+        if row.section != "Table 3" or not row.metric.startswith("test_top"):
+            continue
+        cells = results.get(row.task, {})
+        values = [cells.get(name) for name in (label, "adam")]
+        ours, adam = (None if v is None else _value(v, row.metric) for v in values)
+        out.append({"row": row.label, "ours": ours, "adam": adam})
+    return out
+
+
+def _candidate_summary(rows: list[GridRow], results: dict[str, Any], label: str) -> list[str]:
+    """The summary table's cells for one optimizer: rows at or below the paper's ratio,
+    unstable runs, Table 3's test accuracy against Adam's."""
+    judged = [r for r in ratio_rows(rows, results, label) if r["paper"] is not None]
+    run = [r for r in judged if r["ours"] is not None]
+    met = sum(r["ours"] <= r["paper"] for r in run)
+    rows_cell = f"{met} of {len(judged)}"
+    if len(run) < len(judged):
+        rows_cell += f" ({len(run)} run)"
+    count = unstable_runs(results, label)
+    unstable = "—"
+    if count["runs"]:
+        where = "".join(f"; {task}" for task in count["where"])
+        unstable = f"{count['unstable']} of {count['runs']} ({count['tasks']} tasks{where})"
+    if count["unrecorded"]:
+        unstable += f"; {count['unrecorded']} tasks not recorded"
+    accuracies = []
+    for acc in accuracy_rows(rows, results, label):
+        if acc["ours"] is None or acc["adam"] is None:
+            accuracies.append(f"{acc['row']}: not run")
+            continue
+        verdict = "at or above" if acc["ours"] >= acc["adam"] else "below"
+        accuracies.append(
+            f"{acc['row']} {100 * acc['ours']:.2f} % vs {100 * acc['adam']:.2f} % ({verdict})"
+        )
+    return [rows_cell, unstable, "; ".join(accuracies) or "—"]
+
+
 def render_markdown(report: dict[str, Any], rows: list[GridRow], analysis: str) -> str:
     cfg, results = report["config"], report["results"]
     names = report_optimizers(report) or list(cfg["optimizers"])
+    paper_names = [n for n in names if not is_candidate(n)]
+    candidates = [n for n in names if is_candidate(n)]
     merged = len(report.get("sittings", ())) > 1
     runs = (
         "as each cell says"
@@ -296,32 +488,64 @@ def render_markdown(report: dict[str, Any], rows: list[GridRow], analysis: str) 
     for section in dict.fromkeys(row.section for row in rows):
         lines += [f"## {section}", ""]
         header = (
-            ["row", "metric"] + [f"{n} (paper)" for n in names] + [f"{n} (ours)" for n in names]
+            ["row", "metric"]
+            + [f"{n} (paper)" for n in paper_names]
+            + [f"{n} (ours)" for n in names]
         )
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in (r for r in rows if r.section == section):
             cells = results.get(row.task, {})
-            values = [_paper(row.paper.get(n)) for n in names]
+            values = [_paper(row.paper.get(n)) for n in paper_names]
             values += [format_ours(cells.get(n), row.metric) for n in names]
             lines.append(
                 f"| {row.label} (`{row.task}`) | {row.metric} | " + " | ".join(values) + " |"
             )
         lines.append("")
-    ratios = [r for r in ratio_rows(rows, results) if r["ours"] is not None]
-    if ratios:
+    # Each learned column's ratio to Adam, row by row: HyperAdam's, then each candidate's.
+    per_name = [ratio_rows(rows, results, name) for name in ["hyperadam", *candidates]]
+    shown = [i for i in range(len(per_name[0])) if any(p[i]["ours"] is not None for p in per_name)]
+    if shown:
+        header = ["row", "paper"]
+        if candidates:  # then "ours" would not say whose
+            for name in ["hyperadam", *candidates]:
+                header += [name, "runs compared", f"{name} ≤ paper"]
+        else:
+            header += ["ours", "runs compared", "ours ≤ paper"]
         lines += [
             "## HyperAdam / Adam ratio (lower is better)",
             "",
-            "| row | paper | ours | runs compared | ours ≤ paper |",
-            "|---|---|---|---|---|",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
         ]
-        for r in ratios:
-            paper = "—" if r["paper"] is None else f"{r['paper']:.2f}"
-            verdict = "—" if r["paper"] is None else ("yes" if r["ours"] <= r["paper"] else "no")
-            lines.append(f"| {r['row']} | {paper} | {r['ours']:.2f} | {r['runs']} | {verdict} |")
-        judged = [r for r in ratios if r["paper"] is not None]
+        for i in shown:
+            first = per_name[0][i]
+            paper = "—" if first["paper"] is None else f"{first['paper']:.2f}"
+            values = [first["row"], paper] + [c for p in per_name for c in _ratio_cells(p[i])]
+            lines.append("| " + " | ".join(values) + " |")
+        judged = [r for r in per_name[0] if r["ours"] is not None and r["paper"] is not None]
         met = sum(r["ours"] <= r["paper"] for r in judged)
         lines += ["", f"At or below the paper's ratio on {met} of {len(judged)} rows.", ""]
+    if candidates:
+        lines += [
+            "## Candidate θs on the paper's rows",
+            "",
+            "Each candidate at its own default lr, no per-task tuning, on the runs every optimizer "
+            "sees. *Rows*: rows whose ratio to Adam is at or below the paper's HyperAdam/Adam "
+            "ratio, of the rows the paper gives one for. *Unstable*: runs with a non-finite loss "
+            f"or a final loss above {UNSTABLE_FACTOR:g}× the lowest smoothed training loss the "
+            "run had reached "
+            "(the held-out benchmark's definition), over every task of the report. *Table 3*: "
+            "test accuracy (mean of the cell) against Adam's.",
+            "",
+            "| optimizer | rows at or below the paper's ratio | unstable runs | "
+            "Table 3 test accuracy vs Adam |",
+            "|---|---|---|---|",
+        ]
+        for name in ["hyperadam", *candidates]:
+            lines.append(
+                f"| {name} | " + " | ".join(_candidate_summary(rows, results, name)) + " |"
+            )
+        lines.append("")
     lines += [
         "## Analysis",
         "",
@@ -385,14 +609,61 @@ def merge_reports(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, An
     ]
     sittings = [*sittings, {k: new[k] for k in ("config", "created", "hardware")}]
     optimizers = {**previous.get("optimizers", {}), **new.get("optimizers", {})}
-    return {**new, "results": results, "sittings": sittings, "optimizers": optimizers}
+    merged = {**new, "results": results, "sittings": sittings, "optimizers": optimizers}
+    candidates = {**previous.get("candidates", {}), **new.get("candidates", {})}
+    if candidates:
+        merged["candidates"] = candidates
+    return merged
+
+
+def replaced_candidates(previous: dict[str, Any], specs: list[OptimizerSpec]) -> dict[str, str]:
+    """Candidates of ``previous`` whose θ file now holds another θ: old label → new label.
+
+    A candidate's label carries its θ's digest, so a retrained θ at the same path is a new
+    column; its old column, of a θ that is no longer there, is dropped (``drop_optimizers``).
+    """
+    from runtime.theta import theta_path
+
+    def where(source: str) -> Path | None:
+        try:
+            return theta_path(source).resolve()
+        except (FileNotFoundError, ValueError):
+            return None
+
+    replaced = {}
+    for label, info in previous.get("candidates", {}).items():
+        old = where(info["source"])
+        for spec in specs:
+            same_file = old is not None and old == where(spec.source)
+            if is_candidate(spec.label) and same_file and spec.identity != info["identity"]:
+                replaced[label] = spec.label
+    return replaced
+
+
+def drop_optimizers(report: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """``report`` without the cells, descriptions and candidate records of ``labels``."""
+    gone = set(labels)
+    out = dict(report)
+    out["results"] = {
+        task: {n: c for n, c in cells.items() if n not in gone}
+        for task, cells in report.get("results", {}).items()
+    }
+    for key in ("optimizers", "candidates"):
+        if key in report:
+            out[key] = {n: v for n, v in report[key].items() if n not in gone}
+    return out
 
 
 def changed_optimizers(previous: dict[str, Any], current: dict[str, str]) -> list[str]:
-    """Learned optimizers whose description (lineage, θ hash) differs from the one behind the
-    cells of ``previous``: merging would put two different θ under one name."""
+    """Built-in learned optimizers whose description (lineage, θ hash) differs from the one
+    behind the cells of ``previous``: merging would put two different θ under one name. (A
+    candidate's name carries its θ's digest: another θ is another name.)"""
     before = previous.get("optimizers", {})
-    return [name for name, info in current.items() if name in before and before[name] != info]
+    return [
+        name
+        for name, info in current.items()
+        if not is_candidate(name) and name in before and before[name] != info
+    ]
 
 
 def report_json(report: dict[str, Any]) -> str:

@@ -1,4 +1,8 @@
-"""``hyperadam reproduce``: the paper's evaluation grid → results.md, PNGs, MLflow artifacts."""
+"""``hyperadam reproduce``: the paper's evaluation grid → results.md, PNGs, MLflow artifacts.
+
+``--optimizers`` takes the paper's four by name and candidate θs by path (a θ file or a folder
+holding ``theta.npz``); each candidate becomes a column of the report.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,14 @@ from ..paper import OPTIMIZERS
 from ..reproduce import (
     QUICK_RUNS,
     ReproduceConfig,
+    candidate_info,
     changed_optimizers,
+    describe_candidate,
+    drop_optimizers,
+    is_candidate,
     merge_reports,
+    replaced_candidates,
+    resolve_optimizers,
     run_grid,
     write_report,
 )
@@ -22,7 +32,11 @@ from ._threads import add_threads_flag, apply_threads
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few runs of a few tasks")
     parser.add_argument("--tasks", nargs="+", default=(), help="task keys (default: whole grid)")
-    parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, choices=OPTIMIZERS)
+    parser.add_argument(
+        "--optimizers", nargs="+", default=OPTIMIZERS, metavar="NAME|PATH",
+        help=f"the paper's optimizers ({', '.join(OPTIMIZERS)}; default all) and candidate θ "
+        "files or folders, each at its own default lr (a column NAME@DIGEST of the report)",
+    )  # fmt: skip
     parser.add_argument(
         "--runs", type=int, default=None, help="runs per cell (default 10; quick 2)"
     )
@@ -35,7 +49,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--merge", action="store_true",
-        help="keep the cells of an existing results.json in --out that this run does not redo",
+        help="keep the cells of an existing results.json in --out that this run does not redo, "
+        "and a learned optimizer's cells of the same θ on the same runs (not rerun)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="folder with CIFAR-10 python batches")
@@ -50,12 +65,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
-def describe_optimizers(names: tuple[str, ...]) -> dict[str, str]:
-    """How each shipped learned optimizer was trained, from its manifest's lineage."""
+def describe_optimizers(names: tuple[str, ...], candidates: dict[str, dict]) -> dict[str, str]:
+    """How each shipped learned optimizer was trained, from its manifest's lineage; which θ
+    each candidate is (``candidates``: label → ``candidate_info``)."""
     from ..resolve import LEARNED
 
     out = {}
     for name in names:
+        if name in candidates:
+            out[name] = describe_candidate(candidates[name])
+            continue
         if name not in LEARNED:
             out[name] = "hand-designed; the paper's tuned learning rate per task (spec §5)"
             continue
@@ -104,20 +123,26 @@ def run(args: argparse.Namespace) -> int:
         long_runs=args.long_runs,
         jobs=args.jobs,
     )
+    specs = resolve_optimizers(config.optimizers)  # a bad θ path fails here, before any cell
+    candidates = {s.label: candidate_info(s) for s in specs if is_candidate(s.label)}
     previous = None
     if args.merge and (Path(args.out) / "results.json").is_file():
         try:
             previous = json.loads((Path(args.out) / "results.json").read_text())
         except ValueError as error:
             raise UsageError(f"cannot merge into {args.out}/results.json: {error}") from None
-    described = describe_optimizers(config.optimizers)
+    described = describe_optimizers(tuple(s.label for s in specs), candidates)
     if previous is not None and (changed := changed_optimizers(previous, described)):
         # Checked before any cell runs: a refused merge costs nothing and changes no file.
         raise UsageError(
             f"--merge: {', '.join(changed)} in {args.out}/results.json came from another θ than "
             "the one shipped now; one report holds one θ per optimizer (use another --out)"
         )
-    report = run_grid(config)
+    if previous is not None and (replaced := replaced_candidates(previous, specs)):
+        for old, new in replaced.items():
+            print(f"[reproduce] {old} replaced by {new}: the θ at its path changed")
+        previous = drop_optimizers(previous, list(replaced))
+    report = run_grid(config, previous=previous)
     report["optimizers"] = described
     if previous is not None:
         report = merge_reports(previous, report)
