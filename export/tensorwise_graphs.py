@@ -123,7 +123,7 @@ def _adapted_log_scale(b: GraphBuilder, theta: dict[str, np.ndarray]) -> str:
     limit = np.float32(math.log(ref.SCALE_MAX))
     return b.op(
         "Clip",
-        b.op("Add", "log_scale", b.op("Mul", b.const(rate.numpy().reshape(()), "scale_rate"), cosine)),
+        b.op("Add", "log_scale", b.op("Mul", b.const(rate.numpy()[0], "scale_rate"), cosine)),
         b.const(-limit, "minus_log_scale_max"),
         b.const(limit, "log_scale_max"),
         outputs=[mf.updated("log_scale")],

@@ -445,9 +445,10 @@ class Stepper:
 
     def _array_means(self) -> None:
         """Turns the terms the ``ARRAY_TERMS`` pass wrote into each coordinate's per-array
-        means (sums, for ``summed_statistics``): sums per array (float64, chunks in order, so independent of threads), one
-        all-reduce of the sums and the arrays' sizes when sharded, then the means written back.
-        An array with no coordinates on any shard keeps a mean of 0 (nothing reads it)."""
+        means: sums per array (float64, chunks in order, so independent of threads), one
+        all-reduce of the sums and the arrays' sizes when sharded, then the means (the sums,
+        for ``summed_statistics``) written back. An array with no coordinates on any shard keeps
+        a mean of 0 (nothing reads it)."""
         count = len(self._statistics)
         host = self._backend.to_host(self._means)
         sums = np.zeros((count, self._num_arrays), np.float64)
