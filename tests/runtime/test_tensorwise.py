@@ -589,3 +589,84 @@ def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(
     assert watched.step(grads[11], loss=0.05)  # Adam
     assert watched.num_adam_steps == 1
     assert all(np.isfinite(a).all() for a in guarded)
+
+
+# -- the adaptive variant's step scale ---------------------------------------------------------
+
+ADAPTIVE = mf.HYPERADAM_TENSOR_ADAPTIVE
+
+
+def _bound_at(opt, state, sizes, chunk_size):
+    """A stepper over zero parameters of ``sizes`` holding the reference state ``state``."""
+    from export.parity import to_runtime_state
+
+    params = [np.zeros(n, np.float32) for n in sizes]
+    stepper = opt.bind(params, chunk_size=chunk_size)
+    saved = stepper.state_dict()
+    saved["state"] = to_runtime_state(opt.manifest.state, state)
+    stepper.load_state_dict(saved)
+    return stepper, params
+
+
+def test_the_step_scale_stops_at_its_bounds(tensorwise_folders, tensorwise_theta):
+    """ℓ near ±log SCALE_MAX with gradients that keep agreeing (array 0: ℓ grows) or keep
+    flipping (array 1: ℓ shrinks): the runtime clips at exactly ±log 100 in fp32, as the
+    reference, step by step, through chunks smaller than the arrays."""
+    ref, theta = reference(ADAPTIVE, tensorwise_theta[ADAPTIVE])
+    opt = runtime.load(tensorwise_folders[ADAPTIVE], threads=1)
+    sizes = [300, 200]
+    rng = np.random.default_rng(11)
+    base = [rng.normal(size=n) for n in sizes]
+    grads = [[(b * (1.0 if i == 0 else (-1.0) ** t) + 0.1 * rng.normal(size=b.size)).astype(
+        np.float32) for i, b in enumerate(base)] for t in range(10)]  # fmt: skip
+    state = ref.init_state(sum(sizes), tensor_sizes=sizes)
+    state = state._replace(log_scale=torch.cat([torch.full((300,), 4.5), torch.full((200,), -4.5)]))
+    stepper, params = _bound_at(opt, state, sizes, chunk_size=128)
+    w = torch.zeros(sum(sizes))
+    with torch.no_grad():
+        for step in grads:
+            assert stepper.step(step)
+            delta, state = ref.step(theta, torch.from_numpy(flat(step)), state, lr=opt.default_lr)
+            w = w + delta
+            got = stepper.state_dict()["state"]["log_scale"]
+            np.testing.assert_allclose(got, state.log_scale.numpy(), rtol=0, atol=1e-6)
+            assert relative_error(flat(params), w.numpy()) < TOLERANCE
+    limit = np.float32(math.log(100.0))
+    np.testing.assert_array_equal(got, np.r_[np.full(300, limit), np.full(200, -limit)])
+    np.testing.assert_array_equal(got, state.log_scale.numpy())
+
+
+def test_the_cosine_adds_its_epsilon_to_the_product_of_the_norms(
+    tensorwise_folders, tensorwise_theta
+):
+    """Tiny gradients (1e-17) and previous directions (moments 1e-25): ‖g‖·‖D‖ is ~100 × 1e-30,
+    so where 1e-30 is added matters. The runtime's summed statistics give the reference's
+    cos = Σg·D / (‖g‖‖D‖ + 1e-30) (ℓ to 1e-7); per-array means would add 1e-30 to
+    ‖g‖‖D‖/n and move ℓ by half."""
+    ref, theta = reference(ADAPTIVE, tensorwise_theta[ADAPTIVE])
+    opt = runtime.load(tensorwise_folders[ADAPTIVE], threads=1)
+    sizes, rng = [100, 60], np.random.default_rng(12)
+    p, j = sum(sizes), 20
+
+    def f32(a) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, np.float32))
+
+    state = ref.init_state(p, tensor_sizes=sizes)._replace(
+        h=f32(rng.uniform(-0.9, 0.9, (p, j))),
+        c=f32(rng.normal(size=(p, j))),
+        m=f32(rng.normal(size=(p, j)) * 1e-25),  # v = 0: gradients whose squares underflowed
+        b=f32(rng.uniform(0.05, 1.0, (p, j))),
+        gamma=f32(rng.uniform(0.05, 1.0, (p, j))),
+        feat_m=f32(rng.normal(size=(p, 3)) * 1e-17),
+        feat_v=f32(rng.uniform(0.5, 2.0, (p, 1)) * 1e-34),
+        t=torch.full((1,), 5.0),
+    )
+    g = (rng.normal(size=p) * 1e-17).astype(np.float32)
+    stepper, params = _bound_at(opt, state, sizes, chunk_size=64)
+    assert stepper.step([g[:100].copy(), g[100:].copy()])
+    with torch.no_grad():
+        delta, want = ref.step(theta, torch.from_numpy(g), state, lr=opt.default_lr)
+    got = stepper.state_dict()["state"]["log_scale"]
+    assert np.abs(want.log_scale.numpy()).min() > 0.01  # the cosine is not ~0
+    np.testing.assert_allclose(got, want.log_scale.numpy(), rtol=1e-5, atol=0)
+    assert relative_error(flat(params), delta.numpy()) < 1e-5
