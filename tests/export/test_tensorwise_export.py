@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import runtime
@@ -16,7 +17,7 @@ from export import export_optimizer
 from export import parity as parity_lib
 from meta_train.cli import main
 from runtime import manifest as mf
-from runtime.theta import load_theta
+from runtime.theta import load_theta, save_theta
 
 ABLATION = Path(__file__).resolve().parents[2] / "checkpoints" / "ablation"
 THETA_FILES = {
@@ -176,3 +177,21 @@ def test_a_runtime_refuses_an_edited_adaptive_manifest(exports, tmp_path, change
     _edit(folder, change)
     with pytest.raises(mf.ManifestError, match=message):
         runtime.load(folder)
+
+
+def test_adaptive_parity_with_trained_cells(tmp_path):
+    """The adaptive start θ is Adam (ρ does not depend on h): with the trained bounded θ's cells
+    and κ = 0.1, the previous direction D = Σ_j ρ_j(h) M̂_j that the terms graph recomputes
+    depends on the state's h, and the parity check passes fused, chunked and sharded."""
+    theta = dict(load_theta(ABLATION / "tensor-small-log" / "theta.npz").theta)
+    theta["scale_rate"] = np.zeros(1, np.float32)  # κ = KAPPA_MAX·σ(0) = 0.1
+    save_theta(tmp_path / "theta.npz", mf.HYPERADAM_TENSOR_ADAPTIVE, theta)
+    manifest = export_optimizer(
+        mf.HYPERADAM_TENSOR_ADAPTIVE, tmp_path / "theta.npz", tmp_path / "adaptive"
+    )
+    cases = {case["case"]: case for case in manifest.parity["cases"]}
+    assert manifest.parity["passed"] is True
+    for path in ("fused", "chunked", "sharded"):
+        case = cases[f"p=1000 in arrays of [500, 300, 200] random-gradient {path}"]
+        assert case["tolerance"] == parity_lib.step_tolerance(case["fp32_vs_fp64_floor"])
+        assert case["max_error"] <= case["tolerance"]
