@@ -27,4 +27,5 @@ EXPORT_METHODS: dict[str, BuildGraphs] = {
     mf.RNNPROP: build_rnnprop_graphs,
     mf.HYPERADAM_TENSOR: partial(build_tensorwise_graphs, bounded=True),
     mf.HYPERADAM_TENSOR_UNBOUNDED: partial(build_tensorwise_graphs, bounded=False),
+    mf.HYPERADAM_TENSOR_ADAPTIVE: partial(build_tensorwise_graphs, bounded=True, adaptive=True),
 }

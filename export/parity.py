@@ -138,7 +138,24 @@ def random_state(
         if name not in (mf.STEP, mf.STEP_COUNT):
             value[rng.random(p) < 0.1] = 0.0
         fresh[name] = torch.from_numpy(np.asarray(value, np.float32))
+    if getattr(state, "log_scale", torch.zeros(0)).numel():
+        _without_moments_before_any_step(fresh)
     return type(state)(**fresh)  # the state's own NamedTuple
+
+
+def _without_moments_before_any_step(fresh: dict[str, torch.Tensor]) -> None:
+    """Zeroes m and v where the bias accumulators (or v) say no gradient was ever seen.
+
+    The adaptive tensor-wise variant recomputes the previous direction M̂ = (m/B)/√(v/Γ + ε)
+    of the incoming state unclipped (its step scale reads cos(g, Σ_j ρ_j M̂_j)). The fields
+    zeroed independently above give pairs no step can reach (m ≠ 0 with B = 0: M̂ ~ 1e33, whose
+    square overflows fp32 and makes the reference's cosine 0 · ∞); a real coordinate with B = 0
+    or Γ = 0 has taken no step and one with v = 0 has seen only zero gradients, so m = v = 0
+    there. Only for that variant: the other methods' parity records stay as they were.
+    """
+    unseen = (fresh["b"] == 0) | (fresh["gamma"] == 0) | (fresh["v"] == 0)
+    fresh["m"] = torch.where(unseen, 0.0, fresh["m"])
+    fresh["v"] = torch.where(unseen, 0.0, fresh["v"])
 
 
 def real_gradient(p: int, rng: np.random.Generator) -> np.ndarray:

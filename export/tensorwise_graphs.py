@@ -1,12 +1,20 @@
 """The tensor-wise HyperAdam variant as ONNX graphs: the per-array terms and one step graph.
 
 The maths is ``meta_train.optimizers.hyperadam_tensor`` (``input_features``,
-``tensorwise_step``), feature-major (``[J, n]``, see ``runtime.manifest``). Its only quantity
-that spans coordinates is rms_T(g) of each coordinate's tensor T (the bound array). That is a
-per-array statistic (``runtime.manifest.ARRAY_MEANS``): ``array_terms.onnx`` emits g² per
-coordinate, the runtime averages it over each array (all chunks, all shards), and the step
-graph receives the mean per coordinate. Given it, the step is coordinate-wise, so the one
-``fused`` graph runs on any chunk, packed chunks of several arrays included.
+``tensorwise_step``, ``adapted_log_scale``), feature-major (``[J, n]``, see
+``runtime.manifest``). Its only quantity that spans coordinates is rms_T(g) of each
+coordinate's tensor T (the bound array). That is a per-array statistic
+(``runtime.manifest.ARRAY_MEANS``): ``array_terms.onnx`` emits g² per coordinate, the runtime
+averages it over each array (all chunks, all shards), and the step graph receives the mean per
+coordinate. Given it, the step is coordinate-wise, so the one ``fused`` graph runs on any
+chunk, packed chunks of several arrays included.
+
+The adaptive variant (``hyperadam-tensor-adaptive``) also needs cos_T(g, D) with the previous
+step direction D = Σ_j ρ_j(h) M̂_j, both of the incoming state: its terms graph recomputes D
+per coordinate from h, m, v, b, γ and emits g², g·D and D² as well, which the runtime sums over
+each array (``runtime.manifest.TENSORWISE_ADAPTIVE_SUMMED``); the step graph forms the cosine
+exactly as the reference, Σ g·D / (√Σ g² · √Σ D² + 1e-30), moves the state's ℓ (one value per
+coordinate, its tensor's) and multiplies the step by exp(ℓ).
 
 Rewrites that change only fp32 rounding:
 
@@ -21,8 +29,11 @@ Rewrites that change only fp32 rounding:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
+import torch
 
 from meta_train.optimizers import hyperadam_tensor as ref
 from meta_train.optimizers.hyperadam import FORGET_BIAS, MOMENT_EPS
@@ -42,6 +53,81 @@ def build_array_terms(spec: mf.GraphSpec) -> onnx.ModelProto:
         outputs=[mf.ARRAY_TERMS_OUT],
     )
     return b.model(spec.inputs, spec.outputs, "Per-coordinate terms of the per-array statistics.")
+
+
+def _step_weights(b: GraphBuilder, theta: dict[str, np.ndarray], h: str, *, bounded: bool) -> str:
+    """ρ [J, n] from the LSTM state h, the reference's ``step_weights``."""
+    j = int(theta["weight_bias"].shape[0])
+    logits = b.op(
+        "Gemm",
+        b.const(np.ascontiguousarray(np.asarray(theta["weight_kernel"], np.float32).T), "w_k"),
+        h,
+        b.const(np.asarray(theta["weight_bias"], np.float32).reshape(j, 1), "weight_bias"),
+    )
+    if not bounded:
+        return elu(b, logits)
+    return b.op("Mul", b.op("Tanh", logits), b.const(ref.RHO_MAX / j, "rho_scale"))
+
+
+def build_adaptive_array_terms(spec: mf.GraphSpec, theta: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """(g, h, m, v, b, γ) → the rows g², g², g·D, D² of ``array_terms``, where D = Σ_j ρ_j(h)
+    M̂_j(m, v, b, γ) is the previous step's direction (the reference's ``last_direction`` in
+    ``adapted_log_scale``: unclipped M̂ of the incoming state, ρ of its h)."""
+    assert spec.outputs[0].shape[0] == len(mf.TENSORWISE_ADAPTIVE_STATISTICS)
+    b = GraphBuilder("hyperadam_tensor_adaptive_array_terms")
+    eps = b.const(MOMENT_EPS, "moment_eps")
+    rho = _step_weights(b, theta, "h", bounded=True)
+    direction = b.op(
+        "ReduceSum",
+        b.op("Mul", rho, _directions(b, "m", "v", "b", "gamma", eps)),
+        b.const([0], "axis0"),
+        keepdims=1,
+    )  # [1, n]
+    grad = b.op("Unsqueeze", mf.GRAD, b.const([0], "axis0"))
+    grad_sq = b.op("Mul", grad, grad)
+    b.op(
+        "Concat",
+        grad_sq,  # its mean: rms_T(g)²
+        grad_sq,  # its sum: ‖g‖² over T
+        b.op("Mul", grad, direction),  # the reference's x * y
+        b.op("Mul", direction, direction),
+        axis=0,
+        outputs=[mf.ARRAY_TERMS_OUT],
+    )
+    return b.model(
+        spec.inputs,
+        spec.outputs,
+        "Per-coordinate terms of the adaptive variant's per-array statistics: g² (mean: rms_T(g)²)"
+        ", then g², g·D, D² (sums: the cosine between g and the previous step direction D).",
+    )
+
+
+def _adapted_log_scale(b: GraphBuilder, theta: dict[str, np.ndarray]) -> str:
+    """ℓ' = clip(ℓ + κ·cos_T(g, D), ±log SCALE_MAX) from the summed statistics (rows 1–3 of
+    ``array_means``), the reference's ``adapted_log_scale`` and ``tensor_cosine``."""
+
+    def row(index: int) -> str:
+        name = mf.TENSORWISE_ADAPTIVE_STATISTICS[index]
+        return b.op("Gather", mf.ARRAY_MEANS, b.const(np.int64(index), f"{name}_row"), axis=0)
+
+    grad_norm = b.op("Sqrt", row(1))
+    direction_norm = b.op("Sqrt", row(3))
+    cosine = b.op(
+        "Div",
+        row(2),
+        b.op("Add", b.op("Mul", grad_norm, direction_norm), b.const(ref.RMS_EPS, "cosine_eps")),
+    )
+    # κ = KAPPA_MAX·σ(θ_scale_rate), rounded as the reference rounds it (fp32 σ, then the
+    # product with KAPPA_MAX).
+    rate = ref.KAPPA_MAX * torch.sigmoid(torch.as_tensor(theta["scale_rate"], dtype=torch.float32))
+    limit = np.float32(math.log(ref.SCALE_MAX))
+    return b.op(
+        "Clip",
+        b.op("Add", "log_scale", b.op("Mul", b.const(rate.numpy()[0], "scale_rate"), cosine)),
+        b.const(-limit, "minus_log_scale_max"),
+        b.const(limit, "log_scale_max"),
+        outputs=[mf.updated("log_scale")],
+    )
 
 
 def _directions(b: GraphBuilder, m: str, v: str, bias1: str, bias2: str, eps: str) -> str:
@@ -105,11 +191,14 @@ def _features(b: GraphBuilder, step: str) -> tuple[str, str]:
 
 
 def build_tensorwise_graphs(
-    theta: dict[str, np.ndarray], *, bounded: bool
+    theta: dict[str, np.ndarray], *, bounded: bool, adaptive: bool = False
 ) -> dict[str, onnx.ModelProto]:
-    """The ``array_terms`` and ``fused`` models of the tensor-wise variant (numpy fp32 θ)."""
+    """The ``array_terms`` and ``fused`` models of the tensor-wise variant (numpy fp32 θ);
+    ``adaptive``: with the per-tensor step scale (bounded only, as the reference)."""
+    if adaptive and not bounded:
+        raise ValueError("the adaptive step scale is built on the bounded step")
     j = int(theta["pre_bias"].shape[0])
-    specs = mf.tensorwise_graphs(j)
+    specs = mf.tensorwise_graphs(j, adaptive=adaptive)
     per_coordinate = 1 + len(ref.FEATURE_BETAS)  # g/rms and the momenta; then progress
     b = GraphBuilder("hyperadam_tensor_fused")
     step = b.op("Add", mf.STEP_COUNT, b.const(1.0, "one"), outputs=[mf.updated(mf.STEP_COUNT)])
@@ -180,29 +269,28 @@ def build_tensorwise_graphs(
         "Add", b.op("Mul", gamma, "gamma"), one_minus_gamma, outputs=[mf.updated("gamma")]
     )
     directions = _directions(b, m_new, v_new, b_new, gamma_new, eps)
-    logits = b.op(
-        "Gemm",
-        b.const(np.ascontiguousarray(np.asarray(theta["weight_kernel"], np.float32).T), "w_k"),
-        h_new,
-        b.const(theta["weight_bias"].reshape(j, 1), "weight_bias"),
-    )
-    rho = (
-        b.op("Mul", b.op("Tanh", logits), b.const(ref.RHO_MAX / j, "rho_scale"))
-        if bounded
-        else elu(b, logits)
-    )
+    rho = _step_weights(b, theta, h_new, bounded=bounded)
     combined = b.op("ReduceSum", b.op("Mul", rho, directions), b.const([0], "axis0"), keepdims=0)
+    update = b.op("Mul", mf.LR, combined)
+    if adaptive:  # the reference's (−α · Σ) · exp(ℓ')
+        update = b.op("Mul", update, b.op("Exp", _adapted_log_scale(b, theta)))
     b.op(
-        "Sub", mf.PARAM, b.op("Mul", mf.LR, combined), outputs=[mf.updated(mf.PARAM)]
+        "Sub", mf.PARAM, update, outputs=[mf.updated(mf.PARAM)]
     )  # w − α Σ_j ρ_j M̂_j, the reference's w + (−α · Σ)
     kind = "bounded (ρ = (RHO_MAX/J)·tanh)" if bounded else "unbounded (ρ = ELU)"
+    given = "means"
+    if adaptive:
+        kind += " and the adaptive per-tensor step scale exp(ℓ)"
+        given = "means (rms) and sums (cosine)"
     fused = b.model(
         specs[mf.FUSED].inputs,
         specs[mf.FUSED].outputs,
         f"One tensor-wise HyperAdam step, {kind}, of a chunk of any size, given the per-array "
-        "means of its coordinates' terms (array_means).",
+        f"{given} of its coordinates' terms (array_means).",
     )
-    return {
-        mf.ARRAY_TERMS: build_array_terms(specs[mf.ARRAY_TERMS]),
-        mf.FUSED: fused,
-    }
+    terms = (
+        build_adaptive_array_terms(specs[mf.ARRAY_TERMS], theta)
+        if adaptive
+        else build_array_terms(specs[mf.ARRAY_TERMS])
+    )
+    return {mf.ARRAY_TERMS: terms, mf.FUSED: fused}

@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ RNNPROP = "rnnprop"
 # cells see g / rms_T(g) over the gradient's own bound array T; bounded or ELU weights.
 HYPERADAM_TENSOR = "hyperadam-tensor"
 HYPERADAM_TENSOR_UNBOUNDED = "hyperadam-tensor-unbounded"
+# The bounded variant with an adaptive per-tensor step scale ℓ_T, moved each step by the cosine
+# between the array's gradient and its previous step direction.
+HYPERADAM_TENSOR_ADAPTIVE = "hyperadam-tensor-adaptive"
 
 # -- graph roles and their files -------------------------------------------------------------
 FUSED = "fused"
@@ -86,7 +90,8 @@ STEP_COUNT = "t"  # [1] the tensor-wise variant's step count (float, as Tensorwi
 # coordinate's bound array, over every shard of it). ``array_terms.onnx`` writes the S terms of
 # each coordinate as ARRAY_TERMS [S, n]; the runtime sums them per array (float64), all-reduces
 # the sums and the arrays' sizes across shards, divides, and feeds each coordinate its arrays'
-# means as ARRAY_MEANS [S, n] to the step graph.
+# means as ARRAY_MEANS [S, n] to the step graph. A method may name some statistics "summed"
+# (``MethodInfo.summed_statistics``): their rows hold the sum over the array, not the mean.
 ARRAY_TERMS_OUT = "array_terms"
 ARRAY_MEANS = "array_means"
 
@@ -101,6 +106,21 @@ TENSORWISE_FEATURE_MOMENTA = 3  # feat_m: momenta at 3 fixed timescales (FEATURE
 # The tensor-wise variant's per-array statistics, in the rows of ARRAY_TERMS / ARRAY_MEANS:
 # g², whose mean over the array is rms_T(g)².
 TENSORWISE_STATISTICS = ("grad_sq",)
+# The adaptive variant's state adds ℓ_T (TensorwiseState.log_scale), one value per coordinate
+# (every coordinate of a tensor holds its tensor's).
+TENSORWISE_ADAPTIVE_FIELDS = (*TENSORWISE_FIELDS, "log_scale")
+# Its statistics: rms_T(g)² as above, then the three sums of the cosine between the gradient and
+# the previous step direction D = Σ_j ρ_j(h) M̂_j of the incoming state, cos_T(g, D) =
+# Σ g·D / (√Σ g² · √Σ D² + 1e-30). Sums, not means: the reference adds its 1e-30 to the product
+# of the norms, which the means would scale by the array's size.
+TENSORWISE_ADAPTIVE_STATISTICS = (
+    "grad_sq",
+    "grad_sq_sum",
+    "grad_dot_last_step_sum",
+    "last_step_sq_sum",
+)
+TENSORWISE_ADAPTIVE_SUMMED = TENSORWISE_ADAPTIVE_STATISTICS[1:]
+TENSORWISE_TERMS_STATE = ("h", "m", "v", "b", "gamma")  # what D is recomputed from
 
 
 def updated(name: str) -> str:
@@ -219,7 +239,8 @@ class MethodInfo:
 
     ``array_statistics`` names the per-array statistics the step graphs read (rows of
     ``ARRAY_MEANS``); when there are any, the ``ARRAY_TERMS`` graph runs over every chunk
-    before ``phases`` (see ``ARRAY_MEANS``), in the fused path too.
+    before ``phases`` (see ``ARRAY_MEANS``), in the fused path too. ``summed_statistics`` are
+    those among them whose row holds the term's sum over the array instead of its mean.
     """
 
     config_keys: tuple[str, ...]
@@ -227,6 +248,12 @@ class MethodInfo:
     graphs: Callable[..., dict[str, GraphSpec]]  # (**config) -> {role: GraphSpec}
     phases: tuple[Phase, ...]  # the chunked / sharded step, in order (Σg² is computed first)
     array_statistics: tuple[str, ...] = ()
+    summed_statistics: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.summed_statistics) - set(self.array_statistics)
+        if unknown:
+            raise ValueError(f"summed statistics {sorted(unknown)} are not array statistics")
 
 
 def _fused(layout: StateLayout, statistics: int = 0) -> GraphSpec:
@@ -289,26 +316,34 @@ def rnnprop_layout(hidden_size: int) -> StateLayout:
     return StateLayout(fields, (Carried(STEP, (1,), "same"),))
 
 
-def tensorwise_layout(num_candidates: int) -> StateLayout:
+def tensorwise_layout(num_candidates: int, *, adaptive: bool = False) -> StateLayout:
     j = num_candidates
-    shapes = {"feat_m": (TENSORWISE_FEATURE_MOMENTA,), "feat_v": (1,)}
+    shapes = {"feat_m": (TENSORWISE_FEATURE_MOMENTA,), "feat_v": (1,), "log_scale": ()}
+    names = TENSORWISE_ADAPTIVE_FIELDS if adaptive else TENSORWISE_FIELDS
     return StateLayout(
-        tuple(Field(name, shapes.get(name, (j,))) for name in TENSORWISE_FIELDS),
+        tuple(Field(name, shapes.get(name, (j,))) for name in names),
         (Carried(STEP_COUNT, (1,), "same"),),
     )
 
 
-def tensorwise_graphs(num_candidates: int) -> dict[str, GraphSpec]:
-    """The per-coordinate terms graph (g → g²) and one fused step graph, which (given the
-    per-array means) is coordinate-wise and so runs on any chunk."""
-    s = len(TENSORWISE_STATISTICS)
+def tensorwise_graphs(num_candidates: int, *, adaptive: bool = False) -> dict[str, GraphSpec]:
+    """The per-coordinate terms graph and one fused step graph, which (given the per-array
+    statistics) is coordinate-wise and so runs on any chunk.
+
+    The terms graph reads g (g → g²); the adaptive variant's also reads the StateCell state h
+    and the moments (m, v, b, γ) of the incoming state, from which it recomputes the previous
+    step direction D (g → g², g², g·D, D²)."""
+    layout = tensorwise_layout(num_candidates, adaptive=adaptive)
+    s = len(TENSORWISE_ADAPTIVE_STATISTICS if adaptive else TENSORWISE_STATISTICS)
+    read = TENSORWISE_TERMS_STATE if adaptive else ()
+    state = tuple(TensorSpec(f.name, f.graph_shape) for f in layout.fields if f.name in read)
     return {
         ARRAY_TERMS: GraphSpec(
             GRAPH_FILES[ARRAY_TERMS],
-            (TensorSpec(GRAD, (COORDS,)),),
+            (TensorSpec(GRAD, (COORDS,)), *state),
             (TensorSpec(ARRAY_TERMS_OUT, (s, COORDS)),),
         ),
-        FUSED: _fused(tensorwise_layout(num_candidates), s),
+        FUSED: _fused(layout, s),
     }
 
 
@@ -341,6 +376,14 @@ METHODS: dict[str, MethodInfo] = {
     ),
     HYPERADAM_TENSOR: _TENSORWISE,
     HYPERADAM_TENSOR_UNBOUNDED: _TENSORWISE,
+    HYPERADAM_TENSOR_ADAPTIVE: MethodInfo(
+        ("num_candidates",),
+        partial(tensorwise_layout, adaptive=True),
+        partial(tensorwise_graphs, adaptive=True),
+        (Phase(FUSED),),
+        TENSORWISE_ADAPTIVE_STATISTICS,
+        TENSORWISE_ADAPTIVE_SUMMED,
+    ),
 }
 
 
@@ -415,12 +458,22 @@ def statistics_json(info: MethodInfo) -> dict[str, Any] | None:
     manifest has no such key, as before per-array methods existed)."""
     if not info.array_statistics:
         return None
+    if not info.summed_statistics:  # as the entry was before summed statistics existed
+        return {
+            "terms": list(info.array_statistics),
+            "graph": ARRAY_TERMS,
+            "input": ARRAY_MEANS,
+            "reduce": "mean of each term over the coordinate's bound array (all its chunks and "
+            "shards), fed per coordinate as a row of array_means",
+        }
     return {
         "terms": list(info.array_statistics),
+        "summed": list(info.summed_statistics),
         "graph": ARRAY_TERMS,
         "input": ARRAY_MEANS,
         "reduce": "mean of each term over the coordinate's bound array (all its chunks and "
-        "shards), fed per coordinate as a row of array_means",
+        "shards), its sum for the terms under 'summed', fed per coordinate as a row of "
+        "array_means",
     }
 
 

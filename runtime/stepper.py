@@ -10,7 +10,7 @@ A method with per-array statistics (the tensor-wise HyperAdam's rms_T(g); ``runt
 ``ARRAY_MEANS``) first runs its terms graph over every chunk, sums each term per bound array
 (float64, chunk by chunk in a fixed order), all-reduces the sums and the arrays' sizes when
 sharded (arrays on several shards share an ``array_ids`` entry), and feeds every coordinate the
-means of its array to the step graphs.
+means of its array to the step graphs (the sums, for the statistics the method names summed).
 
 The arrays may be numpy, torch, CuPy (anything with DLPack) on the CPU, or torch/CuPy on a CUDA
 device; ``runtime.arrays`` adopts them without copies and ``runtime.backends`` says where the
@@ -120,6 +120,7 @@ class Stepper:
         single = len(self._chunks) == 1 and all_reduce is None
         self._phases = (mf.Phase(mf.FUSED),) if single else info.phases
         self._statistics = info.array_statistics
+        self._summed = np.array([name in info.summed_statistics for name in self._statistics], bool)
         self._array_ids, self._num_arrays = per_array.check_array_ids(
             array_ids, num_arrays, len(self._params), sharded=all_reduce is not None
         )
@@ -445,8 +446,9 @@ class Stepper:
     def _array_means(self) -> None:
         """Turns the terms the ``ARRAY_TERMS`` pass wrote into each coordinate's per-array
         means: sums per array (float64, chunks in order, so independent of threads), one
-        all-reduce of the sums and the arrays' sizes when sharded, then the means written back.
-        An array with no coordinates on any shard keeps a mean of 0 (nothing reads it)."""
+        all-reduce of the sums and the arrays' sizes when sharded, then the means (the sums,
+        for ``summed_statistics``) written back. An array with no coordinates on any shard keeps
+        a mean of 0 (nothing reads it)."""
         count = len(self._statistics)
         host = self._backend.to_host(self._means)
         sums = np.zeros((count, self._num_arrays), np.float64)
@@ -461,6 +463,7 @@ class Stepper:
             total = self._reduce(np.concatenate([sums.ravel(), sizes]))
             sums, sizes = total[: sums.size].reshape(sums.shape), total[sums.size :]
         means = np.divide(sums, sizes, out=np.zeros_like(sums), where=sizes > 0)
+        means[self._summed] = sums[self._summed]  # these rows are sums (MethodInfo)
         means = means.astype(np.float32)
         for chunk in self._chunks:
             block = self._means_block(chunk, host)

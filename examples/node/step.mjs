@@ -16,12 +16,14 @@
 // Float32Array is here. The manifest's format version, each graph's file name (a plain name in
 // the folder) and the file's sha256 are checked first.
 //
-// Per-array statistics (the tensor-wise HyperAdam, method "hyperadam-tensor"; the manifest's
+// Per-array statistics (the tensor-wise HyperAdam, methods "hyperadam-tensor*"; the manifest's
 // "per_array_statistics"): the Float32Array is one tensor T, so the step first runs the
-// array_terms graph (g -> g^2 per coordinate), averages each row over the n coordinates in
-// double precision and feeds the means (rms_T(g)^2) to every coordinate as "array_means". A
-// model of several arrays would average each array's coordinates on its own. Its step count
-// "t" is carried in the state like HyperAdam's m_col_sum_sq.
+// array_terms graph (g -> g^2 per coordinate; the adaptive variant's also reads the state and
+// adds g^2, g*D, D^2 with D its previous step direction), averages each row over the n
+// coordinates in double precision (sums it, for the rows listed under "summed") and feeds the
+// results to every coordinate as "array_means". A model of several arrays would reduce each
+// array's coordinates on its own. Its step count "t" is carried in the state like HyperAdam's
+// m_col_sum_sq; the adaptive variant's step scale "log_scale" is a per-coordinate field.
 
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
@@ -41,7 +43,7 @@ function isPlainName(name) {
 }
 
 // The per-array statistics this example knows how to compute (the Python runtime's list).
-const KNOWN_STATISTICS = ["grad_sq"];
+const KNOWN_STATISTICS = ["grad_sq", "grad_sq_sum", "grad_dot_last_step_sum", "last_step_sq_sum"];
 
 function checkGraphFile(folder, manifest, role) {
   const file = manifest.graphs[role]?.file;
@@ -64,8 +66,12 @@ function loadManifest(folder) {
   const statistics = manifest.per_array_statistics;
   if (statistics !== undefined) {
     const terms = statistics.terms ?? [];
+    const summed = statistics.summed ?? [];
     if (terms.length === 0 || !terms.every((t) => KNOWN_STATISTICS.includes(t))) {
       fail(`${folder}: per-array statistics ${JSON.stringify(terms)} are not known to this example`);
+    }
+    if (!Array.isArray(summed) || !summed.every((t) => terms.includes(t))) {
+      fail(`${folder}: summed statistics ${JSON.stringify(summed)} are not among its terms`);
     }
     checkGraphFile(folder, manifest, statistics.graph);
   }
@@ -81,24 +87,40 @@ async function run(folder, spec, feeds) {
   return session.run(feeds);
 }
 
-// Each statistic's mean over the array, repeated for every coordinate: the [S, n] array_means.
-async function arrayMeans(folder, manifest, grad, n) {
-  const spec = manifest.graphs[manifest.per_array_statistics.graph];
-  const feeds = { grad: new ort.Tensor("float32", Float32Array.from(grad), [n]) };
-  const terms = (await run(folder, spec, feeds))[spec.outputs[0].name].data;
-  const rows = terms.length / n;
-  const means = new Float32Array(rows * n);
-  for (let k = 0; k < rows; k++) {
+// Each statistic's mean over the array (its sum, for a summed one), repeated for every
+// coordinate: the [S, n] array_means.
+async function arrayMeans(folder, manifest, given, n) {
+  const statistics = manifest.per_array_statistics;
+  const spec = manifest.graphs[statistics.graph];
+  const terms = (await run(folder, spec, feedsFor(spec, given, n)))[spec.outputs[0].name].data;
+  const means = new Float32Array(terms.length);
+  statistics.terms.forEach((name, k) => {
     let sum = 0; // double precision, as the Python runtime's float64 sums
     for (let i = 0; i < n; i++) sum += terms[k * n + i];
-    means.fill(n > 0 ? sum / n : 0, k * n, (k + 1) * n);
-  }
+    const summed = (statistics.summed ?? []).includes(name);
+    means.fill(summed ? sum : n > 0 ? sum / n : 0, k * n, (k + 1) * n);
+  });
   return means;
 }
 
 // The graph input's shape with the coordinate axis "n" replaced by the model size.
 function concreteShape(spec, n) {
   return spec.shape.map((d) => (d === "n" ? n : d));
+}
+
+// float32 tensors for every input of a graph: the given values, zeros for a state not given.
+function feedsFor(spec, given, n) {
+  const feeds = {};
+  for (const tensor of spec.inputs) {
+    const shape = concreteShape(tensor, n);
+    const size = shape.reduce((a, b) => a * b, 1);
+    const values = given[tensor.name] ?? new Array(size).fill(0);
+    if (values.length !== size) {
+      fail(`input ${tensor.name} needs ${size} values (shape [${shape}]), got ${values.length}`);
+    }
+    feeds[tensor.name] = new ort.Tensor("float32", Float32Array.from(values), shape);
+  }
+  return feeds;
 }
 
 async function main() {
@@ -122,22 +144,11 @@ async function main() {
     ...(input.state ?? {}),
   };
   if (manifest.per_array_statistics !== undefined) {
-    given[manifest.per_array_statistics.input] = await arrayMeans(folder, manifest, input.grad, n);
+    given[manifest.per_array_statistics.input] = await arrayMeans(folder, manifest, given, n);
   }
 
   const spec = manifest.graphs.fused;
-  const feeds = {};
-  for (const tensor of spec.inputs) {
-    const shape = concreteShape(tensor, n);
-    const size = shape.reduce((a, b) => a * b, 1);
-    const values = given[tensor.name] ?? new Array(size).fill(0);
-    if (values.length !== size) {
-      fail(`input ${tensor.name} needs ${size} values (shape [${shape}]), got ${values.length}`);
-    }
-    feeds[tensor.name] = new ort.Tensor("float32", Float32Array.from(values), shape);
-  }
-
-  const results = await run(folder, spec, feeds);
+  const results = await run(folder, spec, feedsFor(spec, given, n));
   const state = {};
   for (const tensor of spec.outputs) {
     if (tensor.name === "w_new") continue;

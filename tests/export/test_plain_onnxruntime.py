@@ -25,6 +25,12 @@ from runtime import manifest as mf
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN = Path(os.environ.get("HYPERADAM_PLAIN_ORT_PYTHON") or ROOT / ".venv-plain-ort/bin/python")
 N = 7  # coordinates of the one step
+ABLATION = ROOT / "checkpoints" / "ablation"
+TENSORWISE_THETA = {
+    mf.HYPERADAM_TENSOR: ABLATION / "tensor-small-log" / "theta.npz",
+    mf.HYPERADAM_TENSOR_UNBOUNDED: ABLATION / "tensor-unbounded-small-log" / "theta.npz",
+    mf.HYPERADAM_TENSOR_ADAPTIVE: ABLATION / "tensor-adaptive-start" / "theta.npz",
+}
 
 # Runs in the plain interpreter: numpy and onnxruntime only, nothing of hyperadam.
 SCRIPT = """
@@ -81,7 +87,8 @@ def step_inputs(manifest: mf.Manifest, seed: int = 0) -> dict[str, np.ndarray]:
 def test_every_graph_runs_in_plain_onnxruntime_like_here(method, tmp_path):
     python = plain_python()
     folder = tmp_path / method
-    theta = make_learned_optimizer(method).init_theta(generator(0))
+    # The tensor-wise variants (not among the paper's learned optimizers) from their θ files
+    theta = TENSORWISE_THETA.get(method) or make_learned_optimizer(method).init_theta(generator(0))
     manifest = export_optimizer(method, theta, folder, parity_sizes=(2,), trajectory_steps=2)
     inputs = step_inputs(manifest)
     np.savez(tmp_path / "inputs.npz", **inputs)

@@ -1,6 +1,7 @@
-"""Export of the tensor-wise HyperAdam variant: its θ files (``python -m meta_train.ablation``)
+"""Export of the tensor-wise HyperAdam variants: their θ files (``python -m meta_train.ablation``)
 export through ``export_optimizer`` and ``hyperadam export``, with the parity check run on
-several arrays of different sizes and gradient scales, chunked and sharded."""
+several arrays of different sizes and gradient scales, chunked and sharded; the adaptive
+variant (per-tensor step scale) included."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import runtime
@@ -15,13 +17,14 @@ from export import export_optimizer
 from export import parity as parity_lib
 from meta_train.cli import main
 from runtime import manifest as mf
-from runtime.theta import load_theta
+from runtime.theta import load_theta, save_theta
 
 ABLATION = Path(__file__).resolve().parents[2] / "checkpoints" / "ablation"
 THETA_FILES = {
     "tensor-small-log": mf.HYPERADAM_TENSOR,
     "tensor-adam-start": mf.HYPERADAM_TENSOR,
     "tensor-unbounded-small-log": mf.HYPERADAM_TENSOR_UNBOUNDED,
+    "tensor-adaptive-start": mf.HYPERADAM_TENSOR_ADAPTIVE,
 }
 
 
@@ -60,12 +63,21 @@ def test_parity_covers_arrays_chunks_and_shards(exports, name):
     for case in parity["cases"]:
         assert case["max_error"] <= case["tolerance"], case
     assert "100-step ReLU-MLP trajectory chunked" in cases
-    assert json.loads((folder / mf.MANIFEST_FILE).read_text())["per_array_statistics"]["terms"] == [
-        "grad_sq"
-    ]
+    statistics = json.loads((folder / mf.MANIFEST_FILE).read_text())["per_array_statistics"]
+    if manifest.method == mf.HYPERADAM_TENSOR_ADAPTIVE:
+        assert statistics["terms"] == list(mf.TENSORWISE_ADAPTIVE_STATISTICS)
+        assert statistics["summed"] == list(mf.TENSORWISE_ADAPTIVE_SUMMED)
+        assert "log_scale" in {f.name for f in manifest.state.fields}
+    else:
+        assert statistics["terms"] == ["grad_sq"] and "summed" not in statistics
 
 
-def test_a_broken_per_array_reduction_fails_parity(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "method, name",
+    [(mf.HYPERADAM_TENSOR, "tensor-small-log"), (mf.HYPERADAM_TENSOR_ADAPTIVE,
+                                                 "tensor-adaptive-start")],
+)  # fmt: skip
+def test_a_broken_per_array_reduction_fails_parity(tmp_path, monkeypatch, method, name):
     """The sharded case catches a statistic that is per shard instead of per array."""
     from runtime import stepper as stepper_lib
 
@@ -77,23 +89,22 @@ def test_a_broken_per_array_reduction_fails_parity(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stepper_lib.Stepper, "_reduce", no_cross_shard_sum)
     with pytest.raises(parity_lib.ParityError, match=r"p=1000 in arrays of .* sharded"):
-        export_optimizer(
-            mf.HYPERADAM_TENSOR,
-            ABLATION / "tensor-small-log" / "theta.npz",
-            tmp_path / "x",
-            trajectory_steps=3,
-        )
+        export_optimizer(method, ABLATION / name / "theta.npz", tmp_path / "x", trajectory_steps=3)
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_exports_a_tensorwise_theta(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "method, name",
+    [(mf.HYPERADAM_TENSOR, "tensor-small-log"), (mf.HYPERADAM_TENSOR_ADAPTIVE,
+                                                 "tensor-adaptive-start")],
+)  # fmt: skip
+def test_cli_exports_a_tensorwise_theta(tmp_path, capsys, method, name):
     out = tmp_path / "tensor"
-    code = main(["export", "--theta", str(ABLATION / "tensor-small-log" / "theta.npz"), "--out",
-                 str(out)])  # fmt: skip
+    code = main(["export", "--theta", str(ABLATION / name / "theta.npz"), "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert f"exported {mf.HYPERADAM_TENSOR} to" in captured.out
-    assert runtime.load(out).method == mf.HYPERADAM_TENSOR
+    assert f"exported {method} to" in captured.out
+    assert runtime.load(out).method == method
 
 
 def _edit(folder: Path, change) -> None:
@@ -138,3 +149,49 @@ def test_a_paper_manifest_claiming_statistics_is_refused(tmp_path):
     _edit(tmp_path / "h", lambda raw: raw.update(per_array_statistics={"terms": ["grad_sq"]}))
     with pytest.raises(mf.ManifestError, match=r"differ from what this runtime computes"):
         runtime.load(tmp_path / "h")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda raw: raw["per_array_statistics"].pop("summed"),
+            r"per_array_statistics .* differ from what this runtime computes",
+        ),
+        (
+            lambda raw: raw["per_array_statistics"].update(summed=["grad_sq"]),
+            r"per_array_statistics .* differ from what this runtime computes",
+        ),
+        (
+            lambda raw: raw.update(method=mf.HYPERADAM_TENSOR),
+            r"state layout .* differs from the hyperadam-tensor layout",
+        ),
+    ],
+    ids=["means-not-sums", "other-sums", "as-bounded"],
+)
+def test_a_runtime_refuses_an_edited_adaptive_manifest(exports, tmp_path, change, message):
+    """Which statistics are sums is part of the method: an edit that would average the cosine's
+    sums, or run the adaptive graphs as the plain bounded variant, is refused."""
+    folder = tmp_path / "copy"
+    shutil.copytree(exports["tensor-adaptive-start"][0], folder)
+    _edit(folder, change)
+    with pytest.raises(mf.ManifestError, match=message):
+        runtime.load(folder)
+
+
+def test_adaptive_parity_with_trained_cells(tmp_path):
+    """The adaptive start θ is Adam (ρ does not depend on h): with the trained bounded θ's cells
+    and κ = 0.1, the previous direction D = Σ_j ρ_j(h) M̂_j that the terms graph recomputes
+    depends on the state's h, and the parity check passes fused, chunked and sharded."""
+    theta = dict(load_theta(ABLATION / "tensor-small-log" / "theta.npz").theta)
+    theta["scale_rate"] = np.zeros(1, np.float32)  # κ = KAPPA_MAX·σ(0) = 0.1
+    save_theta(tmp_path / "theta.npz", mf.HYPERADAM_TENSOR_ADAPTIVE, theta)
+    manifest = export_optimizer(
+        mf.HYPERADAM_TENSOR_ADAPTIVE, tmp_path / "theta.npz", tmp_path / "adaptive"
+    )
+    cases = {case["case"]: case for case in manifest.parity["cases"]}
+    assert manifest.parity["passed"] is True
+    for path in ("fused", "chunked", "sharded"):
+        case = cases[f"p=1000 in arrays of [500, 300, 200] random-gradient {path}"]
+        assert case["tolerance"] == parity_lib.step_tolerance(case["fp32_vs_fp64_floor"])
+        assert case["max_error"] <= case["tolerance"]

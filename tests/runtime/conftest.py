@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,14 +37,29 @@ def hyperadam_folder(exported):
     return exported["hyperadam"]
 
 
+# The adaptive variant's step-scale rate in its test θ: κ = KAPPA_MAX·σ(0) = 0.1, five times the
+# meta-training start's, so that ℓ moves by up to ±2.5 in 25 steps.
+ADAPTIVE_SCALE_RATE_LOGIT = 0.0
+
+
 @pytest.fixture(scope="session")
-def tensorwise_theta():
-    """method → a trained θ file of the tensor-wise variant (``python -m meta_train.ablation``),
-    bounded and with ELU weights."""
+def tensorwise_theta(tmp_path_factory):
+    """method → a θ file of the tensor-wise variant: trained (``python -m meta_train.ablation``),
+    bounded and with ELU weights; the adaptive variant's is the trained bounded θ's cells with
+    a step-scale rate (its only θ in the repository is the Adam-reduction start, whose cells
+    do not reach the step weights ρ)."""
+    from runtime.theta import load_theta, save_theta
+
     ablation = Path(__file__).resolve().parents[2] / "checkpoints" / "ablation"
+    bounded = ablation / "tensor-small-log" / "theta.npz"
+    adaptive = tmp_path_factory.mktemp("adaptive-theta") / "theta.npz"
+    theta = dict(load_theta(bounded).theta)
+    theta["scale_rate"] = np.full((1,), ADAPTIVE_SCALE_RATE_LOGIT, np.float32)
+    save_theta(adaptive, "hyperadam-tensor-adaptive", theta)
     return {
-        "hyperadam-tensor": ablation / "tensor-small-log" / "theta.npz",
+        "hyperadam-tensor": bounded,
         "hyperadam-tensor-unbounded": ablation / "tensor-unbounded-small-log" / "theta.npz",
+        "hyperadam-tensor-adaptive": adaptive,
     }
 
 

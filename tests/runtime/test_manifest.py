@@ -44,7 +44,11 @@ def test_manifest_round_trips_and_names_every_file(folder):
 def test_layout_names_are_the_reference_state_fields():
     from meta_train.optimizers import LEARNED_OPTIMIZERS, DMState, HyperAdamState, RNNpropState
 
-    tensorwise = {mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED}  # variants of hyperadam
+    tensorwise = {  # variants of hyperadam
+        mf.HYPERADAM_TENSOR,
+        mf.HYPERADAM_TENSOR_UNBOUNDED,
+        mf.HYPERADAM_TENSOR_ADAPTIVE,
+    }
     assert set(mf.METHODS) == set(LEARNED_OPTIMIZERS) | tensorwise
     assert HyperAdamState._fields == mf.HYPERADAM_FIELDS
     assert DMState._fields == mf.DM_FIELDS

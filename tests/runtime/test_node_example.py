@@ -59,19 +59,12 @@ def test_node_step_matches_the_python_runtime(hyperadam_folder, tmp_path, weight
     np.testing.assert_allclose(h, stepper.state_dict()["state"]["h"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["hyperadam-tensor", "hyperadam-tensor-unbounded"])
-def test_node_steps_the_tensorwise_variant_as_the_python_runtime(
-    tensorwise_folders, tmp_path, method
-):
-    """The per-array statistic (rms of the one array's gradient) computed in node from the
-    array_terms graph, then the fused step: the Python runtime's step, the step count too."""
+def _node_takes_the_fourth_step(folder, grads, tmp_path):
+    """Three steps in Python, the fourth in node from the saved state and in Python; returns
+    node's output, the Python state after the fourth step and before it, and both w."""
     node = node_or_skip()
-    folder = tensorwise_folders[method]
     rng = np.random.default_rng(1)
     w = rng.normal(size=50).astype(np.float32)
-    grads = [(rng.normal(size=50) * 10.0 ** rng.uniform(-3, 1)).astype(np.float32)
-             for _ in range(4)]  # fmt: skip
-    grads[3][:5] = 0.0
     python_w = w.copy()
     stepper = runtime.load(folder, threads=1).bind([python_w])
     for g in grads[:3]:
@@ -91,12 +84,52 @@ def test_node_steps_the_tensorwise_variant_as_the_python_runtime(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = json.loads((tmp_path / "out.json").read_text())
+    return out, stepper.state_dict()["state"], saved, python_w
+
+
+@pytest.mark.parametrize(
+    "method", ["hyperadam-tensor", "hyperadam-tensor-unbounded", "hyperadam-tensor-adaptive"]
+)
+def test_node_steps_the_tensorwise_variant_as_the_python_runtime(
+    tensorwise_folders, tmp_path, method
+):
+    """The per-array statistics (rms of the one array's gradient; the adaptive variant's sums
+    of its cosine, from a terms graph that reads the state) computed in node from the
+    array_terms graph, then the fused step: the Python runtime's step, the step count and the
+    adaptive variant's step scale too."""
+    rng = np.random.default_rng(1)
+    rng.normal(size=50)  # the draws of w
+    grads = [(rng.normal(size=50) * 10.0 ** rng.uniform(-3, 1)).astype(np.float32)
+             for _ in range(4)]  # fmt: skip
+    grads[3][:5] = 0.0
+    out, after, saved, python_w = _node_takes_the_fourth_step(
+        tensorwise_folders[method], grads, tmp_path
+    )
     np.testing.assert_allclose(np.asarray(out["w"], np.float32), python_w, rtol=1e-6, atol=1e-7)
-    after = stepper.state_dict()["state"]
     assert out["state"]["t"] == [4.0] == after["t"].tolist()
     for name in ("h", "m", "feat_m"):
         got = np.asarray(out["state"][name], np.float32).reshape(-1, 50).T
         np.testing.assert_allclose(got, after[name], rtol=1e-5, atol=1e-7)
+    if method == "hyperadam-tensor-adaptive":  # ℓ moved this step, as in Python
+        assert set(out["state"]) == set(after)
+        got = np.asarray(out["state"]["log_scale"], np.float32)
+        assert np.abs(got - saved["log_scale"]).min() > 1e-4
+        np.testing.assert_allclose(got, after["log_scale"], rtol=0, atol=1e-7)
+
+
+def test_node_sums_the_adaptive_variants_cosine_terms(tensorwise_folders, tmp_path):
+    """Gradients of 1e-25 (their squares underflow: v = 0, moments ~1e-26, previous direction
+    ~1e-13), then one of 1e-17: ‖g‖·‖D‖ ~ 50 × 1e-30, where averaging instead of summing the
+    cosine's terms would move its 1e-30 and ℓ with it. Node's ℓ is Python's."""
+    rng = np.random.default_rng(2)
+    grads = [(rng.normal(size=50) * scale).astype(np.float32) for scale in (1e-25,) * 3 + (1e-17,)]
+    out, after, saved, python_w = _node_takes_the_fourth_step(
+        tensorwise_folders["hyperadam-tensor-adaptive"], grads, tmp_path
+    )
+    got = np.asarray(out["state"]["log_scale"], np.float32)
+    assert np.abs(got - saved["log_scale"]).min() > 1e-4
+    np.testing.assert_allclose(got, after["log_scale"], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(np.asarray(out["w"], np.float32), python_w, rtol=1e-6, atol=1e-7)
 
 
 def test_node_refuses_unknown_per_array_statistics(tensorwise_folders, tmp_path):

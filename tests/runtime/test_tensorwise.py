@@ -1,6 +1,7 @@
-"""The tensor-wise HyperAdam variant through the runtime: per-array statistics across chunks and
+"""The tensor-wise HyperAdam variants through the runtime: per-array statistics across chunks and
 shards, parity with the torch reference over many steps, zero gradients, per-tensor scale
-invariance and the Adam-reduction start."""
+invariance and the Adam-reduction start; the adaptive variant's step scale (its cosine's ε, its
+clip)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from meta_train.theta_source import reference_for_theta
 from runtime import manifest as mf
 from runtime.theta import load_theta
 
-TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED)
+TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, mf.HYPERADAM_TENSOR_ADAPTIVE)
+# The bounded variant and the adaptive one: the tests of the machinery (chunks, shards, adapters)
+# run on both, since the adaptive variant's terms graph also reads the state.
+BOUNDED = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_ADAPTIVE)
 # Several arrays: the first spans chunks at CHUNK = 256, the small ones share a packed chunk.
 SHAPES = [(40, 30), (30,), (10, 40), (10,), (7, 3)]
 SCALES = [1.0, 1e-4, 30.0, 1e-2, 1.0]  # each array's gradient scale
@@ -33,6 +37,11 @@ STEPS = 25
 FIELDS = ("h", "c", "m", "v", "b", "gamma", "feat_m", "feat_v")
 
 
+def fields_of(method: str) -> tuple[str, ...]:
+    """The per-coordinate state fields of a variant (the adaptive one adds ``log_scale``)."""
+    return tuple(f.name for f in mf.method_info(method).layout(num_candidates=20).fields)
+
+
 def initial_params(seed: int) -> list[np.ndarray]:
     """Initial parameters, small enough (~0.05) that their own fp32 rounding (ulp(w)) stays far
     below the tolerance on the distance travelled (a few lr)."""
@@ -40,13 +49,25 @@ def initial_params(seed: int) -> list[np.ndarray]:
     return [(0.05 * rng.normal(size=s)).astype(np.float32) for s in SHAPES]
 
 
-def gradients(steps: int, seed: int = 0, shapes=SHAPES, scales=SCALES) -> list[list[np.ndarray]]:
+def gradients(
+    steps: int, seed: int = 0, shapes=SHAPES, scales=SCALES, *, persistent: bool = False
+) -> list[list[np.ndarray]]:
+    """Each array's gradients at its scale, coordinates spread over 10⁻¹…10¹ of it, 10 % exact
+    zeros. ``persistent``: a fixed direction per array plus noise, the direction's sign flipping
+    every step on the odd arrays, so that successive gradients agree (even arrays) or oppose
+    (odd ones) and the adaptive variant's step scale grows or shrinks; else white noise."""
     rng = np.random.default_rng(seed)
+    if persistent:
+        directions = [rng.normal(size=s) * 10.0 ** rng.uniform(-1, 1, s) for s in shapes]
     out = []
-    for _ in range(steps):
+    for t in range(steps):
         grads = []
-        for shape, scale in zip(shapes, scales, strict=True):
-            g = rng.normal(size=shape) * scale * 10.0 ** rng.uniform(-1, 1, shape)
+        for i, (shape, scale) in enumerate(zip(shapes, scales, strict=True)):
+            if persistent:
+                sign = -1.0 if i % 2 and t % 2 else 1.0
+                g = scale * (sign * directions[i] + 0.5 * rng.normal(size=shape))
+            else:
+                g = rng.normal(size=shape) * scale * 10.0 ** rng.uniform(-1, 1, shape)
             g[rng.random(shape) < 0.1] = 0.0  # a few exact zeros
             grads.append(g.astype(np.float32))
         out.append(grads)
@@ -95,27 +116,33 @@ def bounds(shapes=SHAPES) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def _errors(start, trajectory, state, want, want_state, lo, hi) -> dict[str, float]:
+def _errors(start, trajectory, state, want, want_state, lo, hi, fields) -> dict[str, float]:
     errors = {
         f"w{t}": relative_error(got[lo:hi] - start[lo:hi], ref[lo:hi] - start[lo:hi])
         for t, (got, ref) in enumerate(zip(trajectory, want, strict=True))
     }
-    for name in FIELDS:
-        errors[name] = relative_error(state[name][lo:hi], getattr(want_state, name).numpy()[lo:hi])
+    for name in fields:
+        got, ref = state[name][lo:hi], getattr(want_state, name).numpy()[lo:hi]
+        if name == "log_scale":
+            # ℓ is a log: it acts (and is judged) as the step factor exp(ℓ). Relative to max|ℓ|
+            # an ℓ near 0 (a sum of small cosines, each the cancelling sum of g·D) would
+            # magnify an absolute round-off that moves the step by a few 1e-7 only.
+            got, ref = np.exp(np.asarray(got, np.float64)), np.exp(np.asarray(ref, np.float64))
+        errors[name] = relative_error(got, ref)
     return errors
 
 
-def assert_matches_reference(w0, trajectory_rt, state_rt, runs, shapes):
+def assert_matches_reference(w0, trajectory_rt, state_rt, runs, shapes, fields=FIELDS):
     """Per array (so a small-scale array is judged on its own scale) and per state field: within
     ``max(TOLERANCE, 10 × the fp32 reference's own distance from fp64)``, as the export parity
     check judges trajectories (a θ whose dynamics amplify round-off, like the ELU-weighted one,
     carries fp32 itself ~3e-4 from fp64 in a few steps)."""
     start = flat(w0)
     (want, want_state), (exact, exact_state) = runs
-    state64 = {name: getattr(exact_state, name).numpy() for name in FIELDS}
+    state64 = {name: getattr(exact_state, name).numpy() for name in fields}
     for lo, hi in bounds(shapes):
-        floor = max(_errors(start, want, state64, exact, exact_state, lo, hi).values())
-        errors = _errors(start, trajectory_rt, state_rt, want, want_state, lo, hi)
+        floor = max(_errors(start, want, state64, exact, exact_state, lo, hi, fields).values())
+        errors = _errors(start, trajectory_rt, state_rt, want, want_state, lo, hi, fields)
         worst = max(errors, key=errors.__getitem__)
         assert errors[worst] <= max(TOLERANCE, 10 * floor), (lo, hi, worst, errors[worst], floor)
     assert state_rt[mf.STEP_COUNT].tolist() == want_state.t.tolist()
@@ -142,19 +169,35 @@ def test_layout_names_are_the_reference_state_fields():
     assert [c.name for c in layout.carried] == [mf.STEP_COUNT]
     assert tuple(state.t.shape) == layout.carried[0].shape
     assert len(ref_module.FEATURE_BETAS) == mf.TENSORWISE_FEATURE_MOMENTA
+    # the adaptive variant: the same fields and ℓ_T, one value per coordinate
+    state = TensorwiseHyperAdam(20, adaptive_scale=True).init_state(7, tensor_sizes=[3, 4])
+    layout = mf.tensorwise_layout(20, adaptive=True)
+    assert [f.name for f in layout.fields] == [*mf.TENSORWISE_FIELDS, "log_scale"]
+    for field in layout.fields:
+        assert tuple(getattr(state, field.name).shape) == (7, *field.shape), field
+    assert mf.method_info(mf.HYPERADAM_TENSOR_ADAPTIVE).layout(num_candidates=20) == layout
 
 
 @pytest.mark.parametrize("method", TENSORWISE)
 def test_export_records_the_variant(tensorwise_folders, tensorwise_theta, method):
     folder = tensorwise_folders[method]
     manifest = mf.load_manifest(folder)
+    adaptive = method == mf.HYPERADAM_TENSOR_ADAPTIVE
     assert manifest.method == method and manifest.config == {"num_candidates": 20}
     assert set(manifest.graphs) == {mf.ARRAY_TERMS, mf.FUSED}
-    assert manifest.state == mf.tensorwise_layout(20)
-    assert manifest.state.bytes_per_coordinate == 4 * (6 * 20 + 3 + 1)
+    assert manifest.state == mf.tensorwise_layout(20, adaptive=adaptive)
+    assert manifest.state.bytes_per_coordinate == 4 * (6 * 20 + 3 + 1 + adaptive)
     raw = manifest.to_json()
-    assert raw["per_array_statistics"]["terms"] == ["grad_sq"]
-    assert raw["per_array_statistics"]["input"] == mf.ARRAY_MEANS
+    statistics = raw["per_array_statistics"]
+    if adaptive:  # the cosine's three sums after rms_T(g)²; the terms graph reads the state
+        assert statistics["terms"] == ["grad_sq", "grad_sq_sum", "grad_dot_last_step_sum",
+                                       "last_step_sq_sum"]  # fmt: skip
+        assert statistics["summed"] == statistics["terms"][1:]
+        terms_inputs = [t.name for t in manifest.graphs[mf.ARRAY_TERMS].inputs]
+        assert terms_inputs == [mf.GRAD, "h", "m", "v", "b", "gamma"]
+    else:  # as before summed statistics existed
+        assert statistics["terms"] == ["grad_sq"] and "summed" not in statistics
+    assert statistics["input"] == mf.ARRAY_MEANS
     assert manifest.parity["passed"] is True
     assert {mf.GRAPH_FILES[mf.ARRAY_TERMS], mf.GRAPH_FILES[mf.FUSED]} <= set(manifest.files)
     # the paper variant's manifest does not carry the key (its bytes are as before)
@@ -171,7 +214,8 @@ def test_runtime_follows_the_torch_reference_over_many_steps(
     ref, theta = reference(method, tensorwise_theta[method])
     opt = runtime.load(tensorwise_folders[method], threads=2)
     w0 = initial_params(1)
-    grads = gradients(STEPS)
+    adaptive = method == mf.HYPERADAM_TENSOR_ADAPTIVE
+    grads = gradients(STEPS, persistent=adaptive)
     params = [a.copy() for a in w0]
     stepper = opt.bind(params, chunk_size=CHUNK)
     assert stepper.num_chunks >= 5 and stepper.uses_fused_graph
@@ -180,13 +224,20 @@ def test_runtime_follows_the_torch_reference_over_many_steps(
         assert stepper.step(step)
         trajectory.append(flat(params))
     runs = reference_runs(ref, theta, w0, grads, opt.default_lr)
-    assert_matches_reference(w0, trajectory, stepper.state_dict()["state"], runs, SHAPES)
+    state = stepper.state_dict()["state"]
+    assert_matches_reference(w0, trajectory, state, runs, SHAPES, fields_of(method))
+    if adaptive:  # ℓ_T: one value per array; up where gradients agree, down where they flip
+        ends = [state["log_scale"][lo] for lo, _ in bounds()]
+        for (lo, hi), end in zip(bounds(), ends, strict=True):
+            np.testing.assert_array_equal(state["log_scale"][lo:hi], end)
+        assert min(ends[0::2]) > 1.0 and max(ends[1::2]) < -0.1, ends
 
 
-def test_one_chunk_and_many_chunks_agree(tensorwise_folders):
+@pytest.mark.parametrize("method", BOUNDED)
+def test_one_chunk_and_many_chunks_agree(tensorwise_folders, method):
     """An array's statistic summed over several chunks equals its one-chunk value (to the
     rounding of one float32 mean)."""
-    opt = runtime.load(tensorwise_folders["hyperadam-tensor"], threads=1)
+    opt = runtime.load(tensorwise_folders[method], threads=1)
     w0 = initial_params(2)
     grads = gradients(5)
     results = []
@@ -199,7 +250,7 @@ def test_one_chunk_and_many_chunks_agree(tensorwise_folders):
     assert results[0][2] == 1 and results[1][2] > 5 and results[2][2] > 30
     for w, state, _ in results[1:]:
         np.testing.assert_allclose(w - flat(w0), results[0][0] - flat(w0), rtol=0, atol=1e-6)
-        for name in FIELDS:
+        for name in fields_of(method):
             np.testing.assert_allclose(state[name], results[0][1][name], rtol=2e-5, atol=1e-30)
 
 
@@ -231,10 +282,12 @@ def _sharded(opt, w0, grads, layout, chunk_size):
     return out
 
 
-def test_sharded_equals_unsharded(tensorwise_folders):
-    """Two shards, one array split across both (its rms is reduced across shards), the others
-    on one shard each: the same parameters as one unsharded stepper."""
-    opt = runtime.load(tensorwise_folders["hyperadam-tensor"], threads=1)
+@pytest.mark.parametrize("method", BOUNDED)
+def test_sharded_equals_unsharded(tensorwise_folders, method):
+    """Two shards, one array split across both (its rms, and the adaptive variant's cosine, are
+    reduced across shards), the others on one shard each: the same parameters as one
+    unsharded stepper."""
+    opt = runtime.load(tensorwise_folders[method], threads=1)
     w0 = initial_params(3)
     grads = gradients(6, seed=3)
     layout = [
@@ -316,7 +369,7 @@ def test_zero_gradients_stay_finite(tensorwise_folders, tensorwise_theta, method
     assert all(np.isfinite(v).all() for v in state.values())
     np.testing.assert_array_equal(params[1], w0[1])  # never had a gradient: never moves
     runs = reference_runs(ref, theta, w0, grads, opt.default_lr)
-    assert_matches_reference(w0, trajectory, state, runs, SHAPES)
+    assert_matches_reference(w0, trajectory, state, runs, SHAPES, fields_of(method))
 
     fresh = [np.ones(5, np.float32)]
     stepper = opt.bind(fresh, chunk_size=CHUNK)
@@ -331,11 +384,12 @@ def test_scaling_one_arrays_gradient_changes_only_its_moments(
     tensorwise_folders, tensorwise_theta, method
 ):
     """g → 1000·g on array A: A's features (g/rms_A(g), m̂/√v̂, progress) are unchanged, so are
-    its cells, gates and step; only its raw moments scale (m, feat_m by 10³, v, feat_v by
-    10⁶). The other arrays see nothing of it (bitwise)."""
+    its cells, gates and step (and the adaptive variant's cos_A(g, D), so its ℓ_A); only its raw
+    moments scale (m, feat_m by 10³, v, feat_v by 10⁶). The other arrays see nothing of it
+    (bitwise)."""
     opt = runtime.load(tensorwise_folders[method], threads=1)
     w0 = initial_params(5)
-    grads = gradients(10, seed=5)
+    grads = gradients(10, seed=5, persistent=method == mf.HYPERADAM_TENSOR_ADAPTIVE)
     scaled = [[g * np.float32(1e3) if i == 2 else g for i, g in enumerate(s)] for s in grads]
     runs = []
     for sequence in (grads, scaled):
@@ -348,13 +402,17 @@ def test_scaling_one_arrays_gradient_changes_only_its_moments(
     lo, hi = bounds()[2]
     others = np.r_[0:lo, hi : w_a.size]
     np.testing.assert_array_equal(w_b[others], w_a[others])
-    for name in FIELDS:
+    for name in fields_of(method):
         np.testing.assert_array_equal(s_b[name][others], s_a[name][others])
     start = flat(w0)[lo:hi]
     assert relative_error(w_b[lo:hi] - start, w_a[lo:hi] - start) < 1e-4
-    for name, factor in {"h": 1, "c": 1, "b": 1, "gamma": 1, "m": 1e3, "feat_m": 1e3,
-                         "v": 1e6, "feat_v": 1e6}.items():  # fmt: skip
+    factors = {"h": 1, "c": 1, "b": 1, "gamma": 1, "m": 1e3, "feat_m": 1e3, "v": 1e6,
+               "feat_v": 1e6, "log_scale": 1}  # fmt: skip
+    for name in fields_of(method):
+        factor = factors[name]
         assert relative_error(s_b[name][lo:hi] / factor, s_a[name][lo:hi]) < 1e-4, name
+    if method == mf.HYPERADAM_TENSOR_ADAPTIVE:
+        assert np.abs(s_a["log_scale"][lo:hi]).min() > 0.5  # ℓ_A moved, and alike
 
 
 def adam(w0: np.ndarray, grads: list[np.ndarray], lr: float, b1=0.9, b2=0.999, eps=1e-24):
@@ -370,11 +428,15 @@ def adam(w0: np.ndarray, grads: list[np.ndarray], lr: float, b1=0.9, b2=0.999, e
     return out
 
 
-@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "unbounded"])
-def test_adam_reduction_start_is_adam(tmp_path, bounded):
-    """θ reduced to Adam(1e-3) exports and steps, through chunks, as Adam to fp32 round-off."""
-    rule = TensorwiseHyperAdam(20, bounded=bounded)
-    theta = rule.adam_reduction(rule.init_theta(generator(0)), lr=1e-3)
+@pytest.mark.parametrize("variant", ["bounded", "unbounded", "adaptive"])
+def test_adam_reduction_start_is_adam(tmp_path, variant):
+    """θ reduced to Adam(1e-3) exports and steps, through chunks, as Adam to fp32 round-off
+    (the adaptive variant's with κ = 0: its step scale stays exp(±κ·t) ≈ 1 to 1e-17)."""
+    rule = TensorwiseHyperAdam(
+        20, bounded=variant != "unbounded", adaptive_scale=variant == "adaptive"
+    )
+    extra = {"scale_rate": 0.0} if variant == "adaptive" else {}
+    theta = rule.adam_reduction(rule.init_theta(generator(0)), lr=1e-3, **extra)
     method = rule.name
     export_optimizer(method, theta, tmp_path / "adam", parity_sizes=(2,), trajectory_steps=3)
     opt = runtime.load(tmp_path / "adam", threads=1)
@@ -399,15 +461,15 @@ def test_adam_reduction_start_is_adam(tmp_path, bounded):
 # -- the adapters: torch.optim, optax, the guard ---------------------------------------------
 
 
+@pytest.mark.parametrize("method", BOUNDED)
 def test_torch_optimizer_with_param_groups_follows_the_reference(
-    tensorwise_folders, tensorwise_theta
+    tensorwise_folders, tensorwise_theta, method
 ):
     """``runtime.torch.LearnedOptimizer`` over two param groups (the second at twice the lr):
     every parameter is its own array; the state is the reference's and the second group moves
-    twice as far (the state does not depend on lr)."""
+    twice as far (the state, the adaptive variant's ℓ included, does not depend on lr)."""
     from runtime.torch import LearnedOptimizer
 
-    method = mf.HYPERADAM_TENSOR
     ref, theta = reference(method, tensorwise_theta[method])
     opt = runtime.load(tensorwise_folders[method], threads=1)
     w0 = initial_params(7)
@@ -428,7 +490,7 @@ def test_torch_optimizer_with_param_groups_follows_the_reference(
     split = bounds()[2][0]  # the second group starts at array 2
     doubled = [np.concatenate([t[:split], flat(w0)[split:] + (t[split:] - flat(w0)[split:]) / 2])
                for t in trajectory]  # fmt: skip
-    assert_matches_reference(w0, doubled, state, runs, SHAPES)
+    assert_matches_reference(w0, doubled, state, runs, SHAPES, fields_of(method))
 
     # its state_dict (t carried beside the per-parameter fields) resumes exactly
     saved = optimizer.state_dict()
@@ -447,13 +509,14 @@ def test_torch_optimizer_with_param_groups_follows_the_reference(
         assert torch.equal(a, b)
 
 
-def test_jax_transformation_equals_the_stepper(tensorwise_folders):
+@pytest.mark.parametrize("method", BOUNDED)
+def test_jax_transformation_equals_the_stepper(tensorwise_folders, method):
     """``runtime.jax.learned_optimizer`` (jitted, one leaf per array) takes the numpy stepper's
     steps, so it follows the reference as the stepper does."""
     jax = pytest.importorskip("jax")
     from runtime.jax import learned_optimizer
 
-    opt = runtime.load(tensorwise_folders[mf.HYPERADAM_TENSOR], threads=1)
+    opt = runtime.load(tensorwise_folders[method], threads=1)
     w0 = initial_params(8)
     grads = gradients(STEPS, seed=8)
     names = [f"a{i}" for i in range(len(SHAPES))]  # jax flattens a dict in key order
@@ -494,10 +557,14 @@ def test_jax_transformation_equals_the_stepper(tensorwise_folders):
     assert all(np.isfinite(np.asarray(v)).all() for v in q.values())
 
 
-def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(tensorwise_folders):
+@pytest.mark.parametrize("method", BOUNDED)
+def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(
+    tensorwise_folders, method
+):
     """With a falling loss the guard changes nothing (bitwise); a blow-up restores the last good
-    parameters and state, the step count t included, and runs Adam."""
-    opt = runtime.load(tensorwise_folders[mf.HYPERADAM_TENSOR], threads=1)
+    parameters and state, the step count t (and the adaptive variant's ℓ) included, and runs
+    Adam."""
+    opt = runtime.load(tensorwise_folders[method], threads=1)
     w0 = initial_params(9)
     grads = gradients(12, seed=9)
     plain, guarded = [a.copy() for a in w0], [a.copy() for a in w0]
@@ -514,8 +581,92 @@ def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(tensor
     assert watched.num_fallbacks == 1
     # the last snapshot (GuardConfig.snapshot_every = 10) is the start: t and w back to it
     assert watched.state_dict()["state"][mf.STEP_COUNT].tolist() == [0.0]
+    if method == mf.HYPERADAM_TENSOR_ADAPTIVE:  # ℓ had moved; back to the start's 0
+        assert np.abs(saved["log_scale"]).max() > 0
+        assert not watched.state_dict()["state"]["log_scale"].any()
     for a, b in zip(guarded, w0, strict=True):
         np.testing.assert_array_equal(a, b)
     assert watched.step(grads[11], loss=0.05)  # Adam
     assert watched.num_adam_steps == 1
     assert all(np.isfinite(a).all() for a in guarded)
+
+
+# -- the adaptive variant's step scale ---------------------------------------------------------
+
+ADAPTIVE = mf.HYPERADAM_TENSOR_ADAPTIVE
+
+
+def _bound_at(opt, state, sizes, chunk_size):
+    """A stepper over zero parameters of ``sizes`` holding the reference state ``state``."""
+    from export.parity import to_runtime_state
+
+    params = [np.zeros(n, np.float32) for n in sizes]
+    stepper = opt.bind(params, chunk_size=chunk_size)
+    saved = stepper.state_dict()
+    saved["state"] = to_runtime_state(opt.manifest.state, state)
+    stepper.load_state_dict(saved)
+    return stepper, params
+
+
+def test_the_step_scale_stops_at_its_bounds(tensorwise_folders, tensorwise_theta):
+    """ℓ near ±log SCALE_MAX with gradients that keep agreeing (array 0: ℓ grows) or keep
+    flipping (array 1: ℓ shrinks): the runtime clips at exactly ±log 100 in fp32, as the
+    reference, step by step, through chunks smaller than the arrays."""
+    ref, theta = reference(ADAPTIVE, tensorwise_theta[ADAPTIVE])
+    opt = runtime.load(tensorwise_folders[ADAPTIVE], threads=1)
+    sizes = [300, 200]
+    rng = np.random.default_rng(11)
+    base = [rng.normal(size=n) for n in sizes]
+    grads = [[(b * (1.0 if i == 0 else (-1.0) ** t) + 0.1 * rng.normal(size=b.size)).astype(
+        np.float32) for i, b in enumerate(base)] for t in range(10)]  # fmt: skip
+    state = ref.init_state(sum(sizes), tensor_sizes=sizes)
+    state = state._replace(log_scale=torch.cat([torch.full((300,), 4.5), torch.full((200,), -4.5)]))
+    stepper, params = _bound_at(opt, state, sizes, chunk_size=128)
+    w = torch.zeros(sum(sizes))
+    with torch.no_grad():
+        for step in grads:
+            assert stepper.step(step)
+            delta, state = ref.step(theta, torch.from_numpy(flat(step)), state, lr=opt.default_lr)
+            w = w + delta
+            got = stepper.state_dict()["state"]["log_scale"]
+            np.testing.assert_allclose(got, state.log_scale.numpy(), rtol=0, atol=1e-6)
+            assert relative_error(flat(params), w.numpy()) < TOLERANCE
+    limit = np.float32(math.log(100.0))
+    np.testing.assert_array_equal(got, np.r_[np.full(300, limit), np.full(200, -limit)])
+    np.testing.assert_array_equal(got, state.log_scale.numpy())
+
+
+def test_the_cosine_adds_its_epsilon_to_the_product_of_the_norms(
+    tensorwise_folders, tensorwise_theta
+):
+    """Tiny gradients (1e-17) and previous directions (moments 1e-25): ‖g‖·‖D‖ is ~100 × 1e-30,
+    so where 1e-30 is added matters. The runtime's summed statistics give the reference's
+    cos = Σg·D / (‖g‖‖D‖ + 1e-30) (ℓ to 1e-7); per-array means would add 1e-30 to
+    ‖g‖‖D‖/n and move ℓ by half."""
+    ref, theta = reference(ADAPTIVE, tensorwise_theta[ADAPTIVE])
+    opt = runtime.load(tensorwise_folders[ADAPTIVE], threads=1)
+    sizes, rng = [100, 60], np.random.default_rng(12)
+    p, j = sum(sizes), 20
+
+    def f32(a) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, np.float32))
+
+    state = ref.init_state(p, tensor_sizes=sizes)._replace(
+        h=f32(rng.uniform(-0.9, 0.9, (p, j))),
+        c=f32(rng.normal(size=(p, j))),
+        m=f32(rng.normal(size=(p, j)) * 1e-25),  # v = 0: gradients whose squares underflowed
+        b=f32(rng.uniform(0.05, 1.0, (p, j))),
+        gamma=f32(rng.uniform(0.05, 1.0, (p, j))),
+        feat_m=f32(rng.normal(size=(p, 3)) * 1e-17),
+        feat_v=f32(rng.uniform(0.5, 2.0, (p, 1)) * 1e-34),
+        t=torch.full((1,), 5.0),
+    )
+    g = (rng.normal(size=p) * 1e-17).astype(np.float32)
+    stepper, params = _bound_at(opt, state, sizes, chunk_size=64)
+    assert stepper.step([g[:100].copy(), g[100:].copy()])
+    with torch.no_grad():
+        delta, want = ref.step(theta, torch.from_numpy(g), state, lr=opt.default_lr)
+    got = stepper.state_dict()["state"]["log_scale"]
+    assert np.abs(want.log_scale.numpy()).min() > 0.01  # the cosine is not ~0
+    np.testing.assert_allclose(got, want.log_scale.numpy(), rtol=1e-5, atol=0)
+    assert relative_error(flat(params), delta.numpy()) < 1e-5
