@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .evaluate import for_task
 from .optimizers.base import UpdateRule
 from .seeding import derive_seed, generator
 from .tasks.base import Task
@@ -149,12 +149,6 @@ def is_unstable(curve: Sequence[float], final_loss: float, horizon: int) -> bool
     return _above_lowest(final_loss, smoothed_and_lowest(curve, horizon)[1])
 
 
-def for_task(rule: UpdateRule, task: Task) -> UpdateRule:
-    """Gives a rule that normalises per tensor the task's tensor layout (others ignore it)."""
-    bind = getattr(rule, "for_tensors", None)
-    return bind(task.tensor_sizes) if callable(bind) else rule
-
-
 # -- optimizers ---------------------------------------------------------------------------------
 
 
@@ -184,8 +178,6 @@ def describe_optimizer(source: str, *, flag: str = "--optimizer") -> OptimizerSp
         optimizer, theta = load_theta_source(source)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(f"{flag} {source}: {error}") from error
-    except zipfile.BadZipFile as error:  # a truncated .npz: np.load lets this one through
-        raise UsageError(f"{flag} {source}: not a θ artifact (.npz): {error}") from error
     flat = optimizer.flatten(theta).detach().numpy().astype(np.float32).tobytes()
     identity = hashlib.sha256(flat).hexdigest()[:16]
     if source in LEARNED:

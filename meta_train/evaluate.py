@@ -91,10 +91,21 @@ def run_seed(seed: int, run_index: int) -> int:
 
 
 @torch.no_grad()
+def for_task(rule: UpdateRule, task: Task) -> UpdateRule:
+    """Gives a rule that normalises per tensor the task's tensor layout (others ignore it; a
+    rule already bound to a layout keeps it)."""
+    bind = getattr(rule, "for_tensors", None)
+    if not callable(bind) or getattr(rule, "tensor_sizes", None) is not None:
+        return rule
+    return bind(task.tensor_sizes)
+
+
 def run_once(
     task: Task, rule: UpdateRule, *, steps: int, seed: int, with_test_metrics: bool = False
 ) -> RunResult:
-    """Runs ``rule`` for ``steps`` steps on ``task`` from the init and batches of ``seed``."""
+    """Runs ``rule`` for ``steps`` steps on ``task`` from the init and batches of ``seed``; a
+    per-tensor rule is bound to the task's tensor layout first (``for_task``)."""
+    rule = for_task(rule, task)
     w = task.init_params(generator(seed, 0))
     state = rule.init(w.numel())
     curve: list[float] = []

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def load_theta(path: str | os.PathLike[str]) -> ThetaArtifact:
     try:
         with np.load(path, allow_pickle=False) as data:
             files = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, zipfile.BadZipFile) as err:  # BadZipFile: a truncated .npz
         raise ValueError(f"{path} is not a θ artifact (.npz): {err}") from None
     if _HEADER not in files:
         raise ValueError(f"{path} has no {_HEADER} entry: not written by save_theta")

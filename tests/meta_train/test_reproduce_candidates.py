@@ -161,7 +161,9 @@ def test_a_per_tensor_candidate_runs_bound_to_the_tasks_tensor_layout(tmp_path):
     assert len(task.tensor_sizes) == 4
     kwargs = dict(task_name=key, steps=TEST_TASKS[key].horizon, runs=1, seed=0)
     bound = evaluate(task, rule.for_tensors(task.tensor_sizes), **kwargs)
-    whole = evaluate(task, rule, **kwargs)  # one tensor: normalised over the whole vector
+    one_tensor = rule.for_tensors((sum(task.tensor_sizes),))  # normalised over the whole vector
+    whole = evaluate(task, one_tensor, **kwargs)
+    assert evaluate(task, rule, **kwargs).final_losses == bound.final_losses  # bound by default
     assert cell["final_losses"] == bound.final_losses
     assert cell["final_losses"] != whole.final_losses
     assert cell["optimizer"] == f"hyperadam-tensor ({source})"

@@ -54,3 +54,11 @@ def test_the_old_export_theta_io_path_still_imports():
 
     assert export.theta_io.load_theta is runtime.theta.load_theta
     assert export.theta_io.save_theta is runtime.theta.save_theta
+
+
+def test_a_truncated_file_is_a_value_error(tmp_path):
+    path = save_theta(tmp_path / "t.npz", "hyperadam", HyperAdam(4).init_theta(generator(0)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # an interrupted copy: np.load raises BadZipFile
+    with pytest.raises(ValueError, match=r"is not a θ artifact \(\.npz\)"):
+        load_theta(path)
