@@ -32,7 +32,9 @@ class GraphBuilder:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def const(self, value: np.ndarray | np.generic | float | Sequence[int], hint: str = "const") -> str:
+    def const(
+        self, value: np.ndarray | np.generic | float | Sequence[int], hint: str = "const"
+    ) -> str:
         """Adds an initializer: float data as fp32, integer data (axes, splits) as int64."""
         array = np.asarray(value)
         dtype = np.int64 if np.issubdtype(array.dtype, np.integer) else np.float32
