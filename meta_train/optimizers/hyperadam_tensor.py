@@ -199,7 +199,7 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
 
     ``implementation`` picks the step, as ``HyperAdam``'s does: "reference" (``tensorwise_step``)
     or "fast" (``hyperadam_tensor_fast``: the same maths to round-off as one autograd node with a
-    hand-written backward; any device; ×1.1–1.2 per meta-training truncation, ×1.35–1.44 for a
+    hand-written backward; any device; ×1.1–1.2 per meta-training truncation, ×1.35–1.50 for a
     no-grad step at p = 10⁵, docs/benchmarks.md). Opt-in: nothing selects it.
     """
 

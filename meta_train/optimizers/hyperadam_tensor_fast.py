@@ -13,7 +13,7 @@ incoming state (not the gradient, as in the paper variant's ``hyperadam_step_fas
   input- and weight-gradients as single matmuls; it reuses what the forward kept.
 
 Measured (docs/benchmarks.md, ``benchmarks/bench_tensorwise_step.py``): ×1.1–1.2 per
-meta-training truncation on the small family, ×1.35–1.44 for a no-grad step at p = 10⁵. The
+meta-training truncation on the small family, ×1.35–1.50 for a no-grad step at p = 10⁵. The
 reference's time is in the matmuls and in passes over [p, J] tensors, not in autograd's
 bookkeeping, and this backward makes about as many passes as autograd's; below the ×1.3 the
 issue asked for, so meta-training does not select it (``RunConfig.implementation`` applies to
