@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import LearnedUpdateRule, Theta
-from .hyperadam import FORGET_BIAS, MOMENT_EPS, spec_init
+from .hyperadam import FORGET_BIAS, IMPLEMENTATIONS, MOMENT_EPS, spec_init
 
 FEATURE_BETAS = (0.5, 0.9, 0.99)  # timescales of the momentum features
 FEATURE_BETA2 = 0.999
@@ -195,19 +195,35 @@ def tensorwise_step(
 
 
 class TensorwiseHyperAdam(LearnedUpdateRule):
-    """The tensor-wise HyperAdam variant (see the module docstring); J candidates."""
+    """The tensor-wise HyperAdam variant (see the module docstring); J candidates.
+
+    ``implementation`` picks the step, as ``HyperAdam``'s does: "reference" (``tensorwise_step``)
+    or "fast" (``hyperadam_tensor_fast``: the same maths to round-off as one autograd node with a
+    hand-written backward; any device; ×1.1–1.2 per meta-training truncation, ×1.35–1.50 for a
+    no-grad step at p = 10⁵, docs/benchmarks.md). Opt-in: nothing selects it.
+    """
 
     default_lr = TENSORWISE_DEFAULT_LR
     per_tensor = True  # init_state takes the tensor layout
 
     def __init__(
-        self, num_candidates: int = 20, *, bounded: bool = True, adaptive_scale: bool = False
+        self,
+        num_candidates: int = 20,
+        *,
+        bounded: bool = True,
+        adaptive_scale: bool = False,
+        implementation: str = "reference",
     ) -> None:
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         if adaptive_scale and not bounded:
             raise ValueError("the adaptive step scale is built on the bounded step")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}"
+            )
         self.num_candidates = num_candidates
+        self.implementation = implementation
         self.bounded = bounded
         self.adaptive_scale = adaptive_scale
         if adaptive_scale:
@@ -311,6 +327,12 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
     def step(
         self, theta: Theta, grad: Tensor, state: TensorwiseState, *, lr: float
     ) -> tuple[Tensor, TensorwiseState]:
+        if self.implementation == "fast":
+            from .hyperadam_tensor_fast import tensorwise_step_fast
+
+            return tensorwise_step_fast(
+                theta, grad, state, lr=lr, bounded=self.bounded, adaptive=self.adaptive_scale
+            )
         return tensorwise_step(
             theta, grad, state, lr=lr, bounded=self.bounded, adaptive=self.adaptive_scale
         )
