@@ -104,9 +104,20 @@ def tensor_cosine(x: Tensor, y: Tensor, segment: Tensor, num_segments: int) -> T
     0 where either is zero over the tensor (the first step, a frozen tensor).
     """
     dot = segment_sum(x * y, segment, num_segments)
-    norm_x = torch.sqrt(segment_sum(x.square(), segment, num_segments))
-    norm_y = torch.sqrt(segment_sum(y.square(), segment, num_segments))
+    norm_x = _sqrt_with_zero_gradient_at_zero(segment_sum(x.square(), segment, num_segments))
+    norm_y = _sqrt_with_zero_gradient_at_zero(segment_sum(y.square(), segment, num_segments))
     return (dot / (norm_x * norm_y + RMS_EPS)).index_select(0, segment)
+
+
+def _sqrt_with_zero_gradient_at_zero(x: Tensor) -> Tensor:
+    """√x, whose derivative at x = 0 is 0 instead of ∞ (the value is unchanged).
+
+    At a trajectory's first step the previous direction is 0, and so is a tensor's gradient
+    that never moves: a plain √ there made every meta-gradient through the step NaN, and
+    meta_update threw those truncations away.
+    """
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
 
 
 def tensor_rms(x: Tensor, segment: Tensor, segment_size: Tensor) -> Tensor:

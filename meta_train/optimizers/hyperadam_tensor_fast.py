@@ -33,6 +33,7 @@ r = (Ṽ+ε)^-½): ∂D/∂m = r/(b+ε), ∂D/∂b = −A r/(b+ε), ∂D/∂v = 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +180,7 @@ def _cells_backward(
         m0, v0, b0, gamma0, a0, r0, previous, m, v, b, gam, a, r, directions,
         logits, rho, rho_kept, last_logits, last_rho, last_kept,
         lstm_k, decay_k, weight_k,
-    ) = saved  # fmt: skip
+    ) = cast(tuple[Tensor, ...], saved)  # fmt: skip  (the step saves every one of them)
     d_h_out, d_c_out, d_m_out, d_v_out, d_b_out, d_gam_out = d_outputs[:6]
     d_last = d_outputs[6] if adaptive else None
     j = rho.shape[1]

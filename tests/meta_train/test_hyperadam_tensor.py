@@ -222,3 +222,26 @@ def test_an_adaptive_theta_file_loads_as_its_variant(tmp_path):
     assert loaded.name == "hyperadam-tensor-adaptive" and loaded.adaptive_scale
     expected = torch.tensor([math.log(ADAPTIVE_START_RATE / (0.2 - ADAPTIVE_START_RATE))])
     torch.testing.assert_close(theta["scale_rate"].float(), expected)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_adaptive_meta_gradient_is_finite_from_a_trajectorys_first_step(frozen):
+    # The previous direction is 0 at the first step (and a frozen tensor's gradient always is):
+    # the cosine's norms are √0 there, whose derivative must not turn the meta-gradient NaN.
+    opt = _make("adaptive")
+    theta = opt.adam_reduction(_theta(opt, scale=3.0), lr=0.003, scale_rate=ADAPTIVE_START_RATE)
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    w = torch.ones(sum(SIZES))
+    state = opt.init_state(sum(SIZES), tensor_sizes=SIZES)
+    loss = torch.zeros(())
+    for _ in range(3):
+        grad = w.clone()
+        if frozen:
+            grad[300:320] = 0.0  # the second tensor never gets a gradient
+        delta, state = opt.step(theta, grad, state, lr=opt.default_lr)
+        w = w + delta
+        loss = loss + w.square().sum()
+    loss.backward()
+    for name, value in theta.items():
+        assert bool(torch.isfinite(value.grad).all()), name
+    assert float(theta["scale_rate"].grad.abs()) > 0
