@@ -436,8 +436,11 @@ def run_benchmark(
     if previous:
         for label, info in previous.get("optimizers", {}).items():
             report["optimizers"].setdefault(label, info)
-    for key, task in prev_tasks.items():  # tasks this sitting does not run are kept
-        if key not in keys and key in HELDOUT_KEYS and task.get("seed") == config.seed:
+    # Every earlier task is kept until this sitting replaces it: the tasks it does not run, and
+    # (so that a report saved after each task, and a sitting stopped halfway, lose nothing) the
+    # ones it has not reached yet.
+    for key, task in prev_tasks.items():
+        if key in HELDOUT_KEYS and task.get("seed") == config.seed:
             report["tasks"][key] = task
     started = time.perf_counter()
     for key in keys:

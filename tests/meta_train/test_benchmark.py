@@ -154,6 +154,32 @@ def test_merge_reuses_the_tuning_and_keeps_earlier_optimizers(quick, tmp_path, c
     assert after["tasks"][key]["results"] == before["tasks"][key]["results"]
 
 
+@pytest.mark.slow  # the quick fixture runs the quick benchmark (≈ 100 s)
+def test_a_sitting_stopped_halfway_keeps_every_earlier_task(quick):
+    from meta_train.benchmark import BenchmarkConfig, run_benchmark
+
+    docs, _ = quick
+    before = json.loads((docs / "generalisation.json").read_text())
+    first, second = "rescnn-bn-mnist14-100", "leastsq-cond1e6-10000"
+    saved = []
+
+    def stop_after_the_first_task(report):
+        saved.append(json.loads(json.dumps(report)))
+        raise KeyboardInterrupt  # the sitting stops here; what was saved is all there is
+
+    config = BenchmarkConfig(("hyperadam", "rnnprop"), tasks=(first, second), runs=2,
+                             tuning_runs=1, quick=True)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config, before, progress=lambda _: None, on_task=stop_after_the_first_task)
+    (partial,) = saved
+    assert set(partial["tasks"]) == set(before["tasks"])  # nothing earlier is lost
+    assert partial["tasks"][second] == before["tasks"][second]  # not reached: kept as it was
+    assert "rnnprop" in partial["tasks"][first]["results"]  # reached: the new cells added
+    assert partial["tasks"][first]["results"]["hyperadam"] == (
+        before["tasks"][first]["results"]["hyperadam"]
+    )
+
+
 def test_bad_input_is_a_one_line_error(capsys, tmp_path):
     assert cli.main(["benchmark", "--quick", "--tasks", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown task(s) nope" in capsys.readouterr().err
