@@ -580,11 +580,13 @@ def _overall(
         if not tasks:
             continue
         rng = bootstrap_rng(*sorted(tasks), label)  # the same tasks give the same CI
-        ratios = [_ratio(o, a) for o, a in tasks.values()]
+        # ... whatever order the report holds them in (a sitting's, or its JSON's sorted keys).
+        strata = [tasks[key] for key in sorted(tasks)]
+        ratios = [_ratio(o, a) for o, a in strata]
         boot = []
         for _ in range(BOOTSTRAP_SAMPLES):
             sample = []
-            for o, a in tasks.values():
+            for o, a in strata:
                 d = rng.integers(0, len(o), size=len(o))
                 sample.append(_ratio(o[d], a[d]))
             boot.append(iqm(sample))

@@ -211,3 +211,20 @@ def test_a_cells_ci_does_not_depend_on_the_other_optimizers_in_the_report():
     for key in tasks:
         assert together["per_task"][key]["hyperadam"] == alone["per_task"][key]["hyperadam"]
     assert together["overall"]["hyperadam"] == alone["overall"]["hyperadam"]
+
+
+def test_the_iqm_ci_does_not_depend_on_the_order_of_the_tasks():
+    from meta_train.benchmark import summarise
+
+    rng = np.random.default_rng(2)
+
+    def result(scale):
+        losses = list(rng.uniform(0.5, 1.5, size=3) * scale)
+        return {"final_losses": losses, "unstable": [False] * 3, "final_smoothed": scale,
+                "curve": {"steps": [1, 2], "loss": [2.0, 1.0]}}  # fmt: skip
+
+    tasks = {f"t{i}": {"steps": 2, "results": {"adam": result(1.0), "hyperadam": result(1.0 + i)}}
+             for i in range(5)}  # fmt: skip
+    forward = summarise({"tasks": tasks})["overall"]["hyperadam"]
+    backward = summarise({"tasks": dict(reversed(list(tasks.items())))})["overall"]["hyperadam"]
+    assert forward == backward
