@@ -27,6 +27,7 @@ THETA_FILES = {
     "tensor-adam-start": mf.HYPERADAM_TENSOR,
     "tensor-unbounded-small-log": mf.HYPERADAM_TENSOR_UNBOUNDED,
     "tensor-adaptive-start": mf.HYPERADAM_TENSOR_ADAPTIVE,
+    "tensor-adaptive-small-log-pes": mf.HYPERADAM_TENSOR_ADAPTIVE,  # trained cells: ρ sees h
 }
 
 
