@@ -56,30 +56,7 @@ def test_gloo_shards_equal_the_unsharded_step(hyperadam_folder, tmp_path):
         for i, s in enumerate(SHAPES)
     }
     np.savez(tmp_path / "data.npz", **params, **grads)
-    (tmp_path / "worker.py").write_text(WORKER)
-    init = f"file://{tmp_path / 'rendezvous'}"
-    repo = Path(runtime.__file__).resolve().parents[1]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(tmp_path / "worker.py"),
-                str(rank),
-                str(hyperadam_folder),
-                init,
-                str(tmp_path / f"out{rank}.npz"),
-                str(tmp_path / "data.npz"),
-            ],
-            cwd=repo,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 0, output
+    _run_two_ranks(tmp_path, WORKER, hyperadam_folder)
 
     whole = [params[f"p{i}"].copy() for i in range(len(SHAPES))]
     stepper = runtime.load(hyperadam_folder, threads=1).bind(whole, chunk_size=16)
@@ -137,7 +114,23 @@ def test_gloo_shards_of_the_tensorwise_variant_equal_the_unsharded_step(
         for i, s in enumerate(SHAPES)
     }
     np.savez(tmp_path / "data.npz", **params, **grads)
-    (tmp_path / "worker.py").write_text(TENSORWISE_WORKER)
+    _run_two_ranks(tmp_path, TENSORWISE_WORKER, folder)
+
+    whole = [params[f"p{i}"].copy() for i in range(len(SHAPES))]
+    stepper = runtime.load(folder, threads=1).bind(whole, chunk_size=16)
+    for t in range(5):
+        stepper.step([grads[f"g{t}_{i}"] for i in range(len(SHAPES))])
+    out = [np.load(tmp_path / f"out{rank}.npz") for rank in range(2)]
+    split = np.concatenate([out[0]["p0"], out[1]["p0"]])
+    np.testing.assert_allclose(split, whole[0].ravel(), rtol=0, atol=1e-6)
+    for i in (1, 2, 3):
+        np.testing.assert_allclose(out[i % 2][f"p{i}"], whole[i].ravel(), rtol=0, atol=1e-6)
+
+
+def _run_two_ranks(tmp_path: Path, script: str, folder: Path) -> None:
+    """Runs ``script`` as ranks 0 and 1 of a gloo group (a file rendezvous in ``tmp_path``);
+    each reads data.npz and writes out<rank>.npz there."""
+    (tmp_path / "worker.py").write_text(script)
     init = f"file://{tmp_path / 'rendezvous'}"
     repo = Path(runtime.__file__).resolve().parents[1]
     procs = [
@@ -161,13 +154,3 @@ def test_gloo_shards_of_the_tensorwise_variant_equal_the_unsharded_step(
     for proc in procs:
         output, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0, output
-
-    whole = [params[f"p{i}"].copy() for i in range(len(SHAPES))]
-    stepper = runtime.load(folder, threads=1).bind(whole, chunk_size=16)
-    for t in range(5):
-        stepper.step([grads[f"g{t}_{i}"] for i in range(len(SHAPES))])
-    out = [np.load(tmp_path / f"out{rank}.npz") for rank in range(2)]
-    split = np.concatenate([out[0]["p0"], out[1]["p0"]])
-    np.testing.assert_allclose(split, whole[0].ravel(), rtol=0, atol=1e-6)
-    for i in (1, 2, 3):
-        np.testing.assert_allclose(out[i % 2][f"p{i}"], whole[i].ravel(), rtol=0, atol=1e-6)
