@@ -38,6 +38,7 @@ import torch
 
 from .evaluate import for_task
 from .optimizers.base import UpdateRule
+from .process_pool import init_worker
 from .seeding import derive_seed, generator
 from .tasks.base import Task
 
@@ -227,10 +228,6 @@ def _task_cache(key: str) -> Task:
     return _TASKS[key]
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def run_units(units: Sequence[Unit], jobs: int) -> list[RunRecord]:
     if jobs <= 1 or len(units) <= 1:
         return [_run_unit(u) for u in units]
@@ -239,7 +236,7 @@ def run_units(units: Sequence[Unit], jobs: int) -> list[RunRecord]:
     with ProcessPoolExecutor(
         max_workers=jobs,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
+        initializer=init_worker,  # one thread, and exit with this process
         initargs=(1,),
     ) as pool:
         return list(pool.map(_run_unit, units))

@@ -34,6 +34,7 @@ from .benchmark import UNSTABLE_FACTOR, OptimizerSpec, describe_optimizer, for_t
 from .errors import UsageError
 from .evaluate import RunResult, evaluate
 from .paper import GRID, OPTIMIZERS, GridRow
+from .process_pool import init_worker
 from .resolve import resolve_optimizer
 
 QUICK_TASKS = ("mnist-nn-sigmoid-100", "sin-lstm")
@@ -200,12 +201,6 @@ def unchanged_cell(
     return old
 
 
-def _set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def run_grid(
     config: ReproduceConfig, *, log=print, previous: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -253,7 +248,7 @@ def run_grid(
         with concurrent.futures.ProcessPoolExecutor(
             config.jobs,
             mp_context=context,
-            initializer=_set_threads,
+            initializer=init_worker,  # threads, and exit with this process
             initargs=(torch.get_num_threads(),),
         ) as pool:
             outputs = list(pool.map(evaluate_cell, *zip(*jobs, strict=True)))
