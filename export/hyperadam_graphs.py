@@ -105,24 +105,7 @@ def _update(b: GraphBuilder, theta: dict[str, np.ndarray], h_col_sum_sq: str) ->
             b.const(theta["weight_bias"].reshape(j, 1) / 2, "weight_bias_half"),
         ),
     )
-    one_minus_beta, one_minus_gamma = b.op("Sub", one, beta), b.op("Sub", one, gamma)
-    # Same association as the reference: β⊙M + (1−β)⊙G, and so on; G = g broadcast over rows.
-    m_new = b.op(
-        "Add",
-        b.op("Mul", beta, "m"),
-        b.op("Mul", one_minus_beta, mf.GRAD),
-        outputs=[mf.updated("m")],
-    )
-    v_new = b.op(
-        "Add",
-        b.op("Mul", gamma, "v"),
-        b.op("Mul", one_minus_gamma, b.op("Mul", mf.GRAD, mf.GRAD)),
-        outputs=[mf.updated("v")],
-    )
-    b_new = b.op("Add", b.op("Mul", beta, "b"), one_minus_beta, outputs=[mf.updated("b")])
-    gamma_new = b.op(
-        "Add", b.op("Mul", gamma, "gamma"), one_minus_gamma, outputs=[mf.updated("gamma")]
-    )
+    m_new, v_new, b_new, gamma_new = moment_recursions(b, one, beta, gamma)
     m_tilde = b.op("Div", m_new, b.op("Add", b_new, eps))
     v_tilde = b.op("Div", v_new, b.op("Add", gamma_new, eps))
     m_hat = b.op("Div", m_tilde, b.op("Sqrt", b.op("Add", v_tilde, eps)))
@@ -164,3 +147,29 @@ def build_hyperadam_graphs(theta: dict[str, np.ndarray]) -> dict[str, onnx.Model
         role: builders[role].model(spec.inputs, spec.outputs, docs[role])
         for role, spec in specs.items()
     }
+
+
+def moment_recursions(
+    b: GraphBuilder, one: str, beta: str, gamma: str
+) -> tuple[str, str, str, str]:
+    """The J Adams' moments and learned bias corrections after this step (spec §2.2.3), as the
+    state outputs m', v', B', Γ'. Same association as the reference: β⊙M + (1−β)⊙G, and so on;
+    G = g broadcast over rows."""
+    one_minus_beta, one_minus_gamma = b.op("Sub", one, beta), b.op("Sub", one, gamma)
+    m_new = b.op(
+        "Add",
+        b.op("Mul", beta, "m"),
+        b.op("Mul", one_minus_beta, mf.GRAD),
+        outputs=[mf.updated("m")],
+    )
+    v_new = b.op(
+        "Add",
+        b.op("Mul", gamma, "v"),
+        b.op("Mul", one_minus_gamma, b.op("Mul", mf.GRAD, mf.GRAD)),
+        outputs=[mf.updated("v")],
+    )
+    b_new = b.op("Add", b.op("Mul", beta, "b"), one_minus_beta, outputs=[mf.updated("b")])
+    gamma_new = b.op(
+        "Add", b.op("Mul", gamma, "gamma"), one_minus_gamma, outputs=[mf.updated("gamma")]
+    )
+    return m_new, v_new, b_new, gamma_new

@@ -39,6 +39,7 @@ from meta_train.optimizers import hyperadam_tensor as ref
 from meta_train.optimizers.hyperadam import FORGET_BIAS, MOMENT_EPS
 from runtime import manifest as mf
 
+from .hyperadam_graphs import moment_recursions
 from .onnx_builder import GraphBuilder, elu, lstm_cell
 
 
@@ -265,23 +266,7 @@ def build_tensorwise_graphs(
         _logistic_of_affine(b, decay_t[rows], z, bias[rows], name)
         for name, rows in (("beta", slice(0, j)), ("gamma", slice(j, 2 * j)))
     )
-    one_minus_beta, one_minus_gamma = b.op("Sub", one, beta), b.op("Sub", one, gamma)
-    m_new = b.op(
-        "Add",
-        b.op("Mul", beta, "m"),
-        b.op("Mul", one_minus_beta, mf.GRAD),
-        outputs=[mf.updated("m")],
-    )
-    v_new = b.op(
-        "Add",
-        b.op("Mul", gamma, "v"),
-        b.op("Mul", one_minus_gamma, b.op("Mul", mf.GRAD, mf.GRAD)),
-        outputs=[mf.updated("v")],
-    )
-    b_new = b.op("Add", b.op("Mul", beta, "b"), one_minus_beta, outputs=[mf.updated("b")])
-    gamma_new = b.op(
-        "Add", b.op("Mul", gamma, "gamma"), one_minus_gamma, outputs=[mf.updated("gamma")]
-    )
+    m_new, v_new, b_new, gamma_new = moment_recursions(b, one, beta, gamma)
     directions = _directions(b, m_new, v_new, b_new, gamma_new, eps)
     rho = _step_weights(b, theta, h_new, bounded=bounded)
     combined = b.op("ReduceSum", b.op("Mul", rho, directions), b.const([0], "axis0"), keepdims=0)

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from .base import Theta
 from .hyperadam import FORGET_BIAS, MOMENT_EPS
+from .hyperadam_fast import THETA_ORDER as PAPER_THETA_ORDER
 from .hyperadam_tensor import (
     FEATURE_CLIP,
     KAPPA_MAX,
@@ -51,16 +52,8 @@ from .hyperadam_tensor import (
     tensor_cosine,
 )
 
-THETA_ORDER = (
-    "pre_kernel",
-    "pre_bias",
-    "lstm_kernel",
-    "lstm_bias",
-    "decay_kernel",
-    "decay_bias",
-    "weight_kernel",
-    "weight_bias",
-)
+# The same cells as the paper's kernel, in the same order (plus κ in the adaptive variant).
+THETA_ORDER = PAPER_THETA_ORDER
 DIFFERENTIABLE_STATE = ("h", "c", "m", "v", "b", "gamma")  # the node's state inputs and outputs
 
 
