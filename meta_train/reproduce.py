@@ -30,7 +30,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .benchmark import UNSTABLE_FACTOR, OptimizerSpec, describe_optimizer, for_task, is_unstable
+from .benchmark import UNSTABLE_FACTOR, OptimizerSpec, describe_optimizer, is_unstable
 from .errors import UsageError
 from .evaluate import RunResult, evaluate
 from .paper import GRID, OPTIMIZERS, GridRow
@@ -158,13 +158,10 @@ def evaluate_cell(task_key: str, name: str, runs: int, seed: int, data_dir: str 
     except UsageError as error:
         return {"status": f"not available: {error}"}
     task = _task(task_key, data_dir)
-    bound = for_task(rule, task)
-    if bound is not rule:
-        bound.name = rule.name  # bound to the layout, labelled as before
     runs_seen: list[RunResult] = []
-    result = evaluate(
+    result = evaluate(  # a per-tensor θ is bound to the task's tensor layout in run_once
         task,
-        bound,
+        rule,
         task_name=task_key,
         steps=spec.horizon,
         runs=runs,
