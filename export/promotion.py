@@ -172,7 +172,9 @@ def _compare_heldout(
     seed: int,
 ) -> TaskComparison:
     """A task of the held-out benchmark (``meta_train.benchmark``): Adam tuned on its grid with
-    tuning seeds, then both on the same evaluation runs; an unstable run counts as diverged."""
+    tuning seeds, then both on the same evaluation runs; an unstable run counts as diverged.
+    The candidate runs through its exported ONNX step (the runtime engine): the gate judges
+    the artefact it promotes."""
     from meta_train.benchmark import (
         EVAL_STREAM,
         BenchmarkConfig,
@@ -194,7 +196,8 @@ def _compare_heldout(
         ("adam", "adam", tuned["best_lr"]),
         ("candidate", str(folder), candidate_lr),
     ):
-        rule = make_rule(Spec(which, source, ""), lr)
+        folder_of = source if which == "candidate" else None
+        rule = make_rule(Spec(which, source, "", folder=folder_of), lr)
         records = [run_task(task, rule, steps=horizon, seed=s) for s in seeds]
         finals = [r.final_loss for r in records]
         mean = sum(finals) / len(finals) if all(map(math.isfinite, finals)) else math.inf

@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -161,12 +161,24 @@ class OptimizerSpec:
     source: str
     identity: str  # a digest of θ for learned optimizers; "" for hand-designed ones
     lr: float | None = None  # None: the optimizer's own default
+    # Engine "runtime": the exported folder (or built-in name) whose ONNX step is evaluated.
+    folder: str | None = None
 
 
-def describe_optimizer(source: str, *, flag: str = "--optimizer") -> OptimizerSpec:
+ENGINES = ("reference", "runtime")
+# A runtime-engine result is labelled and fingerprinted apart from the reference's, so merged
+# reports never mix the two (they agree to round-off per step, not bitwise over a trajectory).
+RUNTIME_SUFFIX = "/ort"
+
+
+def describe_optimizer(
+    source: str, *, flag: str = "--optimizer", folder: str | None = None
+) -> OptimizerSpec:
     """Resolves a name or path and fingerprints its θ (so results are tied to the θ behind them).
 
-    ``flag`` names the command-line option in the error a bad source gets.
+    ``flag`` names the command-line option in the error a bad source gets. ``folder`` (a learned
+    optimizer only) evaluates it through that exported folder's runtime step instead of the
+    torch reference: its label and identity then end in ``RUNTIME_SUFFIX``.
     """
     from .resolve import BASELINES, LEARNED
 
@@ -190,14 +202,37 @@ def describe_optimizer(source: str, *, flag: str = "--optimizer") -> OptimizerSp
         # An ablation arm's θ is <arm>/theta.npz: name it by its folder.
         name = path.parent.name if path.name == "theta.npz" else path.name.removesuffix(".npz")
         label = f"{name}@{identity[:8]}"
+    if folder is not None:
+        return OptimizerSpec(
+            label + RUNTIME_SUFFIX, source, identity + RUNTIME_SUFFIX, folder=str(folder)
+        )
     return OptimizerSpec(label, source, identity)
 
 
 def make_rule(spec: OptimizerSpec, lr: float | None) -> UpdateRule:
+    """The update rule of ``spec``: the torch reference, or the exported runtime step."""
+    if spec.folder is not None:
+        from .runtime_rule import ExportedRule
+
+        return ExportedRule(spec.folder, lr=lr)
     from .resolve import resolve_optimizer
 
     rule, _ = resolve_optimizer(spec.source, None, lr=lr)
     return rule
+
+
+def runtime_folder(source: str) -> str | None:
+    """The runtime source of a learned optimizer that needs no export: a built-in name or an
+    exported folder; None for a θ file (the caller exports it first)."""
+    from pathlib import Path
+
+    from runtime.manifest import MANIFEST_FILE
+
+    from .resolve import LEARNED
+
+    if source in LEARNED:
+        return source
+    return source if (Path(source) / MANIFEST_FILE).is_file() else None
 
 
 # -- work units (picklable, so --jobs can farm them out) ----------------------------------------
@@ -258,6 +293,9 @@ class BenchmarkConfig:
       grid: the starting Adam grid, exponents k of 10^(k/2).
       quick: short horizons (each task's ``quick_horizon``) for tests and smoke runs.
       jobs: processes.
+      engine: how learned optimizers step: ``"reference"`` (the torch reference) or
+        ``"runtime"`` (their exported ONNX step through ``runtime``; ``run_benchmark``'s
+        ``folders`` names the export of each θ file).
     """
 
     optimizers: tuple[str, ...]
@@ -268,9 +306,13 @@ class BenchmarkConfig:
     grid: tuple[int, ...] = DEFAULT_GRID
     quick: bool = False
     jobs: int = 1
+    engine: str = "reference"
 
     def __post_init__(self) -> None:
         from .errors import UsageError
+
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
 
         if self.runs < 2:
             raise UsageError(f"--runs must be >= 2 (the CIs need two), got {self.runs}")
@@ -413,17 +455,20 @@ def run_benchmark(
     previous: dict[str, Any] | None = None,
     progress: Callable[[str], None] = print,
     on_task: Callable[[dict[str, Any]], None] | None = None,
+    folders: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Runs the suite and returns the report (the JSON every number of the document comes from).
 
     ``previous`` is an earlier report with the same seed and runs: its Adam tunings and Adam
     evaluations are reused where the task, horizon and seeds match, and its other optimizers'
-    results are kept unless this call reruns them.
+    results are kept unless this call reruns them. ``folders`` maps each θ-file optimizer to its
+    exported folder under ``config.engine == "runtime"`` (built-ins and exported folders need
+    none).
     """
     from .tasks.heldout import HELDOUT_KEYS, heldout_spec
 
     keys = config.tasks or HELDOUT_KEYS
-    specs = [describe_optimizer(name) for name in config.optimizers]
+    specs = [_describe(name, config.engine, folders or {}) for name in config.optimizers]
     prev_tasks = (previous or {}).get("tasks", {})
     report: dict[str, Any] = {
         "config": dataclasses.asdict(config),
@@ -508,6 +553,19 @@ def run_benchmark(
     report["suite_seconds"] = sum(t.get("seconds", 0.0) for t in report["tasks"].values())
     report["summary"] = summarise(report)
     return report
+
+
+def _describe(source: str, engine: str, folders: Mapping[str, str]) -> OptimizerSpec:
+    from .resolve import BASELINES
+
+    if engine == "reference" or source in BASELINES:
+        return describe_optimizer(source)
+    folder = folders.get(source) or runtime_folder(source)
+    if folder is None:
+        from .errors import UsageError
+
+        raise UsageError(f"--optimizer {source}: engine 'runtime' needs it exported first")
+    return describe_optimizer(source, folder=folder)
 
 
 def bootstrap_rng(*names: str) -> np.random.Generator:

@@ -11,6 +11,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import UsageError
@@ -44,6 +45,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="MLflow store for the report; 'none' to skip (default sqlite:///mlflow.db)",
     )  # fmt: skip
     parser.add_argument("--experiment", default="hyperadam-benchmark")
+    parser.add_argument(
+        "--engine", choices=("reference", "runtime"), default="reference",
+        help="how learned optimizers step: the torch reference (default) or their exported "
+        "ONNX step through the runtime (θ files are exported, parity-checked, to a private "
+        "temporary folder; several times faster on large models)",
+    )  # fmt: skip
     add_threads_flag(parser)
     parser.set_defaults(run=run)
 
@@ -69,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         quick=args.quick,
         jobs=args.jobs,
+        engine=args.engine,
         **config_kwargs,
     )
     out = Path(args.out)
@@ -89,9 +97,19 @@ def run(args: argparse.Namespace) -> int:
     def save_partial(report: dict) -> None:
         atomic_write_bytes(partial, dumps(report).encode())  # a stop mid-write loses nothing
 
-    report = run_benchmark(
-        config, previous, progress=lambda line: print(line, flush=True), on_task=save_partial
-    )
+    with tempfile.TemporaryDirectory(prefix="hyperadam-benchmark-") as private:
+        folders = (
+            export_theta_files(config.optimizers, Path(private))
+            if config.engine == "runtime"
+            else {}
+        )
+        report = run_benchmark(
+            config,
+            previous,
+            progress=lambda line: print(line, flush=True),
+            on_task=save_partial,
+            folders=folders,
+        )
     report["host"] = host_name()
     command = "hyperadam " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     files = write_report(report, out, command)
@@ -107,6 +125,31 @@ def run(args: argparse.Namespace) -> int:
         run_id = log_to_mlflow(args.tracking_uri, args.experiment, files, report)
         print(f"logged to MLflow run {run_id} ({args.tracking_uri})")
     return 0
+
+
+def export_theta_files(sources: tuple[str, ...], into: Path) -> dict[str, str]:
+    """Exports every θ-file optimizer of ``sources`` under ``into`` (a private folder) for the
+    runtime engine, each checked for parity against the torch reference as ``hyperadam export``
+    does; built-in names and exported folders are run as they are."""
+    from export import ParityError, export_optimizer
+    from runtime.theta import load_theta, theta_path
+
+    from ..benchmark import runtime_folder
+    from ..resolve import BASELINES
+
+    folders = {}
+    for i, source in enumerate(sources):
+        if source in BASELINES or runtime_folder(source) is not None:
+            continue
+        try:
+            path = theta_path(source)
+            method = load_theta(path).method
+            folder = into / f"optimizer-{i}"
+            export_optimizer(method, path, folder)
+        except (FileNotFoundError, ValueError, ParityError) as error:
+            raise UsageError(f"--optimizer {source}: cannot export it: {error}") from error
+        folders[source] = str(folder)
+    return folders
 
 
 def log_to_mlflow(uri: str, experiment: str, files: list[Path], report: dict) -> str:
