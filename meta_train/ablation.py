@@ -122,6 +122,14 @@ ARMS = {
         ArmConfig("tensor-small-log-loguniform", log_uniform_horizons=(100, 2000)),
         ArmConfig("tensor-small-log-pes", log_uniform_horizons=(100, 2000), estimator="pes"),
         ArmConfig("tensor-adaptive-small-log", variant="tensor-adaptive"),
+        # The family and meta-loss levers, measured on the adaptive variant (the best base).
+        ArmConfig("tensor-adaptive-small-mean", variant="tensor-adaptive", meta_loss="mean"),
+        ArmConfig(
+            "tensor-adaptive-paperfamily-log",
+            variant="tensor-adaptive",
+            family="paper",
+            horizon=100,
+        ),
         ArmConfig(
             "tensor-adaptive-small-log-loguniform",
             variant="tensor-adaptive",

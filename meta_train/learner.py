@@ -529,7 +529,9 @@ class Learner:
         # The update train_local applies too (meta_update: reject, average, clip, Adam).
         self._meta, update = meta_update(
             self._meta,
-            [torch.from_numpy(np.asarray(r.meta_grad)) for r in results],
+            # Copied: Ray hands results back as read-only views of its object store, which
+            # torch.from_numpy would wrap writable (undefined behaviour, and a warning per run).
+            [torch.tensor(np.asarray(r.meta_grad)) for r in results],
             self.config.meta_optim,
             self.config.experimental,
         )
