@@ -11,13 +11,18 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .benchmark import dumps
+from .benchmark import UNSTABLE_CHECKPOINTS, UNSTABLE_FACTOR, UNSTABLE_RULE, dumps
 from .checkpoint import atomic_write_bytes
 
 MD_NAME = "generalisation.md"
 JSON_NAME = "generalisation.json"
 RATIO_FIGURE = "figures/heldout-ratios.png"
 CURVES_FIGURE = "figures/heldout-curves.png"
+
+
+def _unstable(count: object, cell: dict) -> str:
+    """An unstable-run count, with † when it was judged by the first sittings' rule."""
+    return f"{count}" if cell.get("unstable_rule") == UNSTABLE_RULE else f"{count}†"
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -75,7 +80,7 @@ def render_markdown(report: dict[str, Any], command: str, preamble: str = "") ->
         lines.append(
             f"| {label} | {o['tasks']} | {_fmt(o['iqm_ratio'])} "
             f"[{_fmt(o['iqm_ci'][0])}, {_fmt(o['iqm_ci'][1])}] | "
-            f"{o['fraction_below_1'] * 100:.0f} % | {o['unstable_runs']} |"
+            f"{o['fraction_below_1'] * 100:.0f} % | {_unstable(o['unstable_runs'], o)} |"
         )
     fast = summary.get("overall_fast", {})
     if fast:
@@ -94,7 +99,7 @@ def render_markdown(report: dict[str, Any], command: str, preamble: str = "") ->
             lines.append(
                 f"| {label} | {_fmt(o['iqm_ratio'])} [{_fmt(o['iqm_ci'][0])}, "
                 f"{_fmt(o['iqm_ci'][1])}] | {o['fraction_below_1'] * 100:.0f} % | "
-                f"{o['unstable_runs']} |"
+                f"{_unstable(o['unstable_runs'], o)} |"
             )
     lines += [
         "",
@@ -103,9 +108,14 @@ def render_markdown(report: dict[str, Any], command: str, preamble: str = "") ->
         "Each optimizer's cell: ratio [95 % CI] · speed-up · unstable runs. The speed-up is the "
         "step at which tuned Adam's mean smoothed curve first reaches the optimizer's final "
         "smoothed loss, divided by T (below 1: Adam got there sooner; > 1: Adam never did "
-        "within T).",
+        "within T). A run is unstable when its final loss is above "
+        f"{UNSTABLE_FACTOR}× the lowest loss of its iterates at {UNSTABLE_CHECKPOINTS} "
+        "evenly spaced steps, measured like the final loss; † marks counts made by the first "
+        "sittings' rule (the lowest smoothed minibatch loss, which flags ordinary noise).",
         "",
-        "| task | kind | T | Adam lr | Adam final loss | " + " | ".join(labels) + " |",
+        "| task | kind | T | Adam lr | Adam final loss · unstable | "
+        + " | ".join(labels)
+        + " |",
         "|---|---|---|---|---|" + "---|" * len(labels),
     ]
     for key, task in report["tasks"].items():
@@ -122,11 +132,16 @@ def render_markdown(report: dict[str, Any], command: str, preamble: str = "") ->
             speed = ">1" if not c["adam_reaches"] else _fmt(c["speedup"], 2)
             cells.append(
                 f"{_fmt(c['ratio'])} [{_fmt(c['ci'][0])}, {_fmt(c['ci'][1])}] · {speed} · "
-                f"{c['unstable_runs']}/{c['runs']}"
+                + _unstable(f"{c['unstable_runs']}/{c['runs']}", c)
             )
+        adam_unstable = _unstable(
+            f"{sum(adam['unstable'])}/{len(adam['unstable'])}",
+            {"unstable_rule": adam.get("unstable_rule", "smoothed")},
+        )
         lines.append(
             f"| {key} | {task['kind']} | {task['steps']} | "
-            f"{task['adam_tuning']['best_lr']:.3g}{edge} | {_fmt(adam_mean, 4)} | "
+            f"{task['adam_tuning']['best_lr']:.3g}{edge} | {_fmt(adam_mean, 4)} · "
+            f"{adam_unstable} | "
             + " | ".join(cells)
             + " |"
         )

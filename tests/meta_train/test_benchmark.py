@@ -16,6 +16,7 @@ from meta_train.benchmark import (
     EVAL_STREAM,
     TUNING_STREAM,
     BenchmarkConfig,
+    checkpoint_steps,
     iqm,
     paired_bootstrap,
     run_seed,
@@ -25,6 +26,7 @@ from meta_train.benchmark import (
     tune_adam,
 )
 from meta_train.optimizers import make_baseline
+from meta_train.tasks.base import Task
 from meta_train.tasks.heldout import HELDOUT_FAST, HELDOUT_KEYS, heldout_spec
 
 
@@ -68,7 +70,62 @@ def test_a_run_that_blows_up_is_unstable_and_a_good_one_is_not():
     assert bad.diverged and bad.unstable and math.isinf(bad.final_loss)
     # Rising far above the best it had reached, while finite, is unstable too.
     osc = run_task(task, make_baseline("adam", 3.0), steps=300, seed=1)
-    assert osc.unstable == (osc.final_loss > 1.5 * osc.min_smoothed)
+    assert osc.unstable == (osc.final_loss > 1.5 * osc.lowest_checkpoint)
+    assert osc.unstable_smoothed == (osc.final_loss > 1.5 * osc.min_smoothed)
+    assert osc.lowest_checkpoint <= osc.final_loss
+
+
+class _NoisyBowl(Task):
+    """L(w; b) = b·‖w‖²/2 with a minibatch factor b ~ U(0.1, 1.9): its mean is ‖w‖²/2, but
+    the minibatch curve's lowest smoothed value sits far below the loss of any iterate."""
+
+    name = "noisy-bowl"
+
+    @property
+    def num_params(self):
+        return 4
+
+    def init_params(self, generator):
+        return torch.ones(4)
+
+    def sample_batch(self, generator):
+        return (0.1 + 1.8 * torch.rand((), generator=generator),)
+
+    def loss(self, params, batch):
+        return batch[0] * 0.5 * (params**2).sum()
+
+
+class _DownThenUp:
+    """Gradient descent for 100 steps, then ascent: a run that rises far above its best."""
+
+    name = "down-then-up"
+
+    def init(self, num_coords, *, device="cpu"):
+        return 0
+
+    def update(self, grad, t):
+        return (-0.02 if t < 100 else 0.05) * grad, t + 1
+
+
+def test_minibatch_noise_is_not_instability_but_a_rise_is():
+    task = _NoisyBowl()
+    # Adam with a vanishing step: every iterate has the same true loss; only the batches vary.
+    still = run_task(task, make_baseline("adam", 1e-9), steps=200, seed=0)
+    assert still.unstable_smoothed  # the first sittings' rule calls the noise unstable
+    assert not still.unstable  # the iterates' own losses, measured alike, say it is not
+    # A run that descends and then climbs back is unstable by both rules.
+    rising = run_task(task, _DownThenUp(), steps=200, seed=0)
+    assert rising.unstable and rising.lowest_checkpoint < rising.final_loss / 1.5
+
+
+def test_checkpoint_measurements_leave_the_run_unchanged():
+    task = heldout_spec("leastsq-cond1e6-10000").build()
+    plain = run_task(task, make_baseline("adam", 0.03), steps=60, seed=2, checkpoints=0)
+    measured = run_task(task, make_baseline("adam", 0.03), steps=60, seed=2)
+    assert measured.final_loss == plain.final_loss  # bitwise: the same batches, the same steps
+    assert measured.smoothed == plain.smoothed
+    assert plain.lowest_checkpoint == plain.final_loss  # with none, the final iterate alone
+    assert checkpoint_steps(100) == set(range(0, 100, 5)) and checkpoint_steps(7, 0) == set()
 
 
 def test_the_adam_grid_widens_until_the_best_lr_is_inside():
@@ -123,7 +180,8 @@ def test_every_cell_is_traceable_to_the_json(quick):
         ratio = re.findall(r"[\d.e+-]+|∞", cells[5].split("·")[0])[0]
         assert ratio == ("∞" if math.isinf(expected) else f"{expected:.3g}")
         assert cells[3].removesuffix(" (edge)") == f"{task['adam_tuning']['best_lr']:.3g}"
-        assert cells[4] == f"{float(np.mean(adam)):.4g}"
+        adam_unstable = sum(task["results"]["adam"]["unstable"])
+        assert cells[4] == f"{float(np.mean(adam)):.4g} · {adam_unstable}/{len(adam)}"
         unstable = cells[5].split("·")[2].strip()
         assert unstable == f"{sum(task['results']['hyperadam']['unstable'])}/{len(opt)}"
     summary = report["summary"]["overall"]["hyperadam"]
