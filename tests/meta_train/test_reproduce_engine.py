@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,27 @@ def test_quick_end_to_end_through_the_runtime_in_worker_processes(tmp_path, expo
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("hyperadam-reproduce").experiment_id])
     assert json.loads(run[0].data.params["engine"]) == "runtime"
+
+
+# -- scripts/reproduce_candidate ----------------------------------------------------------------
+
+
+def test_reproduce_candidate_runs_the_candidates_through_the_runtime_unless_told(tmp_path):
+    # The script in a copy of the tree whose hyperadam only records its arguments.
+    (tmp_path / "scripts").mkdir()
+    script = shutil.copy(ROOT / "scripts" / "reproduce_candidate", tmp_path / "scripts")
+    calls = tmp_path / "calls"
+    stub = tmp_path / ".venv" / "bin" / "hyperadam"
+    stub.parent.mkdir(parents=True)
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    stub.chmod(0o755)
+
+    def engines(**env: str) -> list[str]:
+        calls.unlink(missing_ok=True)
+        subprocess.run([script, "THETA"], check=True, env={"PATH": os.environ["PATH"], **env})
+        lines = calls.read_text().splitlines()
+        assert len(lines) == 3 and all("--optimizers THETA" in line for line in lines)
+        return [line.split("--engine ")[-1].split()[0] for line in lines]  # argparse: last wins
+
+    assert engines() == ["runtime"] * 3
+    assert engines(REPRODUCE_FLAGS="--engine reference --jobs 2") == ["reference"] * 3
