@@ -14,6 +14,12 @@ own default lr and bound to each task's tensor layout. The report shows each as 
 the paper's tables and says, per candidate, on how many rows it is at or below the paper's
 HyperAdam/Adam ratio, how many of its runs were unstable (the benchmark's definition,
 ``meta_train.benchmark.is_unstable``) and how its Table 3 test accuracy compares with Adam's.
+
+Under ``engine="runtime"`` the candidates step through their exported ONNX step
+(``meta_train.runtime_rule.ExportedRule``, several times faster than the torch reference on the
+large rows) and their labels and identities end in ``RUNTIME_SUFFIX``, as the held-out
+benchmark's do, so a merged report never puts a reference cell and a runtime cell of one θ
+under one name. The paper's four keep the reference, which is what the committed report records.
 """
 
 from __future__ import annotations
@@ -27,10 +33,19 @@ import math
 import multiprocessing
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .benchmark import UNSTABLE_FACTOR, OptimizerSpec, describe_optimizer, is_unstable
+from .benchmark import (
+    ENGINES,
+    RUNTIME_SUFFIX,
+    UNSTABLE_FACTOR,
+    OptimizerSpec,
+    describe_optimizer,
+    is_unstable,
+    runtime_folder,
+)
 from .errors import UsageError
 from .evaluate import RunResult, evaluate
 from .paper import GRID, OPTIMIZERS, GridRow
@@ -48,6 +63,13 @@ LONG_HORIZON = 2000  # rows at or beyond this many steps use ``long_runs``
 
 @dataclasses.dataclass(frozen=True)
 class ReproduceConfig:
+    """One sitting of the grid.
+
+    ``engine`` says how the candidate θs step: ``"reference"`` (the torch reference) or
+    ``"runtime"`` (their exported ONNX step; ``run_grid``'s ``folders`` names the export of each
+    θ file). The paper's four run on the reference under either.
+    """
+
     tasks: tuple[str, ...] = ()  # empty = every task of the grid
     optimizers: tuple[str, ...] = OPTIMIZERS  # the paper's names, or θ files/folders
     runs: int = 10
@@ -56,8 +78,11 @@ class ReproduceConfig:
     quick: bool = False
     long_runs: int | None = None  # runs for horizons >= LONG_HORIZON (None: ``runs``)
     jobs: int = 1  # cells evaluated in parallel processes (results do not depend on it)
+    engine: str = "reference"  # how the candidates step (ENGINES)
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
         if self.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {self.runs}")
         if self.long_runs is not None and self.long_runs < 1:
@@ -91,16 +116,23 @@ def _task(task_key: str, data_dir: str | None):
     return build_test_task(task_key, data_dir=data_dir)
 
 
-def resolve_optimizers(sources: tuple[str, ...] | list[str]) -> list[OptimizerSpec]:
+def resolve_optimizers(
+    sources: tuple[str, ...] | list[str],
+    *,
+    engine: str = "reference",
+    folders: Mapping[str, str] | None = None,
+) -> list[OptimizerSpec]:
     """The optimizers of a sitting: the paper's four by name, candidate θs by path.
 
     Each is labelled and fingerprinted by ``describe_optimizer`` (a candidate's label is
     ``<folder or file stem>@<first 8 hex of its θ digest>``); a θ named twice (its file and its
-    folder) is evaluated once.
+    folder) is evaluated once. Under ``engine="runtime"`` each candidate steps through its
+    exported folder: ``folders[source]`` for a θ file (the command exports it), the source itself
+    for an exported folder; its label and identity then end in ``RUNTIME_SUFFIX``.
 
     Raises:
       UsageError: a source that is neither one of the paper's names nor a θ file or folder that
-        loads, before anything runs.
+        loads, or (runtime) a θ file with no export, before anything runs.
     """
     specs: dict[str, OptimizerSpec] = {}
     for source in sources:
@@ -109,7 +141,12 @@ def resolve_optimizers(sources: tuple[str, ...] | list[str]) -> list[OptimizerSp
                 f"--optimizers {source}: not one of {', '.join(OPTIMIZERS)} and no θ file or "
                 "folder there"
             )
-        spec = describe_optimizer(source, flag="--optimizers")
+        folder = None
+        if engine == "runtime" and source not in OPTIMIZERS:
+            folder = (folders or {}).get(source) or runtime_folder(source)
+            if folder is None:
+                raise UsageError(f"--optimizers {source}: engine 'runtime' needs it exported first")
+        spec = describe_optimizer(source, flag="--optimizers", folder=folder)
         specs.setdefault(spec.label, spec)
     return list(specs.values())
 
@@ -120,35 +157,49 @@ def is_candidate(label: str) -> bool:
 
 
 def candidate_info(spec: OptimizerSpec) -> dict[str, Any]:
-    """What the report records of a candidate: where its θ came from, which θ, and its lr."""
+    """What the report records of a candidate: where its θ came from, which θ, its lr, and
+    (``engine``, only when it is not the reference) how it stepped."""
     from runtime.theta import load_theta, theta_path
 
     from .theta_source import load_theta_source
 
     optimizer, _ = load_theta_source(spec.source)
-    return {
+    info = {
         "source": spec.source,
         "identity": spec.identity,
         "method": load_theta(theta_path(spec.source)).method,
         "lr": optimizer.default_lr,
     }
+    if spec.folder is not None:  # a reference candidate's record stays as it was
+        info["engine"] = "runtime"
+    return info
 
 
 def describe_candidate(info: dict[str, Any]) -> str:
     """The report's one line on a candidate θ."""
+    engine = ", through its exported ONNX step (onnxruntime)" if info.get("engine") else ""
     return (
         f"candidate θ `{info['source']}` ({info['method']}, θ digest {info['identity']}), at "
-        f"its default lr {info['lr']:g}, no per-task tuning"
+        f"its default lr {info['lr']:g}, no per-task tuning{engine}"
     )
 
 
-def evaluate_cell(task_key: str, name: str, runs: int, seed: int, data_dir: str | None) -> dict:
+def evaluate_cell(
+    task_key: str,
+    name: str,
+    runs: int,
+    seed: int,
+    data_dir: str | None,
+    folder: str | None = None,
+) -> dict:
     """One (task, optimizer) cell of the grid as JSON-ready results (or why there are none).
 
-    ``name`` is one of the paper's optimizers or a θ file or folder. A learned rule is bound to
-    the task's tensor layout (per-tensor variants normalise within each tensor; the others
-    ignore it). Besides ``EvaluationResult.to_json``, the cell records per run whether it was
-    unstable (``unstable``, the held-out benchmark's definition).
+    ``name`` is one of the paper's optimizers or a θ file or folder; with ``folder`` (its
+    export, engine "runtime") it steps through the exported ONNX step instead of the torch
+    reference, at the same lr. A learned rule is bound to the task's tensor layout (per-tensor
+    variants normalise within each tensor; the others ignore it). Besides
+    ``EvaluationResult.to_json``, the cell records per run whether it was unstable
+    (``unstable``, the held-out benchmark's definition).
     """
     from .tasks.suite import TEST_TASKS
 
@@ -157,6 +208,14 @@ def evaluate_cell(task_key: str, name: str, runs: int, seed: int, data_dir: str 
         rule, lr = resolve_optimizer(name, spec)
     except UsageError as error:
         return {"status": f"not available: {error}"}
+    if folder is not None:
+        from .runtime_rule import ExportedRule
+
+        # The reference's lr, not the manifest's (an export takes a θ file's ``lr`` meta): the
+        # two engines differ in how they step, never in what they are asked to do.
+        exported = ExportedRule(folder, lr=lr)
+        exported.name = rule.name + RUNTIME_SUFFIX  # the θ's path, not a temporary folder's
+        rule = exported
     task = _task(task_key, data_dir)
     runs_seen: list[RunResult] = []
     result = evaluate(  # a per-tensor θ is bound to the task's tensor layout in run_once
@@ -199,7 +258,11 @@ def unchanged_cell(
 
 
 def run_grid(
-    config: ReproduceConfig, *, log=print, previous: dict[str, Any] | None = None
+    config: ReproduceConfig,
+    *,
+    log=print,
+    previous: dict[str, Any] | None = None,
+    folders: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluates every (task, optimizer) of the chosen rows; returns JSON-ready results.
 
@@ -208,13 +271,15 @@ def run_grid(
     running cells in parallel changes only the wall time. Cells are keyed by the optimizers'
     labels (``resolve_optimizers``) and record their θ's digest (``identity``). With
     ``previous`` (an earlier report, ``--merge``), a learned optimizer's cell of the same θ on
-    the same runs is not rerun (``unchanged_cell``): the merge keeps it.
+    the same runs is not rerun (``unchanged_cell``): the merge keeps it. Under
+    ``config.engine == "runtime"``, ``folders`` maps each candidate θ file to its export (the
+    exported folders, not sessions, go to the worker processes).
     """
     import torch
 
     from .tasks.suite import TEST_TASKS
 
-    specs = resolve_optimizers(config.optimizers)
+    specs = resolve_optimizers(config.optimizers, engine=config.engine, folders=folders)
     results: dict[str, dict[str, Any]] = {}
     cells: list[tuple[str, OptimizerSpec, int]] = []
     for task_key in dict.fromkeys(row.task for row in config.rows()):
@@ -235,7 +300,10 @@ def run_grid(
                 log(f"[reproduce] {task_key} × {spec.label}: kept (same θ, same {runs} runs)")
                 continue
             cells.append((task_key, spec, runs))
-    jobs = [(key, spec.source, runs, config.seed, config.data_dir) for key, spec, runs in cells]
+    jobs = [
+        (key, spec.source, runs, config.seed, config.data_dir, spec.folder)
+        for key, spec, runs in cells
+    ]
     for key, spec, runs in cells:
         log(f"[reproduce] {key} × {spec.label} ({runs} runs, {TEST_TASKS[key].horizon} steps)")
     if config.jobs == 1:
@@ -527,7 +595,14 @@ def render_markdown(report: dict[str, Any], rows: list[GridRow], analysis: str) 
             f"or a final loss above {UNSTABLE_FACTOR:g}× the lowest smoothed training loss the "
             "run had reached "
             "(the held-out benchmark's definition), over every task of the report. *Table 3*: "
-            "test accuracy (mean of the cell) against Adam's.",
+            "test accuracy (mean of the cell) against Adam's."
+            + (
+                f" Columns ending in `{RUNTIME_SUFFIX}` stepped through the candidate's exported "
+                "ONNX step (`--engine runtime`), which agrees with the torch reference to "
+                "round-off per step, not bitwise over a run."
+                if any(name.endswith(RUNTIME_SUFFIX) for name in candidates)
+                else ""
+            ),
             "",
             "| optimizer | rows at or below the paper's ratio | unstable runs | "
             "Table 3 test accuracy vs Adam |",
@@ -613,6 +688,7 @@ def replaced_candidates(previous: dict[str, Any], specs: list[OptimizerSpec]) ->
 
     A candidate's label carries its θ's digest, so a retrained θ at the same path is a new
     column; its old column, of a θ that is no longer there, is dropped (``drop_optimizers``).
+    The θ is compared, not the engine: the reference and runtime columns of one θ both stay.
     """
     from runtime.theta import theta_path
 
@@ -622,12 +698,16 @@ def replaced_candidates(previous: dict[str, Any], specs: list[OptimizerSpec]) ->
         except (FileNotFoundError, ValueError):
             return None
 
+    def theta_digest(identity: str) -> str:
+        return identity.removesuffix(RUNTIME_SUFFIX)
+
     replaced = {}
     for label, info in previous.get("candidates", {}).items():
         old = where(info["source"])
         for spec in specs:
             same_file = old is not None and old == where(spec.source)
-            if is_candidate(spec.label) and same_file and spec.identity != info["identity"]:
+            same_theta = theta_digest(spec.identity) == theta_digest(info["identity"])
+            if is_candidate(spec.label) and same_file and not same_theta:
                 replaced[label] = spec.label
     return replaced
 

@@ -11,10 +11,10 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import UsageError
+from ._runtime_engine import runtime_exports
 from ._threads import add_threads_flag, apply_threads
 
 SUITES = ("heldout",)
@@ -97,12 +97,9 @@ def run(args: argparse.Namespace) -> int:
     def save_partial(report: dict) -> None:
         atomic_write_bytes(partial, dumps(report).encode())  # a stop mid-write loses nothing
 
-    with tempfile.TemporaryDirectory(prefix="hyperadam-benchmark-") as private:
-        folders = (
-            export_theta_files(config.optimizers, Path(private))
-            if config.engine == "runtime"
-            else {}
-        )
+    with runtime_exports(
+        config.optimizers, config.engine, flag="--optimizer", prefix="hyperadam-benchmark-"
+    ) as folders:
         report = run_benchmark(
             config,
             previous,
@@ -125,31 +122,6 @@ def run(args: argparse.Namespace) -> int:
         run_id = log_to_mlflow(args.tracking_uri, args.experiment, files, report)
         print(f"logged to MLflow run {run_id} ({args.tracking_uri})")
     return 0
-
-
-def export_theta_files(sources: tuple[str, ...], into: Path) -> dict[str, str]:
-    """Exports every θ-file optimizer of ``sources`` under ``into`` (a private folder) for the
-    runtime engine, each checked for parity against the torch reference as ``hyperadam export``
-    does; built-in names and exported folders are run as they are."""
-    from export import ParityError, export_optimizer
-    from runtime.theta import load_theta, theta_path
-
-    from ..benchmark import runtime_folder
-    from ..resolve import BASELINES
-
-    folders = {}
-    for i, source in enumerate(sources):
-        if source in BASELINES or runtime_folder(source) is not None:
-            continue
-        try:
-            path = theta_path(source)
-            method = load_theta(path).method
-            folder = into / f"optimizer-{i}"
-            export_optimizer(method, path, folder)
-        except (FileNotFoundError, ValueError, ParityError) as error:
-            raise UsageError(f"--optimizer {source}: cannot export it: {error}") from error
-        folders[source] = str(folder)
-    return folders
 
 
 def log_to_mlflow(uri: str, experiment: str, files: list[Path], report: dict) -> str:

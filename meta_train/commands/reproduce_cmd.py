@@ -1,7 +1,9 @@
 """``hyperadam reproduce``: the paper's evaluation grid → results.md, PNGs, MLflow artifacts.
 
 ``--optimizers`` takes the paper's four by name and candidate θs by path (a θ file or a folder
-holding ``theta.npz``); each candidate becomes a column of the report.
+holding ``theta.npz``); each candidate becomes a column of the report. ``--engine runtime`` runs
+the candidates through their exported ONNX step: θ files are exported, parity-checked, into a
+private temporary folder here (the core may not import ``export``), exported folders as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..reproduce import (
     run_grid,
     write_report,
 )
+from ._runtime_engine import runtime_exports
 from ._threads import add_threads_flag, apply_threads
 
 
@@ -61,6 +64,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="MLflow store for the report artifacts; 'none' to skip (default sqlite:///mlflow.db)",
     )
     parser.add_argument("--experiment", default="hyperadam-reproduce")
+    parser.add_argument(
+        "--engine", choices=("reference", "runtime"), default="reference",
+        help="how candidate θs step: the torch reference (default) or their exported ONNX step "
+        "through the runtime (θ files are exported, parity-checked, to a private temporary "
+        "folder; several times faster on large models; columns NAME@DIGEST/ort). The paper's "
+        "four always run on the reference",
+    )  # fmt: skip
     add_threads_flag(parser)
     parser.set_defaults(run=run)
 
@@ -122,27 +132,35 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         long_runs=args.long_runs,
         jobs=args.jobs,
+        engine=args.engine,
     )
     specs = resolve_optimizers(config.optimizers)  # a bad θ path fails here, before any cell
-    candidates = {s.label: candidate_info(s) for s in specs if is_candidate(s.label)}
     previous = None
     if args.merge and (Path(args.out) / "results.json").is_file():
         try:
             previous = json.loads((Path(args.out) / "results.json").read_text())
         except ValueError as error:
             raise UsageError(f"cannot merge into {args.out}/results.json: {error}") from None
-    described = describe_optimizers(tuple(s.label for s in specs), candidates)
-    if previous is not None and (changed := changed_optimizers(previous, described)):
-        # Checked before any cell runs: a refused merge costs nothing and changes no file.
+    paper = tuple(s.label for s in specs if not is_candidate(s.label))
+    if previous is not None and (
+        changed := changed_optimizers(previous, describe_optimizers(paper, {}))
+    ):
+        # Checked before any export or cell: a refused merge costs nothing and changes no file.
         raise UsageError(
             f"--merge: {', '.join(changed)} in {args.out}/results.json came from another θ than "
             "the one shipped now; one report holds one θ per optimizer (use another --out)"
         )
-    if previous is not None and (replaced := replaced_candidates(previous, specs)):
-        for old, new in replaced.items():
-            print(f"[reproduce] {old} replaced by {new}: the θ at its path changed")
-        previous = drop_optimizers(previous, list(replaced))
-    report = run_grid(config, previous=previous)
+    with runtime_exports(
+        config.optimizers, config.engine, flag="--optimizers", prefix="hyperadam-reproduce-"
+    ) as folders:  # the exports live as long as the sitting's cells
+        specs = resolve_optimizers(config.optimizers, engine=config.engine, folders=folders)
+        candidates = {s.label: candidate_info(s) for s in specs if is_candidate(s.label)}
+        described = describe_optimizers(tuple(s.label for s in specs), candidates)
+        if previous is not None and (replaced := replaced_candidates(previous, specs)):
+            for old, new in replaced.items():
+                print(f"[reproduce] {old} replaced by {new}: the θ at its path changed")
+            previous = drop_optimizers(previous, list(replaced))
+        report = run_grid(config, previous=previous, folders=folders)
     report["optimizers"] = described
     if previous is not None:
         report = merge_reports(previous, report)
