@@ -184,7 +184,10 @@ def _above_lowest(final: float, lowest: float) -> bool:
 
 
 def is_unstable(curve: Sequence[float], final_loss: float, horizon: int) -> bool:
-    """The benchmark's instability, for a run of any protocol (``hyperadam reproduce`` too).
+    """The first sittings' instability rule, for a run known only by its curve and final loss
+    (``hyperadam reproduce``, whose protocol measures no checkpoints). It holds the final loss to
+    the lowest *smoothed minibatch* loss, a minimum of noise, so it over-counts on noisy tasks;
+    ``run_task`` judges the held-out runs by checkpoint losses instead (module docstring).
 
     Args:
       curve: the run's training loss per step (cut short where it diverged).
