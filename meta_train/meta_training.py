@@ -257,6 +257,17 @@ def resume_run(
         return _train(config, tracker, checkpoint, options, family.digest())
 
 
+def _without_unpinned_theta(layer: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``layer`` without an ``init.theta_sha256`` of None. None means "not pinned yet": a new
+    run pins the starting θ file's digest (``build_config``), so the config file that started
+    a run says None where the run's config says the digest, and must still resume it (the run
+    continues from its checkpoint, not from that file)."""
+    init = layer.get("init")
+    if not isinstance(init, Mapping) or "theta_sha256" not in init or init["theta_sha256"]:
+        return layer
+    return {**layer, "init": {k: v for k, v in init.items() if k != "theta_sha256"}}
+
+
 def _continued_config(
     saved: Mapping[str, Any],
     overrides: Sequence[Mapping[str, Any]],
@@ -271,7 +282,7 @@ def _continued_config(
     # The run's own config, complete: the optimizer's recipe is not applied again.
     merged = RunConfig.from_dict(saved).to_dict()
     for layer in overrides:
-        merged = merge(merged, layer)
+        merged = merge(merged, _without_unpinned_theta(layer))
     mismatches = [
         m
         for m in identity_mismatches(identity, merged)

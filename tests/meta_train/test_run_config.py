@@ -406,3 +406,27 @@ def test_a_pre_kernel_scale_multiplies_only_the_state_cells_input_kernel():
     for bad in (0, -1.0, True, "2"):
         with pytest.raises(ValueError, match=r"experimental.pre_kernel_scale must be a number > 0"):
             build_config({"experimental": {"pre_kernel_scale": bad}})
+
+
+def test_the_config_file_that_started_a_run_from_a_theta_file_resumes_it():
+    # A run from a θ file pins the file's digest in its config; the file that started it says
+    # None there ("pin it"), and resuming with that same file must not be refused for it.
+    from pathlib import Path
+
+    from meta_train.ablation import ARMS
+    from meta_train.errors import UsageError
+    from meta_train.meta_training import _continued_config
+    from meta_train.run_config import identity_params
+
+    theta = Path(__file__).resolve().parents[2] / "checkpoints/ablation/tensor-adaptive-start"
+    started_with = ARMS["tensor-adaptive-small-log-pes"].run_config().to_dict()
+    started_with["init"] = {"kind": "theta", "theta": str(theta / "theta.npz"),
+                            "theta_sha256": None}  # fmt: skip
+    run = build_config(started_with)
+    assert run.init.theta_sha256 is not None
+    logged = identity_params(run)
+    resumed = _continued_config(run.to_dict(), [started_with], logged, "refused: ")
+    assert resumed.init == run.init
+    other = {**started_with, "init": {**started_with["init"], "theta_sha256": "ab" * 32}}
+    with pytest.raises(UsageError, match="refused: init.theta_sha256"):
+        _continued_config(run.to_dict(), [other], logged, "refused: ")
