@@ -90,9 +90,15 @@ class RunRecord:
     final_loss: float
     min_smoothed: float
     diverged: bool
-    unstable: bool
     lowest_checkpoint: float = math.inf
-    unstable_smoothed: bool = False
+
+    @property
+    def unstable(self) -> bool:
+        return self.diverged or _above_lowest(self.final_loss, self.lowest_checkpoint)
+
+    @property
+    def unstable_smoothed(self) -> bool:
+        return self.diverged or _above_lowest(self.final_loss, self.min_smoothed)
 
 
 def smooth(curve: Sequence[float], window: int) -> list[float]:
@@ -149,17 +155,9 @@ def run_task(
         diverged = not math.isfinite(final)
     smoothed, lowest = smoothed_and_lowest(curve, steps)
     if diverged:
-        return RunRecord(smoothed, math.inf, lowest, True, True, math.inf, True)
+        return RunRecord(smoothed, math.inf, lowest, True)
     reached = min([final, *(m for m in measured if math.isfinite(m))])
-    return RunRecord(
-        smoothed,
-        final,
-        lowest,
-        False,
-        unstable=_above_lowest(final, reached),
-        lowest_checkpoint=reached,
-        unstable_smoothed=_above_lowest(final, lowest),
-    )
+    return RunRecord(smoothed, final, lowest, False, lowest_checkpoint=reached)
 
 
 def _final_stream_loss(task: Task, w: torch.Tensor, seed: int) -> float:
@@ -266,12 +264,29 @@ def make_rule(spec: OptimizerSpec, lr: float | None) -> UpdateRule:
     """The update rule of ``spec``: the torch reference, or the exported runtime step."""
     if spec.folder is not None:
         from .runtime_rule import ExportedRule
+        from .theta_source import load_theta_source
 
+        if lr is None:
+            # The reference's α, not the manifest's (an export takes a θ file's ``lr`` meta),
+            # as ``reproduce`` does: the two engines differ in how they step, never in what
+            # they are asked to do, so ``…/ort`` and the reference's cell are of one θ.
+            lr = load_theta_source(spec.source)[0].default_lr
         return ExportedRule(spec.folder, lr=lr)
     from .resolve import resolve_optimizer
 
     rule, _ = resolve_optimizer(spec.source, None, lr=lr)
     return rule
+
+
+def runtime_source(source: str, folders: Mapping[str, str], *, flag: str) -> str:
+    """Where a learned optimizer's runtime step comes from under engine "runtime": its export
+    in ``folders`` (a θ file), else ``runtime_folder``; a θ file with no export is refused."""
+    folder = folders.get(source) or runtime_folder(source)
+    if folder is None:
+        from .errors import UsageError
+
+        raise UsageError(f"{flag} {source}: engine 'runtime' needs it exported first")
+    return folder
 
 
 def runtime_folder(source: str) -> str | None:
@@ -368,7 +383,6 @@ class BenchmarkConfig:
 
         if self.engine not in ENGINES:
             raise UsageError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
-
         if self.runs < 2:
             raise UsageError(f"--runs must be >= 2 (the CIs need two), got {self.runs}")
         if self.tuning_runs < 1:
@@ -627,12 +641,7 @@ def _describe(source: str, engine: str, folders: Mapping[str, str]) -> Optimizer
 
     if engine == "reference" or source in BASELINES:
         return describe_optimizer(source)
-    folder = folders.get(source) or runtime_folder(source)
-    if folder is None:
-        from .errors import UsageError
-
-        raise UsageError(f"--optimizer {source}: engine 'runtime' needs it exported first")
-    return describe_optimizer(source, folder=folder)
+    return describe_optimizer(source, folder=runtime_source(source, folders, flag="--optimizer"))
 
 
 def bootstrap_rng(*names: str) -> np.random.Generator:

@@ -44,7 +44,7 @@ from .benchmark import (
     OptimizerSpec,
     describe_optimizer,
     is_unstable,
-    runtime_folder,
+    runtime_source,
 )
 from .errors import UsageError
 from .evaluate import RunResult, evaluate
@@ -143,9 +143,7 @@ def resolve_optimizers(
             )
         folder = None
         if engine == "runtime" and source not in OPTIMIZERS:
-            folder = (folders or {}).get(source) or runtime_folder(source)
-            if folder is None:
-                raise UsageError(f"--optimizers {source}: engine 'runtime' needs it exported first")
+            folder = runtime_source(source, folders or {}, flag="--optimizers")
         spec = describe_optimizer(source, flag="--optimizers", folder=folder)
         specs.setdefault(spec.label, spec)
     return list(specs.values())

@@ -15,6 +15,7 @@ whose update does not read the parameters (weight decay, which does, is left at 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -61,8 +62,11 @@ class ExportedRule:
         self.name = f"{self._optimizer.method} (runtime: {self.folder})"
 
     def for_tensors(self, sizes: Sequence[int]) -> ExportedRule:
-        """The same optimizer with each of ``sizes`` bound as its own array."""
-        return ExportedRule(self.folder, lr=self.lr, tensor_sizes=sizes, threads=self.threads)
+        """The same optimizer with each of ``sizes`` bound as its own array (its verified
+        folder and sessions shared, not loaded again: evaluations bind once per run)."""
+        bound = copy.copy(self)
+        bound.tensor_sizes = [int(s) for s in sizes]
+        return bound
 
     def init(self, num_coords: int, *, device: torch.device | str = "cpu") -> ExportedRuleState:
         if torch.device(device).type != "cpu":

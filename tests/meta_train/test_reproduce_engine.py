@@ -209,7 +209,7 @@ def test_reproduce_candidate_runs_the_candidates_through_the_runtime_unless_told
     stub = tmp_path / ".venv" / "bin" / "hyperadam"
     stub.parent.mkdir(parents=True)
     stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
-    stub.chmod(0o755)
+    stub.chmod(0o700)  # under pytest's private tmp_path; run by this user only
 
     def engines(**env: str) -> list[str]:
         calls.unlink(missing_ok=True)

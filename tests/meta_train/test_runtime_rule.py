@@ -16,12 +16,13 @@ from meta_train.benchmark import (
     RUNTIME_SUFFIX,
     BenchmarkConfig,
     describe_optimizer,
+    make_rule,
     run_benchmark,
 )
 from meta_train.errors import UsageError
 from meta_train.runtime_rule import ExportedRule
 from meta_train.theta_source import load_theta_source
-from runtime.theta import load_theta
+from runtime.theta import load_theta, save_theta
 
 ROOT = Path(__file__).resolve().parents[2]
 # A trained tensor-wise θ with the adaptive step scale: per-array statistics, three of them
@@ -95,3 +96,21 @@ def test_benchmark_engine_runtime_end_to_end(tmp_path):
         results = report["tasks"][key]["results"]
         assert set(results) == {"adam"} | labels
         assert all(np.isfinite(results[theta_label]["final_losses"]))
+
+
+def test_the_runtime_engine_steps_at_the_references_lr_and_binds_without_reloading(tmp_path):
+    # A θ file whose ``lr`` meta differs from its method's default: its export's manifest
+    # says that lr, the reference runs at the method's; the benchmark's runtime cell must run
+    # at the reference's, or "θ@digest/ort" would not be the same θ asked the same thing.
+    artifact = load_theta(ADAPTIVE_THETA)
+    theta = tmp_path / "lr-meta.npz"
+    save_theta(theta, artifact.method, artifact.theta, lr=0.01)
+    folder = tmp_path / "export"
+    export_optimizer(artifact.method, theta, folder)
+    reference = make_rule(describe_optimizer(str(theta)), None)
+    exported = make_rule(describe_optimizer(str(theta), folder=str(folder)), None)
+    assert reference.lr != 0.01 and exported.lr == reference.lr
+    assert make_rule(describe_optimizer(str(theta), folder=str(folder)), 0.02).lr == 0.02
+    bound = exported.for_tensors([3, 4])
+    assert bound._optimizer is exported._optimizer and bound.tensor_sizes == [3, 4]
+    assert exported.tensor_sizes is None  # the unbound rule is left as it was
