@@ -141,6 +141,14 @@ ARMS = {
             log_uniform_horizons=(100, 2000),
             estimator="pes",
         ),
+        # The step scale's cosine against the gradient's trend instead of the last step: the
+        # PES arm above with that one lever changed.
+        ArmConfig(
+            "tensor-trend-small-log-pes",
+            variant="tensor-trend",
+            log_uniform_horizons=(100, 2000),
+            estimator="pes",
+        ),
     )
 }
 

@@ -389,7 +389,8 @@ class RunConfig:
                 return TensorwiseHyperAdam(
                     self.num_candidates,
                     bounded=variant != "tensor-unbounded",
-                    adaptive_scale=variant == "tensor-adaptive",
+                    adaptive_scale=variant in ("tensor-adaptive", "tensor-trend"),
+                    scale_reference="trend" if variant == "tensor-trend" else "step",
                 )
             return HyperAdam(self.num_candidates, implementation=self.implementation)
         return make_learned_optimizer(self.optimizer)

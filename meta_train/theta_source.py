@@ -57,6 +57,12 @@ _ARCHITECTURES: dict[str, tuple[SizesFromTheta, Callable[..., LearnedUpdateRule]
         lambda theta: {"num_candidates": _size(theta, "pre_bias")},
         lambda num_candidates: TensorwiseHyperAdam(num_candidates, adaptive_scale=True),
     ),
+    "hyperadam-tensor-trend": (
+        lambda theta: {"num_candidates": _size(theta, "pre_bias")},
+        lambda num_candidates: TensorwiseHyperAdam(
+            num_candidates, adaptive_scale=True, scale_reference="trend"
+        ),
+    ),
 }
 
 

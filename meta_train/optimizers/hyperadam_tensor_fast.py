@@ -47,6 +47,8 @@ from .hyperadam_tensor import (
     KAPPA_MAX,
     RHO_MAX,
     SCALE_MAX,
+    SCALE_REFERENCES,
+    TREND_FEATURE,
     TensorwiseState,
     input_features,
     tensor_cosine,
@@ -279,6 +281,7 @@ def tensorwise_step_fast(
     lr: float | Tensor,
     bounded: bool,
     adaptive: bool = False,
+    scale_reference: str = "step",
 ) -> tuple[Tensor, TensorwiseState]:
     """One tensor-wise step: ``tensorwise_step``'s results to round-off, one autograd node.
 
@@ -289,6 +292,9 @@ def tensorwise_step_fast(
       lr: step size α.
       bounded: the bounded step (tanh weights) rather than the paper's ELU weights.
       adaptive: the per-tensor adaptive step scale (needs ``theta["scale_rate"]``).
+      scale_reference: what its cosine compares the gradient with (``SCALE_REFERENCES``):
+        the previous step direction, which the node returns, or the trend momentum feature,
+        which does not depend on θ and is read from the state outside the node.
 
     Returns:
       ``(delta, new_state)`` as ``tensorwise_step`` returns them, to round-off.
@@ -305,13 +311,19 @@ def tensorwise_step_fast(
         )
     features, feat_m, feat_v, t = input_features(grad, state)
     cells = (state.h, state.c, state.m, state.v, state.b, state.gamma)
+    if scale_reference not in SCALE_REFERENCES:
+        raise ValueError(
+            f"scale_reference must be one of {SCALE_REFERENCES}, got {scale_reference!r}"
+        )
+    with_last_step = adaptive and scale_reference == "step"
     direction, h, c, m, v, b, gam, *last = _TensorwiseCells.apply(
-        bounded, adaptive, features, grad, *cells, *(theta[name] for name in THETA_ORDER)
+        bounded, with_last_step, features, grad, *cells, *(theta[name] for name in THETA_ORDER)
     )
     delta = -lr * direction
     log_scale = state.log_scale
     if adaptive:
-        cosine = tensor_cosine(grad, last[0], state.segment, state.segment_size.shape[0])
+        reference = last[0] if with_last_step else state.feat_m[:, TREND_FEATURE]
+        cosine = tensor_cosine(grad, reference, state.segment, state.segment_size.shape[0])
         rate = KAPPA_MAX * torch.sigmoid(theta["scale_rate"])
         limit = math.log(SCALE_MAX)
         log_scale = (state.log_scale + rate * cosine).clamp(-limit, limit)
