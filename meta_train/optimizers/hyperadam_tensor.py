@@ -391,17 +391,18 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
     def step(
         self, theta: Theta, grad: Tensor, state: TensorwiseState, *, lr: float
     ) -> tuple[Tensor, TensorwiseState]:
-        options = {
-            "lr": lr,
-            "bounded": self.bounded,
-            "adaptive": self.adaptive_scale,
-            "scale_reference": self.scale_reference,
-        }
+        step = tensorwise_step
         if self.implementation == "fast":
-            from .hyperadam_tensor_fast import tensorwise_step_fast
-
-            return tensorwise_step_fast(theta, grad, state, **options)
-        return tensorwise_step(theta, grad, state, **options)
+            from .hyperadam_tensor_fast import tensorwise_step_fast as step
+        return step(
+            theta,
+            grad,
+            state,
+            lr=lr,
+            bounded=self.bounded,
+            adaptive=self.adaptive_scale,
+            scale_reference=self.scale_reference,
+        )
 
 
 def _rate_logit(rate: float) -> float:
