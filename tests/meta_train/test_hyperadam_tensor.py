@@ -1,6 +1,6 @@
 """The tensor-wise HyperAdam variant: per-tensor scale invariance, zero gradients, Adam start,
 a bounded step, cells that see the gradient (unlike the paper's at large p), and the adaptive
-per-tensor step scale."""
+per-tensor step scale, against the last step ("adaptive") or the gradient's trend ("trend")."""
 
 from __future__ import annotations
 
@@ -19,11 +19,16 @@ from meta_train.optimizers.hyperadam_tensor import (
 )
 
 SIZES = (300, 20, 500, 7)
-KINDS = ("bounded", "unbounded", "adaptive")
+KINDS = ("bounded", "unbounded", "adaptive", "trend")
+SCALED = ("adaptive", "trend")  # the kinds with a per-tensor step scale
 
 
 def _make(kind: str) -> TensorwiseHyperAdam:
-    return TensorwiseHyperAdam(bounded=kind != "unbounded", adaptive_scale=kind == "adaptive")
+    return TensorwiseHyperAdam(
+        bounded=kind != "unbounded",
+        adaptive_scale=kind in SCALED,
+        scale_reference="trend" if kind == "trend" else "step",
+    )
 
 
 def _theta(opt: TensorwiseHyperAdam, seed: int = 0, scale: float = 1.0):
@@ -71,7 +76,7 @@ def test_the_layout_matters_so_the_invariance_is_not_vacuous():
     assert not torch.allclose(per_tensor[-1], one_tensor[-1], rtol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["bounded", "adaptive"])
+@pytest.mark.parametrize("kind", ["bounded", *SCALED])
 @pytest.mark.parametrize("which", ["coordinate", "tensor", "everything"])
 def test_zero_gradients_give_finite_steps(which, kind):
     opt = _make(kind)
@@ -97,7 +102,7 @@ def test_zero_gradients_give_finite_steps(which, kind):
 def test_the_adam_reduction_start_is_adam(kind):
     opt = _make(kind)
     lr, b1, b2 = 0.003, 0.9, 0.999
-    rate = 0.0 if kind == "adaptive" else None  # κ = 0: the step scale stays at 1
+    rate = 0.0 if kind in SCALED else None  # κ = 0: the step scale stays at 1
     theta = opt.adam_reduction(_theta(opt, scale=5.0), lr=lr, beta1=b1, beta2=b2, scale_rate=rate)
     grads = [g.double().float() for g in _grads(12)]
     deltas, _ = _run(opt, theta, grads, lr=opt.default_lr)
@@ -157,15 +162,16 @@ def _scales(state) -> torch.Tensor:
     return per_coord[starts]
 
 
-def test_the_adaptive_scale_grows_along_a_steady_gradient_and_shrinks_when_it_flips():
-    opt = _make("adaptive")
+@pytest.mark.parametrize("kind", SCALED)
+def test_the_adaptive_scale_grows_along_a_steady_gradient_and_shrinks_when_it_flips(kind):
+    opt = _make(kind)
     theta = opt.adam_reduction(_theta(opt), lr=0.003, scale_rate=0.1)
     base = _grads(1)[0]
     flips = torch.cat([torch.full((n,), -1.0 if i % 2 else 1.0) for i, n in enumerate(SIZES)])
     state = opt.init_state(sum(SIZES), tensor_sizes=SIZES)
     # Steady on even tensors, alternating sign on odd ones: the scales part ways per tensor.
     for t in range(60):
-        grad = base * (flips ** t)
+        grad = base * (flips**t)
         _, state = opt.step(theta, grad, state, lr=opt.default_lr)
     scales = _scales(state)
     assert float(scales[0]) > 5.0 and float(scales[2]) > 5.0  # e^(0.1·59) ≈ 365, clipped
@@ -174,8 +180,9 @@ def test_the_adaptive_scale_grows_along_a_steady_gradient_and_shrinks_when_it_fl
     assert float(scales.min()) >= (1 - 1e-6) / SCALE_MAX
 
 
-def test_the_adaptive_step_stays_bounded():
-    opt = _make("adaptive")
+@pytest.mark.parametrize("kind", SCALED)
+def test_the_adaptive_step_stays_bounded(kind):
+    opt = _make(kind)
     theta = opt.adam_reduction(_theta(opt, seed=3, scale=100.0), lr=0.003, scale_rate=0.19)
     theta["weight_kernel"] = torch.randn(20, 20) * 100  # ρ at its bound in every coordinate
     state = opt.init_state(sum(SIZES), tensor_sizes=SIZES)
@@ -187,8 +194,9 @@ def test_the_adaptive_step_stays_bounded():
         assert bool((delta.abs() <= bound).all())
 
 
-def test_the_meta_gradient_reaches_the_scale_rate():
-    opt = _make("adaptive")
+@pytest.mark.parametrize("kind", SCALED)
+def test_the_meta_gradient_reaches_the_scale_rate(kind):
+    opt = _make(kind)
     theta = opt.adam_reduction(_theta(opt), lr=0.003, scale_rate=ADAPTIVE_START_RATE)
     theta = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     w = torch.ones(sum(SIZES))
@@ -212,23 +220,29 @@ def test_the_adaptive_variant_needs_the_bounded_step_and_checks_its_rate():
     assert opt.name == "hyperadam-tensor-adaptive" and "scale_rate" in opt.theta_shapes()
 
 
-def test_an_adaptive_theta_file_loads_as_its_variant(tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "method"),
+    [("adaptive", "hyperadam-tensor-adaptive"), ("trend", "hyperadam-tensor-trend")],
+)
+def test_an_adaptive_theta_file_loads_as_its_variant(tmp_path, kind, method):
     from meta_train.theta_source import load_theta_source
     from runtime.theta import save_theta
 
-    opt = _make("adaptive")
+    opt = _make(kind)
     path = save_theta(tmp_path / "theta.npz", opt.name, _theta(opt))
     loaded, theta = load_theta_source(str(path))
-    assert loaded.name == "hyperadam-tensor-adaptive" and loaded.adaptive_scale
+    assert loaded.name == method and loaded.adaptive_scale
+    assert loaded.scale_reference == opt.scale_reference
     expected = torch.tensor([math.log(ADAPTIVE_START_RATE / (0.2 - ADAPTIVE_START_RATE))])
     torch.testing.assert_close(theta["scale_rate"].float(), expected)
 
 
+@pytest.mark.parametrize("kind", SCALED)
 @pytest.mark.parametrize("frozen", [False, True])
-def test_the_adaptive_meta_gradient_is_finite_from_a_trajectorys_first_step(frozen):
+def test_the_adaptive_meta_gradient_is_finite_from_a_trajectorys_first_step(frozen, kind):
     # The previous direction is 0 at the first step (and a frozen tensor's gradient always is):
     # the cosine's norms are √0 there, whose derivative must not turn the meta-gradient NaN.
-    opt = _make("adaptive")
+    opt = _make(kind)
     theta = opt.adam_reduction(_theta(opt, scale=3.0), lr=0.003, scale_rate=ADAPTIVE_START_RATE)
     theta = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     w = torch.ones(sum(SIZES))
@@ -245,3 +259,32 @@ def test_the_adaptive_meta_gradient_is_finite_from_a_trajectorys_first_step(froz
     for name, value in theta.items():
         assert bool(torch.isfinite(value.grad).all()), name
     assert float(theta["scale_rate"].grad.abs()) > 0
+
+
+def test_the_trend_scale_holds_through_an_oscillation_the_last_step_scale_collapses_in():
+    # An ill-conditioned valley, rotated off the coordinate axes (so Adam's per-coordinate
+    # normalisation cannot separate it): a steady slow component along u and a 10× larger one
+    # along v that flips sign every step. Against the last step the flips dominate the cosine
+    # and the step collapses to its floor (the greedy one-step answer); against the β = 0.99
+    # trend they mostly cancel, the slow component is left, and the step grows.
+    half = 200
+    u = torch.ones(2 * half) / math.sqrt(2)
+    v = torch.cat([torch.ones(half), -torch.ones(half)]) / math.sqrt(2)
+    finals = {}
+    for kind in SCALED:
+        opt = _make(kind)
+        theta = opt.adam_reduction(_theta(opt), lr=0.003, scale_rate=0.05)
+        state = opt.init_state(2 * half, tensor_sizes=(2 * half,))
+        for t in range(500):
+            _, state = opt.step(theta, u + 10.0 * v * (-1.0) ** t, state, lr=opt.default_lr)
+        finals[kind] = math.exp(float(state.log_scale[0]))
+    assert finals["adaptive"] < 0.1 and finals["trend"] > 1.0, finals
+
+
+def test_the_trend_variant_checks_its_options():
+    with pytest.raises(ValueError, match="scale_reference must be one of"):
+        TensorwiseHyperAdam(adaptive_scale=True, scale_reference="last")
+    with pytest.raises(ValueError, match="adaptive step scale only"):
+        TensorwiseHyperAdam(scale_reference="trend")
+    opt = _make("trend")
+    assert opt.name == "hyperadam-tensor-trend" and "scale_rate" in opt.theta_shapes()

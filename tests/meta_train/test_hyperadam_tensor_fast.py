@@ -16,22 +16,31 @@ from meta_train.optimizers.hyperadam_tensor_fast import tensorwise_step_fast
 from meta_train.tasks.small_family import SmallTaskFamily
 from meta_train.unroll import UnrollConfig, start_trajectory, unroll_truncation
 
-KINDS = ("bounded", "unbounded", "adaptive")
+KINDS = ("bounded", "unbounded", "adaptive", "trend")
+SCALED = ("adaptive", "trend")  # with a per-tensor step scale (against the last step, the trend)
 SIZES = (300, 20, 500, 7)  # several tensors
 # What a step carries through autograd: h, c, m, v, b, Γ, and ℓ_T (adaptive).
 DIFFERENTIABLE = ("h", "c", "m", "v", "b", "gamma", "log_scale")
 
 
-def _make(kind: str, implementation: str = "reference") -> TensorwiseHyperAdam:
+def _make(
+    kind: str, implementation: str = "reference", num_candidates: int = 20
+) -> TensorwiseHyperAdam:
     return TensorwiseHyperAdam(
+        num_candidates,
         bounded=kind != "unbounded",
-        adaptive_scale=kind == "adaptive",
+        adaptive_scale=kind in SCALED,
+        scale_reference="trend" if kind == "trend" else "step",
         implementation=implementation,
     )
 
 
 def _flags(kind: str) -> dict:
-    return {"bounded": kind != "unbounded", "adaptive": kind == "adaptive"}
+    return {
+        "bounded": kind != "unbounded",
+        "adaptive": kind in SCALED,
+        "scale_reference": "trend" if kind == "trend" else "step",
+    }
 
 
 def _theta(opt: TensorwiseHyperAdam, dtype=torch.float32, seed: int = 0) -> dict:
@@ -176,7 +185,7 @@ def _two_steps(step, kind, theta_names, state, grads):
 def test_gradcheck_in_float64_against_theta_and_the_incoming_state(kind):
     """The hand-written backward is the derivative: torch.autograd.gradcheck, float64, p = 13 in
     two tensors, J = 4, two steps (so the node's state gradients are chained too)."""
-    opt = TensorwiseHyperAdam(4, bounded=kind != "unbounded", adaptive_scale=kind == "adaptive")
+    opt = _make(kind, num_candidates=4)
     theta = _theta(opt, torch.float64)
     sizes = (5, 8)
     state = _mid_state_j(opt, kind, theta, sizes)
