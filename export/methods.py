@@ -28,4 +28,7 @@ EXPORT_METHODS: dict[str, BuildGraphs] = {
     mf.HYPERADAM_TENSOR: partial(build_tensorwise_graphs, bounded=True),
     mf.HYPERADAM_TENSOR_UNBOUNDED: partial(build_tensorwise_graphs, bounded=False),
     mf.HYPERADAM_TENSOR_ADAPTIVE: partial(build_tensorwise_graphs, bounded=True, adaptive=True),
+    mf.HYPERADAM_TENSOR_TREND: partial(
+        build_tensorwise_graphs, bounded=True, adaptive=True, scale_reference="trend"
+    ),
 }

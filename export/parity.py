@@ -151,7 +151,9 @@ def _without_moments_before_any_step(fresh: dict[str, torch.Tensor]) -> None:
     zeroed independently above give pairs no step can reach (m ≠ 0 with B = 0: M̂ ~ 1e33, whose
     square overflows fp32 and makes the reference's cosine 0 · ∞); a real coordinate with B = 0
     or Γ = 0 has taken no step and one with v = 0 has seen only zero gradients, so m = v = 0
-    there. Only for that variant: the other methods' parity records stay as they were.
+    there. Only for the variants with a step scale (state field ``log_scale``: the adaptive one
+    and the trend one, whose state is the same): the other methods' parity records stay as they
+    were.
     """
     unseen = (fresh["b"] == 0) | (fresh["gamma"] == 0) | (fresh["v"] == 0)
     fresh["m"] = torch.where(unseen, 0.0, fresh["m"])

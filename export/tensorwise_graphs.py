@@ -14,7 +14,11 @@ step direction D = Σ_j ρ_j(h) M̂_j, both of the incoming state: its terms gra
 per coordinate from h, m, v, b, γ and emits g², g·D and D² as well, which the runtime sums over
 each array (``runtime.manifest.TENSORWISE_ADAPTIVE_SUMMED``); the step graph forms the cosine
 exactly as the reference, Σ g·D / (√Σ g² · √Σ D² + 1e-30), moves the state's ℓ (one value per
-coordinate, its tensor's) and multiplies the step by exp(ℓ).
+coordinate, its tensor's) and multiplies the step by exp(ℓ). The trend variant
+(``hyperadam-tensor-trend``) takes the cosine with the gradient's long-run trend y instead, the
+β = 0.99 row (``TREND_FEATURE``) of the incoming state's feat_m: its terms graph reads only
+feat_m and emits g², g², g·y, y² (``runtime.manifest.TENSORWISE_TREND_SUMMED``); its step graph
+is the adaptive variant's.
 
 Rewrites that change only fp32 rounding:
 
@@ -70,20 +74,10 @@ def _step_weights(b: GraphBuilder, theta: dict[str, np.ndarray], h: str, *, boun
     return b.op("Mul", b.op("Tanh", logits), b.const(ref.RHO_MAX / j, "rho_scale"))
 
 
-def build_adaptive_array_terms(spec: mf.GraphSpec, theta: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """(g, h, m, v, b, γ) → the rows g², g², g·D, D² of ``array_terms``, where D = Σ_j ρ_j(h)
-    M̂_j(m, v, b, γ) is the previous step's direction (the reference's ``last_direction`` in
-    ``adapted_log_scale``: unclipped M̂ of the incoming state, ρ of its h)."""
-    assert spec.outputs[0].shape[0] == len(mf.TENSORWISE_ADAPTIVE_STATISTICS)
-    b = GraphBuilder("hyperadam_tensor_adaptive_array_terms")
-    eps = b.const(MOMENT_EPS, "moment_eps")
-    rho = _step_weights(b, theta, "h", bounded=True)
-    direction = b.op(
-        "ReduceSum",
-        b.op("Mul", rho, _directions(b, "m", "v", "b", "gamma", eps)),
-        b.const([0], "axis0"),
-        keepdims=1,
-    )  # [1, n]
+def _cosine_terms(b: GraphBuilder, direction: str) -> None:
+    """The rows g², g², g·y, y² of ``array_terms`` for the step scale's cosine between g and
+    the direction y ([1, n]): the mean of the first is rms_T(g)², the sums of the others the
+    reference's ``tensor_cosine``."""
     grad = b.op("Unsqueeze", mf.GRAD, b.const([0], "axis0"))
     grad_sq = b.op("Mul", grad, grad)
     b.op(
@@ -95,6 +89,23 @@ def build_adaptive_array_terms(spec: mf.GraphSpec, theta: dict[str, np.ndarray])
         axis=0,
         outputs=[mf.ARRAY_TERMS_OUT],
     )
+
+
+def build_adaptive_array_terms(spec: mf.GraphSpec, theta: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """(g, h, m, v, b, γ) → the rows g², g², g·D, D² of ``array_terms``, where D = Σ_j ρ_j(h)
+    M̂_j(m, v, b, γ) is the previous step's direction (the reference's
+    ``scale_reference_direction``, "step": unclipped M̂ of the incoming state, ρ of its h)."""
+    assert spec.outputs[0].shape[0] == len(mf.TENSORWISE_ADAPTIVE_STATISTICS)
+    b = GraphBuilder("hyperadam_tensor_adaptive_array_terms")
+    eps = b.const(MOMENT_EPS, "moment_eps")
+    rho = _step_weights(b, theta, "h", bounded=True)
+    direction = b.op(
+        "ReduceSum",
+        b.op("Mul", rho, _directions(b, "m", "v", "b", "gamma", eps)),
+        b.const([0], "axis0"),
+        keepdims=1,
+    )  # [1, n]
+    _cosine_terms(b, direction)
     return b.model(
         spec.inputs,
         spec.outputs,
@@ -103,12 +114,31 @@ def build_adaptive_array_terms(spec: mf.GraphSpec, theta: dict[str, np.ndarray])
     )
 
 
-def _adapted_log_scale(b: GraphBuilder, theta: dict[str, np.ndarray]) -> str:
-    """ℓ' = clip(ℓ + κ·cos_T(g, D), ±log SCALE_MAX) from the summed statistics (rows 1–3 of
-    ``array_means``), the reference's ``adapted_log_scale`` and ``tensor_cosine``."""
+def build_trend_array_terms(spec: mf.GraphSpec) -> onnx.ModelProto:
+    """(g, feat_m) → the rows g², g², g·y, y² of ``array_terms``, where y is the gradient's
+    trend, feat_m's β = 0.99 row of the incoming state (the reference's
+    ``scale_reference_direction``, "trend")."""
+    assert spec.outputs[0].shape[0] == len(mf.TENSORWISE_TREND_STATISTICS)
+    b = GraphBuilder("hyperadam_tensor_trend_array_terms")
+    trend = b.op("Gather", "feat_m", b.const([ref.TREND_FEATURE], "trend_row"), axis=0)  # [1, n]
+    _cosine_terms(b, trend)
+    return b.model(
+        spec.inputs,
+        spec.outputs,
+        "Per-coordinate terms of the trend variant's per-array statistics: g² (mean: rms_T(g)²)"
+        ", then g², g·y, y² (sums: the cosine between g and its trend y, the β = 0.99 momentum).",
+    )
+
+
+def _adapted_log_scale(
+    b: GraphBuilder, theta: dict[str, np.ndarray], statistics: tuple[str, ...]
+) -> str:
+    """ℓ' = clip(ℓ + κ·cos_T(g, y), ±log SCALE_MAX) from the summed statistics (rows 1–3 of
+    ``array_means``, named ``statistics``; y is the previous step direction D or the trend),
+    the reference's ``adapted_log_scale`` and ``tensor_cosine``."""
 
     def row(index: int) -> str:
-        name = mf.TENSORWISE_ADAPTIVE_STATISTICS[index]
+        name = statistics[index]
         return b.op("Gather", mf.ARRAY_MEANS, b.const(np.int64(index), f"{name}_row"), axis=0)
 
     grad_norm = b.op("Sqrt", row(1))
@@ -214,14 +244,19 @@ def _logistic_of_affine(
 
 
 def build_tensorwise_graphs(
-    theta: dict[str, np.ndarray], *, bounded: bool, adaptive: bool = False
+    theta: dict[str, np.ndarray],
+    *,
+    bounded: bool,
+    adaptive: bool = False,
+    scale_reference: str = "step",
 ) -> dict[str, onnx.ModelProto]:
     """The ``array_terms`` and ``fused`` models of the tensor-wise variant (numpy fp32 θ);
-    ``adaptive``: with the per-tensor step scale (bounded only, as the reference)."""
+    ``adaptive``: with the per-tensor step scale (bounded only, as the reference), whose cosine
+    takes ``scale_reference`` ("step" or "trend", the reference's)."""
     if adaptive and not bounded:
         raise ValueError("the adaptive step scale is built on the bounded step")
     j = int(theta["pre_bias"].shape[0])
-    specs = mf.tensorwise_graphs(j, adaptive=adaptive)
+    specs = mf.tensorwise_graphs(j, adaptive=adaptive, scale_reference=scale_reference)
     per_coordinate = 1 + len(ref.FEATURE_BETAS)  # g/rms and the momenta; then progress
     b = GraphBuilder("hyperadam_tensor_fused")
     step = b.op("Add", mf.STEP_COUNT, b.const(1.0, "one"), outputs=[mf.updated(mf.STEP_COUNT)])
@@ -272,14 +307,16 @@ def build_tensorwise_graphs(
     combined = b.op("ReduceSum", b.op("Mul", rho, directions), b.const([0], "axis0"), keepdims=0)
     update = b.op("Mul", mf.LR, combined)
     if adaptive:  # the reference's (−α · Σ) · exp(ℓ')
-        update = b.op("Mul", update, b.op("Exp", _adapted_log_scale(b, theta)))
+        statistics = mf.TENSORWISE_SCALE_REFERENCES[scale_reference][0]
+        update = b.op("Mul", update, b.op("Exp", _adapted_log_scale(b, theta, statistics)))
     b.op(
         "Sub", mf.PARAM, update, outputs=[mf.updated(mf.PARAM)]
     )  # w − α Σ_j ρ_j M̂_j, the reference's w + (−α · Σ)
     kind = "bounded (ρ = (RHO_MAX/J)·tanh)" if bounded else "unbounded (ρ = ELU)"
     given = "means"
     if adaptive:
-        kind += " and the adaptive per-tensor step scale exp(ℓ)"
+        scale = "trend-following" if scale_reference == "trend" else "adaptive"
+        kind += f" and the {scale} per-tensor step scale exp(ℓ)"
         given = "means (rms) and sums (cosine)"
     fused = b.model(
         specs[mf.FUSED].inputs,
@@ -287,9 +324,10 @@ def build_tensorwise_graphs(
         f"One tensor-wise HyperAdam step, {kind}, of a chunk of any size, given the per-array "
         f"{given} of its coordinates' terms (array_means).",
     )
-    terms = (
-        build_adaptive_array_terms(specs[mf.ARRAY_TERMS], theta)
-        if adaptive
-        else build_array_terms(specs[mf.ARRAY_TERMS])
-    )
+    if not adaptive:
+        terms = build_array_terms(specs[mf.ARRAY_TERMS])
+    elif scale_reference == "trend":
+        terms = build_trend_array_terms(specs[mf.ARRAY_TERMS])
+    else:
+        terms = build_adaptive_array_terms(specs[mf.ARRAY_TERMS], theta)
     return {mf.ARRAY_TERMS: terms, mf.FUSED: fused}

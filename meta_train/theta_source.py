@@ -53,11 +53,11 @@ _ARCHITECTURES: dict[str, tuple[SizesFromTheta, Callable[..., LearnedUpdateRule]
         lambda theta: {"num_candidates": _size(theta, "pre_bias")},
         lambda num_candidates: TensorwiseHyperAdam(num_candidates, bounded=False),
     ),
-    "hyperadam-tensor-adaptive": (
+    mf.HYPERADAM_TENSOR_ADAPTIVE: (
         lambda theta: {"num_candidates": _size(theta, "pre_bias")},
         lambda num_candidates: TensorwiseHyperAdam(num_candidates, adaptive_scale=True),
     ),
-    "hyperadam-tensor-trend": (
+    mf.HYPERADAM_TENSOR_TREND: (
         lambda theta: {"num_candidates": _size(theta, "pre_bias")},
         lambda num_candidates: TensorwiseHyperAdam(
             num_candidates, adaptive_scale=True, scale_reference="trend"

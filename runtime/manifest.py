@@ -61,6 +61,9 @@ HYPERADAM_TENSOR_UNBOUNDED = "hyperadam-tensor-unbounded"
 # The bounded variant with an adaptive per-tensor step scale ℓ_T, moved each step by the cosine
 # between the array's gradient and its previous step direction.
 HYPERADAM_TENSOR_ADAPTIVE = "hyperadam-tensor-adaptive"
+# The same step scale, its cosine taken between the gradient and the gradient's long-run trend
+# (the β = 0.99 momentum feature of the incoming state) instead of the previous step direction.
+HYPERADAM_TENSOR_TREND = "hyperadam-tensor-trend"
 
 # -- graph roles and their files -------------------------------------------------------------
 FUSED = "fused"
@@ -121,6 +124,18 @@ TENSORWISE_ADAPTIVE_STATISTICS = (
 )
 TENSORWISE_ADAPTIVE_SUMMED = TENSORWISE_ADAPTIVE_STATISTICS[1:]
 TENSORWISE_TERMS_STATE = ("h", "m", "v", "b", "gamma")  # what D is recomputed from
+# The trend variant's: the same layout and the same four rows, the cosine's other side being the
+# trend y = feat_m's β = 0.99 row (the reference's TREND_FEATURE) of the incoming state,
+# cos_T(g, y) = Σ g·y / (√Σ g² · √Σ y² + 1e-30); its terms graph reads only feat_m.
+TENSORWISE_TREND_STATISTICS = ("grad_sq", "grad_sq_sum", "grad_dot_trend_sum", "trend_sq_sum")
+TENSORWISE_TREND_SUMMED = TENSORWISE_TREND_STATISTICS[1:]
+TENSORWISE_TREND_TERMS_STATE = ("feat_m",)
+# What the step scale's cosine compares the gradient with (the reference's ``scale_reference``)
+# → its statistics and the state fields its terms graph reads.
+TENSORWISE_SCALE_REFERENCES = {
+    "step": (TENSORWISE_ADAPTIVE_STATISTICS, TENSORWISE_TERMS_STATE),
+    "trend": (TENSORWISE_TREND_STATISTICS, TENSORWISE_TREND_TERMS_STATE),
+}
 
 
 def updated(name: str) -> str:
@@ -326,16 +341,28 @@ def tensorwise_layout(num_candidates: int, *, adaptive: bool = False) -> StateLa
     )
 
 
-def tensorwise_graphs(num_candidates: int, *, adaptive: bool = False) -> dict[str, GraphSpec]:
+def tensorwise_graphs(
+    num_candidates: int, *, adaptive: bool = False, scale_reference: str = "step"
+) -> dict[str, GraphSpec]:
     """The per-coordinate terms graph and one fused step graph, which (given the per-array
     statistics) is coordinate-wise and so runs on any chunk.
 
     The terms graph reads g (g → g²); the adaptive variant's also reads the StateCell state h
     and the moments (m, v, b, γ) of the incoming state, from which it recomputes the previous
-    step direction D (g → g², g², g·D, D²)."""
+    step direction D (g → g², g², g·D, D²); with ``scale_reference="trend"`` (the trend
+    variant) it reads feat_m instead, whose β = 0.99 row is the trend y (g → g², g², g·y, y²)."""
+    if scale_reference not in TENSORWISE_SCALE_REFERENCES:
+        raise ValueError(
+            f"scale_reference must be one of {sorted(TENSORWISE_SCALE_REFERENCES)}, "
+            f"got {scale_reference!r}"
+        )
+    if scale_reference != "step" and not adaptive:
+        raise ValueError("scale_reference applies to the adaptive step scale only")
+    statistics, read = (
+        TENSORWISE_SCALE_REFERENCES[scale_reference] if adaptive else (TENSORWISE_STATISTICS, ())
+    )
     layout = tensorwise_layout(num_candidates, adaptive=adaptive)
-    s = len(TENSORWISE_ADAPTIVE_STATISTICS if adaptive else TENSORWISE_STATISTICS)
-    read = TENSORWISE_TERMS_STATE if adaptive else ()
+    s = len(statistics)
     state = tuple(TensorSpec(f.name, f.graph_shape) for f in layout.fields if f.name in read)
     return {
         ARRAY_TERMS: GraphSpec(
@@ -383,6 +410,14 @@ METHODS: dict[str, MethodInfo] = {
         (Phase(FUSED),),
         TENSORWISE_ADAPTIVE_STATISTICS,
         TENSORWISE_ADAPTIVE_SUMMED,
+    ),
+    HYPERADAM_TENSOR_TREND: MethodInfo(
+        ("num_candidates",),
+        partial(tensorwise_layout, adaptive=True),
+        partial(tensorwise_graphs, adaptive=True, scale_reference="trend"),
+        (Phase(FUSED),),
+        TENSORWISE_TREND_STATISTICS,
+        TENSORWISE_TREND_SUMMED,
     ),
 }
 

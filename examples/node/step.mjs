@@ -19,11 +19,13 @@
 // Per-array statistics (the tensor-wise HyperAdam, methods "hyperadam-tensor*"; the manifest's
 // "per_array_statistics"): the Float32Array is one tensor T, so the step first runs the
 // array_terms graph (g -> g^2 per coordinate; the adaptive variant's also reads the state and
-// adds g^2, g*D, D^2 with D its previous step direction), averages each row over the n
+// adds g^2, g*D, D^2 with D its previous step direction, the trend variant's g^2, g*y, y^2 with
+// y the beta = 0.99 momentum row of feat_m), averages each row over the n
 // coordinates in double precision (sums it, for the rows listed under "summed") and feeds the
 // results to every coordinate as "array_means". A model of several arrays would reduce each
 // array's coordinates on its own. Its step count "t" is carried in the state like HyperAdam's
-// m_col_sum_sq; the adaptive variant's step scale "log_scale" is a per-coordinate field.
+// m_col_sum_sq; the adaptive and trend variants' step scale "log_scale" is a per-coordinate
+// field.
 
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
@@ -43,7 +45,14 @@ function isPlainName(name) {
 }
 
 // The per-array statistics this example knows how to compute (the Python runtime's list).
-const KNOWN_STATISTICS = ["grad_sq", "grad_sq_sum", "grad_dot_last_step_sum", "last_step_sq_sum"];
+const KNOWN_STATISTICS = [
+  "grad_sq",
+  "grad_sq_sum",
+  "grad_dot_last_step_sum",
+  "last_step_sq_sum",
+  "grad_dot_trend_sum",
+  "trend_sq_sum",
+];
 
 function checkGraphFile(folder, manifest, role) {
   const file = manifest.graphs[role]?.file;

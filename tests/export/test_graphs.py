@@ -15,12 +15,16 @@ from meta_train.optimizers.hyperadam_tensor import RMS_EPS, TensorwiseHyperAdam
 from meta_train.seeding import generator
 from runtime import manifest as mf
 
+SCALED = (mf.HYPERADAM_TENSOR_ADAPTIVE, mf.HYPERADAM_TENSOR_TREND)  # with the step scale ℓ_T
+TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, *SCALED)
+
 
 def graphs(method: str) -> dict[str, onnx.ModelProto]:
-    if method in (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, mf.HYPERADAM_TENSOR_ADAPTIVE):
+    if method in TENSORWISE:
         rule = TensorwiseHyperAdam(
             bounded=method != mf.HYPERADAM_TENSOR_UNBOUNDED,
-            adaptive_scale=method == mf.HYPERADAM_TENSOR_ADAPTIVE,
+            adaptive_scale=method in SCALED,
+            scale_reference="trend" if method == mf.HYPERADAM_TENSOR_TREND else "step",
         )
     else:
         rule = make_learned_optimizer(method)
@@ -49,13 +53,12 @@ def test_graphs_are_valid_standard_fp32_with_a_dynamic_coordinate_axis(method):
         assert session.get_providers() == ["CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize(
-    "method", [mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, mf.HYPERADAM_TENSOR_ADAPTIVE]
-)
+@pytest.mark.parametrize("method", TENSORWISE)
 def test_tensorwise_epsilons_are_explicit_adds(method):
     """ε = 1e-24 in M̂ (twice: M̂_{t−1} and M̂_t) and in the feature momenta, and 1e-30 inside
-    rms_T (and, adaptive, on the product of the norms in cos_T): each an Add node on a constant,
-    so a zero gradient gives zeros, not NaN. The adaptive terms graph's M̂_{t−1} has its three."""
+    rms_T (and, with the step scale, on the product of the norms in cos_T): each an Add node on
+    a constant, so a zero gradient gives zeros, not NaN. The adaptive terms graph's M̂_{t−1} has
+    its three; the trend variant's reads a row of feat_m and has none."""
     model = graphs(method)[mf.FUSED]
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
@@ -64,12 +67,10 @@ def test_tensorwise_epsilons_are_explicit_adds(method):
         return sum(n.op_type == "Add" and bool(set(n.input) & names) for n in model.graph.node)
 
     assert adds_of(MOMENT_EPS) == 2 * 3 + 1  # B + ε, Γ + ε, Ṽ + ε per M̂; v̂ + ε of the features
-    adaptive = method == mf.HYPERADAM_TENSOR_ADAPTIVE
-    assert adds_of(RMS_EPS) == 1 + adaptive
-    if adaptive:
-        model = graphs(method)[mf.ARRAY_TERMS]
-        consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        assert adds_of(MOMENT_EPS) == 3
+    assert adds_of(RMS_EPS) == 1 + (method in SCALED)
+    model = graphs(method)[mf.ARRAY_TERMS]
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert adds_of(MOMENT_EPS) == (3 if method == mf.HYPERADAM_TENSOR_ADAPTIVE else 0)
 
 
 def test_hyperadam_moment_epsilon_is_an_explicit_add():

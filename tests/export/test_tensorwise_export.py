@@ -1,7 +1,7 @@
 """Export of the tensor-wise HyperAdam variants: their θ files (``python -m meta_train.ablation``)
 export through ``export_optimizer`` and ``hyperadam export``, with the parity check run on
-several arrays of different sizes and gradient scales, chunked and sharded; the adaptive
-variant (per-tensor step scale) included."""
+several arrays of different sizes and gradient scales, chunked and sharded; the adaptive and
+trend variants (per-tensor step scale) included."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ THETA_FILES = {
     "tensor-unbounded-small-log": mf.HYPERADAM_TENSOR_UNBOUNDED,
     "tensor-adaptive-start": mf.HYPERADAM_TENSOR_ADAPTIVE,
     "tensor-adaptive-small-log-pes": mf.HYPERADAM_TENSOR_ADAPTIVE,  # trained cells: ρ sees h
+    "tensor-trend-start": mf.HYPERADAM_TENSOR_TREND,
+}
+# The variants with the per-tensor step scale: their statistics (rms_T(g)², then the cosine's sums)
+SCALED_STATISTICS = {
+    mf.HYPERADAM_TENSOR_ADAPTIVE: (
+        mf.TENSORWISE_ADAPTIVE_STATISTICS,
+        mf.TENSORWISE_ADAPTIVE_SUMMED,
+    ),
+    mf.HYPERADAM_TENSOR_TREND: (mf.TENSORWISE_TREND_STATISTICS, mf.TENSORWISE_TREND_SUMMED),
 }
 
 
@@ -67,19 +76,24 @@ def test_parity_covers_arrays_chunks_and_shards(exports, name):
         assert case["max_error"] <= case["tolerance"], case
     assert "100-step ReLU-MLP trajectory chunked" in cases
     statistics = json.loads((folder / mf.MANIFEST_FILE).read_text())["per_array_statistics"]
-    if manifest.method == mf.HYPERADAM_TENSOR_ADAPTIVE:
-        assert statistics["terms"] == list(mf.TENSORWISE_ADAPTIVE_STATISTICS)
-        assert statistics["summed"] == list(mf.TENSORWISE_ADAPTIVE_SUMMED)
+    if manifest.method in SCALED_STATISTICS:
+        terms, summed = SCALED_STATISTICS[manifest.method]
+        assert statistics["terms"] == list(terms) and statistics["summed"] == list(summed)
         assert "log_scale" in {f.name for f in manifest.state.fields}
     else:
         assert statistics["terms"] == ["grad_sq"] and "summed" not in statistics
 
 
-@pytest.mark.parametrize(
-    "method, name",
-    [(mf.HYPERADAM_TENSOR, "tensor-small-log"), (mf.HYPERADAM_TENSOR_ADAPTIVE,
-                                                 "tensor-adaptive-start")],
-)  # fmt: skip
+# One θ file of each kind of per-array statistics: the bounded variant's mean, the adaptive and
+# trend variants' sums (each from its own terms graph).
+PER_ARRAY_KINDS = [
+    (mf.HYPERADAM_TENSOR, "tensor-small-log"),
+    (mf.HYPERADAM_TENSOR_ADAPTIVE, "tensor-adaptive-start"),
+    (mf.HYPERADAM_TENSOR_TREND, "tensor-trend-start"),
+]
+
+
+@pytest.mark.parametrize("method, name", PER_ARRAY_KINDS)
 def test_a_broken_per_array_reduction_fails_parity(tmp_path, monkeypatch, method, name):
     """The sharded case catches a statistic that is per shard instead of per array."""
     from runtime import stepper as stepper_lib
@@ -96,11 +110,7 @@ def test_a_broken_per_array_reduction_fails_parity(tmp_path, monkeypatch, method
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize(
-    "method, name",
-    [(mf.HYPERADAM_TENSOR, "tensor-small-log"), (mf.HYPERADAM_TENSOR_ADAPTIVE,
-                                                 "tensor-adaptive-start")],
-)  # fmt: skip
+@pytest.mark.parametrize("method, name", PER_ARRAY_KINDS)
 def test_cli_exports_a_tensorwise_theta(tmp_path, capsys, method, name):
     out = tmp_path / "tensor"
     code = main(["export", "--theta", str(ABLATION / name / "theta.npz"), "--out", str(out)])
@@ -172,26 +182,40 @@ def test_a_paper_manifest_claiming_statistics_is_refused(tmp_path):
     ],
     ids=["means-not-sums", "other-sums", "as-bounded"],
 )
-def test_a_runtime_refuses_an_edited_adaptive_manifest(exports, tmp_path, change, message):
+@pytest.mark.parametrize("name", ["tensor-adaptive-start", "tensor-trend-start"])
+def test_a_runtime_refuses_an_edited_adaptive_manifest(exports, tmp_path, change, message, name):
     """Which statistics are sums is part of the method: an edit that would average the cosine's
-    sums, or run the adaptive graphs as the plain bounded variant, is refused."""
+    sums, or run the adaptive (trend) graphs as the plain bounded variant, is refused."""
     folder = tmp_path / "copy"
-    shutil.copytree(exports["tensor-adaptive-start"][0], folder)
+    shutil.copytree(exports[name][0], folder)
     _edit(folder, change)
     with pytest.raises(mf.ManifestError, match=message):
         runtime.load(folder)
 
 
-def test_adaptive_parity_with_trained_cells(tmp_path):
-    """The adaptive start θ is Adam (ρ does not depend on h): with the trained bounded θ's cells
-    and κ = 0.1, the previous direction D = Σ_j ρ_j(h) M̂_j that the terms graph recomputes
-    depends on the state's h, and the parity check passes fused, chunked and sharded."""
+def test_trend_and_adaptive_manifests_do_not_pass_for_each_other(exports, tmp_path):
+    """The two variants share the state layout and the step graph's signature; the terms graph
+    (what the cosine compares g with: D from h, m, v, b, γ, or the trend row of feat_m) tells
+    them apart, so a folder relabelled as the other method is refused."""
+    for name, other in (("tensor-trend-start", mf.HYPERADAM_TENSOR_ADAPTIVE),
+                        ("tensor-adaptive-start", mf.HYPERADAM_TENSOR_TREND)):  # fmt: skip
+        folder = tmp_path / name
+        shutil.copytree(exports[name][0], folder)
+        _edit(folder, lambda raw, other=other: raw.update(method=other))
+        with pytest.raises(mf.ManifestError, match=rf"graphs .* expects for {other} "):
+            runtime.load(folder)
+
+
+@pytest.mark.parametrize("method", [mf.HYPERADAM_TENSOR_ADAPTIVE, mf.HYPERADAM_TENSOR_TREND])
+def test_adaptive_parity_with_trained_cells(tmp_path, method):
+    """The adaptive and trend start θ are Adam (ρ does not depend on h): with the trained
+    bounded θ's cells and κ = 0.1, the previous direction D = Σ_j ρ_j(h) M̂_j that the adaptive
+    terms graph recomputes depends on the state's h (the trend variant's reads feat_m), and the
+    parity check passes fused, chunked and sharded."""
     theta = dict(load_theta(ABLATION / "tensor-small-log" / "theta.npz").theta)
     theta["scale_rate"] = np.zeros(1, np.float32)  # κ = KAPPA_MAX·σ(0) = 0.1
-    save_theta(tmp_path / "theta.npz", mf.HYPERADAM_TENSOR_ADAPTIVE, theta)
-    manifest = export_optimizer(
-        mf.HYPERADAM_TENSOR_ADAPTIVE, tmp_path / "theta.npz", tmp_path / "adaptive"
-    )
+    save_theta(tmp_path / "theta.npz", method, theta)
+    manifest = export_optimizer(method, tmp_path / "theta.npz", tmp_path / "adaptive")
     cases = {case["case"]: case for case in manifest.parity["cases"]}
     assert manifest.parity["passed"] is True
     for path in ("fused", "chunked", "sharded"):
@@ -203,12 +227,14 @@ def test_adaptive_parity_with_trained_cells(tmp_path):
 def _rule(method: str) -> TensorwiseHyperAdam:
     return TensorwiseHyperAdam(
         bounded=method != mf.HYPERADAM_TENSOR_UNBOUNDED,
-        adaptive_scale=method == mf.HYPERADAM_TENSOR_ADAPTIVE,
+        adaptive_scale=method in SCALED_STATISTICS,
+        scale_reference="trend" if method == mf.HYPERADAM_TENSOR_TREND else "step",
     )
 
 
 @pytest.mark.parametrize(
-    "method", [mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, mf.HYPERADAM_TENSOR_ADAPTIVE]
+    "method",
+    [mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, *SCALED_STATISTICS],
 )
 def test_cli_exports_an_untrained_theta(tmp_path, capsys, method):
     """``init_theta``'s θ (random cells, decay gates anywhere in (0, 1)) passes parity in every

@@ -37,29 +37,31 @@ def hyperadam_folder(exported):
     return exported["hyperadam"]
 
 
-# The adaptive variant's step-scale rate in its test θ: κ = KAPPA_MAX·σ(0) = 0.1, five times the
-# meta-training start's, so that ℓ moves by up to ±2.5 in 25 steps.
+# The step-scale rate in the adaptive and trend variants' test θ: κ = KAPPA_MAX·σ(0) = 0.1, five
+# times the meta-training start's, so that ℓ moves by up to ±2.5 in 25 steps.
 ADAPTIVE_SCALE_RATE_LOGIT = 0.0
 
 
 @pytest.fixture(scope="session")
 def tensorwise_theta(tmp_path_factory):
     """method → a θ file of the tensor-wise variant: trained (``python -m meta_train.ablation``),
-    bounded and with ELU weights; the adaptive variant's is the trained bounded θ's cells with
-    a step-scale rate (its only θ in the repository is the Adam-reduction start, whose cells
-    do not reach the step weights ρ)."""
+    bounded and with ELU weights; the adaptive and trend variants' are the trained bounded θ's
+    cells with a step-scale rate (their only θ in the repository are Adam-reduction starts,
+    whose cells do not reach the step weights ρ)."""
     from runtime.theta import load_theta, save_theta
 
     ablation = Path(__file__).resolve().parents[2] / "checkpoints" / "ablation"
     bounded = ablation / "tensor-small-log" / "theta.npz"
-    adaptive = tmp_path_factory.mktemp("adaptive-theta") / "theta.npz"
     theta = dict(load_theta(bounded).theta)
     theta["scale_rate"] = np.full((1,), ADAPTIVE_SCALE_RATE_LOGIT, np.float32)
-    save_theta(adaptive, "hyperadam-tensor-adaptive", theta)
+    scaled = {}
+    for method in ("hyperadam-tensor-adaptive", "hyperadam-tensor-trend"):
+        scaled[method] = tmp_path_factory.mktemp(method) / "theta.npz"
+        save_theta(scaled[method], method, theta)
     return {
         "hyperadam-tensor": bounded,
         "hyperadam-tensor-unbounded": ablation / "tensor-unbounded-small-log" / "theta.npz",
-        "hyperadam-tensor-adaptive": adaptive,
+        **scaled,
     }
 
 

@@ -48,6 +48,7 @@ def test_layout_names_are_the_reference_state_fields():
         mf.HYPERADAM_TENSOR,
         mf.HYPERADAM_TENSOR_UNBOUNDED,
         mf.HYPERADAM_TENSOR_ADAPTIVE,
+        mf.HYPERADAM_TENSOR_TREND,
     }
     assert set(mf.METHODS) == set(LEARNED_OPTIMIZERS) | tensorwise
     assert HyperAdamState._fields == mf.HYPERADAM_FIELDS

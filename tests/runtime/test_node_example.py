@@ -87,16 +87,17 @@ def _node_takes_the_fourth_step(folder, grads, tmp_path):
     return out, stepper.state_dict()["state"], saved, python_w
 
 
-@pytest.mark.parametrize(
-    "method", ["hyperadam-tensor", "hyperadam-tensor-unbounded", "hyperadam-tensor-adaptive"]
-)
+SCALED = ("hyperadam-tensor-adaptive", "hyperadam-tensor-trend")  # with the step scale ℓ
+
+
+@pytest.mark.parametrize("method", ["hyperadam-tensor", "hyperadam-tensor-unbounded", *SCALED])
 def test_node_steps_the_tensorwise_variant_as_the_python_runtime(
     tensorwise_folders, tmp_path, method
 ):
-    """The per-array statistics (rms of the one array's gradient; the adaptive variant's sums
-    of its cosine, from a terms graph that reads the state) computed in node from the
-    array_terms graph, then the fused step: the Python runtime's step, the step count and the
-    adaptive variant's step scale too."""
+    """The per-array statistics (rms of the one array's gradient; the adaptive and trend
+    variants' sums of their cosine, from a terms graph that reads the state) computed in node
+    from the array_terms graph, then the fused step: the Python runtime's step, the step count
+    and the scaled variants' step scale too."""
     rng = np.random.default_rng(1)
     rng.normal(size=50)  # the draws of w
     grads = [(rng.normal(size=50) * 10.0 ** rng.uniform(-3, 1)).astype(np.float32)
@@ -110,21 +111,30 @@ def test_node_steps_the_tensorwise_variant_as_the_python_runtime(
     for name in ("h", "m", "feat_m"):
         got = np.asarray(out["state"][name], np.float32).reshape(-1, 50).T
         np.testing.assert_allclose(got, after[name], rtol=1e-5, atol=1e-7)
-    if method == "hyperadam-tensor-adaptive":  # ℓ moved this step, as in Python
+    if method in SCALED:  # ℓ moved this step, as in Python
         assert set(out["state"]) == set(after)
         got = np.asarray(out["state"]["log_scale"], np.float32)
         assert np.abs(got - saved["log_scale"]).min() > 1e-4
         np.testing.assert_allclose(got, after["log_scale"], rtol=0, atol=1e-7)
 
 
-def test_node_sums_the_adaptive_variants_cosine_terms(tensorwise_folders, tmp_path):
-    """Gradients of 1e-25 (their squares underflow: v = 0, moments ~1e-26, previous direction
-    ~1e-13), then one of 1e-17: ‖g‖·‖D‖ ~ 50 × 1e-30, where averaging instead of summing the
-    cosine's terms would move its 1e-30 and ℓ with it. Node's ℓ is Python's."""
+# Three gradients, then the fourth, whose scales make ‖g‖·‖y‖ ~ 1e-30 in the fourth step's
+# cosine: the adaptive variant's y = D, the previous direction (~1e-13 after gradients of 1e-25,
+# whose squares underflow: v = 0, moments ~1e-26); the trend variant's y = the β = 0.99 momentum
+# (~3e-15 after gradients of 1e-13, all along one direction, so that the cosine is not ~0).
+TINY_COSINE_SCALES = {SCALED[0]: (1e-25,) * 3 + (1e-17,), SCALED[1]: (1e-13,) * 3 + (1e-17,)}
+
+
+@pytest.mark.parametrize("method", SCALED)
+def test_node_sums_the_adaptive_variants_cosine_terms(tensorwise_folders, tmp_path, method):
+    """A fourth step whose ‖g‖·‖y‖ is ~1e-30 (``TINY_COSINE_SCALES``), where averaging instead
+    of summing the cosine's terms would move its 1e-30 and ℓ with it. Node's ℓ is Python's."""
     rng = np.random.default_rng(2)
-    grads = [(rng.normal(size=50) * scale).astype(np.float32) for scale in (1e-25,) * 3 + (1e-17,)]
+    shared = rng.normal(size=50) if method == SCALED[1] else 0.0
+    grads = [((shared + rng.normal(size=50)) * scale).astype(np.float32)
+             for scale in TINY_COSINE_SCALES[method]]  # fmt: skip
     out, after, saved, python_w = _node_takes_the_fourth_step(
-        tensorwise_folders["hyperadam-tensor-adaptive"], grads, tmp_path
+        tensorwise_folders[method], grads, tmp_path
     )
     got = np.asarray(out["state"]["log_scale"], np.float32)
     assert np.abs(got - saved["log_scale"]).min() > 1e-4

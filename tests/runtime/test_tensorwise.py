@@ -1,7 +1,7 @@
 """The tensor-wise HyperAdam variants through the runtime: per-array statistics across chunks and
 shards, parity with the torch reference over many steps, zero gradients, per-tensor scale
-invariance and the Adam-reduction start; the adaptive variant's step scale (its cosine's ε, its
-clip)."""
+invariance and the Adam-reduction start; the adaptive and trend variants' step scale (its
+cosine's ε, its clip; the trend variant's cosine with the gradient's trend, not the last step)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ import torch
 import runtime
 from export import export_optimizer
 from export.parity import relative_error, run_shards
-from meta_train.optimizers.hyperadam_tensor import TensorwiseHyperAdam
+from meta_train.optimizers.hyperadam_tensor import TREND_FEATURE, TensorwiseHyperAdam
 from meta_train.seeding import generator
 from meta_train.theta_source import reference_for_theta
 from runtime import manifest as mf
 from runtime.theta import load_theta
 
-TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, mf.HYPERADAM_TENSOR_ADAPTIVE)
-# The bounded variant and the adaptive one: the tests of the machinery (chunks, shards, adapters)
-# run on both, since the adaptive variant's terms graph also reads the state.
-BOUNDED = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_ADAPTIVE)
+ADAPTIVE, TREND = mf.HYPERADAM_TENSOR_ADAPTIVE, mf.HYPERADAM_TENSOR_TREND
+SCALED = (ADAPTIVE, TREND)  # the variants with the per-tensor step scale ℓ_T
+TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, *SCALED)
+# The bounded variant and the scaled ones: the tests of the machinery (chunks, shards, adapters)
+# run on all three, since the scaled variants' terms graphs also read the state (each its own).
+BOUNDED = (mf.HYPERADAM_TENSOR, *SCALED)
 # Several arrays: the first spans chunks at CHUNK = 256, the small ones share a packed chunk.
 SHAPES = [(40, 30), (30,), (10, 40), (10,), (7, 3)]
 SCALES = [1.0, 1e-4, 30.0, 1e-2, 1.0]  # each array's gradient scale
@@ -39,7 +41,7 @@ FIELDS = ("h", "c", "m", "v", "b", "gamma", "feat_m", "feat_v")
 
 
 def fields_of(method: str) -> tuple[str, ...]:
-    """The per-coordinate state fields of a variant (the adaptive one adds ``log_scale``)."""
+    """The per-coordinate state fields of a variant (the scaled ones add ``log_scale``)."""
     return tuple(f.name for f in mf.method_info(method).layout(num_candidates=20).fields)
 
 
@@ -56,7 +58,7 @@ def gradients(
     """Each array's gradients at its scale, coordinates spread over 10⁻¹…10¹ of it, 10 % exact
     zeros. ``persistent``: a fixed direction per array plus noise, the direction's sign flipping
     every step on the odd arrays, so that successive gradients agree (even arrays) or oppose
-    (odd ones) and the adaptive variant's step scale grows or shrinks; else white noise."""
+    (odd ones) and the scaled variants' step scale grows or shrinks; else white noise."""
     rng = np.random.default_rng(seed)
     if persistent:
         directions = [rng.normal(size=s) * 10.0 ** rng.uniform(-1, 1, s) for s in shapes]
@@ -222,26 +224,36 @@ def test_layout_names_are_the_reference_state_fields():
     assert [f.name for f in layout.fields] == [*mf.TENSORWISE_FIELDS, "log_scale"]
     for field in layout.fields:
         assert tuple(getattr(state, field.name).shape) == (7, *field.shape), field
-    assert mf.method_info(mf.HYPERADAM_TENSOR_ADAPTIVE).layout(num_candidates=20) == layout
+    assert mf.method_info(ADAPTIVE).layout(num_candidates=20) == layout
+    # the trend variant: the adaptive one's layout; the same choices of the cosine's reference
+    assert mf.method_info(TREND).layout(num_candidates=20) == layout
+    assert set(mf.TENSORWISE_SCALE_REFERENCES) == set(ref_module.SCALE_REFERENCES)
+    assert mf.TENSORWISE_TREND_TERMS_STATE == ("feat_m",)
+    assert ref_module.FEATURE_BETAS[ref_module.TREND_FEATURE] == 0.99
 
 
 @pytest.mark.parametrize("method", TENSORWISE)
 def test_export_records_the_variant(tensorwise_folders, tensorwise_theta, method):
     folder = tensorwise_folders[method]
     manifest = mf.load_manifest(folder)
-    adaptive = method == mf.HYPERADAM_TENSOR_ADAPTIVE
+    adaptive = method in SCALED
     assert manifest.method == method and manifest.config == {"num_candidates": 20}
     assert set(manifest.graphs) == {mf.ARRAY_TERMS, mf.FUSED}
     assert manifest.state == mf.tensorwise_layout(20, adaptive=adaptive)
     assert manifest.state.bytes_per_coordinate == 4 * (6 * 20 + 3 + 1 + adaptive)
     raw = manifest.to_json()
     statistics = raw["per_array_statistics"]
-    if adaptive:  # the cosine's three sums after rms_T(g)²; the terms graph reads the state
+    terms_inputs = [t.name for t in manifest.graphs[mf.ARRAY_TERMS].inputs]
+    if method == ADAPTIVE:  # the cosine's three sums after rms_T(g)²; the terms graph reads D's
         assert statistics["terms"] == ["grad_sq", "grad_sq_sum", "grad_dot_last_step_sum",
                                        "last_step_sq_sum"]  # fmt: skip
         assert statistics["summed"] == statistics["terms"][1:]
-        terms_inputs = [t.name for t in manifest.graphs[mf.ARRAY_TERMS].inputs]
         assert terms_inputs == [mf.GRAD, "h", "m", "v", "b", "gamma"]
+    elif method == TREND:  # the same with the trend y, which is a row of feat_m
+        assert statistics["terms"] == ["grad_sq", "grad_sq_sum", "grad_dot_trend_sum",
+                                       "trend_sq_sum"]  # fmt: skip
+        assert statistics["summed"] == statistics["terms"][1:]
+        assert terms_inputs == [mf.GRAD, "feat_m"]
     else:  # as before summed statistics existed
         assert statistics["terms"] == ["grad_sq"] and "summed" not in statistics
     assert statistics["input"] == mf.ARRAY_MEANS
@@ -261,7 +273,7 @@ def test_runtime_follows_the_torch_reference_over_many_steps(
     ref, theta = reference(method, tensorwise_theta[method])
     opt = runtime.load(tensorwise_folders[method], threads=2)
     w0 = initial_params(1)
-    adaptive = method == mf.HYPERADAM_TENSOR_ADAPTIVE
+    adaptive = method in SCALED
     grads = gradients(STEPS, persistent=adaptive)
     params = [a.copy() for a in w0]
     stepper = opt.bind(params, chunk_size=CHUNK)
@@ -431,12 +443,13 @@ def test_scaling_one_arrays_gradient_changes_only_its_moments(
     tensorwise_folders, tensorwise_theta, method
 ):
     """g → 1000·g on array A: A's features (g/rms_A(g), m̂/√v̂, progress) are unchanged, so are
-    its cells, gates and step (and the adaptive variant's cos_A(g, D), so its ℓ_A); only its raw
+    its cells, gates and step (and the scaled variants' cos_A(g, D) or cos_A(g, trend), so ℓ_A);
+    only its raw
     moments scale (m, feat_m by 10³, v, feat_v by 10⁶). The other arrays see nothing of it
     (bitwise)."""
     opt = runtime.load(tensorwise_folders[method], threads=1)
     w0 = initial_params(5)
-    grads = gradients(10, seed=5, persistent=method == mf.HYPERADAM_TENSOR_ADAPTIVE)
+    grads = gradients(10, seed=5, persistent=method in SCALED)
     scaled = [[g * np.float32(1e3) if i == 2 else g for i, g in enumerate(s)] for s in grads]
     runs = []
     for sequence in (grads, scaled):
@@ -458,7 +471,7 @@ def test_scaling_one_arrays_gradient_changes_only_its_moments(
     for name in fields_of(method):
         factor = factors[name]
         assert relative_error(s_b[name][lo:hi] / factor, s_a[name][lo:hi]) < 1e-4, name
-    if method == mf.HYPERADAM_TENSOR_ADAPTIVE:
+    if method in SCALED:
         assert np.abs(s_a["log_scale"][lo:hi]).min() > 0.5  # ℓ_A moved, and alike
 
 
@@ -475,14 +488,18 @@ def adam(w0: np.ndarray, grads: list[np.ndarray], lr: float, b1=0.9, b2=0.999, e
     return out
 
 
-@pytest.mark.parametrize("variant", ["bounded", "unbounded", "adaptive"])
+@pytest.mark.parametrize("variant", ["bounded", "unbounded", "adaptive", "trend"])
 def test_adam_reduction_start_is_adam(tmp_path, variant):
     """θ reduced to Adam(1e-3) exports and steps, through chunks, as Adam to fp32 round-off
-    (the adaptive variant's with κ = 0: its step scale stays exp(±κ·t) ≈ 1 to 1e-17)."""
+    (the scaled variants' with κ = 0: the step scale stays exp(±κ·t) ≈ 1 to 1e-17)."""
+    scaled = variant in ("adaptive", "trend")
     rule = TensorwiseHyperAdam(
-        20, bounded=variant != "unbounded", adaptive_scale=variant == "adaptive"
+        20,
+        bounded=variant != "unbounded",
+        adaptive_scale=scaled,
+        scale_reference="trend" if variant == "trend" else "step",
     )
-    extra = {"scale_rate": 0.0} if variant == "adaptive" else {}
+    extra = {"scale_rate": 0.0} if scaled else {}
     theta = rule.adam_reduction(rule.init_theta(generator(0)), lr=1e-3, **extra)
     method = rule.name
     export_optimizer(method, theta, tmp_path / "adam", parity_sizes=(2,), trajectory_steps=3)
@@ -514,7 +531,7 @@ def test_torch_optimizer_with_param_groups_follows_the_reference(
 ):
     """``runtime.torch.LearnedOptimizer`` over two param groups (the second at twice the lr):
     every parameter is its own array; the state is the reference's and the second group moves
-    twice as far (the state, the adaptive variant's ℓ included, does not depend on lr)."""
+    twice as far (the state, the scaled variants' ℓ included, does not depend on lr)."""
     from runtime.torch import LearnedOptimizer
 
     ref, theta = reference(method, tensorwise_theta[method])
@@ -609,7 +626,7 @@ def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(
     tensorwise_folders, method
 ):
     """With a falling loss the guard changes nothing (bitwise); a blow-up restores the last good
-    parameters and state, the step count t (and the adaptive variant's ℓ) included, and runs
+    parameters and state, the step count t (and the scaled variants' ℓ) included, and runs
     Adam."""
     opt = runtime.load(tensorwise_folders[method], threads=1)
     w0 = initial_params(9)
@@ -628,7 +645,7 @@ def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(
     assert watched.num_fallbacks == 1
     # the last snapshot (GuardConfig.snapshot_every = 10) is the start: t and w back to it
     assert watched.state_dict()["state"][mf.STEP_COUNT].tolist() == [0.0]
-    if method == mf.HYPERADAM_TENSOR_ADAPTIVE:  # ℓ had moved; back to the start's 0
+    if method in SCALED:  # ℓ had moved; back to the start's 0
         assert np.abs(saved["log_scale"]).max() > 0
         assert not watched.state_dict()["state"]["log_scale"].any()
     for a, b in zip(guarded, w0, strict=True):
@@ -638,9 +655,7 @@ def test_guarded_stepper_steps_as_the_stepper_and_restores_the_step_count(
     assert all(np.isfinite(a).all() for a in guarded)
 
 
-# -- the adaptive variant's step scale ---------------------------------------------------------
-
-ADAPTIVE = mf.HYPERADAM_TENSOR_ADAPTIVE
+# -- the scaled variants' step scale ------------------------------------------------------------
 
 
 def _bound_at(opt, state, sizes, chunk_size):
@@ -655,12 +670,13 @@ def _bound_at(opt, state, sizes, chunk_size):
     return stepper, params
 
 
-def test_the_step_scale_stops_at_its_bounds(tensorwise_folders, tensorwise_theta):
+@pytest.mark.parametrize("method", SCALED)
+def test_the_step_scale_stops_at_its_bounds(tensorwise_folders, tensorwise_theta, method):
     """ℓ near ±log SCALE_MAX with gradients that keep agreeing (array 0: ℓ grows) or keep
     flipping (array 1: ℓ shrinks): the runtime clips at exactly ±log 100 in fp32, as the
     reference, step by step, through chunks smaller than the arrays."""
-    ref, theta = reference(ADAPTIVE, tensorwise_theta[ADAPTIVE])
-    opt = runtime.load(tensorwise_folders[ADAPTIVE], threads=1)
+    ref, theta = reference(method, tensorwise_theta[method])
+    opt = runtime.load(tensorwise_folders[method], threads=1)
     sizes = [300, 200]
     rng = np.random.default_rng(11)
     base = [rng.normal(size=n) for n in sizes]
@@ -683,15 +699,16 @@ def test_the_step_scale_stops_at_its_bounds(tensorwise_folders, tensorwise_theta
     np.testing.assert_array_equal(got, state.log_scale.numpy())
 
 
+@pytest.mark.parametrize("method", SCALED)
 def test_the_cosine_adds_its_epsilon_to_the_product_of_the_norms(
-    tensorwise_folders, tensorwise_theta
+    tensorwise_folders, tensorwise_theta, method
 ):
-    """Tiny gradients (1e-17) and previous directions (moments 1e-25): ‖g‖·‖D‖ is ~100 × 1e-30,
-    so where 1e-30 is added matters. The runtime's summed statistics give the reference's
-    cos = Σg·D / (‖g‖‖D‖ + 1e-30) (ℓ to 1e-7); per-array means would add 1e-30 to
-    ‖g‖‖D‖/n and move ℓ by half."""
-    ref, theta = reference(ADAPTIVE, tensorwise_theta[ADAPTIVE])
-    opt = runtime.load(tensorwise_folders[ADAPTIVE], threads=1)
+    """Tiny gradients (1e-17) and previous directions (moments 1e-25; the trend variant's
+    trend y ~1e-15, along g): ‖g‖·‖D‖ is ~100 × 1e-30, so where 1e-30 is added matters. The
+    runtime's summed statistics give the reference's cos = Σg·D / (‖g‖‖D‖ + 1e-30) (ℓ to
+    1e-7); per-array means would add 1e-30 to ‖g‖‖D‖/n and move ℓ by half."""
+    ref, theta = reference(method, tensorwise_theta[method])
+    opt = runtime.load(tensorwise_folders[method], threads=1)
     sizes, rng = [100, 60], np.random.default_rng(12)
     p, j = sum(sizes), 20
 
@@ -709,6 +726,10 @@ def test_the_cosine_adds_its_epsilon_to_the_product_of_the_norms(
         t=torch.full((1,), 5.0),
     )
     g = (rng.normal(size=p) * 1e-17).astype(np.float32)
+    if method == TREND:  # y = 100 (g + noise): cos(g, y) ≈ 0.7 but for the ε, ‖g‖‖y‖ ~ 1e-30
+        feat_m = state.feat_m.clone()
+        feat_m[:, TREND_FEATURE] = f32(100 * (g + rng.normal(size=p) * 1e-17))
+        state = state._replace(feat_m=feat_m)
     stepper, params = _bound_at(opt, state, sizes, chunk_size=64)
     assert stepper.step([g[:100].copy(), g[100:].copy()])
     with torch.no_grad():
@@ -717,3 +738,47 @@ def test_the_cosine_adds_its_epsilon_to_the_product_of_the_norms(
     assert np.abs(want.log_scale.numpy()).min() > 0.01  # the cosine is not ~0
     np.testing.assert_allclose(got, want.log_scale.numpy(), rtol=1e-5, atol=0)
     assert relative_error(flat(params), delta.numpy()) < 1e-5
+
+
+def test_the_trend_scale_follows_the_gradients_trend_not_the_last_step(
+    tensorwise_folders, tensorwise_theta
+):
+    """Twenty steps along +d, then ten along −d (two arrays, each its own d): four steps after
+    the turn the last step direction D has turned with the gradient (cos(g, D) > 0.2: the
+    adaptive rule would grow ℓ) while the β = 0.99 trend still points along +d (cos(g, y) <
+    −0.5). The runtime's ℓ, chunked, follows the trend's cosine down, as the reference's, step
+    by step; a terms graph that read D, or another row of feat_m, would not."""
+    from meta_train.optimizers import hyperadam_tensor as ref_module
+
+    ref, theta = reference(TREND, tensorwise_theta[TREND])
+    opt = runtime.load(tensorwise_folders[TREND], threads=1)
+    sizes, rng = [300, 200], np.random.default_rng(13)
+    d = [rng.normal(size=n) for n in sizes]
+    grads = [[((1.0 if t < 20 else -1.0) * x + 0.3 * rng.normal(size=x.size)).astype(np.float32)
+              for x in d] for t in range(30)]  # fmt: skip
+    params = [np.zeros(n, np.float32) for n in sizes]
+    stepper = opt.bind(params, chunk_size=128)
+    state = ref.init_state(sum(sizes), tensor_sizes=sizes)
+    with torch.no_grad():
+        for t, step in enumerate(grads):
+            g = torch.from_numpy(flat(step))
+            previous = ref_module.candidate_directions(state.m, state.v, state.b, state.gamma)
+            cosines = {
+                reference: ref_module.tensor_cosine(
+                    g,
+                    ref_module.scale_reference_direction(
+                        theta, state, previous, bounded=True, reference=reference
+                    ),
+                    state.segment,
+                    len(sizes),
+                ).numpy()
+                for reference in ("step", "trend")
+            }
+            before = state.log_scale.numpy()
+            _, state = ref.step(theta, g, state, lr=opt.default_lr)
+            assert stepper.step(step)
+            got = stepper.state_dict()["state"]["log_scale"]
+            np.testing.assert_allclose(got, state.log_scale.numpy(), rtol=0, atol=1e-6)
+            if t >= 26:  # the two rules disagree: ℓ follows the trend's cosine down
+                assert cosines["step"].min() > 0.2 and cosines["trend"].max() < -0.5, cosines
+                assert (got < before - 0.05).all()
