@@ -214,6 +214,17 @@ class OptimizerSpec:
     lr: float | None = None  # None: the optimizer's own default
     # Engine "runtime": the exported folder (or built-in name) whose ONNX step is evaluated.
     folder: str | None = None
+    # A learned optimizer's method (θ's values alone do not say which step runs them: the
+    # adaptive and trend variants' untrained starts are the same numbers); "" otherwise.
+    method: str = ""
+
+
+# The methods that existed before cells recorded their method: a stored cell without one is of
+# one of these, so it is never taken for a cell of a later method with the same θ values.
+METHODS_BEFORE_CELL_METHODS = frozenset(
+    {"", "hyperadam", "dm", "rnnprop", "hyperadam-tensor", "hyperadam-tensor-unbounded",
+     "hyperadam-tensor-adaptive"}
+)  # fmt: skip
 
 
 ENGINES = ("reference", "runtime")
@@ -255,9 +266,13 @@ def describe_optimizer(
         label = f"{name}@{identity[:8]}"
     if folder is not None:
         return OptimizerSpec(
-            label + RUNTIME_SUFFIX, source, identity + RUNTIME_SUFFIX, folder=str(folder)
+            label + RUNTIME_SUFFIX,
+            source,
+            identity + RUNTIME_SUFFIX,
+            folder=str(folder),
+            method=optimizer.name,
         )
-    return OptimizerSpec(label, source, identity)
+    return OptimizerSpec(label, source, identity, method=optimizer.name)
 
 
 def make_rule(spec: OptimizerSpec, lr: float | None) -> UpdateRule:
@@ -579,13 +594,14 @@ def run_benchmark(
         entry["adam_tuning"] = tune_adam(key, steps, config, cached)
         lr = entry["adam_tuning"]["best_lr"]
         adam_prev = entry["results"].get("adam")
+        adam_spec = OptimizerSpec("adam", "adam", "", lr)
         todo = [
             s
             for s in specs
-            if s.label != "adam" and not _current(entry["results"].get(s.label), s.identity)
+            if s.label != "adam" and not _current(entry["results"].get(s.label), s)
         ]  # a result of the same θ on the same runs, judged by today's rule, is kept
-        if adam_prev is None or adam_prev.get("lr") != lr or not _current(adam_prev, ""):
-            todo.insert(0, OptimizerSpec("adam", "adam", "", lr))
+        if adam_prev is None or adam_prev.get("lr") != lr or not _current(adam_prev, adam_spec):
+            todo.insert(0, adam_spec)
         seeds = [run_seed(config.seed, EVAL_STREAM, r) for r in range(config.runs)]
         units = [
             Unit(key, steps, s, s.lr if s.label == "adam" else None, seed)
@@ -597,6 +613,7 @@ def run_benchmark(
             runs = records[i * config.runs : (i + 1) * config.runs]
             entry["results"][s.label] = {
                 "identity": s.identity,
+                "method": s.method,
                 "lr": s.lr if s.label == "adam" else None,
                 "final_losses": [_finite_or_none(r.final_loss) for r in runs],
                 "unstable": [r.unstable for r in runs],
@@ -626,12 +643,19 @@ def run_benchmark(
     return report
 
 
-def _current(cell: dict[str, Any] | None, identity: str) -> bool:
-    """Whether a stored cell is of this θ and judged by today's instability rule (cells of the
-    first sittings have no ``unstable_rule``: they are rerun when their optimizer is named)."""
+def _current(cell: dict[str, Any] | None, spec: OptimizerSpec) -> bool:
+    """Whether a stored cell is of this θ and method and judged by today's instability rule
+    (cells of the first sittings have no ``unstable_rule``: they are rerun when their optimizer
+    is named; cells without a ``method`` predate all but ``METHODS_BEFORE_CELL_METHODS``)."""
+    if cell is None:
+        return False
+    method = cell.get("method")
+    same_method = (
+        method == spec.method if method is not None else spec.method in METHODS_BEFORE_CELL_METHODS
+    )
     return (
-        cell is not None
-        and cell.get("identity") == identity
+        same_method
+        and cell.get("identity") == spec.identity
         and cell.get("unstable_rule") == UNSTABLE_RULE
     )
 

@@ -334,7 +334,7 @@ class RunConfig:
                     "set device = \"cpu\" and batch_slots = false"
                 )
             adam = experimental.adam_start
-            if adam is not None and experimental.variant in ("tensor", "tensor-adaptive"):
+            if adam is not None and experimental.variant != "tensor-unbounded":
                 from .optimizers.hyperadam_tensor import RHO_MAX, TENSORWISE_DEFAULT_LR
 
                 reach = RHO_MAX * TENSORWISE_DEFAULT_LR

@@ -284,3 +284,37 @@ def test_the_iqm_ci_does_not_depend_on_the_order_of_the_tasks():
     forward = summarise({"tasks": tasks})["overall"]["hyperadam"]
     backward = summarise({"tasks": dict(reversed(list(tasks.items())))})["overall"]["hyperadam"]
     assert forward == backward
+
+
+def test_a_cell_is_reused_only_for_the_same_theta_and_method(tmp_path):
+    # The adaptive and trend variants' untrained starts are the same numbers under two methods
+    # (two different steps): a θ file replaced by the other at the same path has the same label
+    # and θ digest, and its stored cell must not be taken for the new one's.
+    import shutil
+
+    from meta_train.benchmark import run_benchmark
+
+    ablation = "checkpoints/ablation"
+    theta = tmp_path / "start" / "theta.npz"
+    theta.parent.mkdir()
+    key = "logreg-cond1e5-10000"
+    config = BenchmarkConfig((str(theta),), tasks=(key,), runs=2, tuning_runs=1, quick=True)
+    shutil.copy(f"{ablation}/tensor-adaptive-start/theta.npz", theta)
+    first = run_benchmark(config, None, progress=lambda _: None)
+    (label,) = [k for k in first["tasks"][key]["results"] if k != "adam"]
+    cell = first["tasks"][key]["results"][label]
+    assert cell["method"] == "hyperadam-tensor-adaptive"
+    again = run_benchmark(config, json.loads(json.dumps(first)), progress=lambda _: None)
+    assert again["tasks"][key]["results"][label] == cell  # same θ and method: reused as it was
+    shutil.copy(f"{ablation}/tensor-trend-start/theta.npz", theta)
+    trend = run_benchmark(config, json.loads(json.dumps(first)), progress=lambda _: None)
+    rerun = trend["tasks"][key]["results"][label]
+    assert rerun["identity"] == cell["identity"]  # the same numbers…
+    assert rerun["method"] == "hyperadam-tensor-trend"  # …run again by their own step
+    assert rerun["final_losses"] != cell["final_losses"]
+    # A cell stored before cells recorded their method is of a method that existed then.
+    legacy = {k: v for k, v in cell.items() if k != "method"}
+    first["tasks"][key]["results"][label] = legacy
+    assert run_benchmark(config, first, progress=lambda _: None)["tasks"][key]["results"][
+        label
+    ]["method"] == "hyperadam-tensor-trend"

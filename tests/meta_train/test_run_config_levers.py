@@ -87,6 +87,8 @@ BAD = [
       "implementation": "reference"}, "variant 'tensor' has no batched step"),
     ({"experimental": {"variant": "tensor", "adam_start": {"lr": 0.05}}},
      r"adam_start.lr must be < 0.03 with variant 'tensor'"),
+    ({"experimental": {"variant": "tensor-trend", "adam_start": {"lr": 0.05}}},
+     r"adam_start.lr must be < 0.03 with variant 'tensor-trend'"),
     ({"task": "tiny"}, "unknown task 'tiny'; known: mnist, quadratic, small"),
     ({"task": "small", "family": {"widths": [16], "hidden": 3}},
      r"unknown config field\(s\): family.hidden"),
