@@ -643,18 +643,22 @@ def run_benchmark(
     return report
 
 
+def same_method(record: Mapping[str, Any], spec: OptimizerSpec) -> bool:
+    """Whether a stored cell (or candidate record) is of ``spec``'s method; one without a
+    ``method`` predates all but ``METHODS_BEFORE_CELL_METHODS``."""
+    method = record.get("method")
+    if method is None:
+        return spec.method in METHODS_BEFORE_CELL_METHODS
+    return bool(method == spec.method)
+
+
 def _current(cell: dict[str, Any] | None, spec: OptimizerSpec) -> bool:
     """Whether a stored cell is of this θ and method and judged by today's instability rule
     (cells of the first sittings have no ``unstable_rule``: they are rerun when their optimizer
     is named; cells without a ``method`` predate all but ``METHODS_BEFORE_CELL_METHODS``)."""
-    if cell is None:
-        return False
-    method = cell.get("method")
-    same_method = (
-        method == spec.method if method is not None else spec.method in METHODS_BEFORE_CELL_METHODS
-    )
     return (
-        same_method
+        cell is not None
+        and same_method(cell, spec)
         and cell.get("identity") == spec.identity
         and cell.get("unstable_rule") == UNSTABLE_RULE
     )

@@ -45,6 +45,7 @@ from .benchmark import (
     describe_optimizer,
     is_unstable,
     runtime_source,
+    same_method,
 )
 from .errors import UsageError
 from .evaluate import RunResult, evaluate
@@ -238,8 +239,9 @@ def unchanged_cell(
 ) -> dict[str, Any] | None:
     """The earlier cell of the same θ on the same runs, which a ``--merge`` sitting keeps.
 
-    Only learned optimizers' cells are kept (their θ digest says the θ is unchanged); a cell
-    of another θ, seed or number of runs, or one from before cells recorded their θ, is rerun.
+    Only learned optimizers' cells are kept (their θ digest and method say the θ is
+    unchanged); a cell of another θ, method, seed or number of runs, or one from before cells
+    recorded their θ, is rerun.
     """
     if previous is None or not spec.identity:
         return None
@@ -248,6 +250,7 @@ def unchanged_cell(
         old is None
         or "status" in old
         or old.get("identity") != spec.identity
+        or not same_method(old, spec)
         or old.get("runs") != runs
         or old.get("seed") != seed
     ):
@@ -317,7 +320,9 @@ def run_grid(
             outputs = list(pool.map(evaluate_cell, *zip(*jobs, strict=True)))
     for (key, spec, _), output in zip(cells, outputs, strict=True):
         results[key][spec.label] = (
-            output if "status" in output else {**output, "identity": spec.identity}
+            output
+            if "status" in output
+            else {**output, "identity": spec.identity, "method": spec.method}
         )
     report = {
         "config": dataclasses.asdict(config),
@@ -704,7 +709,9 @@ def replaced_candidates(previous: dict[str, Any], specs: list[OptimizerSpec]) ->
         old = where(info["source"])
         for spec in specs:
             same_file = old is not None and old == where(spec.source)
-            same_theta = theta_digest(spec.identity) == theta_digest(info["identity"])
+            same_theta = theta_digest(spec.identity) == theta_digest(
+                info["identity"]
+            ) and same_method(info, spec)
             if is_candidate(spec.label) and same_file and not same_theta:
                 replaced[label] = spec.label
     return replaced

@@ -330,3 +330,30 @@ def test_merge_keeps_an_unchanged_theta_and_reruns_a_changed_one(
     assert last["results"][sigmoid]["adam"] == first["results"][sigmoid]["adam"]
     markdown = (docs / "results.md").read_text()
     assert old_label not in markdown and f"{new_label} (ours)" in markdown
+
+
+def test_a_cell_or_candidate_of_the_same_numbers_under_another_method_is_not_kept(tmp_path):
+    # The adaptive and trend variants' untrained starts are the same numbers under two steps.
+    from meta_train.reproduce import replaced_candidates, unchanged_cell
+
+    theta = tmp_path / "start" / "theta.npz"
+    theta.parent.mkdir()
+    shutil.copy("checkpoints/ablation/tensor-adaptive-start/theta.npz", theta)
+    adaptive = describe_optimizer(str(theta))
+    shutil.copy("checkpoints/ablation/tensor-trend-start/theta.npz", theta)
+    trend = describe_optimizer(str(theta))
+    assert (adaptive.label, adaptive.identity) == (trend.label, trend.identity)
+    assert adaptive.method == "hyperadam-tensor-adaptive"
+    assert trend.method == "hyperadam-tensor-trend"
+    cell = {"identity": adaptive.identity, "method": adaptive.method, "runs": 2, "seed": 0}
+    previous = {"results": {"task": {adaptive.label: cell}}}
+    assert unchanged_cell(previous, "task", adaptive, 2, 0) == cell
+    assert unchanged_cell(previous, "task", trend, 2, 0) is None
+    legacy = {k: v for k, v in cell.items() if k != "method"}  # before cells named their method
+    previous["results"]["task"][adaptive.label] = legacy
+    assert unchanged_cell(previous, "task", adaptive, 2, 0) == legacy
+    assert unchanged_cell(previous, "task", trend, 2, 0) is None
+    record = {"source": str(theta), "identity": adaptive.identity, "method": adaptive.method}
+    candidates = {"candidates": {adaptive.label: record}}
+    assert replaced_candidates(candidates, [trend]) == {adaptive.label: trend.label}
+    assert replaced_candidates(candidates, [adaptive]) == {}
