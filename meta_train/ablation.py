@@ -149,6 +149,14 @@ ARMS = {
             log_uniform_horizons=(100, 2000),
             estimator="pes",
         ),
+        # The same with horizons up to the held-out suite's longest (10 000 steps): trained on
+        # at most 2 000, the arm above learned steps that break by step 10 000.
+        ArmConfig(
+            "tensor-trend-small-log-pes-10k",
+            variant="tensor-trend",
+            log_uniform_horizons=(100, 10000),
+            estimator="pes",
+        ),
     )
 }
 
