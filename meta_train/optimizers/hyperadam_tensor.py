@@ -179,6 +179,8 @@ def scale_reference_direction(
     "step": the previous step direction D_{t−1} = Σ_j ρ_j(h_{t−1}) M̂_{t−1, j} (``previous`` is
     M̂_{t−1}); "trend": the β = 0.99 momentum of the gradients up to t − 1.
     """
+    if reference not in SCALE_REFERENCES:
+        raise ValueError(f"scale_reference must be one of {SCALE_REFERENCES}, got {reference!r}")
     if reference == "trend":
         return state.feat_m[:, TREND_FEATURE]
     return (step_weights(theta, state.h, bounded=bounded) * previous).sum(dim=1)

@@ -286,5 +286,13 @@ def test_the_trend_variant_checks_its_options():
         TensorwiseHyperAdam(adaptive_scale=True, scale_reference="last")
     with pytest.raises(ValueError, match="adaptive step scale only"):
         TensorwiseHyperAdam(scale_reference="trend")
+    from meta_train.optimizers.hyperadam_tensor import tensorwise_step
+
+    opt = _make("trend")
+    with pytest.raises(ValueError, match="scale_reference must be one of"):
+        tensorwise_step(
+            _theta(opt), _grads(1)[0], opt.init_state(sum(SIZES), tensor_sizes=SIZES),
+            lr=0.003, bounded=True, adaptive=True, scale_reference="trends",
+        )  # fmt: skip
     opt = _make("trend")
     assert opt.name == "hyperadam-tensor-trend" and "scale_rate" in opt.theta_shapes()
