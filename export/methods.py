@@ -31,4 +31,11 @@ EXPORT_METHODS: dict[str, BuildGraphs] = {
     mf.HYPERADAM_TENSOR_TREND: partial(
         build_tensorwise_graphs, bounded=True, adaptive=True, scale_reference="trend"
     ),
+    mf.HYPERADAM_TENSOR_TREND_ANNEALED: partial(
+        build_tensorwise_graphs,
+        bounded=True,
+        adaptive=True,
+        scale_reference="trend",
+        anneal_rate=True,
+    ),
 }

@@ -131,11 +131,17 @@ def build_trend_array_terms(spec: mf.GraphSpec) -> onnx.ModelProto:
 
 
 def _adapted_log_scale(
-    b: GraphBuilder, theta: dict[str, np.ndarray], statistics: tuple[str, ...]
+    b: GraphBuilder,
+    theta: dict[str, np.ndarray],
+    statistics: tuple[str, ...],
+    step: str,
+    *,
+    anneal: bool,
 ) -> str:
     """ℓ' = clip(ℓ + κ·cos_T(g, y), ±log SCALE_MAX) from the summed statistics (rows 1–3 of
     ``array_means``, named ``statistics``; y is the previous step direction D or the trend),
-    the reference's ``adapted_log_scale`` and ``tensor_cosine``."""
+    the reference's ``adapted_log_scale`` and ``tensor_cosine``; ``anneal``: at the reference's
+    annealed rate κ_t of the updated step count ``step``."""
 
     def row(index: int) -> str:
         name = statistics[index]
@@ -150,11 +156,21 @@ def _adapted_log_scale(
     )
     # κ = KAPPA_MAX·σ(θ_scale_rate), rounded as the reference rounds it (fp32 σ, then the
     # product with KAPPA_MAX).
-    rate = ref.KAPPA_MAX * torch.sigmoid(torch.as_tensor(theta["scale_rate"], dtype=torch.float32))
+    def kappa(name: str) -> str:
+        value = ref.KAPPA_MAX * torch.sigmoid(torch.as_tensor(theta[name], dtype=torch.float32))
+        return b.const(value.numpy()[0], name)
+
+    rate = kappa("scale_rate")
+    if anneal:  # κ + (κ₀ − κ)·exp(−t/τ), in the reference's order
+        decay = b.op(
+            "Exp",
+            b.op("Div", b.op("Neg", step), b.const(ref.SCALE_RATE_ANNEAL_STEPS, "anneal_steps")),
+        )
+        rate = b.op("Add", rate, b.op("Mul", b.op("Sub", kappa("scale_rate_early"), rate), decay))
     limit = np.float32(math.log(ref.SCALE_MAX))
     return b.op(
         "Clip",
-        b.op("Add", "log_scale", b.op("Mul", b.const(rate.numpy()[0], "scale_rate"), cosine)),
+        b.op("Add", "log_scale", b.op("Mul", rate, cosine)),
         b.const(-limit, "minus_log_scale_max"),
         b.const(limit, "log_scale_max"),
         outputs=[mf.updated("log_scale")],
@@ -249,12 +265,16 @@ def build_tensorwise_graphs(
     bounded: bool,
     adaptive: bool = False,
     scale_reference: str = "step",
+    anneal_rate: bool = False,
 ) -> dict[str, onnx.ModelProto]:
     """The ``array_terms`` and ``fused`` models of the tensor-wise variant (numpy fp32 θ);
     ``adaptive``: with the per-tensor step scale (bounded only, as the reference), whose cosine
-    takes ``scale_reference`` ("step" or "trend", the reference's)."""
+    takes ``scale_reference`` ("step" or "trend", the reference's), moved at the annealed rate
+    with ``anneal_rate`` (the trend rule only)."""
     if adaptive and not bounded:
         raise ValueError("the adaptive step scale is built on the bounded step")
+    if anneal_rate and not (adaptive and scale_reference == "trend"):
+        raise ValueError("the annealed rate is defined for the adaptive trend rule")
     j = int(theta["pre_bias"].shape[0])
     specs = mf.tensorwise_graphs(j, adaptive=adaptive, scale_reference=scale_reference)
     per_coordinate = 1 + len(ref.FEATURE_BETAS)  # g/rms and the momenta; then progress
@@ -308,7 +328,8 @@ def build_tensorwise_graphs(
     update = b.op("Mul", mf.LR, combined)
     if adaptive:  # the reference's (−α · Σ) · exp(ℓ')
         statistics = mf.TENSORWISE_SCALE_REFERENCES[scale_reference][0]
-        update = b.op("Mul", update, b.op("Exp", _adapted_log_scale(b, theta, statistics)))
+        log_scale = _adapted_log_scale(b, theta, statistics, step, anneal=anneal_rate)
+        update = b.op("Mul", update, b.op("Exp", log_scale))
     b.op(
         "Sub", mf.PARAM, update, outputs=[mf.updated(mf.PARAM)]
     )  # w − α Σ_j ρ_j M̂_j, the reference's w + (−α · Σ)
@@ -316,6 +337,7 @@ def build_tensorwise_graphs(
     given = "means"
     if adaptive:
         scale = "trend-following" if scale_reference == "trend" else "adaptive"
+        scale += " (annealed rate)" if anneal_rate else ""
         kind += f" and the {scale} per-tensor step scale exp(ℓ)"
         given = "means (rms) and sums (cosine)"
     fused = b.model(

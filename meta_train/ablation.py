@@ -102,9 +102,11 @@ class ArmConfig:
             "experimental": experimental,
         }
         if self.init == "adam":
-            # The Adam-reduction start is Adam at the variant's own α (lr = α: Σ_j ρ_j = 1).
-            alpha = build_config(data).make_optimizer().default_lr
-            experimental["adam_start"] = {"lr": alpha}
+            # The Adam-reduction start is Adam at the variant's own start lr: α (Σ_j ρ_j = 1),
+            # or the annealed variant's ANNEALED_START_LR.
+            optimizer = build_config(data).make_optimizer()
+            lr = getattr(optimizer, "adam_start_lr", optimizer.default_lr)
+            experimental["adam_start"] = {"lr": lr}
         return build_config(data)
 
 
@@ -155,6 +157,14 @@ ARMS = {
             "tensor-trend-small-log-pes-10k",
             variant="tensor-trend",
             log_uniform_horizons=(100, 10000),
+            estimator="pes",
+        ),
+        # The trend rule at an annealed rate (fast for the first ~100 steps, then κ), from Adam
+        # at 1e-2: the PES arm of the trend rule with that one lever changed.
+        ArmConfig(
+            "tensor-trend-annealed-small-log-pes",
+            variant="tensor-trend-annealed",
+            log_uniform_horizons=(100, 2000),
             estimator="pes",
         ),
     )

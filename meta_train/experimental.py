@@ -19,7 +19,14 @@ from .tasks.family import FamilyMix, make_mix
 
 VALIDATION_SCORES = ("loss", "adam_ratio")
 # HyperAdam's inputs and step (issue 15)
-VARIANTS = ("paper", "tensor", "tensor-unbounded", "tensor-adaptive", "tensor-trend")
+VARIANTS = (
+    "paper",
+    "tensor",
+    "tensor-unbounded",
+    "tensor-adaptive",
+    "tensor-trend",
+    "tensor-trend-annealed",
+)
 ESTIMATORS = ("tbptt", "pes")  # how a truncation's meta-gradient is estimated
 HORIZON_KINDS = ("fixed", "log_uniform")  # how long each trajectory is
 
@@ -184,7 +191,8 @@ class ExperimentalConfig:
         inputs, bounded step; ``optimizers/hyperadam_tensor.py``) or ``"tensor-unbounded"``
         (per-tensor inputs, the paper's unbounded step) or ``"tensor-adaptive"`` (the bounded
         step times a per-tensor step scale that follows the hypergradient) or ``"tensor-trend"``
-        (that scale following the gradient's long-run trend instead of the last step). The
+        (that scale following the gradient's long-run trend instead of the last step) or
+        ``"tensor-trend-annealed"`` (the trend rule at a rate that starts fast and settles). The
         tensor variants have one step, the torch one, whatever ``implementation`` says.
       estimator: the meta-gradient estimator (``EstimatorConfig``: truncated BPTT or PES).
       horizons: how long each trajectory is (``HorizonConfig``: fixed or log-uniform).

@@ -389,8 +389,10 @@ class RunConfig:
                 return TensorwiseHyperAdam(
                     self.num_candidates,
                     bounded=variant != "tensor-unbounded",
-                    adaptive_scale=variant in ("tensor-adaptive", "tensor-trend"),
-                    scale_reference="trend" if variant == "tensor-trend" else "step",
+                    adaptive_scale=variant
+                    in ("tensor-adaptive", "tensor-trend", "tensor-trend-annealed"),
+                    scale_reference="trend" if variant.startswith("tensor-trend") else "step",
+                    anneal_rate=variant == "tensor-trend-annealed",
                 )
             return HyperAdam(self.num_candidates, implementation=self.implementation)
         return make_learned_optimizer(self.optimizer)

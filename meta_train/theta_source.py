@@ -63,6 +63,12 @@ _ARCHITECTURES: dict[str, tuple[SizesFromTheta, Callable[..., LearnedUpdateRule]
             num_candidates, adaptive_scale=True, scale_reference="trend"
         ),
     ),
+    mf.HYPERADAM_TENSOR_TREND_ANNEALED: (
+        lambda theta: {"num_candidates": _size(theta, "pre_bias")},
+        lambda num_candidates: TensorwiseHyperAdam(
+            num_candidates, adaptive_scale=True, scale_reference="trend", anneal_rate=True
+        ),
+    ),
 }
 
 

@@ -64,6 +64,9 @@ HYPERADAM_TENSOR_ADAPTIVE = "hyperadam-tensor-adaptive"
 # The same step scale, its cosine taken between the gradient and the gradient's long-run trend
 # (the β = 0.99 momentum feature of the incoming state) instead of the previous step direction.
 HYPERADAM_TENSOR_TREND = "hyperadam-tensor-trend"
+# The trend rule at a rate that starts fast and settles, κ_t = κ + (κ₀ − κ)·exp(−t/100); the
+# same state and statistics as the trend variant (the rate is a function of the step count).
+HYPERADAM_TENSOR_TREND_ANNEALED = "hyperadam-tensor-trend-annealed"
 
 # -- graph roles and their files -------------------------------------------------------------
 FUSED = "fused"
@@ -381,6 +384,14 @@ _TENSORWISE = MethodInfo(
     (Phase(FUSED),),
     TENSORWISE_STATISTICS,
 )
+_TENSORWISE_TREND = MethodInfo(
+    ("num_candidates",),
+    partial(tensorwise_layout, adaptive=True),
+    partial(tensorwise_graphs, adaptive=True, scale_reference="trend"),
+    (Phase(FUSED),),
+    TENSORWISE_TREND_STATISTICS,
+    TENSORWISE_TREND_SUMMED,
+)
 
 METHODS: dict[str, MethodInfo] = {
     HYPERADAM: MethodInfo(
@@ -411,14 +422,8 @@ METHODS: dict[str, MethodInfo] = {
         TENSORWISE_ADAPTIVE_STATISTICS,
         TENSORWISE_ADAPTIVE_SUMMED,
     ),
-    HYPERADAM_TENSOR_TREND: MethodInfo(
-        ("num_candidates",),
-        partial(tensorwise_layout, adaptive=True),
-        partial(tensorwise_graphs, adaptive=True, scale_reference="trend"),
-        (Phase(FUSED),),
-        TENSORWISE_TREND_STATISTICS,
-        TENSORWISE_TREND_SUMMED,
-    ),
+    HYPERADAM_TENSOR_TREND: _TENSORWISE_TREND,
+    HYPERADAM_TENSOR_TREND_ANNEALED: _TENSORWISE_TREND,
 }
 
 

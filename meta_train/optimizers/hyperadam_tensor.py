@@ -38,6 +38,14 @@ WeightCell) and changes what the cells see and how large a step can be:
   oscillating components cancel and only directions the run has kept moving along count, so
   the step grows while the gradient still agrees with where the run has been heading. The
   cosine reads the incoming state only and does not depend on θ.
+* **Annealed rate** (``anneal_rate=True``, method ``hyperadam-tensor-trend-annealed``): the trend
+  rule with a rate that starts fast and settles, κ_t = κ + (κ₀ − κ)·exp(−t/τ) with
+  κ₀ = ``KAPPA_MAX``·σ(θ_scale_rate_early) and τ = ``SCALE_RATE_ANNEAL_STEPS`` = 100, the
+  trend's own timescale 1/(1 − 0.99). One constant κ cannot serve both ends of a run: on the
+  paper's 100-step MNIST MLP κ = 0.19 beats κ = 0.02 by 2.2× (the scale must travel ~10× within
+  a hundred steps), while at 2 000 steps κ = 0.19 is 1.35× worse (a fast rate with a 100-step
+  lag overshoots; docs/generalisation.md, session 14). The fast rate lasts about as long as
+  the trend it follows takes to fill; afterwards the rule is the trend rule at κ.
 
 The state adds the fixed-timescale accumulators, the step count and each coordinate's tensor
 index; with no tensor layout given the whole vector is one tensor. ``adam_reduction`` gives θ
@@ -69,6 +77,8 @@ TENSORWISE_DEFAULT_LR = 0.003
 RMS_EPS = 1e-30  # inside rms_T: a zero tensor gives a zero feature, not NaN
 SCALE_MAX = 100.0  # the adaptive step scale stays within [1/SCALE_MAX, SCALE_MAX]
 KAPPA_MAX = 0.2  # the most the log step scale moves in one step
+# The annealed rate's timescale, the trend's 1/(1 − β) for β = 0.99: κ_t relaxes from κ₀ to κ.
+SCALE_RATE_ANNEAL_STEPS = 100.0
 # What the adaptive step scale's cosine compares the gradient with: the previous step direction
 # ("step", ``hyperadam-tensor-adaptive``) or the β = 0.99 momentum feature ("trend",
 # ``hyperadam-tensor-trend``).
@@ -78,6 +88,11 @@ TREND_FEATURE = FEATURE_BETAS.index(0.99)  # the column of feat_m the trend rule
 # rate chosen by a sweep over 0.01/0.02/0.05 on the held-out fast subset, untrained; all three
 # within a few per cent of one another there).
 ADAPTIVE_START_RATE = 0.02
+# The annealed variant's start (``hyperadam-tensor-trend-annealed``): κ₀ = 0.19 and κ = 0.02, and
+# Adam at 1e-2 rather than α = 3e-3, chosen on the paper's own meta-training task alone (the
+# 1-hidden-layer sigmoid MNIST MLP at 100 and 2 000 steps; docs/generalisation.md, session 14).
+ANNEALED_START_EARLY_RATE = 0.19
+ANNEALED_START_LR = 0.01
 
 
 class TensorwiseState(NamedTuple):
@@ -194,15 +209,27 @@ def adapted_log_scale(
     *,
     bounded: bool,
     reference: str = "step",
+    anneal: bool = False,
 ) -> Tensor:
-    """ℓ_T after this step's hypergradient move (see the module docstring), per coordinate."""
+    """ℓ_T after this step's hypergradient move (see the module docstring), per coordinate;
+    ``anneal``: at the annealed rate κ_t (``scale_rate``)."""
     direction = scale_reference_direction(
         theta, state, previous, bounded=bounded, reference=reference
     )
     cosine = tensor_cosine(grad, direction, state.segment, state.segment_size.shape[0])
-    rate = KAPPA_MAX * torch.sigmoid(theta["scale_rate"])
+    rate = scale_rate(theta, state.t + 1.0, anneal=anneal)
     limit = math.log(SCALE_MAX)
     return (state.log_scale + rate * cosine).clamp(-limit, limit)
+
+
+def scale_rate(theta: Theta, t: Tensor, *, anneal: bool) -> Tensor:
+    """κ, or with ``anneal`` κ_t = κ + (κ₀ − κ)·exp(−t / SCALE_RATE_ANNEAL_STEPS) at step t ≥ 1
+    (``[1]``; see the module docstring)."""
+    rate = KAPPA_MAX * torch.sigmoid(theta["scale_rate"])
+    if not anneal:
+        return rate
+    early = KAPPA_MAX * torch.sigmoid(theta["scale_rate_early"])
+    return rate + (early - rate) * torch.exp(-t / SCALE_RATE_ANNEAL_STEPS)
 
 
 def tensorwise_step(
@@ -214,11 +241,12 @@ def tensorwise_step(
     bounded: bool,
     adaptive: bool = False,
     scale_reference: str = "step",
+    anneal_rate: bool = False,
 ) -> tuple[Tensor, TensorwiseState]:
     """One step of the tensor-wise variant over a flat gradient; returns ``(delta, state)``.
 
     ``adaptive``: with the per-tensor step scale, whose cosine takes ``scale_reference``
-    (``SCALE_REFERENCES``).
+    (``SCALE_REFERENCES``), at the annealed rate with ``anneal_rate``.
     """
     features, feat_m, feat_v, t = input_features(grad, state)
     e = F.elu(features @ theta["pre_kernel"] + theta["pre_bias"])
@@ -242,7 +270,13 @@ def tensorwise_step(
     log_scale = state.log_scale
     if adaptive:
         log_scale = adapted_log_scale(
-            theta, grad, state, previous, bounded=bounded, reference=scale_reference
+            theta,
+            grad,
+            state,
+            previous,
+            bounded=bounded,
+            reference=scale_reference,
+            anneal=anneal_rate,
         )
         delta = delta * torch.exp(log_scale)
     new_state = TensorwiseState(
@@ -270,6 +304,7 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
         bounded: bool = True,
         adaptive_scale: bool = False,
         scale_reference: str = "step",
+        anneal_rate: bool = False,
         implementation: str = "reference",
     ) -> None:
         if num_candidates < 1:
@@ -282,6 +317,10 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
             )
         if scale_reference != "step" and not adaptive_scale:
             raise ValueError("scale_reference applies to the adaptive step scale only")
+        if anneal_rate and scale_reference != "trend":
+            raise ValueError(
+                "the annealed rate is defined for the trend rule (scale_reference='trend')"
+            )
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}"
@@ -291,7 +330,12 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
         self.bounded = bounded
         self.adaptive_scale = adaptive_scale
         self.scale_reference = scale_reference
-        if adaptive_scale:
+        self.anneal_rate = anneal_rate
+        # The lr of the Adam-reduction start meta-training begins from (``adam_reduction``).
+        self.adam_start_lr = ANNEALED_START_LR if anneal_rate else self.default_lr
+        if anneal_rate:
+            self.name = "hyperadam-tensor-trend-annealed"
+        elif adaptive_scale:
             trend = scale_reference == "trend"
             self.name = "hyperadam-tensor-trend" if trend else "hyperadam-tensor-adaptive"
         else:
@@ -300,6 +344,8 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
     def theta_shapes(self) -> dict[str, tuple[int, ...]]:
         j = self.num_candidates
         extra = {"scale_rate": (1,)} if self.adaptive_scale else {}
+        if self.anneal_rate:
+            extra["scale_rate_early"] = (1,)
         return {
             "pre_kernel": (NUM_FEATURES, j),
             "pre_bias": (j,),
@@ -313,10 +359,13 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
         }
 
     def init_theta(self, generator: torch.Generator) -> Theta:
-        """The paper's initialisation (spec §2.4), shapes aside; κ starts at ADAPTIVE_START_RATE."""
+        """The paper's initialisation (spec §2.4), shapes aside; κ starts at ADAPTIVE_START_RATE
+        (and κ₀ at ANNEALED_START_EARLY_RATE)."""
         theta = spec_init(self.theta_shapes(), generator)
         if self.adaptive_scale:
             theta["scale_rate"] = torch.full((1,), _rate_logit(ADAPTIVE_START_RATE))
+        if self.anneal_rate:
+            theta["scale_rate_early"] = torch.full((1,), _rate_logit(ANNEALED_START_EARLY_RATE))
         return theta
 
     def adam_reduction(
@@ -327,6 +376,7 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
         beta1: float = 0.9,
         beta2: float = 0.999,
         scale_rate: float | None = None,
+        early_scale_rate: float | None = None,
     ) -> Theta:
         """θ on which the step at α = ``default_lr`` is Adam(lr, β₁, β₂), ε inside the root.
 
@@ -336,13 +386,20 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
         already see the inputs. Bounded: needs lr < RHO_MAX · α. Adaptive variant: the step
         scale moves at rate κ = ``scale_rate``; 0 is Adam to round-off (κ ≈ 1e-19), None keeps
         ``theta``'s κ (``init_theta``'s is ADAPTIVE_START_RATE: hypergradient Adam, the
-        meta-training start).
+        meta-training start). Annealed variant: κ₀ = ``early_scale_rate`` (None keeps θ's).
         """
         if scale_rate is not None:
             if not self.adaptive_scale:
                 raise ValueError("scale_rate needs the adaptive variant")
             if not 0 <= scale_rate < KAPPA_MAX:
                 raise ValueError(f"scale_rate must be in [0, {KAPPA_MAX}), got {scale_rate}")
+        if early_scale_rate is not None:
+            if not self.anneal_rate:
+                raise ValueError("early_scale_rate needs the annealed variant")
+            if not 0 <= early_scale_rate < KAPPA_MAX:
+                raise ValueError(
+                    f"early_scale_rate must be in [0, {KAPPA_MAX}), got {early_scale_rate}"
+                )
         if not lr > 0 or not (0 < beta1 < 1 and 0 < beta2 < 1):
             raise ValueError(f"Adam needs lr > 0 and betas in (0, 1), got {lr}, {beta1}, {beta2}")
         j = self.num_candidates
@@ -363,6 +420,8 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
         out["weight_bias"] = torch.full((j,), bias)
         if scale_rate is not None:
             out["scale_rate"] = torch.full((1,), _rate_logit(scale_rate))
+        if early_scale_rate is not None:
+            out["scale_rate_early"] = torch.full((1,), _rate_logit(early_scale_rate))
         return out
 
     def init_state(
@@ -404,6 +463,7 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
             bounded=self.bounded,
             adaptive=self.adaptive_scale,
             scale_reference=self.scale_reference,
+            anneal_rate=self.anneal_rate,
         )
 
 

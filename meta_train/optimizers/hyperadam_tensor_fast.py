@@ -44,17 +44,18 @@ from .hyperadam import FORGET_BIAS, MOMENT_EPS
 from .hyperadam_fast import THETA_ORDER as PAPER_THETA_ORDER
 from .hyperadam_tensor import (
     FEATURE_CLIP,
-    KAPPA_MAX,
     RHO_MAX,
     SCALE_MAX,
     SCALE_REFERENCES,
     TREND_FEATURE,
     TensorwiseState,
     input_features,
+    scale_rate,
     tensor_cosine,
 )
 
-# The same cells as the paper's kernel, in the same order (plus κ in the adaptive variant).
+# The same cells as the paper's kernel, in the same order (plus κ, and κ₀, in the adaptive
+# variants).
 THETA_ORDER = PAPER_THETA_ORDER
 DIFFERENTIABLE_STATE = ("h", "c", "m", "v", "b", "gamma")  # the node's state inputs and outputs
 
@@ -282,6 +283,7 @@ def tensorwise_step_fast(
     bounded: bool,
     adaptive: bool = False,
     scale_reference: str = "step",
+    anneal_rate: bool = False,
 ) -> tuple[Tensor, TensorwiseState]:
     """One tensor-wise step: ``tensorwise_step``'s results to round-off, one autograd node.
 
@@ -295,6 +297,7 @@ def tensorwise_step_fast(
       scale_reference: what its cosine compares the gradient with (``SCALE_REFERENCES``):
         the previous step direction, which the node returns, or the trend momentum feature,
         which does not depend on θ and is read from the state outside the node.
+      anneal_rate: the scale moves at the annealed rate κ_t (``hyperadam_tensor.scale_rate``).
 
     Returns:
       ``(delta, new_state)`` as ``tensorwise_step`` returns them, to round-off.
@@ -324,7 +327,7 @@ def tensorwise_step_fast(
     if adaptive:
         reference = last[0] if with_last_step else state.feat_m[:, TREND_FEATURE]
         cosine = tensor_cosine(grad, reference, state.segment, state.segment_size.shape[0])
-        rate = KAPPA_MAX * torch.sigmoid(theta["scale_rate"])
+        rate = scale_rate(theta, t, anneal=anneal_rate)
         limit = math.log(SCALE_MAX)
         log_scale = (state.log_scale + rate * cosine).clamp(-limit, limit)
         delta = delta * torch.exp(log_scale)

@@ -15,7 +15,13 @@ from meta_train.optimizers.hyperadam_tensor import RMS_EPS, TensorwiseHyperAdam
 from meta_train.seeding import generator
 from runtime import manifest as mf
 
-SCALED = (mf.HYPERADAM_TENSOR_ADAPTIVE, mf.HYPERADAM_TENSOR_TREND)  # with the step scale ℓ_T
+# with the step scale ℓ_T
+SCALED = (
+    mf.HYPERADAM_TENSOR_ADAPTIVE,
+    mf.HYPERADAM_TENSOR_TREND,
+    mf.HYPERADAM_TENSOR_TREND_ANNEALED,
+)
+TREND_RULES = (mf.HYPERADAM_TENSOR_TREND, mf.HYPERADAM_TENSOR_TREND_ANNEALED)
 TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, *SCALED)
 
 
@@ -24,7 +30,8 @@ def graphs(method: str) -> dict[str, onnx.ModelProto]:
         rule = TensorwiseHyperAdam(
             bounded=method != mf.HYPERADAM_TENSOR_UNBOUNDED,
             adaptive_scale=method in SCALED,
-            scale_reference="trend" if method == mf.HYPERADAM_TENSOR_TREND else "step",
+            scale_reference="trend" if method in TREND_RULES else "step",
+            anneal_rate=method == mf.HYPERADAM_TENSOR_TREND_ANNEALED,
         )
     else:
         rule = make_learned_optimizer(method)

@@ -31,6 +31,7 @@ TENSORWISE_THETA = {
     mf.HYPERADAM_TENSOR_UNBOUNDED: ABLATION / "tensor-unbounded-small-log" / "theta.npz",
     mf.HYPERADAM_TENSOR_ADAPTIVE: ABLATION / "tensor-adaptive-start" / "theta.npz",
     mf.HYPERADAM_TENSOR_TREND: ABLATION / "tensor-trend-start" / "theta.npz",
+    mf.HYPERADAM_TENSOR_TREND_ANNEALED: ABLATION / "tensor-trend-annealed-start" / "theta.npz",
 }
 
 # Runs in the plain interpreter: numpy and onnxruntime only, nothing of hyperadam.

@@ -29,6 +29,7 @@ THETA_FILES = {
     "tensor-adaptive-start": mf.HYPERADAM_TENSOR_ADAPTIVE,
     "tensor-adaptive-small-log-pes": mf.HYPERADAM_TENSOR_ADAPTIVE,  # trained cells: ρ sees h
     "tensor-trend-start": mf.HYPERADAM_TENSOR_TREND,
+    "tensor-trend-annealed-start": mf.HYPERADAM_TENSOR_TREND_ANNEALED,
 }
 # The variants with the per-tensor step scale: their statistics (rms_T(g)², then the cosine's sums)
 SCALED_STATISTICS = {
@@ -37,6 +38,10 @@ SCALED_STATISTICS = {
         mf.TENSORWISE_ADAPTIVE_SUMMED,
     ),
     mf.HYPERADAM_TENSOR_TREND: (mf.TENSORWISE_TREND_STATISTICS, mf.TENSORWISE_TREND_SUMMED),
+    mf.HYPERADAM_TENSOR_TREND_ANNEALED: (
+        mf.TENSORWISE_TREND_STATISTICS,
+        mf.TENSORWISE_TREND_SUMMED,
+    ),
 }
 
 
@@ -90,6 +95,7 @@ PER_ARRAY_KINDS = [
     (mf.HYPERADAM_TENSOR, "tensor-small-log"),
     (mf.HYPERADAM_TENSOR_ADAPTIVE, "tensor-adaptive-start"),
     (mf.HYPERADAM_TENSOR_TREND, "tensor-trend-start"),
+    (mf.HYPERADAM_TENSOR_TREND_ANNEALED, "tensor-trend-annealed-start"),
 ]
 
 
@@ -182,7 +188,9 @@ def test_a_paper_manifest_claiming_statistics_is_refused(tmp_path):
     ],
     ids=["means-not-sums", "other-sums", "as-bounded"],
 )
-@pytest.mark.parametrize("name", ["tensor-adaptive-start", "tensor-trend-start"])
+@pytest.mark.parametrize(
+    "name", ["tensor-adaptive-start", "tensor-trend-start", "tensor-trend-annealed-start"]
+)
 def test_a_runtime_refuses_an_edited_adaptive_manifest(exports, tmp_path, change, message, name):
     """Which statistics are sums is part of the method: an edit that would average the cosine's
     sums, or run the adaptive (trend) graphs as the plain bounded variant, is refused."""
@@ -206,7 +214,10 @@ def test_trend_and_adaptive_manifests_do_not_pass_for_each_other(exports, tmp_pa
             runtime.load(folder)
 
 
-@pytest.mark.parametrize("method", [mf.HYPERADAM_TENSOR_ADAPTIVE, mf.HYPERADAM_TENSOR_TREND])
+@pytest.mark.parametrize(
+    "method",
+    [mf.HYPERADAM_TENSOR_ADAPTIVE, mf.HYPERADAM_TENSOR_TREND, mf.HYPERADAM_TENSOR_TREND_ANNEALED],
+)
 def test_adaptive_parity_with_trained_cells(tmp_path, method):
     """The adaptive and trend start θ are Adam (ρ does not depend on h): with the trained
     bounded θ's cells and κ = 0.1, the previous direction D = Σ_j ρ_j(h) M̂_j that the adaptive
@@ -214,6 +225,8 @@ def test_adaptive_parity_with_trained_cells(tmp_path, method):
     parity check passes fused, chunked and sharded."""
     theta = dict(load_theta(ABLATION / "tensor-small-log" / "theta.npz").theta)
     theta["scale_rate"] = np.zeros(1, np.float32)  # κ = KAPPA_MAX·σ(0) = 0.1
+    if method == mf.HYPERADAM_TENSOR_TREND_ANNEALED:
+        theta["scale_rate_early"] = np.full(1, 3.0, np.float32)  # κ₀ = 0.2·σ(3) ≈ 0.19
     save_theta(tmp_path / "theta.npz", method, theta)
     manifest = export_optimizer(method, tmp_path / "theta.npz", tmp_path / "adaptive")
     cases = {case["case"]: case for case in manifest.parity["cases"]}
@@ -228,7 +241,10 @@ def _rule(method: str) -> TensorwiseHyperAdam:
     return TensorwiseHyperAdam(
         bounded=method != mf.HYPERADAM_TENSOR_UNBOUNDED,
         adaptive_scale=method in SCALED_STATISTICS,
-        scale_reference="trend" if method == mf.HYPERADAM_TENSOR_TREND else "step",
+        scale_reference="trend"
+        if method in (mf.HYPERADAM_TENSOR_TREND, mf.HYPERADAM_TENSOR_TREND_ANNEALED)
+        else "step",
+        anneal_rate=method == mf.HYPERADAM_TENSOR_TREND_ANNEALED,
     )
 
 
@@ -281,3 +297,21 @@ def test_decay_gates_near_zero_keep_the_moments_relative_accuracy(tmp_path):
     for name in ("m", "v"):
         np.testing.assert_allclose(got[name], getattr(want, name).numpy(), rtol=1e-6, atol=0)
     assert parity_lib.relative_error(w, delta.numpy()) < parity_lib.STEP_TOLERANCE
+
+
+def test_an_annealed_theta_exported_at_a_constant_rate_fails_parity(tmp_path, monkeypatch):
+    """The annealed rate lives in the step graph only (same state, same statistics as the trend
+    variant): graphs built at the constant rate κ fail the export's parity check."""
+    from functools import partial
+
+    from export import methods
+    from export.tensorwise_graphs import build_tensorwise_graphs
+
+    constant = partial(
+        build_tensorwise_graphs, bounded=True, adaptive=True, scale_reference="trend"
+    )
+    monkeypatch.setitem(methods.EXPORT_METHODS, mf.HYPERADAM_TENSOR_TREND_ANNEALED, constant)
+    theta = ABLATION / "tensor-trend-annealed-start" / "theta.npz"
+    with pytest.raises(parity_lib.ParityError):
+        export_optimizer(mf.HYPERADAM_TENSOR_TREND_ANNEALED, theta, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

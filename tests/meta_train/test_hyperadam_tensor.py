@@ -19,15 +19,16 @@ from meta_train.optimizers.hyperadam_tensor import (
 )
 
 SIZES = (300, 20, 500, 7)
-KINDS = ("bounded", "unbounded", "adaptive", "trend")
-SCALED = ("adaptive", "trend")  # the kinds with a per-tensor step scale
+KINDS = ("bounded", "unbounded", "adaptive", "trend", "annealed")
+SCALED = ("adaptive", "trend", "annealed")  # the kinds with a per-tensor step scale
 
 
 def _make(kind: str) -> TensorwiseHyperAdam:
     return TensorwiseHyperAdam(
         bounded=kind != "unbounded",
         adaptive_scale=kind in SCALED,
-        scale_reference="trend" if kind == "trend" else "step",
+        scale_reference="trend" if kind in ("trend", "annealed") else "step",
+        anneal_rate=kind == "annealed",
     )
 
 
@@ -102,8 +103,11 @@ def test_zero_gradients_give_finite_steps(which, kind):
 def test_the_adam_reduction_start_is_adam(kind):
     opt = _make(kind)
     lr, b1, b2 = 0.003, 0.9, 0.999
-    rate = 0.0 if kind in SCALED else None  # κ = 0: the step scale stays at 1
-    theta = opt.adam_reduction(_theta(opt, scale=5.0), lr=lr, beta1=b1, beta2=b2, scale_rate=rate)
+    rate = 0.0 if kind in SCALED else None  # κ = 0 (and κ₀ = 0): the step scale stays at 1
+    early = 0.0 if kind == "annealed" else None
+    theta = opt.adam_reduction(
+        _theta(opt, scale=5.0), lr=lr, beta1=b1, beta2=b2, scale_rate=rate, early_scale_rate=early
+    )
     grads = [g.double().float() for g in _grads(12)]
     deltas, _ = _run(opt, theta, grads, lr=opt.default_lr)
     m = torch.zeros(sum(SIZES), dtype=torch.float64)
@@ -222,7 +226,11 @@ def test_the_adaptive_variant_needs_the_bounded_step_and_checks_its_rate():
 
 @pytest.mark.parametrize(
     ("kind", "method"),
-    [("adaptive", "hyperadam-tensor-adaptive"), ("trend", "hyperadam-tensor-trend")],
+    [
+        ("adaptive", "hyperadam-tensor-adaptive"),
+        ("trend", "hyperadam-tensor-trend"),
+        ("annealed", "hyperadam-tensor-trend-annealed"),
+    ],
 )
 def test_an_adaptive_theta_file_loads_as_its_variant(tmp_path, kind, method):
     from meta_train.theta_source import load_theta_source
@@ -233,6 +241,7 @@ def test_an_adaptive_theta_file_loads_as_its_variant(tmp_path, kind, method):
     loaded, theta = load_theta_source(str(path))
     assert loaded.name == method and loaded.adaptive_scale
     assert loaded.scale_reference == opt.scale_reference
+    assert loaded.anneal_rate == opt.anneal_rate
     expected = torch.tensor([math.log(ADAPTIVE_START_RATE / (0.2 - ADAPTIVE_START_RATE))])
     torch.testing.assert_close(theta["scale_rate"].float(), expected)
 
@@ -296,3 +305,58 @@ def test_the_trend_variant_checks_its_options():
         )  # fmt: skip
     opt = _make("trend")
     assert opt.name == "hyperadam-tensor-trend" and "scale_rate" in opt.theta_shapes()
+
+
+def test_the_annealed_rate_starts_at_its_early_rate_and_settles_at_its_rate():
+    # A steady gradient keeps every cosine at 1, so ℓ after n steps is Σ_{t≤n} κ_t, with
+    # κ_t = κ + (κ₀ − κ)·exp(−t/100): a wrong timescale, order or step count moves the sums.
+    opt = _make("annealed")
+    kappa, early = 0.02, 0.15
+    theta = opt.adam_reduction(_theta(opt), lr=0.003, scale_rate=kappa, early_scale_rate=early)
+    grad = torch.ones(sum(SIZES))
+    state = opt.init_state(sum(SIZES), tensor_sizes=SIZES)
+    expected, logs = 0.0, {}
+    for t in range(1, 401):
+        _, state = opt.step(theta, grad, state, lr=opt.default_lr)
+        if t > 1:  # the first step's trend is 0, its cosine 0
+            expected += kappa + (early - kappa) * math.exp(-t / 100.0)
+        logs[t] = (float(state.log_scale[0]), min(expected, math.log(SCALE_MAX)))
+    for t in (2, 10, 30):
+        assert logs[t][0] == pytest.approx(logs[t][1], rel=1e-4), (t, logs[t])
+    assert logs[400][0] == pytest.approx(math.log(SCALE_MAX), rel=1e-6)  # clipped at the cap
+    # Late in a run the rate is κ: the trend variant at κ reaches the cap only later.
+    trend = _make("trend")
+    theta_trend = trend.adam_reduction(_theta(trend), lr=0.003, scale_rate=kappa)
+    state = trend.init_state(sum(SIZES), tensor_sizes=SIZES)
+    for _ in range(30):
+        _, state = trend.step(theta_trend, grad, state, lr=trend.default_lr)
+    assert float(state.log_scale[0]) == pytest.approx(29 * kappa, rel=1e-4)
+    assert logs[30][0] > 3 * float(state.log_scale[0])
+
+
+def test_the_meta_gradient_reaches_the_early_rate():
+    opt = _make("annealed")
+    theta = opt.adam_reduction(_theta(opt), lr=0.003, scale_rate=0.02, early_scale_rate=0.1)
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    w = torch.ones(sum(SIZES))
+    state = opt.init_state(sum(SIZES), tensor_sizes=SIZES)
+    for _ in range(5):
+        delta, state = opt.step(theta, w, state, lr=opt.default_lr)
+        w = w + delta
+    w.square().sum().backward()
+    # Early in a run κ₀ carries the rate: a faster-growing step lowers this loss.
+    assert float(theta["scale_rate_early"].grad) < 0
+    assert abs(float(theta["scale_rate_early"].grad)) > abs(float(theta["scale_rate"].grad))
+
+
+def test_the_annealed_variant_checks_its_options():
+    with pytest.raises(ValueError, match="defined for the trend rule"):
+        TensorwiseHyperAdam(adaptive_scale=True, anneal_rate=True)
+    with pytest.raises(ValueError, match="needs the annealed variant"):
+        _make("trend").adam_reduction(_theta(_make("trend")), lr=0.003, early_scale_rate=0.1)
+    opt = _make("annealed")
+    with pytest.raises(ValueError, match="early_scale_rate must be in"):
+        opt.adam_reduction(_theta(opt), lr=0.003, early_scale_rate=0.2)
+    assert opt.name == "hyperadam-tensor-trend-annealed"
+    assert {"scale_rate", "scale_rate_early"} <= set(opt.theta_shapes())
+    assert opt.adam_start_lr == 0.01 and _make("trend").adam_start_lr == opt.default_lr

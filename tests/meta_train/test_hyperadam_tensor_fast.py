@@ -16,8 +16,9 @@ from meta_train.optimizers.hyperadam_tensor_fast import tensorwise_step_fast
 from meta_train.tasks.small_family import SmallTaskFamily
 from meta_train.unroll import UnrollConfig, start_trajectory, unroll_truncation
 
-KINDS = ("bounded", "unbounded", "adaptive", "trend")
-SCALED = ("adaptive", "trend")  # with a per-tensor step scale (against the last step, the trend)
+KINDS = ("bounded", "unbounded", "adaptive", "trend", "annealed")
+# with a per-tensor step scale (against the last step, the trend, the trend at an annealed rate)
+SCALED = ("adaptive", "trend", "annealed")
 SIZES = (300, 20, 500, 7)  # several tensors
 # What a step carries through autograd: h, c, m, v, b, Γ, and ℓ_T (adaptive).
 DIFFERENTIABLE = ("h", "c", "m", "v", "b", "gamma", "log_scale")
@@ -30,7 +31,8 @@ def _make(
         num_candidates,
         bounded=kind != "unbounded",
         adaptive_scale=kind in SCALED,
-        scale_reference="trend" if kind == "trend" else "step",
+        scale_reference="trend" if kind in ("trend", "annealed") else "step",
+        anneal_rate=kind == "annealed",
         implementation=implementation,
     )
 
@@ -39,7 +41,8 @@ def _flags(kind: str) -> dict:
     return {
         "bounded": kind != "unbounded",
         "adaptive": kind in SCALED,
-        "scale_reference": "trend" if kind == "trend" else "step",
+        "scale_reference": "trend" if kind in ("trend", "annealed") else "step",
+        "anneal_rate": kind == "annealed",
     }
 
 

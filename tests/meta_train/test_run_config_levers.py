@@ -25,6 +25,7 @@ LOG_UNIFORM = {"kind": "log_uniform", "min_steps": 100, "max_steps": 2000, "offs
 LEVERS = [
     {"experimental": {"variant": "tensor"}},
     {"experimental": {"variant": "tensor-unbounded"}},
+    {"experimental": {"variant": "tensor-trend-annealed"}},
     {"task": "small"},
     {"unroll": {"meta_loss": "log"}},
     {"experimental": {"estimator": PES}},
@@ -65,6 +66,14 @@ def test_the_variant_builds_that_hyperadam():
     assert optimizer.num_candidates == 4 and optimizer.name == "hyperadam-tensor"
     unbounded = build_config({"experimental": {"variant": "tensor-unbounded"}}).make_optimizer()
     assert isinstance(unbounded, TensorwiseHyperAdam) and not unbounded.bounded
+    for variant, name in [
+        ("tensor-adaptive", "hyperadam-tensor-adaptive"),
+        ("tensor-trend", "hyperadam-tensor-trend"),
+        ("tensor-trend-annealed", "hyperadam-tensor-trend-annealed"),
+    ]:
+        scaled = build_config({"experimental": {"variant": variant}}).make_optimizer()
+        assert scaled.name == name and scaled.adaptive_scale
+        assert scaled.anneal_rate == (variant == "tensor-trend-annealed")
 
 
 def test_task_small_builds_the_small_family_from_its_own_section():

@@ -40,6 +40,9 @@ def hyperadam_folder(exported):
 # The step-scale rate in the adaptive and trend variants' test θ: κ = KAPPA_MAX·σ(0) = 0.1, five
 # times the meta-training start's, so that ℓ moves by up to ±2.5 in 25 steps.
 ADAPTIVE_SCALE_RATE_LOGIT = 0.0
+# The annealed variant's early rate: κ₀ = 0.2·σ(3) ≈ 0.19, which κ_t relaxes from to κ over
+# ~100 steps (so across the tests' 25 steps it is well away from κ).
+ANNEALED_EARLY_RATE_LOGIT = 3.0
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +61,10 @@ def tensorwise_theta(tmp_path_factory):
     for method in ("hyperadam-tensor-adaptive", "hyperadam-tensor-trend"):
         scaled[method] = tmp_path_factory.mktemp(method) / "theta.npz"
         save_theta(scaled[method], method, theta)
+    annealed = "hyperadam-tensor-trend-annealed"
+    scaled[annealed] = tmp_path_factory.mktemp(annealed) / "theta.npz"
+    early = np.full((1,), ANNEALED_EARLY_RATE_LOGIT, np.float32)
+    save_theta(scaled[annealed], annealed, {**theta, "scale_rate_early": early})
     return {
         "hyperadam-tensor": bounded,
         "hyperadam-tensor-unbounded": ablation / "tensor-unbounded-small-log" / "theta.npz",

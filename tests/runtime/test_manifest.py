@@ -49,6 +49,7 @@ def test_layout_names_are_the_reference_state_fields():
         mf.HYPERADAM_TENSOR_UNBOUNDED,
         mf.HYPERADAM_TENSOR_ADAPTIVE,
         mf.HYPERADAM_TENSOR_TREND,
+        mf.HYPERADAM_TENSOR_TREND_ANNEALED,
     }
     assert set(mf.METHODS) == set(LEARNED_OPTIMIZERS) | tensorwise
     assert HyperAdamState._fields == mf.HYPERADAM_FIELDS

@@ -87,7 +87,8 @@ def _node_takes_the_fourth_step(folder, grads, tmp_path):
     return out, stepper.state_dict()["state"], saved, python_w
 
 
-SCALED = ("hyperadam-tensor-adaptive", "hyperadam-tensor-trend")  # with the step scale ℓ
+# with the step scale ℓ
+SCALED = ("hyperadam-tensor-adaptive", "hyperadam-tensor-trend", "hyperadam-tensor-trend-annealed")
 
 
 @pytest.mark.parametrize("method", ["hyperadam-tensor", "hyperadam-tensor-unbounded", *SCALED])
@@ -122,7 +123,10 @@ def test_node_steps_the_tensorwise_variant_as_the_python_runtime(
 # cosine: the adaptive variant's y = D, the previous direction (~1e-13 after gradients of 1e-25,
 # whose squares underflow: v = 0, moments ~1e-26); the trend variant's y = the β = 0.99 momentum
 # (~3e-15 after gradients of 1e-13, all along one direction, so that the cosine is not ~0).
-TINY_COSINE_SCALES = {SCALED[0]: (1e-25,) * 3 + (1e-17,), SCALED[1]: (1e-13,) * 3 + (1e-17,)}
+TINY_COSINE_SCALES = {
+    SCALED[0]: (1e-25,) * 3 + (1e-17,),
+    **{trend: (1e-13,) * 3 + (1e-17,) for trend in SCALED[1:]},
+}
 
 
 @pytest.mark.parametrize("method", SCALED)
@@ -130,7 +134,7 @@ def test_node_sums_the_adaptive_variants_cosine_terms(tensorwise_folders, tmp_pa
     """A fourth step whose ‖g‖·‖y‖ is ~1e-30 (``TINY_COSINE_SCALES``), where averaging instead
     of summing the cosine's terms would move its 1e-30 and ℓ with it. Node's ℓ is Python's."""
     rng = np.random.default_rng(2)
-    shared = rng.normal(size=50) if method == SCALED[1] else 0.0
+    shared = rng.normal(size=50) if method in SCALED[1:] else 0.0
     grads = [((shared + rng.normal(size=50)) * scale).astype(np.float32)
              for scale in TINY_COSINE_SCALES[method]]  # fmt: skip
     out, after, saved, python_w = _node_takes_the_fourth_step(

@@ -22,7 +22,8 @@ from runtime import manifest as mf
 from runtime.theta import load_theta
 
 ADAPTIVE, TREND = mf.HYPERADAM_TENSOR_ADAPTIVE, mf.HYPERADAM_TENSOR_TREND
-SCALED = (ADAPTIVE, TREND)  # the variants with the per-tensor step scale ℓ_T
+ANNEALED = mf.HYPERADAM_TENSOR_TREND_ANNEALED  # the trend rule at its annealed rate
+SCALED = (ADAPTIVE, TREND, ANNEALED)  # the variants with the per-tensor step scale ℓ_T
 TENSORWISE = (mf.HYPERADAM_TENSOR, mf.HYPERADAM_TENSOR_UNBOUNDED, *SCALED)
 # The bounded variant and the scaled ones: the tests of the machinery (chunks, shards, adapters)
 # run on all three, since the scaled variants' terms graphs also read the state (each its own).
@@ -227,6 +228,7 @@ def test_layout_names_are_the_reference_state_fields():
     assert mf.method_info(ADAPTIVE).layout(num_candidates=20) == layout
     # the trend variant: the adaptive one's layout; the same choices of the cosine's reference
     assert mf.method_info(TREND).layout(num_candidates=20) == layout
+    assert mf.method_info(ANNEALED) == mf.method_info(TREND)  # the rate lives in the step graph
     assert set(mf.TENSORWISE_SCALE_REFERENCES) == set(ref_module.SCALE_REFERENCES)
     assert mf.TENSORWISE_TREND_TERMS_STATE == ("feat_m",)
     assert ref_module.FEATURE_BETAS[ref_module.TREND_FEATURE] == 0.99
@@ -249,7 +251,7 @@ def test_export_records_the_variant(tensorwise_folders, tensorwise_theta, method
                                        "last_step_sq_sum"]  # fmt: skip
         assert statistics["summed"] == statistics["terms"][1:]
         assert terms_inputs == [mf.GRAD, "h", "m", "v", "b", "gamma"]
-    elif method == TREND:  # the same with the trend y, which is a row of feat_m
+    elif method in (TREND, ANNEALED):  # the same with the trend y, which is a row of feat_m
         assert statistics["terms"] == ["grad_sq", "grad_sq_sum", "grad_dot_trend_sum",
                                        "trend_sq_sum"]  # fmt: skip
         assert statistics["summed"] == statistics["terms"][1:]
@@ -488,18 +490,22 @@ def adam(w0: np.ndarray, grads: list[np.ndarray], lr: float, b1=0.9, b2=0.999, e
     return out
 
 
-@pytest.mark.parametrize("variant", ["bounded", "unbounded", "adaptive", "trend"])
+@pytest.mark.parametrize("variant", ["bounded", "unbounded", "adaptive", "trend", "annealed"])
 def test_adam_reduction_start_is_adam(tmp_path, variant):
     """θ reduced to Adam(1e-3) exports and steps, through chunks, as Adam to fp32 round-off
-    (the scaled variants' with κ = 0: the step scale stays exp(±κ·t) ≈ 1 to 1e-17)."""
-    scaled = variant in ("adaptive", "trend")
+    (the scaled variants' with κ = 0, and κ₀ = 0: the step scale stays exp(±κ·t) ≈ 1 to
+    1e-17)."""
+    scaled = variant in ("adaptive", "trend", "annealed")
     rule = TensorwiseHyperAdam(
         20,
         bounded=variant != "unbounded",
         adaptive_scale=scaled,
-        scale_reference="trend" if variant == "trend" else "step",
+        scale_reference="trend" if variant in ("trend", "annealed") else "step",
+        anneal_rate=variant == "annealed",
     )
     extra = {"scale_rate": 0.0} if scaled else {}
+    if variant == "annealed":
+        extra["early_scale_rate"] = 0.0
     theta = rule.adam_reduction(rule.init_theta(generator(0)), lr=1e-3, **extra)
     method = rule.name
     export_optimizer(method, theta, tmp_path / "adam", parity_sizes=(2,), trajectory_steps=3)
@@ -726,7 +732,8 @@ def test_the_cosine_adds_its_epsilon_to_the_product_of_the_norms(
         t=torch.full((1,), 5.0),
     )
     g = (rng.normal(size=p) * 1e-17).astype(np.float32)
-    if method == TREND:  # y = 100 (g + noise): cos(g, y) ≈ 0.7 but for the ε, ‖g‖‖y‖ ~ 1e-30
+    if method in (TREND, ANNEALED):
+        # y = 100 (g + noise): cos(g, y) ≈ 0.7 but for the ε, ‖g‖‖y‖ ~ 1e-30
         feat_m = state.feat_m.clone()
         feat_m[:, TREND_FEATURE] = f32(100 * (g + rng.normal(size=p) * 1e-17))
         state = state._replace(feat_m=feat_m)
