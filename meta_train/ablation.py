@@ -102,11 +102,9 @@ class ArmConfig:
             "experimental": experimental,
         }
         if self.init == "adam":
-            # The Adam-reduction start is Adam at the variant's own start lr: α (Σ_j ρ_j = 1),
-            # or the annealed variant's ANNEALED_START_LR.
-            optimizer = build_config(data).make_optimizer()
-            lr = getattr(optimizer, "adam_start_lr", optimizer.default_lr)
-            experimental["adam_start"] = {"lr": lr}
+            # The Adam-reduction start is Adam at the variant's own α (lr = α: Σ_j ρ_j = 1).
+            alpha = build_config(data).make_optimizer().default_lr
+            experimental["adam_start"] = {"lr": alpha}
         return build_config(data)
 
 
@@ -159,8 +157,8 @@ ARMS = {
             log_uniform_horizons=(100, 10000),
             estimator="pes",
         ),
-        # The trend rule at an annealed rate (fast for the first ~100 steps, then κ), from Adam
-        # at 1e-2: the PES arm of the trend rule with that one lever changed.
+        # The trend rule at an annealed rate (fast for the first ~100 steps, then κ): the PES
+        # arm of the trend rule with that one lever changed.
         ArmConfig(
             "tensor-trend-annealed-small-log-pes",
             variant="tensor-trend-annealed",

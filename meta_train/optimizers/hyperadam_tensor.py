@@ -88,11 +88,10 @@ TREND_FEATURE = FEATURE_BETAS.index(0.99)  # the column of feat_m the trend rule
 # rate chosen by a sweep over 0.01/0.02/0.05 on the held-out fast subset, untrained; all three
 # within a few per cent of one another there).
 ADAPTIVE_START_RATE = 0.02
-# The annealed variant's start (``hyperadam-tensor-trend-annealed``): κ₀ = 0.19 and κ = 0.02, and
-# Adam at 1e-2 rather than α = 3e-3, chosen on the paper's own meta-training task alone (the
-# 1-hidden-layer sigmoid MNIST MLP at 100 and 2 000 steps; docs/generalisation.md, session 14).
+# The annealed variant's start (``hyperadam-tensor-trend-annealed``): κ₀ = 0.19 (κ = 0.02 as the
+# others), chosen on the paper's own meta-training task (the 1-hidden-layer sigmoid MNIST MLP at
+# 100 and 2 000 steps); docs/generalisation.md, session 14.
 ANNEALED_START_EARLY_RATE = 0.19
-ANNEALED_START_LR = 0.01
 
 
 class TensorwiseState(NamedTuple):
@@ -331,8 +330,6 @@ class TensorwiseHyperAdam(LearnedUpdateRule):
         self.adaptive_scale = adaptive_scale
         self.scale_reference = scale_reference
         self.anneal_rate = anneal_rate
-        # The lr of the Adam-reduction start meta-training begins from (``adam_reduction``).
-        self.adam_start_lr = ANNEALED_START_LR if anneal_rate else self.default_lr
         if anneal_rate:
             self.name = "hyperadam-tensor-trend-annealed"
         elif adaptive_scale:

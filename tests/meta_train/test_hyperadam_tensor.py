@@ -359,4 +359,3 @@ def test_the_annealed_variant_checks_its_options():
         opt.adam_reduction(_theta(opt), lr=0.003, early_scale_rate=0.2)
     assert opt.name == "hyperadam-tensor-trend-annealed"
     assert {"scale_rate", "scale_rate_early"} <= set(opt.theta_shapes())
-    assert opt.adam_start_lr == 0.01 and _make("trend").adam_start_lr == opt.default_lr
