@@ -61,6 +61,7 @@ class ArmConfig:
     pairs: int = 1  # pes: antithetic pairs per slot
     # (min, max) inner steps: log-uniform horizons with random offsets; None: ``horizon``.
     log_uniform_horizons: tuple[int, int] | None = None
+    frozen: tuple[str, ...] = ()  # θ entries left at the start (``experimental.frozen``)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -80,6 +81,8 @@ class ArmConfig:
         """The meta-training run this arm is (no validation: the ablation scores on held-out
         tasks afterwards; no workers: the driver runs it in one process)."""
         experimental: dict[str, Any] = {"variant": self.variant}
+        if self.frozen:
+            experimental["frozen"] = list(self.frozen)
         if self.estimator == "pes":
             experimental["estimator"] = {"kind": "pes", "sigma": self.sigma, "pairs": self.pairs}
         elif (self.sigma, self.pairs) != (ArmConfig.sigma, ArmConfig.pairs):
@@ -164,6 +167,16 @@ ARMS = {
             variant="tensor-trend-annealed",
             log_uniform_horizons=(100, 2000),
             estimator="pes",
+        ),
+        # The same with the step scale's rates and the base step frozen at the start: only the
+        # cells (inputs, StateCell, decay gates, the ρ kernel) train, so meta-training cannot
+        # move the step sizes that keep the start's 10 000-step runs stable.
+        ArmConfig(
+            "tensor-trend-annealed-small-log-pes-cells",
+            variant="tensor-trend-annealed",
+            log_uniform_horizons=(100, 2000),
+            estimator="pes",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias"),
         ),
     )
 }

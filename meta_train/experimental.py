@@ -39,6 +39,15 @@ def _check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_names(name: str, value: Any) -> tuple[str, ...]:
+    """A list of distinct names (θ entries) as a tuple."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"experimental.{name} must be a list of θ entry names, got {value!r}")
+    if not all(isinstance(n, str) for n in value) or len(set(value)) != len(value):
+        raise ValueError(f"experimental.{name} must name distinct θ entries, got {list(value)}")
+    return tuple(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class AdamStart:
     """θ starts at HyperAdam reduced to Adam(lr, β1, β2) exactly (``HyperAdam.adam_reduction``).
@@ -196,6 +205,10 @@ class ExperimentalConfig:
         tensor variants have one step, the torch one, whatever ``implementation`` says.
       estimator: the meta-gradient estimator (``EstimatorConfig``: truncated BPTT or PES).
       horizons: how long each trajectory is (``HorizonConfig``: fixed or log-uniform).
+      frozen: names of θ entries meta-training leaves exactly as they start (``meta_update``
+        zeroes their meta-gradient, so Adam never moves them), e.g. the step-scale rates and
+        the base step of a tensor-wise start, so only the cells are trained. PES still
+        perturbs them; their estimate is dropped. Empty: every entry is trained.
     """
 
     family_mix: FamilyMix | None = None
@@ -206,6 +219,7 @@ class ExperimentalConfig:
     variant: str = "paper"
     estimator: EstimatorConfig = EstimatorConfig()
     horizons: HorizonConfig = HorizonConfig()
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.family_mix is not None and not isinstance(self.family_mix, (Mapping, FamilyMix)):
@@ -257,6 +271,7 @@ class ExperimentalConfig:
             )
         object.__setattr__(self, "estimator", _nested(EstimatorConfig, self.estimator, "estimator"))
         object.__setattr__(self, "horizons", _nested(HorizonConfig, self.horizons, "horizons"))
+        object.__setattr__(self, "frozen", _check_names("frozen", self.frozen))
 
     def meta_lr_at(self, lr: float, step: int) -> float:
         """The meta lr of meta-step ``step`` (0-based) for a base meta lr ``lr``."""

@@ -46,7 +46,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from .meta_update import adam_arrays, init_meta_state, meta_update
+from .meta_update import adam_arrays, init_meta_state, meta_update, trainable_mask
 from .run_config import RunConfig
 from .training import init_theta_flat
 from .worker import (
@@ -239,6 +239,7 @@ class Learner:
         self.num_workers: int = config.workers  # type: ignore[assignment]
         self.schedule = config.make_schedule()
         optimizer = config.make_optimizer()
+        self._trainable = trainable_mask(optimizer, config.experimental.frozen)
         if state is None:
             theta = init_theta_flat(optimizer, config.seed, config.init, config.experimental)
             state = LearnerState(0, theta.numpy(), {}, (None,) * self.meta_batch)
@@ -534,6 +535,7 @@ class Learner:
             [torch.tensor(np.asarray(r.meta_grad)) for r in results],
             self.config.meta_optim,
             self.config.experimental,
+            self._trainable,
         )
         self.rejected_total += update.rejected
         self._record_versions(k, results)

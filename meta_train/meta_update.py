@@ -9,6 +9,8 @@ The sequence, for meta-step k with the B meta-gradients of its slots in slot ord
 1. *reject*: a gradient with a NaN or inf is dropped and counted, never zeroed;
 2. *average*: the mean of the accepted gradients (``torch.stack(...).mean(0)``);
 3. *clip*: scaled to norm ``clip_norm`` when its norm is larger (off by default);
+   (``experimental.frozen`` entries' coordinates are zeroed first, by the ``trainable`` mask,
+   so the clip and Adam never move them: Adam's moments there stay 0, its step exactly 0);
 4. *Adam*: one step of torch's Adam on θ at lr_k (``torch.optim.adam.adam``, the function
    ``torch.optim.Adam.step`` runs, with the same arguments, so θ and the moments are bitwise
    what ``torch.optim.Adam`` gives and the checkpoints keep its state layout);
@@ -31,6 +33,7 @@ from torch import Tensor
 from torch.optim.adam import adam as adam_step
 
 from .experimental import ExperimentalConfig
+from .optimizers.base import LearnedUpdateRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,26 @@ def adam_arrays(state: MetaState) -> dict[str, np.ndarray]:
     return {name: np.array(value.numpy()) for name, value in state.adam._asdict().items()}
 
 
+def trainable_mask(optimizer: LearnedUpdateRule, frozen: Sequence[str]) -> Tensor | None:
+    """1 on the flat θ coordinates meta-training moves, 0 on those of the ``frozen`` entries;
+    None when nothing is frozen (every coordinate trains, and no mask is applied)."""
+    if not frozen:
+        return None
+    shapes = optimizer.theta_shapes()
+    unknown = sorted(set(frozen) - set(shapes))
+    if unknown:
+        raise ValueError(
+            f"experimental.frozen: {optimizer.name} has no θ entries {', '.join(unknown)} "
+            f"(it has {', '.join(shapes)})"
+        )
+    if set(frozen) >= set(shapes):
+        raise ValueError("experimental.frozen names every θ entry: nothing would be trained")
+    mask = {
+        name: torch.full(shape, 0.0 if name in frozen else 1.0) for name, shape in shapes.items()
+    }
+    return optimizer.flatten(mask)
+
+
 def average_gradients(grads: Sequence[Tensor], clip_norm: float | None) -> tuple[Tensor, float]:
     """Mean of the accepted meta-gradients, clipped by global norm; returns (grad, norm)."""
     mean = torch.stack(list(grads)).mean(dim=0)
@@ -122,6 +145,7 @@ def meta_update(
     grads: Sequence[Tensor],
     meta_optim: MetaOptimConfig,
     experimental: ExperimentalConfig | None = None,
+    trainable: Tensor | None = None,
 ) -> tuple[MetaState, MetaUpdateInfo]:
     """Applies meta-step ``state.step``'s gradients to θ (see the module docstring).
 
@@ -131,6 +155,7 @@ def meta_update(
         they are rejected here).
       meta_optim: Adam's hyperparameters and the clip.
       experimental: the meta lr's schedule (``meta_lr_half_life``); None: constant.
+      trainable: ``trainable_mask`` of ``experimental.frozen``; None: every coordinate trains.
 
     Returns:
       ``(state at k + 1, what the update did)``.
@@ -141,6 +166,8 @@ def meta_update(
     info = MetaUpdateInfo(len(accepted), len(grads) - len(accepted), math.nan, lr)
     if not accepted:
         return state._replace(step=state.step + 1), info
+    if trainable is not None:
+        accepted = [g * trainable for g in accepted]
     grad, norm = average_gradients(accepted, meta_optim.clip_norm)
     theta = state.theta.clone()
     adam = AdamState(*(t.clone() for t in state.adam))

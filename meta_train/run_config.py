@@ -97,6 +97,7 @@ _SCHEMA_2_OMITTED: dict[str, Any] = {
     "experimental.variant": "paper",
     "experimental.estimator": config_lib.to_plain(EstimatorConfig()),
     "experimental.horizons": config_lib.to_plain(HorizonConfig()),
+    "experimental.frozen": [],
 }
 _SCHEMA_1_OMITTED: dict[str, Any] = {
     "init": _SCHEMA_1_INIT,
@@ -353,6 +354,10 @@ class RunConfig:
                 )
         if experimental.horizons.kind != "fixed":
             experimental.horizons.truncation_range(self.unroll.truncation)  # raises if empty
+        if experimental.frozen:
+            from .meta_update import trainable_mask
+
+            trainable_mask(self.make_optimizer(), experimental.frozen)  # raises on a bad name
 
     # -- derived views ----------------------------------------------------------------------
 

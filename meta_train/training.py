@@ -22,7 +22,13 @@ from torch import Tensor
 from runtime.theta import theta_sha256
 
 from .experimental import EstimatorConfig, ExperimentalConfig
-from .meta_update import MetaOptimConfig, MetaState, init_meta_state, meta_update
+from .meta_update import (
+    MetaOptimConfig,
+    MetaState,
+    init_meta_state,
+    meta_update,
+    trainable_mask,
+)
 from .optimizers.base import LearnedUpdateRule
 from .pes import PESState, pes_slot, start_state
 from .schedule import TrajectorySchedule
@@ -248,6 +254,7 @@ def local_updates(
     update is ``meta_update``: what the Ray learner and its workers compute, in one process.
     """
     schedule = TrajectorySchedule(unroll, experimental.horizons, run_seed)
+    trainable = trainable_mask(optimizer, experimental.frozen)
     state = init_meta_state(theta_flat)
     slots: list[SlotState | None] = [None] * meta_batch
     step = 0
@@ -261,7 +268,7 @@ def local_updates(
             slots[slot] = result.trajectory
             results.append(result)
         state, update = meta_update(
-            state, [r.meta_grad for r in results], meta_optim, experimental
+            state, [r.meta_grad for r in results], meta_optim, experimental, trainable
         )
         yield state, {
             "step": step,

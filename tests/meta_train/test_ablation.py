@@ -35,7 +35,9 @@ def test_an_arm_logs_its_whole_config_and_seed_and_saves_a_loadable_theta(tmp_pa
     assert json.loads(run.data.params["family_config"])["family"] == "small"
 
 
-LEVERS = ("variant", "family", "meta_loss", "init", "estimator", "log_uniform_horizons")
+LEVERS = (
+    "variant", "family", "meta_loss", "init", "estimator", "log_uniform_horizons", "frozen"
+)  # fmt: skip
 
 
 def test_every_arm_is_one_lever_from_an_arm_it_is_compared_with():

@@ -89,6 +89,22 @@ def test_synchronous_theta_is_bitwise_train_locals_for_any_worker_count(
     assert learner.worker_restarts == 0
 
 
+def test_frozen_theta_entries_stay_put_in_the_learner_as_in_train_local(ray_address):
+    meta_optim = dataclasses.replace(CONFIG.meta_optim, lr=1e-3)
+    config = with_workers(
+        1, meta_optim=meta_optim, experimental=ExperimentalConfig(frozen=("weight_bias",))
+    )
+    theta, _, _ = run_learner(config)
+    assert np.array_equal(theta, local_theta(config))
+    optimizer = config.make_optimizer()
+    start = optimizer.unflatten(
+        init_theta_flat(optimizer, config.seed, config.init, config.experimental)
+    )
+    after = optimizer.unflatten(torch.from_numpy(theta))
+    assert torch.equal(after["weight_bias"], start["weight_bias"])
+    assert not torch.equal(after["weight_kernel"], start["weight_kernel"])
+
+
 def test_a_meta_lr_schedule_runs_the_same_in_the_learner(ray_address):
     meta_optim = dataclasses.replace(CONFIG.meta_optim, lr=1e-3)
     config = with_workers(

@@ -105,3 +105,45 @@ def test_saved_adam_state_resumes_exactly():
             state.theta,
             adam={"step": np.ones(()), "exp_avg": np.zeros(3), "exp_avg_sq": np.zeros(3)},
         )
+
+
+def test_frozen_coordinates_never_move_and_the_rest_train_as_without_a_mask():
+    from meta_train.meta_update import trainable_mask
+    from meta_train.optimizers.hyperadam_tensor import TensorwiseHyperAdam
+
+    optimizer = TensorwiseHyperAdam(4, adaptive_scale=True, scale_reference="trend")
+    frozen = ("scale_rate", "weight_bias")
+    mask = trainable_mask(optimizer, frozen)
+    theta0 = optimizer.flatten(optimizer.init_theta(torch.Generator().manual_seed(0)))
+    assert mask is not None and mask.shape == theta0.shape
+    assert int((mask == 0).sum()) == 1 + 4  # κ and the J biases of ρ
+    n = theta0.numel()
+    masked, plain = init_meta_state(theta0), init_meta_state(theta0)
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(n, generator=g) for _ in range(3)]
+        masked, _ = meta_update(masked, grads, MetaOptimConfig(lr=1e-2), trainable=mask)
+        plain, _ = meta_update(plain, [x * mask for x in grads], MetaOptimConfig(lr=1e-2))
+    start = optimizer.unflatten(theta0)
+    after = optimizer.unflatten(masked.theta)
+    for name in frozen:
+        assert torch.equal(after[name], start[name]), name  # bitwise: Adam's step there is 0
+    assert not torch.equal(after["weight_kernel"], start["weight_kernel"])
+    # Masking inside the update is masking the gradients before it (the clip sees the same).
+    assert torch.equal(masked.theta, plain.theta)
+    assert trainable_mask(optimizer, ()) is None
+
+
+def test_a_bad_frozen_list_is_refused_with_the_entries_there_are():
+    from meta_train.meta_update import trainable_mask
+    from meta_train.optimizers.hyperadam_tensor import TensorwiseHyperAdam
+
+    optimizer = TensorwiseHyperAdam(4)
+    with pytest.raises(ValueError, match=r"no θ entries scale_rate \(it has pre_kernel"):
+        trainable_mask(optimizer, ("scale_rate",))
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        trainable_mask(optimizer, tuple(optimizer.theta_shapes()))
+    with pytest.raises(ValueError, match="list of θ entry names"):
+        ExperimentalConfig(frozen="weight_bias")
+    with pytest.raises(ValueError, match="distinct θ entries"):
+        ExperimentalConfig(frozen=["weight_bias", "weight_bias"])

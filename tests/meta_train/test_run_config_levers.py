@@ -26,6 +26,7 @@ LEVERS = [
     {"experimental": {"variant": "tensor"}},
     {"experimental": {"variant": "tensor-unbounded"}},
     {"experimental": {"variant": "tensor-trend-annealed"}},
+    {"experimental": {"variant": "tensor-trend-annealed", "frozen": ["scale_rate"]}},
     {"task": "small"},
     {"unroll": {"meta_loss": "log"}},
     {"experimental": {"estimator": PES}},
@@ -125,6 +126,9 @@ BAD = [
      r"no multiple of unroll.truncation \(20\) lies between min_steps \(5\) and max_steps"),
     ({"experimental": {"horizons": {"kind": "fixed", "max_steps": 200}}},
      "apply to kind 'log_uniform' only"),
+    ({"experimental": {"variant": "tensor", "frozen": ["scale_rate"]}},
+     r"experimental.frozen: hyperadam-tensor has no θ entries scale_rate"),
+    ({"experimental": {"frozen": "weight_bias"}}, "experimental.frozen must be a list"),
 ]
 
 
