@@ -41,15 +41,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluate import for_task
+from .evaluate import (
+    HELD_OUT_BATCHES,
+    HELD_OUT_STREAM,
+    UNSTABLE_CHECKPOINTS,
+    checkpoint_steps,
+    for_task,
+    held_out_loss,
+)
 from .optimizers.base import UpdateRule
 from .process_pool import init_worker
 from .seeding import derive_seed, generator
 from .tasks.base import Task
 
-FINAL_EVAL_BATCHES = 10
+FINAL_EVAL_BATCHES = HELD_OUT_BATCHES
 UNSTABLE_FACTOR = 1.5
-UNSTABLE_CHECKPOINTS = 20  # iterates (steps 0, T/20, …) whose loss the final loss is held to
 # How a cell's ``unstable`` flags were judged; a cell judged otherwise is rerun by a sitting.
 UNSTABLE_RULE = "checkpoints"
 CURVE_POINTS = 400  # stored points of each mean curve (the speed-up's resolution is T/400)
@@ -58,7 +64,7 @@ BOOTSTRAP_SAMPLES = 2000
 # Seed streams: run r of seed S draws its init from (S, INIT, r), batch t from (S, BATCH, r, t).
 EVAL_STREAM = 3
 TUNING_STREAM = 5
-FINAL_STREAM = 7
+FINAL_STREAM = HELD_OUT_STREAM
 
 DEFAULT_GRID = tuple(range(-8, -1))  # exponents k of 10^(k/2): 1e-4 … 1e-1
 QUICK_GRID = (-6, -5, -4)  # 1e-3 … 1e-2
@@ -110,11 +116,6 @@ def smooth(curve: Sequence[float], window: int) -> list[float]:
     return list((sums[idx] - sums[lo]) / (idx - lo))
 
 
-def checkpoint_steps(steps: int, checkpoints: int = UNSTABLE_CHECKPOINTS) -> set[int]:
-    """The steps whose iterates are measured like the final one: 0, T/n, 2T/n, … (< T)."""
-    return {k * steps // checkpoints for k in range(checkpoints)} if checkpoints else set()
-
-
 @torch.no_grad()
 def run_task(
     task: Task,
@@ -139,7 +140,7 @@ def run_task(
     diverged = False
     for t in range(steps):
         if t in at:
-            measured.append(_final_stream_loss(task, w, seed))
+            measured.append(held_out_loss(task, w, seed))
         loss, grad = task.loss_and_grad(w, task.sample_batch(generator(seed, 1, t)))
         curve.append(float(loss))
         if not math.isfinite(curve[-1]):
@@ -151,22 +152,13 @@ def run_task(
             break
         w = w + delta
     if not diverged:
-        final = _final_stream_loss(task, w, seed)
+        final = held_out_loss(task, w, seed)
         diverged = not math.isfinite(final)
     smoothed, lowest = smoothed_and_lowest(curve, steps)
     if diverged:
         return RunRecord(smoothed, math.inf, lowest, True)
     reached = min([final, *(m for m in measured if math.isfinite(m))])
     return RunRecord(smoothed, final, lowest, False, lowest_checkpoint=reached)
-
-
-def _final_stream_loss(task: Task, w: torch.Tensor, seed: int) -> float:
-    """The loss of ``w`` averaged over the ``FINAL_EVAL_BATCHES`` batches of the final stream."""
-    total = sum(
-        float(task.loss(w, task.sample_batch(generator(seed, FINAL_STREAM, e))))
-        for e in range(FINAL_EVAL_BATCHES)
-    )
-    return total / FINAL_EVAL_BATCHES
 
 
 def smoothed_and_lowest(curve: Sequence[float], horizon: int) -> tuple[list[float], float]:
@@ -181,24 +173,18 @@ def _above_lowest(final: float, lowest: float) -> bool:
     return bool(final > UNSTABLE_FACTOR * lowest) if lowest > 0 else False
 
 
-def is_unstable(curve: Sequence[float], final_loss: float, horizon: int) -> bool:
-    """The first sittings' instability rule, for a run known only by its curve and final loss
-    (``hyperadam reproduce``, whose protocol measures no checkpoints). It holds the final loss to
-    the lowest *smoothed minibatch* loss, a minimum of noise, so it over-counts on noisy tasks;
-    ``run_task`` judges the held-out runs by checkpoint losses instead (module docstring).
-
-    Args:
-      curve: the run's training loss per step (cut short where it diverged).
-      final_loss: its final loss (non-finite when the run diverged).
-      horizon: the steps the run was meant to make (it sets the smoothing window).
-
-    Returns:
-      True when the final loss is non-finite or above ``UNSTABLE_FACTOR`` × the lowest smoothed
-      loss the run had reached.
-    """
-    if not math.isfinite(final_loss):
+def unstable_by_checkpoints(checkpoint_losses: Sequence[float], diverged: bool) -> bool:
+    """``UNSTABLE_RULE`` for a run of ``evaluate.run_once`` with checkpoints: diverged, or the
+    held-out loss of its last iterate (the last of ``checkpoint_losses``) above
+    ``UNSTABLE_FACTOR`` × the lowest held-out loss of its iterates."""
+    if diverged:
         return True
-    return _above_lowest(final_loss, smoothed_and_lowest(curve, horizon)[1])
+    if not checkpoint_losses:
+        raise ValueError("no measured iterates: run it with checkpoints (evaluate.run_once)")
+    if not math.isfinite(checkpoint_losses[-1]):
+        return True
+    lowest = min(c for c in checkpoint_losses if math.isfinite(c))
+    return _above_lowest(checkpoint_losses[-1], lowest)
 
 
 # -- optimizers ---------------------------------------------------------------------------------

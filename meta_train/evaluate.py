@@ -4,6 +4,11 @@ Run r of an evaluation with seed S draws its initial parameters and its T miniba
 derived from (S, r) alone, so every optimizer sees exactly the same problem. The "final loss" of
 a run is the loss of the final parameters w_T averaged over the same T minibatches used during
 the run (spec §8 #11); the curve is the loss of w_t on batch t, before the update.
+
+Optionally (``checkpoints``) a run also measures its iterates at evenly spaced steps and its
+final one on ``HELD_OUT_BATCHES`` batches of a separate stream, which is how the held-out
+benchmark and ``hyperadam reproduce`` judge a run unstable (``meta_train.benchmark``). Those
+batches come from their own generators, so the run's curve and final loss do not depend on it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from .seeding import derive_seed, generator
 from .tasks.base import Task
 from .unroll import batch_generator
 
+HELD_OUT_STREAM = 7  # the seed stream of the batches that measure iterates
+HELD_OUT_BATCHES = 10
+UNSTABLE_CHECKPOINTS = 20  # iterates (steps 0, T/20, …) whose loss the final loss is held to
+
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
@@ -29,6 +38,9 @@ class RunResult:
     final_loss: float  # mean over t of L(w_T; batch_t)
     diverged: bool  # a non-finite loss or update appeared (the run stops there)
     test_metrics: dict[str, float]
+    # With checkpoints: the held-out loss of the iterates at ``checkpoint_steps``, then of w_T
+    # (absent when the run diverged); empty without.
+    checkpoint_losses: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +97,21 @@ def _std(xs: list[float]) -> float:
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
 
 
+def checkpoint_steps(steps: int, checkpoints: int = UNSTABLE_CHECKPOINTS) -> set[int]:
+    """The steps whose iterates are measured like the final one: 0, T/n, 2T/n, … (< T)."""
+    return {k * steps // checkpoints for k in range(checkpoints)} if checkpoints else set()
+
+
+def held_out_loss(task: Task, w: torch.Tensor, seed: int) -> float:
+    """The loss of ``w`` averaged over the ``HELD_OUT_BATCHES`` batches of run ``seed``'s
+    held-out stream (no batch the run trains on)."""
+    total = sum(
+        float(task.loss(w, task.sample_batch(generator(seed, HELD_OUT_STREAM, e))))
+        for e in range(HELD_OUT_BATCHES)
+    )
+    return total / HELD_OUT_BATCHES
+
+
 def run_seed(seed: int, run_index: int) -> int:
     """The seed of run ``run_index`` of an evaluation with seed ``seed``."""
     return derive_seed(seed, 3, run_index)
@@ -101,16 +128,28 @@ def for_task(rule: UpdateRule, task: Task) -> UpdateRule:
 
 
 def run_once(
-    task: Task, rule: UpdateRule, *, steps: int, seed: int, with_test_metrics: bool = False
+    task: Task,
+    rule: UpdateRule,
+    *,
+    steps: int,
+    seed: int,
+    with_test_metrics: bool = False,
+    checkpoints: int = 0,
 ) -> RunResult:
     """Runs ``rule`` for ``steps`` steps on ``task`` from the init and batches of ``seed``; a
-    per-tensor rule is bound to the task's tensor layout first (``for_task``)."""
+    per-tensor rule is bound to the task's tensor layout first (``for_task``). ``checkpoints``:
+    also measure that many evenly spaced iterates and the last (``RunResult.checkpoint_losses``).
+    """
     rule = for_task(rule, task)
     w = task.init_params(generator(seed, 0))
     state = rule.init(w.numel())
     curve: list[float] = []
+    measured: list[float] = []
+    at = checkpoint_steps(steps, checkpoints)
     diverged = False
     for t in range(steps):
+        if t in at:
+            measured.append(held_out_loss(task, w, seed))
         loss, grad = task.loss_and_grad(w, task.sample_batch(batch_generator(seed, t)))
         curve.append(float(loss))
         delta, state = rule.update(grad, state)
@@ -125,8 +164,10 @@ def run_once(
             float(task.loss(w, task.sample_batch(batch_generator(seed, t)))) for t in range(steps)
         ) / max(steps, 1)
         diverged = not math.isfinite(final)
+    if checkpoints and not diverged:
+        measured.append(held_out_loss(task, w, seed))
     metrics = task.test_metrics(w) if with_test_metrics and not diverged else {}
-    return RunResult(curve, final, diverged, metrics)
+    return RunResult(curve, final, diverged, metrics, tuple(measured))
 
 
 def evaluate(
@@ -140,11 +181,13 @@ def evaluate(
     lr: float | None = None,
     with_test_metrics: bool = False,
     on_run: Callable[[RunResult], None] | None = None,
+    checkpoints: int = 0,
 ) -> EvaluationResult:
     """Evaluates ``rule`` over ``runs`` seeded runs (the same runs for every optimizer).
 
-    ``on_run`` sees each run's ``RunResult`` (its whole curve), for a caller that judges runs
-    one by one (``hyperadam reproduce`` counts the unstable ones).
+    ``on_run`` sees each run's ``RunResult`` (its whole curve and, with ``checkpoints``, its
+    measured iterates), for a caller that judges runs one by one (``hyperadam reproduce``
+    counts the unstable ones).
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
@@ -152,7 +195,12 @@ def evaluate(
         raise ValueError(f"steps must be >= 1, got {steps}")
     results = [
         run_once(
-            task, rule, steps=steps, seed=run_seed(seed, r), with_test_metrics=with_test_metrics
+            task,
+            rule,
+            steps=steps,
+            seed=run_seed(seed, r),
+            with_test_metrics=with_test_metrics,
+            checkpoints=checkpoints,
         )
         for r in range(runs)
     ]

@@ -18,7 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from meta_train import cli
-from meta_train.benchmark import describe_optimizer, is_unstable
+from meta_train.benchmark import describe_optimizer, unstable_by_checkpoints
 from meta_train.evaluate import evaluate
 from meta_train.optimizers.hyperadam_tensor import TensorwiseHyperAdam
 from meta_train.paper import GRID
@@ -85,7 +85,10 @@ def test_a_candidate_is_one_more_column_and_a_summary_the_built_ins_untouched():
             cells[label] = {**cell, "identity": "0123abcd" * 2}
             if "final_losses" in cell:  # instability as a candidate's cells record it
                 cells[label]["unstable"] = [False] * len(cell["final_losses"])
+                cells[label]["unstable_rule"] = "checkpoints"
     candidate["results"]["mnist-cnn2-10000"][label]["unstable"] = [True]
+    # A cell judged by the first rule (the smoothed minibatch minimum) is shown, not counted.
+    del candidate["results"]["mnist-cnn1-10000"][label]["unstable_rule"]
     candidate["candidates"] = {
         label: {"source": "x/theta.npz", "identity": "0123abcd" * 2, "method": "hyperadam",
                 "lr": 0.005}
@@ -115,10 +118,16 @@ def test_a_candidate_is_one_more_column_and_a_summary_the_built_ins_untouched():
     assert builtin[0] == "hyperadam" and copied[0] == label
     assert "At or below the paper's ratio on 8 of 19 rows." in after
     assert builtin[1] == copied[1] == "8 of 19"
-    judged = [c[label] for c in candidate["results"].values() if "unstable" in c.get(label, {})]
+    judged = [
+        c[label] for c in candidate["results"].values() if "unstable_rule" in c.get(label, {})
+    ]
     runs = sum(len(cell["unstable"]) for cell in judged)
-    assert copied[2] == f"1 of {runs} ({len(judged)} tasks; mnist-cnn2-10000)"
-    assert builtin[2] == f"—; {len(judged)} tasks not recorded"  # cells from before the record
+    assert copied[2] == (
+        f"1 of {runs} ({len(judged)} tasks; mnist-cnn2-10000); "
+        "1 tasks judged by the first rule (not counted)"
+    )
+    recorded = len(judged) + 1
+    assert builtin[2] == f"—; {recorded} tasks not recorded"  # cells from before the record
     cnn1, cnn2 = candidate["results"]["mnist-cnn1-10000"], candidate["results"]["mnist-cnn2-10000"]
     assert copied[3] == "; ".join(
         f"{name} {100 * ours[metric]:.2f} % vs {100 * adam[metric]:.2f} % (below)"
@@ -170,12 +179,30 @@ def test_a_per_tensor_candidate_runs_bound_to_the_tasks_tensor_layout(tmp_path):
 
 
 def test_instability_is_the_heldout_benchmarks_definition():
-    curve = [3.0] * 10 + [1.0] * 40 + [2.0] * 50  # smoothed over 2 steps (horizon 100)
-    assert not is_unstable(curve, 1.5, 100)  # 1.5 × the lowest smoothed loss, 1.0
-    assert is_unstable(curve, 1.51, 100)
-    assert is_unstable(curve[:7], float("inf"), 100)  # diverged
+    # the last iterate's held-out loss against 1.5 × the lowest of the measured iterates'
+    assert not unstable_by_checkpoints((3.0, 1.0, 2.0, 1.5), diverged=False)
+    assert unstable_by_checkpoints((3.0, 1.0, 2.0, 1.51), diverged=False)
+    assert unstable_by_checkpoints((3.0, 1.0), diverged=True)  # a diverged run has no last one
+    assert unstable_by_checkpoints((3.0, float("inf")), diverged=False)
+    with pytest.raises(ValueError, match="no measured iterates"):
+        unstable_by_checkpoints((), diverged=False)
     cell = evaluate_cell("mnist-nn-sigmoid-100", "adam", 2, 0, None)
-    assert cell["unstable"] == [False, False]
+    assert cell["unstable"] == [False, False] and cell["unstable_rule"] == "checkpoints"
+
+
+def test_measuring_the_iterates_leaves_every_run_bitwise_as_it_was():
+    # The checkpoint losses come from their own batches: curve and final loss are unchanged.
+    key = "mnist-nn-sigmoid-100"
+    task = build_test_task(key)
+    rule, lr = resolve_optimizer("adam", TEST_TASKS[key])
+    kwargs = dict(task_name=key, steps=TEST_TASKS[key].horizon, runs=2, seed=0, lr=lr)
+    seen: list = []
+    plain = evaluate(task, rule, **kwargs)
+    measured = evaluate(task, rule, checkpoints=20, on_run=seen.append, **kwargs)
+    assert measured.final_losses == plain.final_losses
+    assert measured.curve_mean == plain.curve_mean
+    assert all(len(run.checkpoint_losses) == 21 for run in seen)  # 20 iterates and the last
+    assert seen[0].checkpoint_losses[0] > seen[0].checkpoint_losses[-1]  # it learned
 
 
 # -- bad θ paths --------------------------------------------------------------------------------
@@ -345,7 +372,8 @@ def test_a_cell_or_candidate_of_the_same_numbers_under_another_method_is_not_kep
     assert (adaptive.label, adaptive.identity) == (trend.label, trend.identity)
     assert adaptive.method == "hyperadam-tensor-adaptive"
     assert trend.method == "hyperadam-tensor-trend"
-    cell = {"identity": adaptive.identity, "method": adaptive.method, "runs": 2, "seed": 0}
+    cell = {"identity": adaptive.identity, "method": adaptive.method, "runs": 2, "seed": 0,
+            "unstable_rule": "checkpoints"}  # fmt: skip
     previous = {"results": {"task": {adaptive.label: cell}}}
     assert unchanged_cell(previous, "task", adaptive, 2, 0) == cell
     assert unchanged_cell(previous, "task", trend, 2, 0) is None
@@ -353,6 +381,11 @@ def test_a_cell_or_candidate_of_the_same_numbers_under_another_method_is_not_kep
     previous["results"]["task"][adaptive.label] = legacy
     assert unchanged_cell(previous, "task", adaptive, 2, 0) == legacy
     assert unchanged_cell(previous, "task", trend, 2, 0) is None
+    # A cell judged by the first instability rule is rerun, not kept.
+    previous["results"]["task"][adaptive.label] = {
+        k: v for k, v in cell.items() if k != "unstable_rule"
+    }
+    assert unchanged_cell(previous, "task", adaptive, 2, 0) is None
     record = {"source": str(theta), "identity": adaptive.identity, "method": adaptive.method}
     candidates = {"candidates": {adaptive.label: record}}
     assert replaced_candidates(candidates, [trend]) == {adaptive.label: trend.label}
