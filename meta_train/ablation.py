@@ -178,14 +178,38 @@ ARMS = {
             estimator="pes",
             frozen=("scale_rate", "scale_rate_early", "weight_bias"),
         ),
+        # The same with ρ's kernel frozen too. The start's kernel is 0, so ρ stays the start's
+        # whatever the cells compute: only the directions (the decay gates and what feeds
+        # them) train, and the step sizes cannot move at all.
+        ArmConfig(
+            "tensor-trend-annealed-small-log-pes-decays",
+            variant="tensor-trend-annealed",
+            log_uniform_horizons=(100, 2000),
+            estimator="pes",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias", "weight_kernel"),
+        ),
     )
 }
 
 
 def train_arm(
-    arm: ArmConfig, *, minutes: float, out: Path, tracking_uri: str | None = None
+    arm: ArmConfig,
+    *,
+    minutes: float,
+    out: Path,
+    tracking_uri: str | None = None,
+    snapshot_minutes: float | None = None,
 ) -> dict[str, Any]:
-    """Meta-trains ``arm`` for ``minutes`` of wall time; writes ``out/<arm>/theta.npz``."""
+    """Meta-trains ``arm`` for ``minutes`` of wall time; writes ``out/<arm>/theta.npz``.
+
+    With ``snapshot_minutes``, θ is also saved every that many minutes of wall time as
+    ``out/<arm>/snapshots/theta-<updates>.npz`` (the same metadata as the final file), so a
+    checkpoint that a gate rejects can be traded for an earlier one that passes.
+    """
+    if snapshot_minutes is not None and not (
+        math.isfinite(snapshot_minutes) and snapshot_minutes > 0
+    ):
+        raise ValueError(f"snapshot_minutes must be a positive number, got {snapshot_minutes!r}")
     config = arm.run_config()
     optimizer = config.make_optimizer()
     family = config.make_family()
@@ -197,9 +221,26 @@ def train_arm(
     )  # fmt: skip
     folder = out / arm.name
     folder.mkdir(parents=True, exist_ok=True)
+
+    def save(path: Path, updates: int, wall: float) -> Path:
+        return save_theta(
+            path,
+            optimizer.name,
+            optimizer.unflatten(theta),
+            arm=dataclasses.asdict(arm),
+            config_digest=config_digest(config),
+            updates=updates,
+            wall_seconds=wall,
+            family_digest=family.digest() if hasattr(family, "digest") else None,
+            hardware=_host(),
+            mlflow_run_id=run_id,
+        )
+
     client, run_id = _start_run(tracking_uri, arm, minutes, family, config)
     started, step, losses = time.perf_counter(), 0, []
     deadline = started + 60.0 * minutes
+    every = None if snapshot_minutes is None else 60.0 * snapshot_minutes
+    next_snapshot = None if every is None else started + every
     status = "FAILED"
     try:
         while time.perf_counter() < deadline:
@@ -211,21 +252,15 @@ def train_arm(
             if client is not None and math.isfinite(loss):
                 client.log_metric(run_id, "meta_loss", loss, step=step)
             step += 1
+            now = time.perf_counter()
+            if next_snapshot is not None and every is not None and now >= next_snapshot:
+                (folder / "snapshots").mkdir(exist_ok=True)
+                save(folder / "snapshots" / f"theta-{step:06d}.npz", step, now - started)
+                next_snapshot += every
         status = "FINISHED"
     finally:
         wall = time.perf_counter() - started
-        path = save_theta(
-            folder / "theta.npz",
-            optimizer.name,
-            optimizer.unflatten(theta),
-            arm=dataclasses.asdict(arm),
-            config_digest=config_digest(config),
-            updates=step,
-            wall_seconds=wall,
-            family_digest=family.digest() if hasattr(family, "digest") else None,
-            hardware=_host(),
-            mlflow_run_id=run_id,
-        )
+        path = save(folder / "theta.npz", step, wall)
         if client is not None:
             client.log_metric(run_id, "updates", step)
             client.log_artifact(run_id, str(path))
@@ -271,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--snapshot-minutes", type=float, metavar="M",
+                        help="also save θ every M minutes under <out>/<arm>/snapshots/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     arm = dataclasses.replace(ARMS[args.arm], seed=args.seed)
@@ -279,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.minutes is None:
         parser.error("--minutes is required to train an arm")
+    if args.snapshot_minutes is not None and not args.snapshot_minutes > 0:
+        parser.error(f"--snapshot-minutes must be positive, got {args.snapshot_minutes}")
     summary = train_arm(arm, minutes=args.minutes, out=Path(args.out),
-                        tracking_uri=None if args.tracking_uri == "none" else args.tracking_uri)
+                        tracking_uri=None if args.tracking_uri == "none" else args.tracking_uri,
+                        snapshot_minutes=args.snapshot_minutes)
     print(json.dumps(summary))
     return 0
 

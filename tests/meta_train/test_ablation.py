@@ -126,3 +126,25 @@ def test_bad_arms_are_refused():
         ArmConfig("x", estimator="pes", pairs=0)
     with pytest.raises(ValueError, match=r"no multiple of unroll.truncation \(20\)"):
         ArmConfig("x", log_uniform_horizons=(5, 15))
+
+
+def test_snapshots_are_saved_on_the_wall_clock_and_load_like_the_final_theta(tmp_path):
+    arm = ArmConfig("probe", horizon=20, truncation=10, meta_batch=2)
+    summary = train_arm(
+        arm, minutes=0.05, out=tmp_path, tracking_uri=None, snapshot_minutes=0.01
+    )
+    snapshots = sorted((tmp_path / "probe" / "snapshots").glob("theta-*.npz"))
+    assert len(snapshots) >= 2  # every 0.6 s over 3 s
+    updates = [load_theta(path).meta["updates"] for path in snapshots]
+    assert updates == sorted(updates) and updates[-1] <= summary["updates"]
+    assert [int(path.stem.split("-")[1]) for path in snapshots] == updates
+    for path in snapshots:
+        optimizer, theta = load_theta_source(path)
+        assert set(theta) == set(optimizer.theta_shapes())
+
+
+@pytest.mark.parametrize("minutes", [0.0, -1.0, float("nan")])
+def test_a_snapshot_period_that_is_not_positive_is_refused(tmp_path, minutes):
+    with pytest.raises(ValueError, match="snapshot_minutes"):
+        train_arm(ARMS["tensor-small-log"], minutes=0.01, out=tmp_path, snapshot_minutes=minutes)
+    assert not (tmp_path / "tensor-small-log").exists()
