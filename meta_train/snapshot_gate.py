@@ -1,0 +1,188 @@
+"""The snapshot gate: keep the latest meta-training snapshot that holds its start's long runs.
+
+PES on trajectories of at most 2 000 steps can learn a step that breaks at 10 000 (session 14's
+cells-only arm: least squares and logistic regression blew up 10⁵-fold, though the arm's
+meta-loss kept falling). Meta-training cannot see that, so it is checked afterwards: every
+snapshot ``ablation --snapshot-minutes`` saved is run, newest first, on gate tasks (default: the
+held-out fast subset's two 10 000-step convex rows) beside a reference θ (the arm's start) on the
+benchmark's evaluation seeds (the same inits and minibatches for both), and the first one that
+passes is kept. A snapshot passes when, on every gate task, none of its runs is unstable (the
+benchmark's rule) and its mean final loss is at most ``tolerance`` × the reference's.
+
+    python -m meta_train.snapshot_gate --reference checkpoints/ablation/<start>/theta.npz \\
+        --snapshots runs/ablation/<arm>/theta.npz runs/ablation/<arm>/snapshots/*.npz \\
+        --keep runs/ablation/<arm>-gated/theta.npz --out gate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import benchmark
+from .tasks.heldout import HELDOUT_FAST, heldout_spec
+
+# The fast subset's 10 000-step convex rows: where a learned step that outgrows its start shows.
+DEFAULT_GATE_TASKS = ("leastsq-cond1e6-10000", "logreg-cond1e5-10000")
+DEFAULT_TOLERANCE = 1.5
+assert set(DEFAULT_GATE_TASKS) <= set(HELDOUT_FAST)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """What the gate runs (logged whole in its report)."""
+
+    tasks: tuple[str, ...] = DEFAULT_GATE_TASKS
+    runs: int = 1  # evaluation runs per task (run r is the benchmark's evaluation run r)
+    seed: int = 0
+    tolerance: float = DEFAULT_TOLERANCE  # a snapshot's mean final loss ≤ this × reference's
+    quick: bool = False  # each task's quick horizon (tests), not its own
+
+    def steps(self, task: str) -> int:
+        spec = heldout_spec(task)
+        return spec.quick_horizon if self.quick else spec.horizon
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("the gate needs at least one task")
+        for key in self.tasks:
+            heldout_spec(key)  # raises on an unknown key, naming the known ones
+        if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
+            raise ValueError(f"runs must be a positive int, got {self.runs!r}")
+        if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance)
+                and self.tolerance >= 1.0):  # fmt: skip
+            raise ValueError(f"tolerance must be a finite number >= 1, got {self.tolerance!r}")
+
+
+# (task, optimizer, steps, seed) -> the run's record
+Runner = Callable[[str, benchmark.OptimizerSpec, int, int], benchmark.RunRecord]
+
+
+def _run(task: str, spec: benchmark.OptimizerSpec, steps: int, seed: int) -> benchmark.RunRecord:
+    return benchmark.run_units([benchmark.Unit(task, steps, spec, None, seed)], jobs=1)[0]
+
+
+def _measure(
+    spec: benchmark.OptimizerSpec, config: GateConfig, run: Runner
+) -> dict[str, dict[str, Any]]:
+    measured = {}
+    for task in config.tasks:
+        records = [
+            run(
+                task,
+                spec,
+                config.steps(task),
+                benchmark.run_seed(config.seed, benchmark.EVAL_STREAM, r),
+            )
+            for r in range(config.runs)
+        ]
+        finals = [r.final_loss for r in records]
+        measured[task] = {
+            "final_losses": finals,
+            "mean_final_loss": sum(finals) / len(finals),
+            "unstable": sum(r.unstable for r in records),
+        }
+    return measured
+
+
+def passes(measured: dict[str, dict[str, Any]], reference: dict[str, dict[str, Any]],
+           tolerance: float) -> bool:  # fmt: skip
+    """No unstable run on any gate task, and every task's mean final loss within ``tolerance``
+    × the reference's (a non-finite mean never passes)."""
+    return all(
+        m["unstable"] == 0
+        and math.isfinite(m["mean_final_loss"])
+        and m["mean_final_loss"] <= tolerance * reference[task]["mean_final_loss"]
+        for task, m in measured.items()
+    )
+
+
+def _updates(path: Path) -> int:
+    from runtime.theta import load_theta
+
+    updates = load_theta(path).meta.get("updates")
+    if not isinstance(updates, int):
+        raise ValueError(f"{path}: a snapshot's θ file must record its meta-training updates")
+    return updates
+
+
+def gate_snapshots(
+    snapshots: Sequence[str | Path],
+    reference: str | Path,
+    config: GateConfig = GateConfig(),
+    *,
+    run: Runner = _run,
+) -> dict[str, Any]:
+    """Runs ``snapshots`` newest first (by their recorded updates) until one passes; returns
+    the report: the config, the reference's losses, each snapshot tried, and ``kept`` (the path
+    of the first to pass, or None when none does)."""
+    if not snapshots:
+        raise ValueError("no snapshots to gate")
+    paths = sorted({Path(s) for s in snapshots}, key=_updates, reverse=True)
+    reference_spec = benchmark.describe_optimizer(str(reference), flag="--reference")
+    specs = [benchmark.describe_optimizer(str(p), flag="--snapshots") for p in paths]
+    if any(spec.method != reference_spec.method for spec in specs):
+        raise ValueError(f"every snapshot must be a {reference_spec.method} θ like the reference")
+    report: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "rule": f"no unstable run ({benchmark.UNSTABLE_RULE}) and mean final loss <= "
+        f"{config.tolerance} x the reference's on every task",
+        "reference": {
+            "path": str(reference),
+            "identity": reference_spec.identity,
+            "tasks": _measure(reference_spec, config, run),
+        },  # fmt: skip
+        "snapshots": [],
+        "kept": None,
+    }
+    for path, spec in zip(paths, specs, strict=True):
+        measured = _measure(spec, config, run)
+        passed = passes(measured, report["reference"]["tasks"], config.tolerance)
+        report["snapshots"].append({"path": str(path), "updates": _updates(path),
+                                    "identity": spec.identity, "tasks": measured,
+                                    "passed": passed})  # fmt: skip
+        if passed:
+            report["kept"] = str(path)
+            break
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", required=True, help="the θ file the arm started from")
+    parser.add_argument("--snapshots", nargs="+", required=True, help="θ files to gate")
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_GATE_TASKS)
+    parser.add_argument("--runs", type=int, default=GateConfig.runs)
+    parser.add_argument("--seed", type=int, default=GateConfig.seed)
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    parser.add_argument("--quick", action="store_true", help="the tasks' quick horizons")
+    parser.add_argument("--keep", metavar="PATH", help="copy the kept snapshot here")
+    parser.add_argument("--out", metavar="PATH", help="write the report (JSON) here")
+    args = parser.parse_args(argv)
+    try:
+        config = GateConfig(tuple(args.tasks), args.runs, args.seed, args.tolerance, args.quick)
+    except (KeyError, ValueError) as error:
+        parser.error(str(error))
+    torch.set_num_threads(1)  # the benchmark's runs are single-threaded: bitwise as there
+    report = gate_snapshots(args.snapshots, args.reference, config)
+    text = json.dumps(report, indent=1, default=str)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.keep and report["kept"] is not None:
+        Path(args.keep).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report["kept"], args.keep)
+    print(text)
+    return 0 if report["kept"] is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

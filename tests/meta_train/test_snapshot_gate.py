@@ -1,0 +1,106 @@
+"""The snapshot gate keeps the newest meta-training snapshot that holds its start's long runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from meta_train import benchmark
+from meta_train.snapshot_gate import GateConfig, gate_snapshots, main, passes
+from runtime.theta import load_theta, save_theta
+
+START = "checkpoints/ablation/tensor-trend-annealed-start/theta.npz"
+
+
+def _snapshot(tmp_path, updates: int, *, ascend: bool = False):
+    start = load_theta(START)
+    theta = dict(start.theta)
+    if ascend:  # ρ < 0: every step goes up the gradient
+        theta["weight_bias"] = -theta["weight_bias"]
+    return save_theta(
+        tmp_path / f"theta-{updates:06d}.npz", start.method, theta, updates=updates
+    )
+
+
+def _record(final: float, *, diverged: bool = False) -> benchmark.RunRecord:
+    return benchmark.RunRecord([final], final, final, diverged, lowest_checkpoint=final)
+
+
+def test_snapshots_are_tried_newest_first_and_the_first_to_pass_is_kept(tmp_path):
+    paths = {u: _snapshot(tmp_path, u) for u in (10, 20, 30)}
+    tried = []
+
+    def run(task, spec, steps, seed):
+        tried.append(spec.source)
+        if spec.source == str(paths[30]):
+            return _record(math.inf, diverged=True)
+        return _record(1.0)
+
+    config = GateConfig(tasks=("leastsq-cond1e6-10000",), runs=2)
+    report = gate_snapshots([paths[10], paths[30], paths[20]], START, config, run=run)
+    assert report["kept"] == str(paths[20])
+    assert [s["updates"] for s in report["snapshots"]] == [30, 20]  # 10 never ran
+    assert report["snapshots"][0]["tasks"]["leastsq-cond1e6-10000"]["unstable"] == 2
+    assert tried == [START] * 2 + [str(paths[30])] * 2 + [str(paths[20])] * 2
+
+
+def test_a_snapshot_beyond_the_tolerance_of_the_reference_fails():
+    reference = {"t": {"mean_final_loss": 1.0, "unstable": 0}}
+    assert passes({"t": {"mean_final_loss": 1.5, "unstable": 0}}, reference, 1.5)
+    assert not passes({"t": {"mean_final_loss": 1.51, "unstable": 0}}, reference, 1.5)
+    assert not passes({"t": {"mean_final_loss": 0.5, "unstable": 1}}, reference, 1.5)
+    assert not passes({"t": {"mean_final_loss": math.nan, "unstable": 0}}, reference, 1.5)
+
+
+def test_no_snapshot_passing_keeps_none(tmp_path):
+    path = _snapshot(tmp_path, 5)
+
+    def run(task, spec, steps, seed):
+        return _record(1.0 if spec.source == START else 2.0)
+
+    report = gate_snapshots([path], START, GateConfig(tasks=("logreg-cond1e5-10000",)), run=run)
+    assert report["kept"] is None and report["snapshots"][0]["passed"] is False
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"tasks": ()}, "at least one task"), ({"runs": 0}, "runs"), ({"tolerance": 0.9}, "tolerance"),
+     ({"tolerance": math.inf}, "tolerance")],
+)  # fmt: skip
+def test_a_bad_gate_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GateConfig(**kwargs)
+    with pytest.raises(KeyError, match="unknown held-out task"):
+        GateConfig(tasks=("no-such-task",))
+
+
+def test_a_snapshot_without_its_updates_or_of_another_method_is_refused(tmp_path):
+    start = load_theta(START)
+    bare = save_theta(tmp_path / "bare.npz", start.method, start.theta)
+    with pytest.raises(ValueError, match="updates"):
+        gate_snapshots([bare], START, run=lambda *a: _record(1.0))
+    with pytest.raises(ValueError, match="no snapshots"):
+        gate_snapshots([], START)
+
+
+def test_the_gate_end_to_end_rejects_a_step_that_blows_up_and_keeps_the_earlier_snapshot(
+    tmp_path,
+):
+    # Real runs (each task's quick horizon): the newest snapshot's step climbs the loss.
+    good = _snapshot(tmp_path, 100)
+    broken = _snapshot(tmp_path, 200, ascend=True)
+    keep, out = tmp_path / "kept" / "theta.npz", tmp_path / "gate.json"
+    code = main(
+        ["--reference", START, "--snapshots", str(good), str(broken), "--quick",
+         "--tasks", "leastsq-cond1e6-10000", "--keep", str(keep), "--out", str(out)]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert code == 0 and report["kept"] == str(good)
+    first, second = report["snapshots"]
+    assert (first["updates"], first["passed"]) == (200, False)
+    assert first["tasks"]["leastsq-cond1e6-10000"]["unstable"] == 1
+    assert second["passed"] and second["tasks"] == report["reference"]["tasks"]  # same θ, seeds
+    assert keep.read_bytes() == good.read_bytes()
+    assert report["config"]["quick"] is True
