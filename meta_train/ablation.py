@@ -178,7 +178,18 @@ ARMS = {
             estimator="pes",
             frozen=("scale_rate", "scale_rate_early", "weight_bias"),
         ),
-        # The same with ρ's kernel frozen too. The start's kernel is 0, so ρ stays the start's
+        # The cells-only arm meta-trained on the paper's family (its MNIST MLP and tricks)
+        # instead of the broad one: what the paper's 100-step rows would need, with the step
+        # sizes frozen so that the snapshot gate can keep what the start has at 10 000 steps.
+        ArmConfig(
+            "tensor-trend-annealed-paperfamily-log-pes-cells",
+            variant="tensor-trend-annealed",
+            family="paper",
+            log_uniform_horizons=(100, 2000),
+            estimator="pes",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias"),
+        ),
+        # The cells-only arm with ρ's kernel frozen too. The start's kernel is 0, so ρ stays the start's
         # whatever the cells compute: only the directions (the decay gates and what feeds
         # them) train, and the step sizes cannot move at all.
         ArmConfig(
