@@ -189,9 +189,9 @@ ARMS = {
             estimator="pes",
             frozen=("scale_rate", "scale_rate_early", "weight_bias"),
         ),
-        # The cells-only arm with ρ's kernel frozen too. The start's kernel is 0, so ρ stays the start's
-        # whatever the cells compute: only the directions (the decay gates and what feeds
-        # them) train, and the step sizes cannot move at all.
+        # The cells-only arm with ρ's kernel frozen too. The start's kernel is 0, so ρ stays
+        # the start's whatever the cells compute: only the directions (the decay gates and
+        # what feeds them) train, and the step sizes cannot move at all.
         ArmConfig(
             "tensor-trend-annealed-small-log-pes-decays",
             variant="tensor-trend-annealed",

@@ -41,17 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluate import (
-    HELD_OUT_BATCHES,
-    HELD_OUT_STREAM,
-    UNSTABLE_CHECKPOINTS,
-    checkpoint_steps,
-    for_task,
-    held_out_loss,
-)
+from .evaluate import HELD_OUT_BATCHES, HELD_OUT_STREAM, UNSTABLE_CHECKPOINTS, run_once
 from .optimizers.base import UpdateRule
 from .process_pool import init_worker
-from .seeding import derive_seed, generator
+from .seeding import derive_seed
 from .tasks.base import Task
 
 FINAL_EVAL_BATCHES = HELD_OUT_BATCHES
@@ -131,34 +124,15 @@ def run_task(
     (their own generators: the run's batches and result do not depend on ``checkpoints``; 0
     skips them, as Adam's tuning does, which reads final losses only).
     """
-    rule = for_task(rule, task)
-    w = task.init_params(generator(seed, 0))
-    state = rule.init(w.numel())
-    curve: list[float] = []
-    measured: list[float] = []
-    at = checkpoint_steps(steps, checkpoints)
-    diverged = False
-    for t in range(steps):
-        if t in at:
-            measured.append(held_out_loss(task, w, seed))
-        loss, grad = task.loss_and_grad(w, task.sample_batch(generator(seed, 1, t)))
-        curve.append(float(loss))
-        if not math.isfinite(curve[-1]):
-            diverged = True
-            break
-        delta, state = rule.update(grad, state)
-        if not bool(torch.isfinite(delta).all()):
-            diverged = True
-            break
-        w = w + delta
-    if not diverged:
-        final = held_out_loss(task, w, seed)
-        diverged = not math.isfinite(final)
-    smoothed, lowest = smoothed_and_lowest(curve, steps)
-    if diverged:
+    run = run_once(
+        task, rule, steps=steps, seed=seed, checkpoints=checkpoints, final_loss="held_out"
+    )
+    smoothed, lowest = smoothed_and_lowest(run.curve, steps)
+    if run.diverged:
         return RunRecord(smoothed, math.inf, lowest, True)
-    reached = min([final, *(m for m in measured if math.isfinite(m))])
-    return RunRecord(smoothed, final, lowest, False, lowest_checkpoint=reached)
+    # Without checkpoints the run has reached its final loss at least.
+    reached = min([run.final_loss, *(m for m in run.checkpoint_losses if math.isfinite(m))])
+    return RunRecord(smoothed, run.final_loss, lowest, False, lowest_checkpoint=reached)
 
 
 def smoothed_and_lowest(curve: Sequence[float], horizon: int) -> tuple[list[float], float]:

@@ -127,6 +127,9 @@ def for_task(rule: UpdateRule, task: Task) -> UpdateRule:
     return bind(task.tensor_sizes)
 
 
+FINAL_LOSSES = ("own_batches", "held_out")
+
+
 def run_once(
     task: Task,
     rule: UpdateRule,
@@ -135,11 +138,18 @@ def run_once(
     seed: int,
     with_test_metrics: bool = False,
     checkpoints: int = 0,
+    final_loss: str = "own_batches",
 ) -> RunResult:
     """Runs ``rule`` for ``steps`` steps on ``task`` from the init and batches of ``seed``; a
     per-tensor rule is bound to the task's tensor layout first (``for_task``). ``checkpoints``:
     also measure that many evenly spaced iterates and the last (``RunResult.checkpoint_losses``).
+
+    ``final_loss`` says how w_T is measured: "own_batches", the paper's definition (the mean
+    over the run's own T minibatches, what ``reproduce`` reports), or "held_out", on the
+    held-out batches that measure the iterates (what the held-out benchmark reports).
     """
+    if final_loss not in FINAL_LOSSES:
+        raise ValueError(f"final_loss must be one of {FINAL_LOSSES}, got {final_loss!r}")
     rule = for_task(rule, task)
     w = task.init_params(generator(seed, 0))
     state = rule.init(w.numel())
@@ -152,20 +162,25 @@ def run_once(
             measured.append(held_out_loss(task, w, seed))
         loss, grad = task.loss_and_grad(w, task.sample_batch(batch_generator(seed, t)))
         curve.append(float(loss))
+        if not math.isfinite(curve[-1]):  # no update from a non-finite loss's gradient
+            diverged = True
+            break
         delta, state = rule.update(grad, state)
-        if not (math.isfinite(curve[-1]) and torch.isfinite(delta).all()):
+        if not bool(torch.isfinite(delta).all()):
             diverged = True
             break
         w = w + delta
     if diverged:
         final = math.inf
+    elif final_loss == "held_out":
+        final = held_out_loss(task, w, seed)
     else:
         final = sum(
             float(task.loss(w, task.sample_batch(batch_generator(seed, t)))) for t in range(steps)
         ) / max(steps, 1)
-        diverged = not math.isfinite(final)
+    diverged = diverged or not math.isfinite(final)
     if checkpoints and not diverged:
-        measured.append(held_out_loss(task, w, seed))
+        measured.append(final if final_loss == "held_out" else held_out_loss(task, w, seed))
     metrics = task.test_metrics(w) if with_test_metrics and not diverged else {}
     return RunResult(curve, final, diverged, metrics, tuple(measured))
 
