@@ -9,24 +9,21 @@ benchmark's evaluation seeds (the same inits and minibatches for both), and the 
 passes is kept. A snapshot passes when, on every gate task, none of its runs is unstable (the
 benchmark's rule) and its mean final loss is at most ``tolerance`` × the reference's.
 
-    python -m meta_train.snapshot_gate --reference checkpoints/ablation/<start>/theta.npz \\
+    hyperadam snapshot-gate --reference checkpoints/ablation/<start>/theta.npz \\
         --snapshots runs/ablation/<arm>/theta.npz runs/ablation/<arm>/snapshots/*.npz \\
         --keep runs/ablation/<arm>-gated/theta.npz --out gate.json
+
+The command (``meta_train/commands/snapshot_gate_cmd.py``) runs them through their exported
+ONNX step by default, as the benchmark's ``--engine runtime`` does.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import shutil
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from . import benchmark
 from .tasks.heldout import HELDOUT_FAST, heldout_spec
@@ -121,21 +118,32 @@ def gate_snapshots(
     config: GateConfig = GateConfig(),
     *,
     run: Runner = _run,
+    folders: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Runs ``snapshots`` newest first (by their recorded updates) until one passes; returns
     the report: the config, the reference's losses, each snapshot tried, and ``kept`` (the path
-    of the first to pass, or None when none does)."""
+    of the first to pass, or None when none does).
+
+    ``folders`` maps a θ file (as given) to its exported folder: those step through the runtime
+    (``benchmark.make_rule``), the others through the torch reference.
+    """
     if not snapshots:
         raise ValueError("no snapshots to gate")
+    folders = folders or {}
     paths = sorted({Path(s) for s in snapshots}, key=_updates, reverse=True)
-    reference_spec = benchmark.describe_optimizer(str(reference), flag="--reference")
-    specs = [benchmark.describe_optimizer(str(p), flag="--snapshots") for p in paths]
+
+    def describe(path: str | Path, flag: str) -> benchmark.OptimizerSpec:
+        return benchmark.describe_optimizer(str(path), flag=flag, folder=folders.get(str(path)))
+
+    reference_spec = describe(reference, "--reference")
+    specs = [describe(p, "--snapshots") for p in paths]
     if any(spec.method != reference_spec.method for spec in specs):
         raise ValueError(f"every snapshot must be a {reference_spec.method} θ like the reference")
     report: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "rule": f"no unstable run ({benchmark.UNSTABLE_RULE}) and mean final loss <= "
         f"{config.tolerance} x the reference's on every task",
+        "engine": "runtime" if folders else "reference",
         "reference": {
             "path": str(reference),
             "identity": reference_spec.identity,
@@ -154,35 +162,3 @@ def gate_snapshots(
             report["kept"] = str(path)
             break
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", required=True, help="the θ file the arm started from")
-    parser.add_argument("--snapshots", nargs="+", required=True, help="θ files to gate")
-    parser.add_argument("--tasks", nargs="+", default=DEFAULT_GATE_TASKS)
-    parser.add_argument("--runs", type=int, default=GateConfig.runs)
-    parser.add_argument("--seed", type=int, default=GateConfig.seed)
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
-    parser.add_argument("--quick", action="store_true", help="the tasks' quick horizons")
-    parser.add_argument("--keep", metavar="PATH", help="copy the kept snapshot here")
-    parser.add_argument("--out", metavar="PATH", help="write the report (JSON) here")
-    args = parser.parse_args(argv)
-    try:
-        config = GateConfig(tuple(args.tasks), args.runs, args.seed, args.tolerance, args.quick)
-    except (KeyError, ValueError) as error:
-        parser.error(str(error))
-    torch.set_num_threads(1)  # the benchmark's runs are single-threaded: bitwise as there
-    report = gate_snapshots(args.snapshots, args.reference, config)
-    text = json.dumps(report, indent=1, default=str)
-    if args.out:
-        Path(args.out).write_text(text)
-    if args.keep and report["kept"] is not None:
-        Path(args.keep).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(report["kept"], args.keep)
-    print(text)
-    return 0 if report["kept"] is not None else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from meta_train import benchmark
-from meta_train.snapshot_gate import GateConfig, gate_snapshots, main, passes
+from meta_train import cli
+from meta_train.snapshot_gate import GateConfig, gate_snapshots, passes
 from runtime.theta import load_theta, save_theta
 
 START = "checkpoints/ablation/tensor-trend-annealed-start/theta.npz"
@@ -85,22 +86,42 @@ def test_a_snapshot_without_its_updates_or_of_another_method_is_refused(tmp_path
         gate_snapshots([], START)
 
 
+@pytest.mark.parametrize("engine", ["runtime", "reference"])
 def test_the_gate_end_to_end_rejects_a_step_that_blows_up_and_keeps_the_earlier_snapshot(
-    tmp_path,
+    tmp_path, engine
 ):
-    # Real runs (each task's quick horizon): the newest snapshot's step climbs the loss.
+    # Real runs (each task's quick horizon) through the exported ONNX step (the command's
+    # default) and the torch reference: the newest snapshot's step climbs the loss.
     good = _snapshot(tmp_path, 100)
     broken = _snapshot(tmp_path, 200, ascend=True)
     keep, out = tmp_path / "kept" / "theta.npz", tmp_path / "gate.json"
-    code = main(
-        ["--reference", START, "--snapshots", str(good), str(broken), "--quick",
-         "--tasks", "leastsq-cond1e6-10000", "--keep", str(keep), "--out", str(out)]
+    code = cli.main(
+        ["snapshot-gate", "--reference", START, "--snapshots", str(good), str(broken),
+         "--quick", "--tasks", "leastsq-cond1e6-10000", "--keep", str(keep), "--out", str(out),
+         "--engine", engine]
     )  # fmt: skip
     report = json.loads(out.read_text())
-    assert code == 0 and report["kept"] == str(good)
+    assert code == 0 and report["kept"] == str(good) and report["engine"] == engine
     first, second = report["snapshots"]
     assert (first["updates"], first["passed"]) == (200, False)
     assert first["tasks"]["leastsq-cond1e6-10000"]["unstable"] == 1
     assert second["passed"] and second["tasks"] == report["reference"]["tasks"]  # same θ, seeds
+    assert second["identity"].endswith("/ort") == (engine == "runtime")
     assert keep.read_bytes() == good.read_bytes()
     assert report["config"]["quick"] is True
+
+
+def test_bad_gate_input_is_a_one_line_error_and_keeps_nothing(tmp_path, capsys):
+    good = _snapshot(tmp_path, 100)
+    keep = tmp_path / "kept.npz"
+    for argv, match in (
+        (["--tasks", "no-such-task"], "unknown held-out task"),
+        (["--runs", "0"], "runs must be"),
+        (["--engine", "reference", "--snapshots", str(tmp_path / "missing.npz")], "missing.npz"),
+    ):
+        args = ["snapshot-gate", "--reference", START, "--snapshots", str(good), "--quick",
+                "--keep", str(keep), *argv]  # fmt: skip
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("hyperadam: error:") and match in err and err.count("\n") == 1
+        assert not keep.exists()
