@@ -103,7 +103,7 @@ def passes(measured: dict[str, dict[str, Any]], reference: dict[str, dict[str, A
     )
 
 
-def _updates(path: Path) -> int:
+def _updates(path: str | Path) -> int:
     from runtime.theta import load_theta
 
     updates = load_theta(path).meta.get("updates")
@@ -130,7 +130,8 @@ def gate_snapshots(
     if not snapshots:
         raise ValueError("no snapshots to gate")
     folders = folders or {}
-    paths = sorted({Path(s) for s in snapshots}, key=_updates, reverse=True)
+    # As given (``folders``' keys), each once, newest first.
+    paths = sorted(dict.fromkeys(str(s) for s in snapshots), key=_updates, reverse=True)
 
     def describe(path: str | Path, flag: str) -> benchmark.OptimizerSpec:
         return benchmark.describe_optimizer(str(path), flag=flag, folder=folders.get(str(path)))
@@ -152,12 +153,19 @@ def gate_snapshots(
         "snapshots": [],
         "kept": None,
     }
+    tried: dict[str, dict[str, Any]] = {}  # identity → its entry
     for path, spec in zip(paths, specs, strict=True):
-        measured = _measure(spec, config, run)
-        passed = passes(measured, report["reference"]["tasks"], config.tolerance)
-        report["snapshots"].append({"path": str(path), "updates": _updates(path),
-                                    "identity": spec.identity, "tasks": measured,
-                                    "passed": passed})  # fmt: skip
+        entry: dict[str, Any] = {"path": path, "updates": _updates(path), "identity": spec.identity}
+        if spec.identity in tried:  # the same θ under another name (the last snapshot, say)
+            earlier = tried[spec.identity]
+            entry.update(same_as=earlier["path"], tasks=earlier["tasks"], passed=earlier["passed"])
+        else:
+            measured = _measure(spec, config, run)
+            passed = passes(measured, report["reference"]["tasks"], config.tolerance)
+            entry.update(tasks=measured, passed=passed)
+            tried[spec.identity] = entry
+        report["snapshots"].append(entry)
+        passed = entry["passed"]
         if passed:
             report["kept"] = str(path)
             break

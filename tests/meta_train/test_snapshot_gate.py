@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from meta_train import benchmark
-from meta_train import cli
+from meta_train import benchmark, cli
 from meta_train.snapshot_gate import GateConfig, gate_snapshots, passes
 from runtime.theta import load_theta, save_theta
 
-START = "checkpoints/ablation/tensor-trend-annealed-start/theta.npz"
+ROOT = Path(__file__).resolve().parents[2]
+START = str(ROOT / "checkpoints" / "ablation" / "tensor-trend-annealed-start" / "theta.npz")
 
 
-def _snapshot(tmp_path, updates: int, *, ascend: bool = False):
+def _snapshot(tmp_path, updates: int, *, ascend: bool = False, nudge: float = 0.0, name=None):
     start = load_theta(START)
     theta = dict(start.theta)
+    theta["pre_bias"] = theta["pre_bias"] + nudge  # another θ, the same step size
     if ascend:  # ρ < 0: every step goes up the gradient
         theta["weight_bias"] = -theta["weight_bias"]
     return save_theta(
-        tmp_path / f"theta-{updates:06d}.npz", start.method, theta, updates=updates
+        tmp_path / (name or f"theta-{updates:06d}.npz"), start.method, theta, updates=updates
     )
 
 
@@ -30,7 +32,7 @@ def _record(final: float, *, diverged: bool = False) -> benchmark.RunRecord:
 
 
 def test_snapshots_are_tried_newest_first_and_the_first_to_pass_is_kept(tmp_path):
-    paths = {u: _snapshot(tmp_path, u) for u in (10, 20, 30)}
+    paths = {u: _snapshot(tmp_path, u, nudge=u * 1e-3) for u in (10, 20, 30)}
     tried = []
 
     def run(task, spec, steps, seed):
@@ -45,6 +47,24 @@ def test_snapshots_are_tried_newest_first_and_the_first_to_pass_is_kept(tmp_path
     assert [s["updates"] for s in report["snapshots"]] == [30, 20]  # 10 never ran
     assert report["snapshots"][0]["tasks"]["leastsq-cond1e6-10000"]["unstable"] == 2
     assert tried == [START] * 2 + [str(paths[30])] * 2 + [str(paths[20])] * 2
+
+
+def test_the_same_theta_under_two_names_runs_once(tmp_path):
+    # The last snapshot is often the final θ file too: it is measured once.
+    last = _snapshot(tmp_path, 30, nudge=0.03)
+    final = _snapshot(tmp_path, 30, nudge=0.03, name="theta.npz")
+    earlier = _snapshot(tmp_path, 20, nudge=0.02)
+    tried = []
+
+    def run(task, spec, steps, seed):
+        tried.append(spec.source)
+        return _record(9.0 if spec.source in (str(last), str(final)) else 1.0)
+
+    report = gate_snapshots([final, last, earlier], START, GateConfig(), run=run)
+    assert report["kept"] == str(earlier)
+    entries = report["snapshots"]
+    assert len(entries) == 3 and "same_as" in entries[1] and not entries[1]["passed"]
+    assert len(tried) == 2 * 3  # the reference, one of the two names, the earlier snapshot
 
 
 def test_a_snapshot_beyond_the_tolerance_of_the_reference_fails():
