@@ -178,6 +178,15 @@ ARMS = {
             estimator="pes",
             frozen=("scale_rate", "scale_rate_early", "weight_bias"),
         ),
+        # The annealed variant on the paper's recipe (its family, 100-step trajectories,
+        # truncated BPTT): the arm whose θ the paper's 100-step rows would favour, judged
+        # afterwards through the snapshot gate and the held-out suite.
+        ArmConfig(
+            "tensor-trend-annealed-paperfamily-log",
+            variant="tensor-trend-annealed",
+            family="paper",
+            horizon=100,
+        ),
         # The cells-only arm meta-trained on the paper's family (its MNIST MLP and tricks)
         # instead of the broad one: what the paper's 100-step rows would need, with the step
         # sizes frozen so that the snapshot gate can keep what the start has at 10 000 steps.
