@@ -35,7 +35,7 @@ class RunResult:
     """One run of one optimizer on one task."""
 
     curve: list[float]  # L(w_t; batch_t) for t = 0..T-1
-    final_loss: float  # mean over t of L(w_T; batch_t)
+    final_loss: float  # mean over t of L(w_T; batch_t), or over held-out batches (run_once)
     diverged: bool  # a non-finite loss or update appeared (the run stops there)
     test_metrics: dict[str, float]
     # With checkpoints: the held-out loss of the iterates at ``checkpoint_steps``, then of w_T

@@ -64,6 +64,18 @@ def test_final_loss_is_the_final_parameters_averaged_over_the_run_batches():
     assert result.final_loss < result.curve[0]
 
 
+def test_the_held_out_final_loss_is_the_last_checkpoint_and_leaves_the_run_unchanged():
+    task = QuadraticTask(dim=4, rows=64, batch_size=8, seed=0)
+    own = run_once(task, make_baseline("adam", 0.05), steps=40, seed=1, checkpoints=4)
+    held = run_once(
+        task, make_baseline("adam", 0.05), steps=40, seed=1, checkpoints=4, final_loss="held_out"
+    )
+    assert held.curve == own.curve and held.checkpoint_losses == own.checkpoint_losses
+    assert held.final_loss == held.checkpoint_losses[-1] != own.final_loss
+    with pytest.raises(ValueError, match="final_loss must be one of"):
+        run_once(task, make_baseline("adam", 0.05), steps=1, seed=1, final_loss="last_batch")
+
+
 def test_a_diverging_run_is_reported_not_averaged_away():
     task = QuadraticTask(dim=4, seed=0)
     result = evaluate(task, make_baseline("sgd", 1e6), task_name="q", steps=50, runs=2)
