@@ -7,7 +7,9 @@ snapshot ``ablation --snapshot-minutes`` saved is run, newest first, on gate tas
 held-out fast subset's two 10 000-step convex rows) beside a reference θ (the arm's start) on the
 benchmark's evaluation seeds (the same inits and minibatches for both), and the first one that
 passes is kept. A snapshot passes when, on every gate task, none of its runs is unstable (the
-benchmark's rule) and its mean final loss is at most ``tolerance`` × the reference's.
+benchmark's rule) and its mean final loss is at most ``tolerance`` × the reference's. The
+paper's tasks (``tasks.suite``, e.g. its 100-step ReLU MLP, where a step learned on sigmoid
+MLPs can blow up) can be gate tasks too, judged by the same rule.
 
     hyperadam snapshot-gate --reference checkpoints/ablation/<start>/theta.npz \\
         --snapshots runs/ablation/<arm>/theta.npz runs/ablation/<arm>/snapshots/*.npz \\
@@ -26,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from . import benchmark
-from .tasks.heldout import HELDOUT_FAST, heldout_spec
+from .tasks.base import Task
+from .tasks.heldout import HELDOUT_FAST, HELDOUT_KEYS, heldout_spec
+from .tasks.suite import TEST_TASKS, build_test_task
 
 # The fast subset's 10 000-step convex rows: where a learned step that outgrows its start shows.
 DEFAULT_GATE_TASKS = ("leastsq-cond1e6-10000", "logreg-cond1e5-10000")
 DEFAULT_TOLERANCE = 1.5
+QUICK_STEPS = 20  # a paper task's horizon under ``quick`` (the held-out tasks have their own)
 assert set(DEFAULT_GATE_TASKS) <= set(HELDOUT_FAST)
 
 
@@ -45,6 +50,9 @@ class GateConfig:
     quick: bool = False  # each task's quick horizon (tests), not its own
 
     def steps(self, task: str) -> int:
+        if task in TEST_TASKS:  # one of the paper's tasks
+            horizon = TEST_TASKS[task].horizon
+            return min(QUICK_STEPS, horizon) if self.quick else horizon
         spec = heldout_spec(task)
         return spec.quick_horizon if self.quick else spec.horizon
 
@@ -52,7 +60,11 @@ class GateConfig:
         if not self.tasks:
             raise ValueError("the gate needs at least one task")
         for key in self.tasks:
-            heldout_spec(key)  # raises on an unknown key, naming the known ones
+            if key not in HELDOUT_KEYS and key not in TEST_TASKS:
+                raise KeyError(
+                    f"unknown task {key!r}: neither a held-out task ({', '.join(HELDOUT_KEYS)}) "
+                    f"nor one of the paper's ({', '.join(TEST_TASKS)})"
+                )
         if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
             raise ValueError(f"runs must be a positive int, got {self.runs!r}")
         if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance)
@@ -64,8 +76,19 @@ class GateConfig:
 Runner = Callable[[str, benchmark.OptimizerSpec, int, int], benchmark.RunRecord]
 
 
+_TASKS: dict[str, Task] = {}
+
+
+def _task(key: str) -> Task:
+    if key not in _TASKS:
+        _TASKS[key] = heldout_spec(key).build() if key in HELDOUT_KEYS else build_test_task(key)
+    return _TASKS[key]
+
+
 def _run(task: str, spec: benchmark.OptimizerSpec, steps: int, seed: int) -> benchmark.RunRecord:
-    return benchmark.run_units([benchmark.Unit(task, steps, spec, None, seed)], jobs=1)[0]
+    # What the benchmark runs for one evaluation run: the same rule, task, seeds and judgement.
+    rule = benchmark.make_rule(spec, None)
+    return benchmark.run_task(_task(task), rule, steps=steps, seed=seed)
 
 
 def _measure(

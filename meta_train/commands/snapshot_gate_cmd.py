@@ -25,8 +25,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshots", nargs="+", required=True, metavar="PATH",
                         help="θ files to gate (tried newest first, by their updates)")  # fmt: skip
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_GATE_TASKS),
-                        help="held-out task keys (default: the fast subset's 10 000-step "
-                        "convex rows)")  # fmt: skip
+                        help="held-out or paper task keys (default: the fast subset's "
+                        "10 000-step convex rows)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=GateConfig.runs)
     parser.add_argument("--seed", type=int, default=GateConfig.seed)
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
