@@ -259,8 +259,8 @@ def train_arm(
     client, run_id = _start_run(tracking_uri, arm, minutes, family, config)
     started, step, losses = time.perf_counter(), 0, []
     deadline = started + 60.0 * minutes
-    every = None if snapshot_minutes is None else 60.0 * snapshot_minutes
-    next_snapshot = None if every is None else started + every
+    every = math.inf if snapshot_minutes is None else 60.0 * snapshot_minutes
+    next_snapshot = started + every
     status = "FAILED"
     try:
         while time.perf_counter() < deadline:
@@ -273,10 +273,10 @@ def train_arm(
                 client.log_metric(run_id, "meta_loss", loss, step=step)
             step += 1
             now = time.perf_counter()
-            if next_snapshot is not None and every is not None and now >= next_snapshot:
+            if now >= next_snapshot:
                 (folder / "snapshots").mkdir(exist_ok=True)
                 save(folder / "snapshots" / f"theta-{step:06d}.npz", step, now - started)
-                next_snapshot += every
+                next_snapshot = now + every  # a slow update never leaves a backlog of snapshots
         status = "FINISHED"
     finally:
         wall = time.perf_counter() - started

@@ -10,14 +10,13 @@ The yardstick of issue 15. For every task of ``HELDOUT_SUITE``:
    same minibatches whatever the optimizer.
 3. Per run: the training curve L(w_t; batch_t) smoothed by a trailing mean over
    ``smoothing_window(T)`` steps; the *final loss*, the loss of w_T averaged over
-   ``FINAL_EVAL_BATCHES`` batches of a third stream; and whether the run was *unstable*
-   (a non-finite loss or step, or a final loss above ``UNSTABLE_FACTOR`` × the lowest loss it
-   had reached). "The lowest loss it had reached" is measured like the final loss, on the
-   iterates at ``UNSTABLE_CHECKPOINTS`` evenly spaced steps: the lowest value of the noisy
-   minibatch curve (the rule of the first sittings, kept as ``unstable_smoothed``) sits below
-   the loss of any iterate, so it flagged ordinary noise — tuned Adam on a 100-step LayerNorm
-   MLP: final 0.299, lowest smoothed minibatch loss 0.150 (×2.0), lowest checkpoint 0.255
-   (×1.17).
+   ``HELD_OUT_BATCHES`` batches of a third stream (``evaluate.held_out_loss``); and whether the run
+   was *unstable* (a non-finite loss or step, or a final loss above ``UNSTABLE_FACTOR`` × the lowest
+   loss it had reached). "The lowest loss it had reached" is measured like the final loss, on the
+   iterates at ``UNSTABLE_CHECKPOINTS`` evenly spaced steps: the lowest value of the noisy minibatch
+   curve (the rule of the first sittings, kept as ``unstable_smoothed``) sits below the loss of any
+   iterate, so it flagged ordinary noise — tuned Adam on a 100-step LayerNorm MLP: final 0.299,
+   lowest smoothed minibatch loss 0.150 (×2.0), lowest checkpoint 0.255 (×1.17).
 
 Per task and optimizer: the final-loss ratio to tuned Adam (mean over runs / Adam's mean over
 the same runs) with a paired bootstrap CI; the *speed-up* (the step at which tuned Adam's mean
@@ -41,13 +40,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluate import HELD_OUT_BATCHES, HELD_OUT_STREAM, UNSTABLE_CHECKPOINTS, run_once
+from .evaluate import UNSTABLE_CHECKPOINTS, run_once
 from .optimizers.base import UpdateRule
 from .process_pool import init_worker
 from .seeding import derive_seed
 from .tasks.base import Task
 
-FINAL_EVAL_BATCHES = HELD_OUT_BATCHES
 UNSTABLE_FACTOR = 1.5
 # How a cell's ``unstable`` flags were judged; a cell judged otherwise is rerun by a sitting.
 UNSTABLE_RULE = "checkpoints"
@@ -57,7 +55,6 @@ BOOTSTRAP_SAMPLES = 2000
 # Seed streams: run r of seed S draws its init from (S, INIT, r), batch t from (S, BATCH, r, t).
 EVAL_STREAM = 3
 TUNING_STREAM = 5
-FINAL_STREAM = HELD_OUT_STREAM
 
 DEFAULT_GRID = tuple(range(-8, -1))  # exponents k of 10^(k/2): 1e-4 … 1e-1
 QUICK_GRID = (-6, -5, -4)  # 1e-3 … 1e-2
