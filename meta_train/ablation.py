@@ -37,7 +37,10 @@ from .run_config import RunConfig, build_config, config_digest
 from .tasks.base import TaskFamily
 from .training import init_theta_flat, local_updates
 
-FAMILIES = ("paper", "small")
+FAMILIES = ("paper", "small", "wide")
+# The "wide" family: the small one with its convex and full-MNIST members switched on
+# (``tasks/small_family.py``), so that meta-training sees what the snapshot gate checks.
+WIDE_FAMILY = {"model_weights": [0.35, 0.1, 0.15, 0.2, 0.2]}
 ESTIMATORS = ("tbptt", "pes")
 
 
@@ -94,7 +97,7 @@ class ArmConfig:
             }  # fmt: skip
         data: dict[str, Any] = {
             "optimizer": "hyperadam",
-            "task": "small" if self.family == "small" else "mnist",
+            "task": "mnist" if self.family == "paper" else "small",
             "seed": self.seed,
             "meta_batch": self.meta_batch,
             "unroll": {
@@ -104,6 +107,8 @@ class ArmConfig:
             "validation": {"every": 0},
             "experimental": experimental,
         }
+        if self.family == "wide":
+            data["family"] = WIDE_FAMILY
         if self.init == "adam":
             # The Adam-reduction start is Adam at the variant's own α (lr = α: Σ_j ρ_j = 1).
             alpha = build_config(data).make_optimizer().default_lr
@@ -206,6 +211,28 @@ ARMS = {
             variant="tensor-trend-annealed",
             log_uniform_horizons=(100, 2000),
             estimator="pes",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias", "weight_kernel"),
+        ),
+        # Session 16: train on what the gate checks. The wide family (convex problems and
+        # full-MNIST MLPs with unbounded activations added), horizons up to 10 000 steps, and
+        # PES at a smaller σ (session 13's 10 000-step arm diverged at σ = 0.01); once with
+        # the cells training, once with the directions only.
+        ArmConfig(
+            "tensor-trend-annealed-wide-log-pes10k-cells",
+            variant="tensor-trend-annealed",
+            family="wide",
+            log_uniform_horizons=(100, 10000),
+            estimator="pes",
+            sigma=0.003,
+            frozen=("scale_rate", "scale_rate_early", "weight_bias"),
+        ),
+        ArmConfig(
+            "tensor-trend-annealed-wide-log-pes10k-decays",
+            variant="tensor-trend-annealed",
+            family="wide",
+            log_uniform_horizons=(100, 10000),
+            estimator="pes",
+            sigma=0.003,
             frozen=("scale_rate", "scale_rate_early", "weight_bias", "weight_kernel"),
         ),
     )

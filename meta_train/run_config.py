@@ -98,6 +98,8 @@ _SCHEMA_2_OMITTED: dict[str, Any] = {
     "experimental.estimator": config_lib.to_plain(EstimatorConfig()),
     "experimental.horizons": config_lib.to_plain(HorizonConfig()),
     "experimental.frozen": [],
+    # the small family's convex member (issue 15, session 16); the default is the family's own
+    "family.convex_conditions": list(SmallFamilyConfig.convex_conditions),
 }
 _SCHEMA_1_OMITTED: dict[str, Any] = {
     "init": _SCHEMA_1_INIT,

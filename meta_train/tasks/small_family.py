@@ -8,9 +8,19 @@ well under a millisecond) — and, with probability ``reparam_probability``, a p
 tensor, so that the scale of a tensor's gradient says nothing about how far to step (a learned
 optimizer that keys on raw magnitudes fails here; one that normalises per tensor does not).
 
+Two further members are off by default (their weights are the optional 4th and 5th entries of
+``model_weights``; a 3-entry config draws exactly as before, so its digest and tasks are
+unchanged): *convex* problems, least squares or logistic regression on a design whose
+condition number is drawn log-uniformly over ``convex_conditions`` (at most 1e4 by default, an
+order of magnitude short of the held-out suite's 1e5 and 1e6), scored by the raw objective;
+and *mnist28* MLPs, depth 1–3 of the same widths and activations on full 28×28 MNIST, whose
+unbounded activations on 784 inputs are what broke meta-trained θs on the paper's ReLU and
+ELU rows. Together with horizons up to 10 000 steps they put into meta-training what the
+snapshot gate checks (docs/generalisation.md, session 16).
+
 Every choice derives from the task seed; ``SmallFamilyConfig`` is logged whole and digested.
 Nothing here overlaps the held-out suite (no GELU/SiLU, no BatchNorm, no residual blocks, no
-text, no 14×14 or 28×28 images, no convex problems).
+text, no 14×14 images, no convex problem conditioned as badly as the suite's).
 """
 
 from __future__ import annotations
@@ -28,11 +38,14 @@ from torch import Tensor, nn
 
 from ..data import load_mnist
 from .base import Batch, Task, TaskConfig, TaskFamily
-from .heldout import ModuleTask
+from .heldout import LeastSquaresTask, LogisticRegressionTask, ModuleTask
 from .lstm import SineLSTMTask
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
-MODELS = ("mlp", "cnn", "lstm")
+MODELS = ("mlp", "cnn", "lstm", "convex", "mnist28")
+LEGACY_MODELS = 3  # configs with 3 weights draw among the first three models only
+MNIST28_MAX_DEPTH = 3
+CONVEX_SIZES = (20, 50, 100)  # columns; rows are 4× as many
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,7 +60,8 @@ def mnist8() -> tuple[Tensor, Tensor]:
 class SmallFamilyConfig:
     """The family's knobs (defaults: the family of the issue-15 experiments)."""
 
-    model_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)  # mlp, cnn, lstm
+    # mlp, cnn, lstm[, convex, mnist28]: the last two are optional (see the module docstring)
+    model_weights: tuple[float, ...] = (0.6, 0.2, 0.2)
     max_depth: int = 6
     widths: tuple[int, ...] = (16, 32, 64)
     activations: tuple[str, ...] = tuple(ACTIVATIONS)
@@ -55,9 +69,10 @@ class SmallFamilyConfig:
     reparam_probability: float = 0.5
     log_scale_range: float = math.log(1e3)
     batch_size: int = 64
+    convex_conditions: tuple[float, float] = (1e1, 1e4)  # log-uniform condition numbers
 
     def __post_init__(self) -> None:
-        for name in ("model_weights", "widths", "activations"):  # a config file gives lists
+        for name in ("model_weights", "widths", "activations", "convex_conditions"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("layernorm_probability", "reparam_probability"):
@@ -74,8 +89,25 @@ class SmallFamilyConfig:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if not sum(self.model_weights) > 0:
             raise ValueError(f"model_weights must not all be 0, got {self.model_weights!r}")
-        if len(self.model_weights) != len(MODELS) or min(self.model_weights) < 0:
-            raise ValueError(f"model_weights needs {len(MODELS)} weights >= 0")
+        if len(self.model_weights) not in (LEGACY_MODELS, len(MODELS)) or (
+            min(self.model_weights) < 0
+        ):
+            raise ValueError(
+                f"model_weights needs {LEGACY_MODELS} or {len(MODELS)} weights >= 0 (for "
+                f"{', '.join(MODELS)}), got {self.model_weights!r}"
+            )
+        low, high = (
+            self.convex_conditions
+            if isinstance(self.convex_conditions, tuple) and len(self.convex_conditions) == 2
+            else (0, 0)
+        )
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float))) or not (
+            1 <= low <= high < math.inf
+        ):
+            raise ValueError(
+                f"convex_conditions must be (low, high) with 1 <= low <= high, got "
+                f"{self.convex_conditions!r}"
+            )
         unknown = set(self.activations) - set(ACTIVATIONS)
         if unknown or not self.activations:
             raise ValueError(f"unknown activations {sorted(unknown)}; known {list(ACTIVATIONS)}")
@@ -95,15 +127,22 @@ class SmallTaskConfig(TaskConfig):
     layernorm: bool
     log_scales: tuple[float, ...] | None  # per tensor, or None without reparameterisation
 
+    condition: float | None = None  # convex tasks only
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.condition is None:  # the keys of the configs drawn before the convex member
+            del data["condition"]
+        return data
 
 
 class _MLP(nn.Module):
-    def __init__(self, depth: int, width: int, activation: str, layernorm: bool) -> None:
+    def __init__(
+        self, depth: int, width: int, activation: str, layernorm: bool, inputs: int = 64
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        fan_in = 64
+        fan_in = inputs
         for _ in range(depth):
             layers.append(nn.Linear(fan_in, width))
             if layernorm:
@@ -163,6 +202,29 @@ class ReparameterisedTask(Task):
         return self.inner.loss(self.scale * params, batch)
 
 
+class ConvexObjectiveTask(Task):
+    """A held-out-style convex problem scored by its raw objective f(w), not the excess f − f*:
+    as a meta-training loss the excess's log runs to −∞ near the optimum and would outweigh
+    every other task of the family, while f stops at its noise floor."""
+
+    def __init__(self, inner: LeastSquaresTask | LogisticRegressionTask) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    @property
+    def num_params(self) -> int:
+        return self.inner.num_params
+
+    def init_params(self, generator: torch.Generator) -> Tensor:
+        return self.inner.init_params(generator)
+
+    def sample_batch(self, generator: torch.Generator) -> Batch:
+        return self.inner.sample_batch(generator)
+
+    def loss(self, params: Tensor, batch: Batch) -> Tensor:
+        return self.inner.objective(params, *batch)
+
+
 class SmallTaskFamily(TaskFamily):
     """Draws and builds the small tasks (see the module docstring)."""
 
@@ -183,7 +245,17 @@ class SmallTaskFamily(TaskFamily):
         activation = pick(cfg.activations)
         layernorm = bool(torch.rand(1, generator=g) < cfg.layernorm_probability)
         reparam = bool(torch.rand(1, generator=g) < cfg.reparam_probability)
-        config = SmallTaskConfig(seed, model, depth, width, activation, layernorm, None)
+        condition = None
+        if model == "mnist28":
+            depth = 1 + (depth - 1) % MNIST28_MAX_DEPTH
+        elif model == "convex":
+            # The kind (least squares or logistic regression) and size follow from depth and
+            # width; the condition number is drawn after every draw a 3-model config makes.
+            low, high = (math.log(c) for c in cfg.convex_conditions)
+            condition = math.exp(low + (high - low) * float(torch.rand(1, generator=g)))
+        config = SmallTaskConfig(
+            seed, model, depth, width, activation, layernorm, None, condition
+        )
         if reparam:
             tensors = len(self._build_inner(config).tensor_sizes)
             u = torch.rand(tensors, generator=g, dtype=torch.float64) * 2 - 1
@@ -197,7 +269,18 @@ class SmallTaskFamily(TaskFamily):
             return SineLSTMTask(
                 num_layers=1 + config.depth % 2, noise_std=0.1, batch_size=self.config.batch_size
             )
-        images, labels = mnist8()
+        if config.model == "convex":
+            assert config.condition is not None
+            kind = LeastSquaresTask if config.depth % 2 else LogisticRegressionTask
+            cols = CONVEX_SIZES[config.depth % len(CONVEX_SIZES)]
+            return ConvexObjectiveTask(
+                kind(name, rows=4 * cols, cols=cols, condition=config.condition, seed=config.seed)
+            )
+        if config.model == "mnist28":
+            mnist = load_mnist()
+            images, labels = mnist.train_images, mnist.train_labels
+        else:
+            images, labels = mnist8()
         batch = self.config.batch_size
 
         def sample(generator: torch.Generator) -> Batch:
@@ -208,9 +291,10 @@ class SmallTaskFamily(TaskFamily):
             return ModuleTask(
                 name, lambda: _CNN(config.width, config.activation), sample, F.cross_entropy
             )
+        inputs = images.shape[1]
         return ModuleTask(
             name,
-            lambda: _MLP(config.depth, config.width, config.activation, config.layernorm),
+            lambda: _MLP(config.depth, config.width, config.activation, config.layernorm, inputs),
             sample,
             F.cross_entropy,
         )
@@ -224,7 +308,10 @@ class SmallTaskFamily(TaskFamily):
         return ReparameterisedTask(inner, config.log_scales)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": "small", **dataclasses.asdict(self.config)}
+        data = {"family": "small", **dataclasses.asdict(self.config)}
+        if self.config.convex_conditions == SmallFamilyConfig.convex_conditions:
+            del data["convex_conditions"]  # as families logged it before the convex member
+        return data
 
     def digest(self) -> str:
         text = json.dumps(self.to_dict(), sort_keys=True)
