@@ -253,9 +253,7 @@ class SmallTaskFamily(TaskFamily):
             # width; the condition number is drawn after every draw a 3-model config makes.
             low, high = (math.log(c) for c in cfg.convex_conditions)
             condition = math.exp(low + (high - low) * float(torch.rand(1, generator=g)))
-        config = SmallTaskConfig(
-            seed, model, depth, width, activation, layernorm, None, condition
-        )
+        config = SmallTaskConfig(seed, model, depth, width, activation, layernorm, None, condition)
         if reparam:
             tensors = len(self._build_inner(config).tensor_sizes)
             u = torch.rand(tensors, generator=g, dtype=torch.float64) * 2 - 1
