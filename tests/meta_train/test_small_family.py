@@ -95,7 +95,7 @@ def test_bad_family_fields_are_refused(fields, message):
 
 
 def test_the_wide_arms_train_the_wide_family():
-    for name in ("cells", "decays"):
+    for name in ("cells", "schedule"):
         arm = ARMS[f"tensor-trend-annealed-wide-log-pes10k-{name}"]
         config = arm.run_config()
         assert config.task == "small" and len(config.family.model_weights) == len(MODELS)
