@@ -249,8 +249,9 @@ class SmallTaskFamily(TaskFamily):
         if model == "mnist28":
             depth = 1 + (depth - 1) % MNIST28_MAX_DEPTH
         elif model == "convex":
-            # The kind (least squares or logistic regression) and size follow from depth and
-            # width; the condition number is drawn after every draw a 3-model config makes.
+            # The kind (least squares or logistic regression) and the size follow from the
+            # depth drawn; the condition number is an extra draw made for convex tasks only, so
+            # a 3-model config's sequence of draws is unchanged.
             low, high = (math.log(c) for c in cfg.convex_conditions)
             condition = math.exp(low + (high - low) * float(torch.rand(1, generator=g)))
         config = SmallTaskConfig(seed, model, depth, width, activation, layernorm, None, condition)
