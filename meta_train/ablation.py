@@ -244,6 +244,19 @@ ARMS = {
                 "decay_bias", "weight_kernel",
             ),  # fmt: skip
         ),
+        # The schedule arm with ρ's kernel trainable too: a base step read from the (frozen)
+        # cells, per coordinate, instead of one constant per candidate.
+        ArmConfig(
+            "tensor-trend-annealed-wide-log-pes10k-schedule-rho",
+            variant="tensor-trend-annealed",
+            family="wide",
+            log_uniform_horizons=(100, 10000),
+            estimator="pes",
+            sigma=0.003,
+            frozen=(
+                "pre_kernel", "pre_bias", "lstm_kernel", "lstm_bias", "decay_kernel", "decay_bias"
+            ),  # fmt: skip
+        ),
     )
 }
 
