@@ -119,6 +119,19 @@ class ArmConfig:
         return build_config(data)
 
 
+# Session 16's arms: the wide family (convex problems and full-MNIST MLPs with unbounded
+# activations added), horizons up to 10 000 steps, and PES at a smaller σ (session 13's
+# 10 000-step arm diverged at σ = 0.01), from the annealed start.
+WIDE_PES: dict[str, Any] = {
+    "variant": "tensor-trend-annealed",
+    "family": "wide",
+    "log_uniform_horizons": (100, 10000),
+    "estimator": "pes",
+    "sigma": 0.003,
+}
+# The annealed variant's θ entries that make the cells (all but ρ's kernel and the schedule).
+CELLS = ("pre_kernel", "pre_bias", "lstm_kernel", "lstm_bias", "decay_kernel", "decay_bias")
+
 # The arms of docs/generalisation.md's ablation table: each differs in one lever from the first,
 # except the PES arms, which differ from the log-uniform TBPTT arms in their estimator only (the
 # PES-against-TBPTT comparison at equal wall time), once on each bounded variant.
@@ -216,47 +229,24 @@ ARMS = {
             estimator="pes",
             frozen=("scale_rate", "scale_rate_early", "weight_bias", "weight_kernel"),
         ),
-        # Session 16: train on what the gate checks. The wide family (convex problems and
-        # full-MNIST MLPs with unbounded activations added), horizons up to 10 000 steps, and
-        # PES at a smaller σ (session 13's 10 000-step arm diverged at σ = 0.01), the cells
-        # training (the step sizes frozen, as in the cells arm above).
+        # Session 16: train on what the gate checks (``WIDE_PES``); the arms differ only in
+        # what is frozen. The cells train, the step sizes frozen (as in the cells arm above):
         ArmConfig(
             "tensor-trend-annealed-wide-log-pes10k-cells",
-            variant="tensor-trend-annealed",
-            family="wide",
-            log_uniform_horizons=(100, 10000),
-            estimator="pes",
-            sigma=0.003,
             frozen=("scale_rate", "scale_rate_early", "weight_bias"),
+            **WIDE_PES,
         ),
         # The opposite split: only the schedule trains (κ, κ₀ and ρ's bias, 22 numbers), the
         # cells stay the start's. The paper's 100-step rows want a faster early step than the
         # start's; the wide family's 10 000-step runs say how far it may go.
         ArmConfig(
             "tensor-trend-annealed-wide-log-pes10k-schedule",
-            variant="tensor-trend-annealed",
-            family="wide",
-            log_uniform_horizons=(100, 10000),
-            estimator="pes",
-            sigma=0.003,
-            frozen=(
-                "pre_kernel", "pre_bias", "lstm_kernel", "lstm_bias", "decay_kernel",
-                "decay_bias", "weight_kernel",
-            ),  # fmt: skip
+            frozen=(*CELLS, "weight_kernel"),
+            **WIDE_PES,
         ),
         # The schedule arm with ρ's kernel trainable too: a base step read from the (frozen)
         # cells, per coordinate, instead of one constant per candidate.
-        ArmConfig(
-            "tensor-trend-annealed-wide-log-pes10k-schedule-rho",
-            variant="tensor-trend-annealed",
-            family="wide",
-            log_uniform_horizons=(100, 10000),
-            estimator="pes",
-            sigma=0.003,
-            frozen=(
-                "pre_kernel", "pre_bias", "lstm_kernel", "lstm_bias", "decay_kernel", "decay_bias"
-            ),  # fmt: skip
-        ),
+        ArmConfig("tensor-trend-annealed-wide-log-pes10k-schedule-rho", frozen=CELLS, **WIDE_PES),
     )
 }
 
