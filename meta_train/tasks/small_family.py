@@ -96,13 +96,12 @@ class SmallFamilyConfig:
                 f"model_weights needs {LEGACY_MODELS} or {len(MODELS)} weights >= 0 (for "
                 f"{', '.join(MODELS)}), got {self.model_weights!r}"
             )
-        low, high = (
-            self.convex_conditions
-            if isinstance(self.convex_conditions, tuple) and len(self.convex_conditions) == 2
-            else (0, 0)
-        )
-        if not (isinstance(low, (int, float)) and isinstance(high, (int, float))) or not (
-            1 <= low <= high < math.inf
+        conditions = self.convex_conditions
+        if not (
+            isinstance(conditions, tuple)
+            and len(conditions) == 2
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in conditions)
+            and 1 <= conditions[0] <= conditions[1] < math.inf
         ):
             raise ValueError(
                 f"convex_conditions must be (low, high) with 1 <= low <= high, got "

@@ -87,6 +87,7 @@ def test_a_convex_task_is_scored_by_its_objective_not_the_excess():
         ({"convex_conditions": (0.5, 10)}, "convex_conditions must be"),
         ({"convex_conditions": (10,)}, "convex_conditions must be"),
         ({"convex_conditions": (10, math.inf)}, "convex_conditions must be"),
+        ({"convex_conditions": (True, 10)}, "convex_conditions must be"),
     ],
 )
 def test_bad_family_fields_are_refused(fields, message):
