@@ -131,6 +131,8 @@ WIDE_PES: dict[str, Any] = {
 }
 # The annealed variant's θ entries that make the cells (all but ρ's kernel and the schedule).
 CELLS = ("pre_kernel", "pre_bias", "lstm_kernel", "lstm_bias", "decay_kernel", "decay_bias")
+# The same less the decay gates' bias: frozen, they leave the decay rates constants to learn.
+CONSTANT_DECAYS = tuple(name for name in CELLS if name != "decay_bias")
 
 # The arms of docs/generalisation.md's ablation table: each differs in one lever from the first,
 # except the PES arms, which differ from the log-uniform TBPTT arms in their estimator only (the
@@ -247,6 +249,22 @@ ARMS = {
         # The schedule arm with ρ's kernel trainable too: a base step read from the (frozen)
         # cells, per coordinate, instead of one constant per candidate.
         ArmConfig("tensor-trend-annealed-wide-log-pes10k-schedule-rho", frozen=CELLS, **WIDE_PES),
+        # Session 17: the schedule arm with the J Adams' decay rates trainable too, as constants
+        # (the decay gates' bias; their kernel stays 0, so β_j and γ_j are the same in every
+        # coordinate): a learned mixture of J Adams with their own β₁, β₂ and weights, nothing
+        # that the cells could move per coordinate (62 numbers).
+        ArmConfig(
+            "tensor-trend-annealed-wide-log-pes10k-schedule-decays",
+            frozen=(*CONSTANT_DECAYS, "weight_kernel"),
+            **WIDE_PES,
+        ),
+        # The same with the base step frozen too: only the decay rates and the scale's rates
+        # train, so what it gains cannot come from a larger step (42 numbers).
+        ArmConfig(
+            "tensor-trend-annealed-wide-log-pes10k-decays",
+            frozen=(*CONSTANT_DECAYS, "weight_kernel", "weight_bias"),
+            **WIDE_PES,
+        ),
     )
 }
 
