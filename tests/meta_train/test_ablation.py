@@ -120,6 +120,26 @@ def test_a_pes_arm_with_log_uniform_horizons_trains(tmp_path):
     assert not torch.equal(trained, start)  # θ moved
 
 
+@pytest.mark.parametrize(
+    ("suffix", "trained"),
+    [
+        ("schedule-decays", {"decay_bias", "weight_bias", "scale_rate", "scale_rate_early"}),
+        ("decays", {"decay_bias", "scale_rate", "scale_rate_early"}),
+    ],
+)
+def test_the_decay_arms_train_constants_the_cells_cannot_move_per_coordinate(suffix, trained):
+    arm = ARMS[f"tensor-trend-annealed-wide-log-pes10k-{suffix}"]
+    config = arm.run_config()
+    optimizer = config.make_optimizer()
+    assert set(optimizer.theta_shapes()) - set(arm.frozen) == trained
+    start = optimizer.unflatten(init_theta_flat(optimizer, 1, experimental=config.experimental))
+    # Frozen at 0, the kernels leave the decay rates σ(decay_bias) and the weights ρ(weight_bias)
+    # the same in every coordinate, whatever the cells compute.
+    assert not start["decay_kernel"].any() and not start["weight_kernel"].any()
+    schedule = ARMS["tensor-trend-annealed-wide-log-pes10k-schedule"]
+    assert dataclasses.replace(arm, name=schedule.name, frozen=schedule.frozen) == schedule
+
+
 def test_bad_arms_are_refused():
     with pytest.raises(ValueError, match="variant"):
         ArmConfig("x", variant="nope")
