@@ -37,10 +37,15 @@ from .run_config import RunConfig, build_config, config_digest
 from .tasks.base import TaskFamily
 from .training import init_theta_flat, local_updates
 
-FAMILIES = ("paper", "small", "wide")
+FAMILIES = ("paper", "small", "wide", "wide-paper")
 # The "wide" family: the small one with its convex and full-MNIST members switched on
 # (``tasks/small_family.py``), so that meta-training sees what the snapshot gate checks.
 WIDE_FAMILY = {"model_weights": [0.35, 0.1, 0.15, 0.2, 0.2]}
+# "wide-paper": the same members, weighted toward what the paper's 100-step rows are made of
+# (MLPs on full 28×28 MNIST with the paper's four activations, and sine-sequence LSTMs), with
+# the convex problems kept at the weight that the 10 000-step gate rows need.
+WIDE_PAPER_FAMILY = {"model_weights": [0.15, 0.05, 0.25, 0.2, 0.35]}
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {"wide": WIDE_FAMILY, "wide-paper": WIDE_PAPER_FAMILY}
 # Levers changed together by design, counted as one where arms are compared: the wide family's
 # point is its 10 000-step convex problems, which need the horizons that reach them.
 LEVER_BUNDLES = (("family", "log_uniform_horizons"),)
@@ -55,7 +60,11 @@ class ArmConfig:
     variant: str = "tensor"
     family: str = "small"
     meta_loss: str = "log"
-    init: str = "adam"  # "adam": the Adam-reduction start at lr = α; "random": the spec's init
+    init: str = "adam"  # "adam": the Adam-reduction start at lr = α; "random": the spec's init;
+    # "theta": the θ file ``start_theta`` (relative to the directory the arm runs in, as every
+    # path of the ablation's commands is), pinned by content to ``start_theta_sha256``
+    start_theta: str | None = None
+    start_theta_sha256: str | None = None
     horizon: int = 200
     truncation: int = 20
     meta_batch: int = 4
@@ -74,8 +83,15 @@ class ArmConfig:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if self.init not in ("adam", "random"):
-            raise ValueError(f"init must be 'adam' or 'random', got {self.init!r}")
+        if self.init not in ("adam", "random", "theta"):
+            raise ValueError(f"init must be 'adam', 'random' or 'theta', got {self.init!r}")
+        if (self.init == "theta") != (self.start_theta is not None) or (
+            (self.start_theta is None) != (self.start_theta_sha256 is None)
+        ):
+            raise ValueError(
+                "init 'theta' needs start_theta and start_theta_sha256 (the file and the digest "
+                "it must have), and they apply to init 'theta' only"
+            )
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         horizons = self.log_uniform_horizons
@@ -110,9 +126,15 @@ class ArmConfig:
             "validation": {"every": 0},
             "experimental": experimental,
         }
-        if self.family == "wide":
-            data["family"] = WIDE_FAMILY
-        if self.init == "adam":
+        if self.family in FAMILY_CONFIGS:
+            data["family"] = FAMILY_CONFIGS[self.family]
+        if self.init == "theta":
+            # Pinned here, so that building the config never reads the file (the arms are
+            # built at import); the run reads it and refuses one whose digest differs.
+            data["init"] = {
+                "kind": "theta", "theta": self.start_theta, "theta_sha256": self.start_theta_sha256
+            }  # fmt: skip
+        elif self.init == "adam":
             # The Adam-reduction start is Adam at the variant's own α (lr = α: Σ_j ρ_j = 1).
             alpha = build_config(data).make_optimizer().default_lr
             experimental["adam_start"] = {"lr": alpha}
@@ -133,6 +155,14 @@ WIDE_PES: dict[str, Any] = {
 CELLS = ("pre_kernel", "pre_bias", "lstm_kernel", "lstm_bias", "decay_kernel", "decay_bias")
 # The same less the decay gates' bias: frozen, they leave the decay rates constants to learn.
 CONSTANT_DECAYS = tuple(name for name in CELLS if name != "decay_bias")
+# Session 17's decays θ, the first meta-trained θ to meet the held-out targets, as a start.
+FROM_DECAYS: dict[str, Any] = {
+    "init": "theta",
+    "start_theta": (
+        "checkpoints/ablation/tensor-trend-annealed-wide-log-pes10k-decays-gated/theta.npz"
+    ),
+    "start_theta_sha256": "02da9d637345955e46c4c5d14448a5fe0f2f8f587efb82fb54f2af40657938ea",
+}
 
 # The arms of docs/generalisation.md's ablation table: each differs in one lever from the first,
 # except the PES arms, which differ from the log-uniform TBPTT arms in their estimator only (the
@@ -264,6 +294,22 @@ ARMS = {
             "tensor-trend-annealed-wide-log-pes10k-decays",
             frozen=(*CONSTANT_DECAYS, "weight_kernel", "weight_bias"),
             **WIDE_PES,
+        ),
+        # Session 18: session 16's cells arm, started from the decays arm's θ (which meets the
+        # held-out targets) instead of the untrained start: can the cells, trained from there,
+        # learn to tell the paper's 100-step tasks from the gate's without breaking the latter?
+        ArmConfig(
+            "tensor-trend-annealed-wide-log-pes10k-cells-from-decays",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias"),
+            **FROM_DECAYS,
+            **WIDE_PES,
+        ),
+        # The same on the family weighted toward the paper's rows (``WIDE_PAPER_FAMILY``).
+        ArmConfig(
+            "tensor-trend-annealed-widepaper-log-pes10k-cells-from-decays",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias"),
+            **FROM_DECAYS,
+            **{**WIDE_PES, "family": "wide-paper"},
         ),
     )
 }
