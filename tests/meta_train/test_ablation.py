@@ -14,7 +14,7 @@ from meta_train.experimental import EstimatorConfig, HorizonConfig
 from meta_train.run_config import build_config, config_digest, load_config_file
 from meta_train.theta_source import load_theta_source
 from meta_train.training import init_theta_flat
-from runtime.theta import load_theta
+from runtime.theta import load_theta, save_theta
 
 
 def test_an_arm_logs_its_whole_config_and_seed_and_saves_a_loadable_theta(tmp_path):
@@ -140,6 +140,30 @@ def test_the_decay_arms_train_constants_the_cells_cannot_move_per_coordinate(suf
     assert dataclasses.replace(arm, name=schedule.name, frozen=schedule.frozen) == schedule
 
 
+def test_an_arm_started_from_a_theta_file_starts_exactly_there_and_refuses_a_changed_file(
+    tmp_path,
+):
+    arm = ARMS["tensor-trend-annealed-wide-log-pes10k-cells-from-decays"]
+    config = arm.run_config()
+    assert config.init.kind == "theta" and config.experimental.adam_start is None
+    assert config.init.theta_sha256 == arm.start_theta_sha256
+    optimizer = config.make_optimizer()
+    start = init_theta_flat(optimizer, 7, config.init, config.experimental)
+    _, given = load_theta_source(arm.start_theta)
+    assert torch.equal(start, optimizer.flatten(given))  # no Adam reduction on top
+    # The file the arm names must still be the bytes it was pinned to.
+    artifact = load_theta(arm.start_theta)
+    changed = {**artifact.theta, "scale_rate": artifact.theta["scale_rate"] * 2}
+    save_theta(tmp_path / "changed.npz", artifact.method, changed)
+    moved = dataclasses.replace(arm, start_theta=str(tmp_path / "changed.npz"))
+    with pytest.raises(ValueError, match="has changed"):
+        init_theta_flat(optimizer, 7, moved.run_config().init, config.experimental)
+    # The paper-weighted arm differs from it in the family's weights only.
+    paper = ARMS["tensor-trend-annealed-widepaper-log-pes10k-cells-from-decays"]
+    assert dataclasses.replace(paper, name=arm.name, family=arm.family) == arm
+    assert paper.run_config().family.model_weights != config.family.model_weights
+
+
 def test_bad_arms_are_refused():
     with pytest.raises(ValueError, match="variant"):
         ArmConfig("x", variant="nope")
@@ -153,6 +177,14 @@ def test_bad_arms_are_refused():
         ArmConfig("x", estimator="pes", pairs=0)
     with pytest.raises(ValueError, match=r"no multiple of unroll.truncation \(20\)"):
         ArmConfig("x", log_uniform_horizons=(5, 15))
+    with pytest.raises(ValueError, match="init 'theta' needs start_theta"):
+        ArmConfig("x", init="theta")
+    with pytest.raises(ValueError, match="init 'theta' needs start_theta"):
+        ArmConfig("x", start_theta="theta.npz", start_theta_sha256="0" * 64)
+    with pytest.raises(ValueError, match="init 'theta' needs start_theta"):
+        ArmConfig("x", init="theta", start_theta="theta.npz")
+    with pytest.raises(ValueError, match="theta_sha256 must be 64 lowercase hex"):
+        ArmConfig("x", init="theta", start_theta="theta.npz", start_theta_sha256="abc")
 
 
 def test_snapshots_are_saved_on_the_wall_clock_and_load_like_the_final_theta(tmp_path):
