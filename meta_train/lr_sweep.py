@@ -1,0 +1,186 @@
+"""How far a per-task step size alone goes toward the paper's 100-step rows.
+
+The paper's rows (Tables 1–2, Fig. 5(d)) ask a learned optimizer, at its one default lr, to end
+below Adam's loss by the paper's HyperAdam/Adam ratio, with Adam at the paper's tuned lr per task
+(spec §5). This module runs an optimizer at multiples of its lr on the same runs that
+``hyperadam reproduce --runs R --seed S`` uses, beside Adam at the paper's lr, and reports per row
+the loss at each multiple, the best multiple's ratio to that Adam, and whether it reaches the
+paper's ratio.
+
+The best multiple is chosen on the evaluation runs themselves, so this is an *oracle*: an upper
+bound on what any rule that only picks a per-task step size for that optimizer could reach on
+these runs. A row that no multiple of Adam's lr reaches asks for more than a step size.
+
+    python -m meta_train.lr_sweep --optimizer adam --runs 10 --out runs/lr-sweep.json
+    python -m meta_train.lr_sweep --optimizer checkpoints/ablation/ARM/theta.npz --multipliers 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import paper
+from .errors import UsageError
+
+DEFAULT_MULTIPLIERS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def hundred_step_rows() -> dict[str, float]:
+    """Task key → the paper's HyperAdam/Adam final-loss ratio, for every row of the paper's that
+    reports both on a 100-step task (16 rows)."""
+    from .tasks.suite import TEST_TASKS
+
+    rows: dict[str, float] = {}
+    for row in paper.GRID:
+        learned, adam = row.paper.get("hyperadam"), row.paper.get("adam")
+        if row.metric == "final_loss" and learned and adam and TEST_TASKS[row.task].horizon == 100:
+            rows.setdefault(row.task, learned / adam)
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """One sweep (logged whole in its JSON)."""
+
+    optimizer: str = "adam"  # a baseline name, a built-in or a θ file/folder
+    multipliers: tuple[float, ...] = DEFAULT_MULTIPLIERS  # of the optimizer's own lr
+    runs: int = 10
+    seed: int = 0
+    tasks: tuple[str, ...] = ()  # () = every 100-step paper row
+
+    def __post_init__(self) -> None:
+        multipliers = tuple(self.multipliers)
+        if not multipliers or not all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m > 0
+            for m in multipliers
+        ):
+            raise ValueError(f"multipliers must be positive finite numbers, got {multipliers!r}")
+        object.__setattr__(self, "multipliers", tuple(sorted(set(map(float, multipliers)))))
+        if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
+            raise ValueError(f"runs must be an integer >= 1, got {self.runs!r}")
+        known = hundred_step_rows()
+        unknown = [task for task in self.tasks if task not in known]
+        if unknown:
+            raise ValueError(
+                f"not a 100-step paper row: {', '.join(unknown)} (rows: {', '.join(known)})"
+            )
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+
+
+Evaluator = Callable[[str, str, float, int, int], float]
+
+
+def _final_loss_mean(task_key: str, optimizer: str, lr: float, runs: int, seed: int) -> float:
+    from .evaluate import evaluate
+    from .reproduce import _task
+    from .resolve import resolve_optimizer
+    from .tasks.suite import TEST_TASKS
+
+    spec = TEST_TASKS[task_key]
+    rule, lr = resolve_optimizer(optimizer, spec, lr=lr)
+    result = evaluate(
+        _task(task_key, None), rule, task_name=task_key, steps=spec.horizon, runs=runs,
+        seed=seed, lr=lr,
+    )  # fmt: skip
+    return result.final_loss_mean
+
+
+def _default_lr(optimizer: str, task_key: str) -> float:
+    from .resolve import resolve_optimizer
+    from .tasks.suite import TEST_TASKS
+
+    return resolve_optimizer(optimizer, TEST_TASKS[task_key])[1]
+
+
+def sweep(config: SweepConfig, evaluate: Evaluator = _final_loss_mean) -> dict[str, Any]:
+    """Runs the sweep; returns ``{"config", "rows": {task: …}, "met", "of"}``.
+
+    Each row holds the paper's ratio, Adam's paper lr and mean final loss, the optimizer's lr
+    and mean final loss at each multiple, the best multiple and its ratio to Adam, and ``meets``
+    (the ratio is at or below the paper's). ``evaluate(task, optimizer, lr, runs, seed)`` is the
+    mean final loss over the runs (a seam for tests).
+    """
+    rows = hundred_step_rows()
+    out: dict[str, Any] = {"config": dataclasses.asdict(config), "rows": {}}
+    for task in config.tasks or tuple(rows):
+        adam_lr = _default_lr("adam", task)
+        adam = evaluate(task, "adam", adam_lr, config.runs, config.seed)
+        base_lr = _default_lr(config.optimizer, task)
+        losses: dict[str, float] = {}
+        for multiple in config.multipliers:
+            if config.optimizer == "adam" and multiple == 1.0:
+                losses[repr(multiple)] = adam  # the same runs at the same lr
+            else:
+                losses[repr(multiple)] = evaluate(
+                    task, config.optimizer, base_lr * multiple, config.runs, config.seed
+                )
+        finite = {m: loss for m, loss in losses.items() if math.isfinite(loss)}
+        best = min(finite, key=finite.__getitem__) if finite else None
+        ratio = finite[best] / adam if best is not None else math.inf
+        out["rows"][task] = {
+            "paper_ratio": rows[task],
+            "adam_lr": adam_lr,
+            "adam_final_loss": adam,
+            "lr": base_lr,
+            "final_loss_by_multiple": losses,
+            "best_multiple": None if best is None else float(best),
+            "best_ratio": ratio,
+            "meets": ratio <= rows[task],
+        }
+    out["met"] = sum(row["meets"] for row in out["rows"].values())
+    out["of"] = len(out["rows"])
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The sweep as a markdown table."""
+    lines = [
+        "| row | paper ratio | best multiple of the lr | its ratio to Adam | meets |",
+        "|---|---|---|---|---|",
+    ]
+    for task, row in result["rows"].items():
+        best = "—" if row["best_multiple"] is None else f"×{row['best_multiple']:g}"
+        lines.append(
+            f"| `{task}` | {row['paper_ratio']:.3f} | {best} | {row['best_ratio']:.3f} | "
+            f"{'yes' if row['meets'] else 'no'} |"
+        )
+    lines.append(f"\n{result['config']['optimizer']}: {result['met']} of {result['of']} rows met.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--optimizer",
+        default="adam",
+        help="a baseline, a built-in or a θ file/folder (default adam)",
+    )
+    parser.add_argument("--multipliers", type=float, nargs="+", default=DEFAULT_MULTIPLIERS)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", nargs="+", default=(), help="100-step paper rows (default all)")
+    parser.add_argument("--out", help="write the whole result as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        config = SweepConfig(args.optimizer, tuple(args.multipliers), args.runs, args.seed,
+                             tuple(args.tasks))  # fmt: skip
+        _default_lr(config.optimizer, next(iter(config.tasks or hundred_step_rows())))
+    except (ValueError, UsageError) as error:
+        parser.error(str(error))
+    result = sweep(config)
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
