@@ -37,7 +37,7 @@ from .run_config import RunConfig, build_config, config_digest
 from .tasks.base import TaskFamily
 from .training import init_theta_flat, local_updates
 
-FAMILIES = ("paper", "small", "wide", "wide-paper")
+FAMILIES = ("paper", "small", "wide", "wide-paper", "wide-paper-convex")
 # The "wide" family: the small one with its convex and full-MNIST members switched on
 # (``tasks/small_family.py``), so that meta-training sees what the snapshot gate checks.
 WIDE_FAMILY = {"model_weights": [0.35, 0.1, 0.15, 0.2, 0.2]}
@@ -45,7 +45,14 @@ WIDE_FAMILY = {"model_weights": [0.35, 0.1, 0.15, 0.2, 0.2]}
 # (MLPs on full 28×28 MNIST with the paper's four activations, and sine-sequence LSTMs), with
 # the convex problems kept at the weight that the 10 000-step gate rows need.
 WIDE_PAPER_FAMILY = {"model_weights": [0.15, 0.05, 0.25, 0.2, 0.35]}
-FAMILY_CONFIGS: dict[str, dict[str, Any]] = {"wide": WIDE_FAMILY, "wide-paper": WIDE_PAPER_FAMILY}
+# "wide-paper-convex": the same with the convex problems' weight raised (from the MLPs on 8×8
+# MNIST), after session 18's arm on "wide-paper" learned a sine-LSTM gain that broke them.
+WIDE_PAPER_CONVEX_FAMILY = {"model_weights": [0.05, 0.05, 0.25, 0.35, 0.3]}
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "wide": WIDE_FAMILY,
+    "wide-paper": WIDE_PAPER_FAMILY,
+    "wide-paper-convex": WIDE_PAPER_CONVEX_FAMILY,
+}
 # Levers changed together by design, counted as one where arms are compared: the wide family's
 # point is its 10 000-step convex problems, which need the horizons that reach them.
 LEVER_BUNDLES = (("family", "log_uniform_horizons"),)
@@ -310,6 +317,15 @@ ARMS = {
             frozen=("scale_rate", "scale_rate_early", "weight_bias"),
             **FROM_DECAYS,
             **{**WIDE_PES, "family": "wide-paper"},
+        ),
+        # The same with the convex problems weighted up (``WIDE_PAPER_CONVEX_FAMILY``): does
+        # meta-training that sees more of them keep the step that its LSTM gain asks for from
+        # breaking them at 10 000 steps?
+        ArmConfig(
+            "tensor-trend-annealed-widepaperconvex-log-pes10k-cells-from-decays",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias"),
+            **FROM_DECAYS,
+            **{**WIDE_PES, "family": "wide-paper-convex"},
         ),
     )
 }
