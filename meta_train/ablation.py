@@ -457,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--minutes is required to train an arm")
     if args.snapshot_minutes is not None and not args.snapshot_minutes > 0:
         parser.error(f"--snapshot-minutes must be positive, got {args.snapshot_minutes}")
+    if arm.start_theta is not None and not Path(arm.start_theta).is_file():
+        parser.error(
+            f"arm {arm.name} starts from {arm.start_theta}, which is not here: run it from the "
+            "repository root"
+        )
     summary = train_arm(arm, minutes=args.minutes, out=Path(args.out),
                         tracking_uri=None if args.tracking_uri == "none" else args.tracking_uri,
                         snapshot_minutes=args.snapshot_minutes)

@@ -141,7 +141,7 @@ def test_the_decay_arms_train_constants_the_cells_cannot_move_per_coordinate(suf
 
 
 def test_an_arm_started_from_a_theta_file_starts_exactly_there_and_refuses_a_changed_file(
-    tmp_path,
+    tmp_path, monkeypatch, capsys
 ):
     arm = ARMS["tensor-trend-annealed-wide-log-pes10k-cells-from-decays"]
     config = arm.run_config()
@@ -158,6 +158,13 @@ def test_an_arm_started_from_a_theta_file_starts_exactly_there_and_refuses_a_cha
     moved = dataclasses.replace(arm, start_theta=str(tmp_path / "changed.npz"))
     with pytest.raises(ValueError, match="has changed"):
         init_theta_flat(optimizer, 7, moved.run_config().init, config.experimental)
+    # Run from elsewhere, the command says where the start is expected, before training.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--arm", arm.name, "--minutes", "1", "--out", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    assert "run it from the repository root" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
     # The paper-weighted arm differs from it in the family's weights only.
     paper = ARMS["tensor-trend-annealed-widepaper-log-pes10k-cells-from-decays"]
     assert dataclasses.replace(paper, name=arm.name, family=arm.family) == arm
