@@ -37,7 +37,6 @@ from .run_config import RunConfig, build_config, config_digest
 from .tasks.base import TaskFamily
 from .training import init_theta_flat, local_updates
 
-FAMILIES = ("paper", "small", "wide", "wide-paper", "wide-paper-convex")
 # The "wide" family: the small one with its convex and full-MNIST members switched on
 # (``tasks/small_family.py``), so that meta-training sees what the snapshot gate checks.
 WIDE_FAMILY = {"model_weights": [0.35, 0.1, 0.15, 0.2, 0.2]}
@@ -53,6 +52,7 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "wide-paper": WIDE_PAPER_FAMILY,
     "wide-paper-convex": WIDE_PAPER_CONVEX_FAMILY,
 }
+FAMILIES = ("paper", "small", *FAMILY_CONFIGS)
 # Levers changed together by design, counted as one where arms are compared: the wide family's
 # point is its 10 000-step convex problems, which need the horizons that reach them.
 LEVER_BUNDLES = (("family", "log_uniform_horizons"),)

@@ -2,10 +2,10 @@
 
 The paper's rows (Tables 1–2, Fig. 5(d)) ask a learned optimizer, at its one default lr, to end
 below Adam's loss by the paper's HyperAdam/Adam ratio, with Adam at the paper's tuned lr per task
-(spec §5). This module runs an optimizer at multiples of its lr on the same runs that
-``hyperadam reproduce --runs R --seed S`` uses, beside Adam at the paper's lr, and reports per row
-the loss at each multiple, the best multiple's ratio to that Adam, and whether it reaches the
-paper's ratio.
+(spec §5). This module runs an optimizer at multiples of its lr through ``reproduce``'s own
+cell (the same runs that ``hyperadam reproduce --runs R --seed S`` uses), beside Adam at the
+paper's lr, and reports per row the loss at each multiple, the best multiple's ratio to that
+Adam, and whether it reaches the paper's ratio.
 
 The best multiple is chosen on the evaluation runs themselves, so this is an *oracle*: an upper
 bound on what any rule that only picks a per-task step size for that optimizer could reach on
@@ -78,18 +78,12 @@ Evaluator = Callable[[str, str, float, int, int], float]
 
 
 def _final_loss_mean(task_key: str, optimizer: str, lr: float, runs: int, seed: int) -> float:
-    from .evaluate import evaluate
-    from .reproduce import _task
-    from .resolve import resolve_optimizer
-    from .tasks.suite import TEST_TASKS
+    from .reproduce import evaluate_cell
 
-    spec = TEST_TASKS[task_key]
-    rule, lr = resolve_optimizer(optimizer, spec, lr=lr)
-    result = evaluate(
-        _task(task_key, None), rule, task_name=task_key, steps=spec.horizon, runs=runs,
-        seed=seed, lr=lr,
-    )  # fmt: skip
-    return result.final_loss_mean
+    cell = evaluate_cell(task_key, optimizer, runs, seed, None, lr=lr)  # reproduce's own cell
+    if "status" in cell:
+        raise UsageError(f"{optimizer} on {task_key}: {cell['status']}")
+    return cell["final_loss_mean"]
 
 
 def _default_lr(optimizer: str, task_key: str) -> float:

@@ -195,6 +195,7 @@ def evaluate_cell(
     seed: int,
     data_dir: str | None,
     folder: str | None = None,
+    lr: float | None = None,
 ) -> dict:
     """One (task, optimizer) cell of the grid as JSON-ready results (or why there are none).
 
@@ -205,12 +206,14 @@ def evaluate_cell(
     ``EvaluationResult.to_json``, the cell records per run whether it was unstable
     (``unstable``, judged by ``unstable_rule``: the held-out benchmark's). The iterates it
     measures for that are evaluated on their own batches: the final losses do not change.
+    ``lr`` replaces the optimizer's own (the paper's tuned lr for Adam, a θ's default step);
+    ``lr_sweep`` runs the grid's cells at multiples of it.
     """
     from .tasks.suite import TEST_TASKS
 
     spec = TEST_TASKS[task_key]
     try:
-        rule, lr = resolve_optimizer(name, spec)
+        rule, lr = resolve_optimizer(name, spec, lr=lr)
     except UsageError as error:
         return {"status": f"not available: {error}"}
     if folder is not None:
