@@ -47,10 +47,14 @@ WIDE_PAPER_FAMILY = {"model_weights": [0.15, 0.05, 0.25, 0.2, 0.35]}
 # "wide-paper-convex": the same with the convex problems' weight raised (from the MLPs on 8×8
 # MNIST), after session 18's arm on "wide-paper" learned a sine-LSTM gain that broke them.
 WIDE_PAPER_CONVEX_FAMILY = {"model_weights": [0.05, 0.05, 0.25, 0.35, 0.3]}
+# "wide-paper-deep": "wide-paper" with 28×28 MLPs of 1–10 hidden layers (not 1–3), for the
+# deep sigmoid rows of Fig. 5(d), which nothing measured in session 18 reached.
+WIDE_PAPER_DEEP_FAMILY = {**WIDE_PAPER_FAMILY, "mnist28_max_depth": 10}
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "wide": WIDE_FAMILY,
     "wide-paper": WIDE_PAPER_FAMILY,
     "wide-paper-convex": WIDE_PAPER_CONVEX_FAMILY,
+    "wide-paper-deep": WIDE_PAPER_DEEP_FAMILY,
 }
 FAMILIES = ("paper", "small", *FAMILY_CONFIGS)
 # Levers changed together by design, counted as one where arms are compared: the wide family's
@@ -326,6 +330,14 @@ ARMS = {
             frozen=("scale_rate", "scale_rate_early", "weight_bias"),
             **FROM_DECAYS,
             **{**WIDE_PES, "family": "wide-paper-convex"},
+        ),
+        # Session 19: the wide-paper arm with deeper 28×28 MLPs in the family
+        # (``WIDE_PAPER_DEEP_FAMILY``): can the cells learn what the deep sigmoid rows ask for?
+        ArmConfig(
+            "tensor-trend-annealed-widepaperdeep-log-pes10k-cells-from-decays",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias"),
+            **FROM_DECAYS,
+            **{**WIDE_PES, "family": "wide-paper-deep"},
         ),
     )
 }

@@ -100,6 +100,8 @@ _SCHEMA_2_OMITTED: dict[str, Any] = {
     "experimental.frozen": [],
     # the small family's convex member (issue 15, session 16); the default is the family's own
     "family.convex_conditions": list(SmallFamilyConfig.convex_conditions),
+    # the depth of its 28×28 MLPs (issue 15, session 19)
+    "family.mnist28_max_depth": SmallFamilyConfig.mnist28_max_depth,
 }
 _SCHEMA_1_OMITTED: dict[str, Any] = {
     "init": _SCHEMA_1_INIT,

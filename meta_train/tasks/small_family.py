@@ -13,10 +13,13 @@ Two further members are off by default (their weights are the optional 4th and 5
 unchanged): *convex* problems, least squares or logistic regression on a design whose
 condition number is drawn log-uniformly over ``convex_conditions`` (at most 1e4 by default, an
 order of magnitude short of the held-out suite's 1e5 and 1e6), scored by the raw objective;
-and *mnist28* MLPs, depth 1–3 of the same widths and activations on full 28×28 MNIST, whose
-unbounded activations on 784 inputs are what broke meta-trained θs on the paper's ReLU and
-ELU rows. Together with horizons up to 10 000 steps they put into meta-training what the
-snapshot gate checks (docs/generalisation.md, session 16).
+and *mnist28* MLPs, depth 1–3 (``mnist28_max_depth``) of the same widths and activations on
+full 28×28 MNIST, whose unbounded activations on 784 inputs are what broke meta-trained θs on
+the paper's ReLU and ELU rows. Together with horizons up to 10 000 steps they put into
+meta-training what the snapshot gate checks (docs/generalisation.md, session 16). Deeper 28×28
+MLPs (a larger ``mnist28_max_depth``) put in the vanishing signal of the paper's deep sigmoid
+MLPs (Fig. 5(d)), at other widths (16–64, not the paper's 20) and with PyTorch's
+initialisation (not the paper's N(0, 0.1²)).
 
 Every choice derives from the task seed; ``SmallFamilyConfig`` is logged whole and digested.
 Nothing here overlaps the held-out suite (no GELU/SiLU, no BatchNorm, no residual blocks, no
@@ -44,7 +47,7 @@ from .lstm import SineLSTMTask
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 MODELS = ("mlp", "cnn", "lstm", "convex", "mnist28")
 LEGACY_MODELS = 3  # configs with 3 weights draw among the first three models only
-MNIST28_MAX_DEPTH = 3
+MNIST28_MAX_DEPTH = 3  # the default of ``mnist28_max_depth``, drawn as families first drew it
 CONVEX_SIZES = (20, 50, 100)  # columns; rows are 4× as many
 
 
@@ -70,6 +73,7 @@ class SmallFamilyConfig:
     log_scale_range: float = math.log(1e3)
     batch_size: int = 64
     convex_conditions: tuple[float, float] = (1e1, 1e4)  # log-uniform condition numbers
+    mnist28_max_depth: int = MNIST28_MAX_DEPTH  # hidden layers of the 28×28 MLPs, 1 to this
 
     def __post_init__(self) -> None:
         for name in ("model_weights", "widths", "activations", "convex_conditions"):
@@ -110,8 +114,14 @@ class SmallFamilyConfig:
         unknown = set(self.activations) - set(ACTIVATIONS)
         if unknown or not self.activations:
             raise ValueError(f"unknown activations {sorted(unknown)}; known {list(ACTIVATIONS)}")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
         if self.max_depth < 1 or not self.widths or min(self.widths) < 1:
             raise ValueError("max_depth and widths must be >= 1")
+        depth = self.mnist28_max_depth
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 16:
+            raise ValueError(f"mnist28_max_depth must be an integer in [1, 16], got {depth!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +255,12 @@ class SmallTaskFamily(TaskFamily):
         layernorm = bool(torch.rand(1, generator=g) < cfg.layernorm_probability)
         reparam = bool(torch.rand(1, generator=g) < cfg.reparam_probability)
         condition = None
-        if model == "mnist28":
-            depth = 1 + (depth - 1) % MNIST28_MAX_DEPTH
+        if model == "mnist28" and cfg.mnist28_max_depth == MNIST28_MAX_DEPTH:
+            depth = 1 + (depth - 1) % MNIST28_MAX_DEPTH  # as drawn before the depth was a knob
+        elif model == "mnist28":
+            # Its own draw, made only for 28×28 MLPs of a family that sets the knob, so every
+            # other family's sequence of draws (and so its tasks and digest) is unchanged.
+            depth = int(torch.randint(1, cfg.mnist28_max_depth + 1, (1,), generator=g))
         elif model == "convex":
             # The kind (least squares or logistic regression) and the size follow from the
             # depth drawn; the condition number is an extra draw made for convex tasks only, so
@@ -309,6 +323,8 @@ class SmallTaskFamily(TaskFamily):
         data = {"family": "small", **dataclasses.asdict(self.config)}
         if self.config.convex_conditions == SmallFamilyConfig.convex_conditions:
             del data["convex_conditions"]  # as families logged it before the convex member
+        if self.config.mnist28_max_depth == MNIST28_MAX_DEPTH:
+            del data["mnist28_max_depth"]  # as families logged it before the knob
         return data
 
     def digest(self) -> str:

@@ -169,6 +169,12 @@ def test_an_arm_started_from_a_theta_file_starts_exactly_there_and_refuses_a_cha
     paper = ARMS["tensor-trend-annealed-widepaper-log-pes10k-cells-from-decays"]
     assert dataclasses.replace(paper, name=arm.name, family=arm.family) == arm
     assert paper.run_config().family.model_weights != config.family.model_weights
+    # The deep arm differs from the paper-weighted one in the 28×28 MLPs' depth only.
+    deep = ARMS["tensor-trend-annealed-widepaperdeep-log-pes10k-cells-from-decays"]
+    assert dataclasses.replace(deep, name=paper.name, family=paper.family) == paper
+    deep_family, paper_family = deep.run_config().family, paper.run_config().family
+    assert dataclasses.replace(deep_family, mnist28_max_depth=3) == paper_family
+    assert deep_family.mnist28_max_depth == 10
 
 
 def test_bad_arms_are_refused():

@@ -37,6 +37,10 @@ def test_the_run_configs_identity_is_unchanged_by_the_new_field():
     assert config_digest(spelled) == config_digest(before)
     other = build_config({"task": "small", "family": {"convex_conditions": [10.0, 1e3]}})
     assert config_digest(other) != config_digest(before)
+    spelled = build_config({"task": "small", "family": {"mnist28_max_depth": 3}})
+    assert config_digest(spelled) == config_digest(before)
+    deeper = build_config({"task": "small", "family": {"mnist28_max_depth": 10}})
+    assert config_digest(deeper) != config_digest(before)
 
 
 def test_the_wide_family_draws_every_member_and_builds_it():
@@ -78,9 +82,36 @@ def test_a_convex_task_is_scored_by_its_objective_not_the_excess():
     assert torch.equal(again.inner.features, task.inner.features)
 
 
+def test_deeper_28x28_mlps_change_no_other_draw_and_build_at_every_depth():
+    weights = (0.15, 0.05, 0.25, 0.2, 0.35)
+    shallow = SmallTaskFamily(SmallFamilyConfig(model_weights=weights))
+    deep = SmallTaskFamily(SmallFamilyConfig(model_weights=weights, mnist28_max_depth=10))
+    assert "mnist28_max_depth" not in shallow.to_dict()
+    assert deep.to_dict()["mnist28_max_depth"] == 10 and deep.digest() != shallow.digest()
+    # Spelling out the default changes nothing: not the digest, not a draw.
+    spelled = SmallTaskFamily(SmallFamilyConfig(model_weights=weights, mnist28_max_depth=3))
+    assert spelled.digest() == shallow.digest()
+    pairs = [(shallow.sample(seed), deep.sample(seed)) for seed in range(400)]
+    assert all(s == spelled.sample(i) for i, (s, _) in enumerate(pairs[:50]))
+    # Every task but the 28×28 MLPs is drawn exactly as before (their extra draw is their own).
+    assert all(s == d for s, d in pairs if s.model != "mnist28")
+    depths = {d.depth for _, d in pairs if d.model == "mnist28"}
+    assert depths == set(range(1, 11))
+    assert max(s.depth for s, _ in pairs if s.model == "mnist28") == 3
+    config = next(d for _, d in pairs if d.model == "mnist28" and d.depth == 10)
+    task = deep.build(config)
+    g = torch.Generator().manual_seed(0)
+    loss, grad = task.loss_and_grad(task.init_params(g), task.sample_batch(g))
+    assert math.isfinite(float(loss)) and torch.isfinite(grad).all()
+    assert len(task.tensor_sizes) == 2 * (10 + 1) + 2 * 10 * config.layernorm
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
+        ({"mnist28_max_depth": 0}, "mnist28_max_depth must be"),
+        ({"mnist28_max_depth": 2.5}, "mnist28_max_depth must be"),
+        ({"mnist28_max_depth": True}, "mnist28_max_depth must be"),
         ({"model_weights": (1, 1, 1, 1)}, "model_weights needs 3 or 5 weights"),
         ({"model_weights": (1, 1, 1, 1, -1)}, "model_weights needs 3 or 5 weights"),
         ({"convex_conditions": (1e4, 10)}, "convex_conditions must be"),
