@@ -40,6 +40,10 @@ SUBCOMMANDS = {
     "registry": ("registry_cmd", "list and promote registered optimizers"),
     "reproduce": ("reproduce_cmd", "run the paper's evaluation grid and write docs/results.md"),
     "benchmark": ("benchmark_cmd", "judge optimizers against tuned Adam on held-out tasks"),
+    "lr-sweep": (
+        "lr_sweep_cmd",
+        "run an optimizer at multiples of its lr on the paper's 100-step rows (an oracle)",
+    ),
     "snapshot-gate": (
         "snapshot_gate_cmd",
         "keep the newest meta-training snapshot that holds its start's long runs",

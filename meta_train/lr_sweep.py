@@ -11,19 +11,20 @@ The best multiple is chosen on the evaluation runs themselves, so this is an *or
 bound on what any rule that only picks a per-task step size for that optimizer could reach on
 these runs. A row that no multiple of Adam's lr reaches asks for more than a step size.
 
-    python -m meta_train.lr_sweep --optimizer adam --runs 10 --out runs/lr-sweep.json
-    python -m meta_train.lr_sweep --optimizer checkpoints/ablation/ARM/theta.npz --multipliers 1 2
+A learned optimizer steps through the torch reference, or, given its export (``folder``),
+through its exported ONNX step (``hyperadam lr-sweep --engine runtime``), as ``reproduce``'s
+cells do; Adam always steps in torch. The command is ``meta_train/commands/lr_sweep_cmd.py``.
+
+    hyperadam lr-sweep --optimizer adam --runs 10 --out runs/lr-sweep.json
+    hyperadam lr-sweep --optimizer checkpoints/ablation/ARM/theta.npz --multipliers 1 2 \
+        --engine runtime
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from . import paper
@@ -74,46 +75,59 @@ class SweepConfig:
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
 
-Evaluator = Callable[[str, str, float, int, int], float]
+# (task, optimizer, lr, runs, seed, the optimizer's export or None) → mean final loss
+Evaluator = Callable[[str, str, float, int, int, "str | None"], float]
 
 
-def _final_loss_mean(task_key: str, optimizer: str, lr: float, runs: int, seed: int) -> float:
+def _final_loss_mean(
+    task_key: str, optimizer: str, lr: float, runs: int, seed: int, folder: str | None
+) -> float:
     from .reproduce import evaluate_cell
 
-    cell = evaluate_cell(task_key, optimizer, runs, seed, None, lr=lr)  # reproduce's own cell
+    # reproduce's own cell, through the export's ONNX step where one is given
+    cell = evaluate_cell(task_key, optimizer, runs, seed, None, folder=folder, lr=lr)
     if "status" in cell:
         raise UsageError(f"{optimizer} on {task_key}: {cell['status']}")
     return cell["final_loss_mean"]
 
 
-def _default_lr(optimizer: str, task_key: str) -> float:
+def default_lr(optimizer: str, task_key: str) -> float:
+    """The lr ``optimizer`` runs at on ``task_key`` unswept (raises ``UsageError`` for an
+    unknown optimizer): the paper's for Adam, a θ's default step."""
     from .resolve import resolve_optimizer
     from .tasks.suite import TEST_TASKS
 
     return resolve_optimizer(optimizer, TEST_TASKS[task_key])[1]
 
 
-def sweep(config: SweepConfig, evaluate: Evaluator = _final_loss_mean) -> dict[str, Any]:
-    """Runs the sweep; returns ``{"config", "rows": {task: …}, "met", "of"}``.
+def sweep(
+    config: SweepConfig, evaluate: Evaluator = _final_loss_mean, *, folder: str | None = None
+) -> dict[str, Any]:
+    """Runs the sweep; returns ``{"config", "engine", "rows": {task: …}, "met", "of"}``.
 
     Each row holds the paper's ratio, Adam's paper lr and mean final loss, the optimizer's lr
     and mean final loss at each multiple, the best multiple and its ratio to Adam, and ``meets``
-    (the ratio is at or below the paper's). ``evaluate(task, optimizer, lr, runs, seed)`` is the
-    mean final loss over the runs (a seam for tests).
+    (the ratio is at or below the paper's). ``folder`` is the optimizer's export: given, it
+    steps through that ONNX step (engine "runtime"). ``evaluate(task, optimizer, lr, runs, seed,
+    folder)`` is the mean final loss over the runs (a seam for tests).
     """
     rows = hundred_step_rows()
-    out: dict[str, Any] = {"config": dataclasses.asdict(config), "rows": {}}
+    out: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "engine": "reference" if folder is None else "runtime",
+        "rows": {},
+    }
     for task in config.tasks or tuple(rows):
-        adam_lr = _default_lr("adam", task)
-        adam = evaluate(task, "adam", adam_lr, config.runs, config.seed)
-        base_lr = _default_lr(config.optimizer, task)
+        adam_lr = default_lr("adam", task)
+        adam = evaluate(task, "adam", adam_lr, config.runs, config.seed, None)
+        base_lr = default_lr(config.optimizer, task)
         losses: dict[str, float] = {}
         for multiple in config.multipliers:
             if config.optimizer == "adam" and multiple == 1.0:
                 losses[repr(multiple)] = adam  # the same runs at the same lr
             else:
                 losses[repr(multiple)] = evaluate(
-                    task, config.optimizer, base_lr * multiple, config.runs, config.seed
+                    task, config.optimizer, base_lr * multiple, config.runs, config.seed, folder
                 )
         finite = {m: loss for m, loss in losses.items() if math.isfinite(loss)}
         best = min(finite, key=finite.__getitem__) if finite else None
@@ -147,34 +161,3 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines.append(f"\n{result['config']['optimizer']}: {result['met']} of {result['of']} rows met.")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--optimizer",
-        default="adam",
-        help="a baseline, a built-in or a θ file/folder (default adam)",
-    )
-    parser.add_argument("--multipliers", type=float, nargs="+", default=DEFAULT_MULTIPLIERS)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", nargs="+", default=(), help="100-step paper rows (default all)")
-    parser.add_argument("--out", help="write the whole result as JSON here")
-    args = parser.parse_args(argv)
-    try:
-        config = SweepConfig(args.optimizer, tuple(args.multipliers), args.runs, args.seed,
-                             tuple(args.tasks))  # fmt: skip
-        _default_lr(config.optimizer, next(iter(config.tasks or hundred_step_rows())))
-    except (ValueError, UsageError) as error:
-        parser.error(str(error))
-    result = sweep(config)
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from meta_train.lr_sweep import SweepConfig, hundred_step_rows, main, sweep
+from meta_train.ablation import FROM_DECAYS
+from meta_train.cli import main as cli_main
+from meta_train.lr_sweep import SweepConfig, hundred_step_rows, sweep
 from meta_train.reproduce import evaluate_cell
 from meta_train.tasks.suite import TEST_TASKS
+
+REPO = Path(__file__).resolve().parents[2]
+DECAYS_THETA = REPO / FROM_DECAYS["start_theta"]  # a committed per-tensor θ
 
 
 def test_the_rows_are_the_papers_sixteen_hundred_step_rows_with_their_ratios():
@@ -23,8 +29,9 @@ def test_the_rows_are_the_papers_sixteen_hundred_step_rows_with_their_ratios():
 def test_the_best_finite_multiple_is_judged_against_adam_at_the_papers_lr():
     calls = []
 
-    def fake(task, optimizer, lr, runs, seed):
+    def fake(task, optimizer, lr, runs, seed, folder):
         calls.append((optimizer, lr))
+        assert folder is None  # the torch reference
         # Adam at the paper's lr ends at 1.0; ×2 at 0.8; ×5 diverges.
         return {1.0: 1.0, 2.0: 0.8, 5.0: math.nan}[round(lr / adam_lr, 6)]
 
@@ -41,7 +48,7 @@ def test_the_best_finite_multiple_is_judged_against_adam_at_the_papers_lr():
 def test_end_to_end_the_reference_is_the_adam_cell_of_reproduce_on_the_same_runs(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     args = ["--tasks", "mnist-nn-tanh-100", "--runs", "2", "--multipliers", "1", "1.5"]
-    assert main([*args, "--out", str(out)]) == 0
+    assert cli_main(["lr-sweep", *args, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     row = result["rows"]["mnist-nn-tanh-100"]
     cell = evaluate_cell("mnist-nn-tanh-100", "adam", runs=2, seed=0, data_dir=None)
@@ -50,6 +57,41 @@ def test_end_to_end_the_reference_is_the_adam_cell_of_reproduce_on_the_same_runs
     best = min(row["final_loss_by_multiple"].values())
     assert row["best_ratio"] == pytest.approx(best / cell["final_loss_mean"])
     assert "mnist-nn-tanh-100" in capsys.readouterr().out
+    assert result["engine"] == "reference"
+
+
+def test_a_theta_file_steps_through_its_export_under_the_runtime_engine(tmp_path):
+    # A θ file, exported by the command, on one row at 2 runs: through its ONNX step the losses
+    # agree with the torch reference's, and are not the reference's bit for bit (another engine
+    # stepped). Adam is the same cell under both engines. The two steps agree to fp32 round-off
+    # per step, which some trajectories amplify (the built-in's tanh MLP: 1e-7 at step 10, 3 %
+    # at step 100), so the row is one whose trajectories do not (the sine LSTM).
+    results, key = {}, "sin-lstm"
+    for engine in ("reference", "runtime"):
+        out = tmp_path / f"{engine}.json"
+        args = ["lr-sweep", "--optimizer", str(DECAYS_THETA), "--tasks", key, "--runs", "2"]
+        args += ["--multipliers", "1", "--engine", engine, "--out", str(out)]
+        assert cli_main(args) == 0
+        results[engine] = json.loads(out.read_text())
+    reference, runtime = (results[e]["rows"][key] for e in results)
+    assert results["runtime"]["engine"] == "runtime"
+    assert runtime["adam_final_loss"] == reference["adam_final_loss"]
+    ours, theirs = (
+        runtime["final_loss_by_multiple"]["1.0"],
+        reference["final_loss_by_multiple"]["1.0"],
+    )
+    assert ours == pytest.approx(theirs, rel=1e-4) and ours != theirs
+
+
+def test_the_runtime_engine_is_passed_the_export_and_adam_never_is():
+    seen = []
+
+    def fake(task, optimizer, lr, runs, seed, folder):
+        seen.append((optimizer, folder))
+        return 1.0
+
+    sweep(SweepConfig("hyperadam", (1, 2), runs=1, tasks=("sin-lstm",)), fake, folder="EXPORT")
+    assert seen == [("adam", None), ("hyperadam", "EXPORT"), ("hyperadam", "EXPORT")]
 
 
 @pytest.mark.parametrize(
@@ -59,10 +101,12 @@ def test_end_to_end_the_reference_is_the_adam_cell_of_reproduce_on_the_same_runs
         (["--multipliers", "0"], "multipliers must be positive"),
         (["--runs", "0"], "runs must be an integer >= 1"),
         (["--optimizer", "no/such/theta.npz"], "unknown optimizer"),
+        (["--optimizer", "no/such/theta.npz", "--engine", "runtime"], "unknown optimizer"),
     ],
 )
-def test_bad_input_is_refused_before_anything_runs(args, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_input_is_refused_before_anything_runs(args, message, capsys, tmp_path):
+    out = tmp_path / "sweep.json"
+    assert cli_main(["lr-sweep", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hyperadam: error:") and message in err
+    assert not out.exists()
