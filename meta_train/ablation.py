@@ -50,11 +50,17 @@ WIDE_PAPER_CONVEX_FAMILY = {"model_weights": [0.05, 0.05, 0.25, 0.35, 0.3]}
 # "wide-paper-deep": "wide-paper" with 28×28 MLPs of 1–10 hidden layers (not 1–3), for the
 # deep sigmoid rows of Fig. 5(d), which nothing measured in session 18 reached.
 WIDE_PAPER_DEEP_FAMILY = {**WIDE_PAPER_FAMILY, "mnist28_max_depth": 10}
+# "wide-paper-deep-excess": "wide-paper-deep" with its convex problems scored by their excess
+# over the optimum, floored at 1e-5 (``ConvexObjectiveTask``), not by the raw objective: the
+# deep arm broke the gate's convex rows at excesses (1e-3 on a logistic regression whose f* is
+# ~0.3) that move the raw objective's log by a fraction of a per cent.
+WIDE_PAPER_DEEP_EXCESS_FAMILY = {**WIDE_PAPER_DEEP_FAMILY, "convex_excess_floor": 1e-5}
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "wide": WIDE_FAMILY,
     "wide-paper": WIDE_PAPER_FAMILY,
     "wide-paper-convex": WIDE_PAPER_CONVEX_FAMILY,
     "wide-paper-deep": WIDE_PAPER_DEEP_FAMILY,
+    "wide-paper-deep-excess": WIDE_PAPER_DEEP_EXCESS_FAMILY,
 }
 FAMILIES = ("paper", "small", *FAMILY_CONFIGS)
 # Levers changed together by design, counted as one where arms are compared: the wide family's
@@ -338,6 +344,25 @@ ARMS = {
             frozen=("scale_rate", "scale_rate_early", "weight_bias"),
             **FROM_DECAYS,
             **{**WIDE_PES, "family": "wide-paper-deep"},
+        ),
+        # Session 20: the deep arm with ρ's kernel frozen too (at the decays θ's 0). The cells
+        # still set each coordinate's decay rates (the directions), but ρ is the start's
+        # constant whatever they compute, so no input can make the step larger: does what the
+        # deep rows gained come from the directions, and do the convex rows then hold?
+        ArmConfig(
+            "tensor-trend-annealed-widepaperdeep-log-pes10k-directions-from-decays",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias", "weight_kernel"),
+            **FROM_DECAYS,
+            **{**WIDE_PES, "family": "wide-paper-deep"},
+        ),
+        # Session 20: the deep arm with the convex problems scored by their floored excess
+        # (``WIDE_PAPER_DEEP_EXCESS_FAMILY``): does a meta-loss that sees what the gate counts
+        # keep the convex rows while the cells learn the deep rows?
+        ArmConfig(
+            "tensor-trend-annealed-widepaperdeepexcess-log-pes10k-cells-from-decays",
+            frozen=("scale_rate", "scale_rate_early", "weight_bias"),
+            **FROM_DECAYS,
+            **{**WIDE_PES, "family": "wide-paper-deep-excess"},
         ),
     )
 }

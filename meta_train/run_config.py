@@ -102,6 +102,8 @@ _SCHEMA_2_OMITTED: dict[str, Any] = {
     "family.convex_conditions": list(SmallFamilyConfig.convex_conditions),
     # the depth of its 28×28 MLPs (issue 15, session 19)
     "family.mnist28_max_depth": SmallFamilyConfig.mnist28_max_depth,
+    # how its convex problems are scored (issue 15, session 20)
+    "family.convex_excess_floor": SmallFamilyConfig.convex_excess_floor,
 }
 _SCHEMA_1_OMITTED: dict[str, Any] = {
     "init": _SCHEMA_1_INIT,

@@ -175,6 +175,16 @@ def test_an_arm_started_from_a_theta_file_starts_exactly_there_and_refuses_a_cha
     deep_family, paper_family = deep.run_config().family, paper.run_config().family
     assert dataclasses.replace(deep_family, mnist28_max_depth=3) == paper_family
     assert deep_family.mnist28_max_depth == 10
+    # The directions arm differs from the deep one in ρ's kernel, frozen, only.
+    directions = ARMS["tensor-trend-annealed-widepaperdeep-log-pes10k-directions-from-decays"]
+    assert dataclasses.replace(directions, name=deep.name, frozen=deep.frozen) == deep
+    assert set(directions.frozen) - set(deep.frozen) == {"weight_kernel"}
+    # The excess arm differs from the deep one in how the family scores its convex problems.
+    excess = ARMS["tensor-trend-annealed-widepaperdeepexcess-log-pes10k-cells-from-decays"]
+    assert dataclasses.replace(excess, name=deep.name, family=deep.family) == deep
+    excess_family = excess.run_config().family
+    assert dataclasses.replace(excess_family, convex_excess_floor=None) == deep_family
+    assert excess_family.convex_excess_floor == 1e-5
 
 
 def test_bad_arms_are_refused():

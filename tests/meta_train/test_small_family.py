@@ -8,6 +8,7 @@ import torch
 
 from meta_train.ablation import ARMS
 from meta_train.run_config import build_config, config_digest
+from meta_train.tasks.heldout import LeastSquaresTask
 from meta_train.tasks.small_family import (
     MODELS,
     ConvexObjectiveTask,
@@ -41,6 +42,10 @@ def test_the_run_configs_identity_is_unchanged_by_the_new_field():
     assert config_digest(spelled) == config_digest(before)
     deeper = build_config({"task": "small", "family": {"mnist28_max_depth": 10}})
     assert config_digest(deeper) != config_digest(before)
+    spelled = build_config({"task": "small", "family": {"convex_excess_floor": None}})
+    assert config_digest(spelled) == config_digest(before)
+    excess = build_config({"task": "small", "family": {"convex_excess_floor": 1e-5}})
+    assert config_digest(excess) != config_digest(before)
 
 
 def test_the_wide_family_draws_every_member_and_builds_it():
@@ -82,6 +87,36 @@ def test_a_convex_task_is_scored_by_its_objective_not_the_excess():
     assert torch.equal(again.inner.features, task.inner.features)
 
 
+def test_a_convex_task_with_an_excess_floor_is_scored_by_its_floored_excess():
+    weights = (0, 0, 0, 1, 0)
+    plain = SmallTaskFamily(SmallFamilyConfig(model_weights=weights, reparam_probability=0.0))
+    floored = SmallTaskFamily(
+        SmallFamilyConfig(model_weights=weights, reparam_probability=0.0, convex_excess_floor=1e-5)
+    )
+    assert "convex_excess_floor" not in plain.to_dict()
+    assert floored.to_dict()["convex_excess_floor"] == 1e-5 and floored.digest() != plain.digest()
+    for seed in range(6):  # both kinds (least squares, logistic regression), several sizes
+        config = floored.sample(seed)
+        assert config == plain.sample(seed)  # the knob changes the score, never a draw
+        task = floored.build(config)
+        assert isinstance(task, ConvexObjectiveTask)
+        batch = task.sample_batch(torch.Generator())
+        params = task.init_params(torch.Generator().manual_seed(seed))
+        loss = float(task.loss(params, batch))
+        assert loss == pytest.approx(float(task.inner.loss(params, batch)) + 1e-5, rel=1e-5)
+        assert loss > 1e-3  # a random start is far from the optimum
+        # At the float64 optimum the score is the floor, whatever fp32 rounding does to f − f*.
+        features, targets = (x.double() for x in batch)
+        if isinstance(task.inner, LeastSquaresTask):
+            w = torch.linalg.lstsq(features, targets.unsqueeze(1)).solution.squeeze(1)
+            assert float(task.loss(w.float(), batch)) == pytest.approx(1e-5, rel=1e-2)
+        # Its gradient is the objective's wherever the excess is positive.
+        scored, objective = params.clone().requires_grad_(True), params.clone().requires_grad_(True)
+        task.loss(scored, batch).backward()
+        task.inner.objective(objective, *batch).backward()
+        assert torch.allclose(scored.grad, objective.grad)
+
+
 def test_deeper_28x28_mlps_change_no_other_draw_and_build_at_every_depth():
     weights = (0.15, 0.05, 0.25, 0.2, 0.35)
     shallow = SmallTaskFamily(SmallFamilyConfig(model_weights=weights))
@@ -110,6 +145,12 @@ def test_deeper_28x28_mlps_change_no_other_draw_and_build_at_every_depth():
     ("fields", "message"),
     [
         ({"mnist28_max_depth": 0}, "mnist28_max_depth must be"),
+        ({"convex_excess_floor": 0.0}, "convex_excess_floor must be"),
+        ({"convex_excess_floor": -1e-5}, "convex_excess_floor must be"),
+        ({"convex_excess_floor": math.inf}, "convex_excess_floor must be"),
+        ({"convex_excess_floor": math.nan}, "convex_excess_floor must be"),
+        ({"convex_excess_floor": True}, "convex_excess_floor must be"),
+        ({"convex_excess_floor": "1e-5"}, "convex_excess_floor must be"),
         ({"mnist28_max_depth": 2.5}, "mnist28_max_depth must be"),
         ({"mnist28_max_depth": True}, "mnist28_max_depth must be"),
         ({"model_weights": (1, 1, 1, 1)}, "model_weights needs 3 or 5 weights"),
