@@ -18,13 +18,19 @@ cells do; Adam always steps in torch. The command is ``meta_train/commands/lr_sw
     hyperadam lr-sweep --optimizer adam --runs 10 --out runs/lr-sweep.json
     hyperadam lr-sweep --optimizer checkpoints/ablation/ARM/theta.npz --multipliers 1 2 \
         --engine runtime
+    hyperadam lr-sweep --table docs/sweeps/decays*.json   # earlier sweeps as one table
+
+``merge_tables`` renders several sweeps' JSON files as one table (docs/generalisation.md's are
+made so): it refuses files that are not the same runs (runs, seed, engine, and Adam's loss on
+every row they share, bit for bit), so a table never compares numbers from different runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import paper
@@ -161,3 +167,119 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines.append(f"\n{result['config']['optimizer']}: {result['met']} of {result['of']} rows met.")
     return "\n".join(lines)
+
+
+def row_labels() -> dict[str, str]:
+    """Task key → the row's name in the paper ("Table 1 sigmoid"), for each 100-step row."""
+    labels: dict[str, str] = {}
+    for row in paper.GRID:
+        labels.setdefault(row.task, f"{row.section} {row.label}")
+    return {task: labels[task] for task in hundred_step_rows()}
+
+
+def optimizer_label(optimizer: str) -> str:
+    """A short name for a table's column: a θ file's folder (the arm), else the name given."""
+    path = Path(optimizer)
+    return path.parent.name if path.suffix == ".npz" and path.parent.name else optimizer
+
+
+def merge_tables(results: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Several sweeps (``(source, result)`` pairs: a file's name and its JSON) as one markdown
+    table: a column per optimizer and multiple, each cell the loss's ratio to Adam (bold and
+    starred where it is at or below the paper's ratio), and the rows met per column ("n of k"
+    for a column run on k rows only). With one optimizer, a last column gives each row's best
+    multiple.
+
+    Raises ``ValueError`` where the sweeps are not the same runs: a different runs, seed or
+    engine, Adam's loss on a shared row not bit-equal, or one optimizer's loss at one multiple
+    given twice with different values."""
+    adam, cells = _same_runs(results)
+    order = list(dict.fromkeys(result["config"]["optimizer"] for _, result in results))
+    columns = sorted(cells, key=lambda column: (order.index(column[0]), column[1]))
+    single = len(order) == 1
+    paper_ratios = hundred_step_rows()
+    tasks = [task for task in paper_ratios if task in adam]
+
+    def head(column: tuple[str, float]) -> str:
+        return f"×{column[1]:g}" if single else f"{optimizer_label(column[0])} ×{column[1]:g}"
+
+    lines = [
+        f"| row | paper's ratio | {' | '.join(map(head, columns))} |"
+        + (" best |" if single else ""),
+        "|---|---|" + "---|" * (len(columns) + single),
+    ]
+    met = dict.fromkeys(columns, 0)
+    best_met = 0
+    for task, label in row_labels().items():
+        if task not in adam:
+            continue
+        ratios = {c: cells[c][task] / adam[task] for c in columns if task in cells[c]}
+        ratios = {c: r if math.isfinite(r) else math.inf for c, r in ratios.items()}
+        texts = [
+            _ratio_text(ratios[c], paper_ratios[task]) if c in ratios else "—" for c in columns
+        ]
+        for column, ratio in ratios.items():
+            met[column] += ratio <= paper_ratios[task]
+        if single:
+            finite = {c: r for c, r in ratios.items() if math.isfinite(r)}
+            best = min(finite, key=finite.__getitem__) if finite else None
+            best_met += best is not None and finite[best] <= paper_ratios[task]
+            texts.append("—" if best is None else f"×{best[1]:g}")
+        lines.append(f"| {label} | {paper_ratios[task]:.3f} | {' | '.join(texts)} |")
+    counts = []
+    for column in columns:
+        covered = sum(task in cells[column] for task in tasks)
+        counts.append(str(met[column]) if covered == len(tasks) else f"{met[column]} of {covered}")
+    lines.append(
+        f"| **rows met, of {len(tasks)}** | | {' | '.join(counts)} |"
+        + (f" **{best_met}** |" if single else "")
+    )  # fmt: skip
+    return "\n".join(lines)
+
+
+def _ratio_text(ratio: float, paper_ratio: float) -> str:
+    if not math.isfinite(ratio):
+        return "non-finite"
+    return f"**{ratio:.3f}***" if ratio <= paper_ratio else f"{ratio:.3f}"
+
+
+def _same_runs(
+    results: Sequence[tuple[str, dict[str, Any]]],
+) -> tuple[dict[str, float], dict[tuple[str, float], dict[str, float]]]:
+    """Adam's loss per row, and each (optimizer, multiple)'s loss per row, from sweeps checked
+    to be the same runs (``merge_tables``)."""
+    if not results:
+        raise ValueError("no sweeps to merge")
+    first_source, first = results[0]
+    adam: dict[str, tuple[float, str]] = {}
+    cells: dict[tuple[str, float], dict[str, float]] = {}
+    for source, result in results:
+        for key in ("runs", "seed"):
+            if result["config"][key] != first["config"][key]:
+                raise ValueError(
+                    f"{source} has {key} {result['config'][key]}, {first_source} "
+                    f"{first['config'][key]}: not the same runs"
+                )
+        if result["engine"] != first["engine"]:
+            raise ValueError(
+                f"{source} stepped through the {result['engine']} engine, {first_source} "
+                f"through the {first['engine']}: a chaotic row amplifies the engines' round-off "
+                "(docs/design.md), so one table keeps to one engine"
+            )
+        optimizer = result["config"]["optimizer"]
+        for task, row in result["rows"].items():
+            loss, seen_in = adam.setdefault(task, (row["adam_final_loss"], source))
+            if loss != row["adam_final_loss"]:
+                raise ValueError(
+                    f"Adam's loss on {task} is {row['adam_final_loss']!r} in {source} and "
+                    f"{loss!r} in {seen_in}: not the same runs"
+                )
+            for multiple, value in row["final_loss_by_multiple"].items():
+                column = cells.setdefault((optimizer, float(multiple)), {})
+                known = column.setdefault(task, value)
+                if known != value and not (math.isnan(known) and math.isnan(value)):
+                    raise ValueError(
+                        f"{optimizer_label(optimizer)} ×{float(multiple):g} on {task} is given "
+                        f"twice with different losses ({source})"
+                    )
+    return {task: loss for task, (loss, _) in adam.items()}, cells

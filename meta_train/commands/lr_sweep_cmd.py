@@ -3,6 +3,8 @@
 The sweep is ``meta_train.lr_sweep``; this command validates the arguments before anything runs,
 exports a θ file for the runtime engine (``--engine runtime``: its exported ONNX step, several
 times faster than the torch reference), prints the table and writes the whole result as JSON.
+``--table FILE…`` runs nothing: it renders earlier sweeps' JSON files as one table
+(``merge_tables``), refusing files that are not the same runs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="how a learned optimizer steps: the torch reference (default) or "
                         "its exported ONNX step; Adam steps in torch either way")  # fmt: skip
     parser.add_argument("--out", metavar="PATH", help="write the whole result as JSON here")
+    parser.add_argument("--table", nargs="+", metavar="FILE",
+                        help="run nothing: print earlier sweeps' JSON files (--out) as one table; "
+                        "they must be the same runs")  # fmt: skip
     add_threads_flag(parser)
     parser.set_defaults(run=run)
 
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from ..lr_sweep import SweepConfig, default_lr, format_table, hundred_step_rows, sweep
     from ..resolve import BASELINES
 
+    if args.table:
+        return _table(args)
     apply_threads(args.threads)
     try:
         config = SweepConfig(args.optimizer, tuple(args.multipliers), args.runs, args.seed,
@@ -61,3 +68,39 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
+
+
+_RUN_FLAGS = ("optimizer", "multipliers", "runs", "seed", "tasks", "engine", "out")
+
+
+def _table(args: argparse.Namespace) -> int:
+    from ..lr_sweep import merge_tables
+
+    defaults = _defaults()
+    given = [f"--{name}" for name in _RUN_FLAGS if getattr(args, name) != defaults[name]]
+    if given:
+        raise UsageError(f"--table runs nothing, so it takes no {', '.join(given)}")
+    results = []
+    for name in args.table:
+        path = Path(name)
+        try:
+            result = json.loads(path.read_text())
+            keys_present = {"config", "engine", "rows"} <= set(result) and all(
+                key in result["config"] for key in ("optimizer", "runs", "seed")
+            )
+        except (OSError, ValueError, TypeError) as error:
+            raise UsageError(f"--table: cannot read {name}: {error}") from None
+        if not keys_present:
+            raise UsageError(f"--table: {name} is not a sweep's JSON (hyperadam lr-sweep --out)")
+        results.append((name, result))
+    try:
+        print(merge_tables(results))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--table: {error}") from None
+    return 0
+
+
+def _defaults() -> dict[str, object]:
+    parser = argparse.ArgumentParser()
+    register(parser)
+    return {name: parser.get_default(name) for name in _RUN_FLAGS}

@@ -10,7 +10,7 @@ import pytest
 
 from meta_train.ablation import FROM_DECAYS
 from meta_train.cli import main as cli_main
-from meta_train.lr_sweep import SweepConfig, hundred_step_rows, sweep
+from meta_train.lr_sweep import SweepConfig, hundred_step_rows, merge_tables, sweep
 from meta_train.reproduce import evaluate_cell
 from meta_train.tasks.suite import TEST_TASKS
 
@@ -110,3 +110,78 @@ def test_bad_input_is_refused_before_anything_runs(args, message, capsys, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("hyperadam: error:") and message in err
     assert not out.exists()
+
+
+def _result(optimizer, losses, *, adam=None, runs=10, engine="runtime"):
+    """A sweep's JSON as ``sweep`` writes it: ``losses`` is task → {multiple: loss}."""
+    rows = hundred_step_rows()
+    return {
+        "config": {"optimizer": optimizer, "runs": runs, "seed": 0},
+        "engine": engine,
+        "rows": {
+            task: {
+                "adam_final_loss": (adam or {}).get(task, 1.0),
+                "final_loss_by_multiple": {repr(float(m)): loss for m, loss in by.items()},
+                "paper_ratio": rows[task],
+            }
+            for task, by in losses.items()
+        },
+    }
+
+
+def test_a_merged_table_puts_every_multiple_of_one_optimizer_side_by_side():
+    first = _result("a/theta.npz", {"sin-lstm": {1: 0.9, 2: 0.5}, "mnist-nn-tanh-100": {1: 0.95}})
+    second = _result("a/theta.npz", {"sin-lstm": {10: math.nan}, "mnist-nn-tanh-100": {10: 2.0}})
+    lines = merge_tables([("first", first), ("second", second)]).splitlines()
+    assert lines[0] == "| row | paper's ratio | ×1 | ×2 | ×10 | best |"
+    # Rows in the paper's order; starred where at or below the paper's ratio (0.42/0.65 for the
+    # sine LSTM, 0.36/0.34 for tanh); a diverged run is named, not a number.
+    assert lines[2] == "| Table 1 tanh | 1.059 | **0.950*** | — | 2.000 | ×1 |"
+    assert lines[3] == "| Table 2 Baseline | 0.646 | 0.900 | **0.500*** | non-finite | ×2 |"
+    assert lines[4] == "| **rows met, of 2** | | 1 | 1 of 1 | 0 | **2** |"
+
+
+def test_a_merged_table_of_several_optimizers_names_each_column_by_its_arm():
+    mine = _result("runs/ablation/ARM/theta.npz", {"sin-lstm": {1: 0.6}}, adam={"sin-lstm": 2.0})
+    paper = _result("hyperadam", {"sin-lstm": {1: 1.0}}, adam={"sin-lstm": 2.0})
+    table = merge_tables([("mine", mine), ("paper", paper)]).splitlines()
+    assert table[0] == "| row | paper's ratio | ARM ×1 | hyperadam ×1 |"
+    assert table[2] == "| Table 2 Baseline | 0.646 | **0.300*** | **0.500*** |"
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (_result("x", {"sin-lstm": {1: 1.0}}, runs=3), "runs 3, first 10: not the same runs"),
+        (_result("x", {"sin-lstm": {1: 1.0}}, engine="reference"), "one table keeps to one"),
+        (_result("x", {"sin-lstm": {1: 1.0}}, adam={"sin-lstm": 1.5}), "Adam's loss on sin-lstm"),
+        (_result("x", {"sin-lstm": {1: 0.7}}), "x ×1 on sin-lstm is given twice"),
+    ],
+)
+def test_sweeps_that_are_not_the_same_runs_are_refused(other, message):
+    first = _result("x", {"sin-lstm": {1: 0.9}})
+    with pytest.raises(ValueError, match=message):
+        merge_tables([("first", first), ("other", other)])
+
+
+def test_the_table_command_renders_the_committed_sweeps_as_the_docs_show_them(tmp_path, capsys):
+    sweeps = REPO / "docs" / "sweeps"
+    files = [str(sweeps / f"paper-{part}.json") for part in "abcd"]
+    assert cli_main(["lr-sweep", "--table", *files]) == 0
+    out = capsys.readouterr().out
+    # docs/generalisation.md, session 19: the paper's θ meets 7 of 16 at its own step, 8 at its
+    # best multiple per row, and none of the deep-sigmoid rows at ×0.1 and ×0.25.
+    assert "| **rows met, of 16** | | 0 of 8 | 0 of 8 | 3 | 7 | 6 | 4 | 2 | **8** |" in out
+    paper_a = json.loads((sweeps / "paper-a.json").read_text())["rows"]["sin-lstm"]
+    ratio = paper_a["final_loss_by_multiple"]["2.0"] / paper_a["adam_final_loss"]
+    assert f"**{ratio:.3f}***" in out.split("Table 2 Baseline")[1].splitlines()[0]
+    # Bad input: a run flag beside --table, a missing file, a file that is not a sweep's.
+    (tmp_path / "other.json").write_text(json.dumps({"rows": {}}))
+    for argv, message in [
+        (["--table", files[0], "--runs", "3"], "--table runs nothing, so it takes no --runs"),
+        (["--table", str(tmp_path / "none.json")], "cannot read"),
+        (["--table", str(tmp_path / "other.json")], "is not a sweep's JSON"),
+    ]:
+        assert cli_main(["lr-sweep", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("hyperadam: error:") and message in err
