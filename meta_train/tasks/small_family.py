@@ -228,9 +228,9 @@ class ConvexObjectiveTask(Task):
 
     The raw objective stops at its noise floor f*, so the excess's log cannot run to −∞ near
     the optimum and outweigh every other task of the family. It is also blind where the
-    snapshot gate looks: an excess of 1e-3 on a logistic regression whose f* is ~0.3 moves
-    log f by 0.3 %, while the gate counts it as 2 000× the start's final excess (session 19).
-    The floored excess sees it and is still bounded below, by log δ."""
+    snapshot gate looks: an excess of 1.3e-3 on the gate's logistic regression (f* = 0.223)
+    moves log f by 0.006, while the gate counts it as 2 310× the start's final excess
+    (session 19). The floored excess sees it and is still bounded below, by log δ."""
 
     def __init__(
         self, inner: LeastSquaresTask | LogisticRegressionTask, excess_floor: float | None = None
