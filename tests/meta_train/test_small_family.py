@@ -95,11 +95,13 @@ def test_a_convex_task_with_an_excess_floor_is_scored_by_its_floored_excess():
     )
     assert "convex_excess_floor" not in plain.to_dict()
     assert floored.to_dict()["convex_excess_floor"] == 1e-5 and floored.digest() != plain.digest()
+    kinds = set()
     for seed in range(6):  # both kinds (least squares, logistic regression), several sizes
         config = floored.sample(seed)
         assert config == plain.sample(seed)  # the knob changes the score, never a draw
         task = floored.build(config)
         assert isinstance(task, ConvexObjectiveTask)
+        kinds.add(type(task.inner).__name__)
         batch = task.sample_batch(torch.Generator())
         params = task.init_params(torch.Generator().manual_seed(seed))
         loss = float(task.loss(params, batch))
@@ -115,6 +117,7 @@ def test_a_convex_task_with_an_excess_floor_is_scored_by_its_floored_excess():
         task.loss(scored, batch).backward()
         task.inner.objective(objective, *batch).backward()
         assert torch.allclose(scored.grad, objective.grad)
+    assert kinds == {"LeastSquaresTask", "LogisticRegressionTask"}
 
 
 def test_deeper_28x28_mlps_change_no_other_draw_and_build_at_every_depth():
